@@ -1,0 +1,1 @@
+"""Stage one of imgsent: images -> frozen CNN -> HDF5 feature store."""
