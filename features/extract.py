@@ -212,7 +212,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             summary.removed = sum(1 for p in old.paths if p not in kept)
         attrs = {"class_names": json.dumps(source.class_names), "backbone": bb.name,
                  "weights_sha256": bb.weights_sha256, "preprocess": bb.pre.to_json(), "dim": bb.dim,
-                 "fingerprint": json.dumps(fp), "root": source.root, "feature_dtype": dtype}
+                 "fingerprint": json.dumps(fp), "root": source.root,
+                 "weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
         if num_shards > 1:
             attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
         write_store(target, rows=rows, where=where, dim=bb.dim, dtype=dtype, attrs=attrs,

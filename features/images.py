@@ -42,7 +42,7 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk_images(folder: Path) -> list[Path]:
+def walk_images(folder: Path) -> list[Path]:
     """Image files below `folder`, sorted, hidden files and folders skipped, links to folders not followed."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -87,14 +87,14 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
         names = classes or [d.name for d in subdirs]
         for d in subdirs:
             label = d.name
-            for p in _walk_images(d):
+            for p in walk_images(d):
                 if label not in names:
                     problems.append((_rel(p, root), f"unknown label {label!r} (classes: {', '.join(names)})"))
                     continue
                 items.append(Item(_rel(p, root), str(p), label))
     else:
         names = list(classes or [])
-        items = [Item(_rel(p, root), str(p), None) for p in _walk_images(root)]
+        items = [Item(_rel(p, root), str(p), None) for p in walk_images(root)]
     # Loose files next to class folders are unlabelled; keep them so predict/extract see them.
     if subdirs:
         for p in sorted(root.iterdir()):

