@@ -51,7 +51,7 @@ class Preprocess:
 def prepare(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """Decoded RGB uint8 (H, W, 3) -> network input uint8 (C, size, size): luma if grayscale, shorter side
     resized with antialiasing, centre crop. Runs in DataLoader workers; export.py repeats it in-graph."""
-    x = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
+    x = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)  # (3, H, W)
     if pre.grayscale:  # ITU-R 601-2 luma, rounded like PIL's convert('L')
         x = ((x[0].int() * 19595 + x[1].int() * 38470 + x[2].int() * 7471 + 0x8000) >> 16).to(torch.uint8)[None]
     mode = TF.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR

@@ -55,6 +55,9 @@ class Summary:
 
 # --------------------------------------------------------------------------- embedding loop
 
+_TEST_DELAY = float(os.environ.get("IMGSENT_TEST_DELAY", "0") or 0)
+
+
 class _Images(Dataset):
     def __init__(self, paths: list[str], backbone: Backbone):
         self.paths, self.pre = paths, backbone.pre
@@ -64,6 +67,8 @@ class _Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        if _TEST_DELAY:
+            time.sleep(_TEST_DELAY)  # fault-injection tests slow extraction down to kill it mid-run
         try:
             return prepare(decode(self.paths[i], draft=self.pre.resize), self.pre), ""
         except ValueError as e:

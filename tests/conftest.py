@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real images and a tiny backbone with locally built weights (never downloaded)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TINY = "test_efficientnet"  # timm's tiny test architecture; weights are built here, never fetched
+
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
+
+
+def make_images(root: Path, per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """ImageFolder of noisy colour blobs: the classes are separable, so a head can learn them."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = rng.integers(0, 256, (size, size, 3)).astype(np.float64) * 0.3 + np.array(rgb) * 0.7
+            ext = ".png" if i % 2 else ".jpg"
+            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / name / f"{name}_{i:02d}{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+    import timm
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.manual_seed(0)
+    torch.save(timm.create_model(TINY, pretrained=False, num_classes=0).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return make_images(tmp_path / "imgs")
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=e, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r

@@ -1,0 +1,144 @@
+"""Every kind of bad file: embedded correctly or skipped with its reason; the run always completes."""
+import io
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from features.extract import extract
+from features.images import decode
+from features.store import read_store
+from tests.conftest import TINY, make_images, run_cli
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "JPEG", **kw)
+    return b.getvalue()
+
+
+def build_bad_folder(root):
+    make_images(root, per_class=2)
+    d = root / "red"
+    (d / "zero.jpg").write_bytes(b"")
+    good = _jpeg_bytes(Image.new("RGB", (64, 64), (200, 10, 10)))
+    (d / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (20, 20), (250, 0, 0)).save(d / "png_named.jpg", "PNG")
+    (d / "text.png").write_text("this is not an image")
+    # A PNG header claiming 20000x20000 (400 MP > PIL's limit): refused before any pixel is decoded.
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda t, data: struct.pack(">I", len(data)) + t + data + struct.pack(">I", zlib.crc32(t + data))
+    (d / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(d / "cmyk.jpg", "JPEG")
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(d / "gray16.png")
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    pal.info["transparency"] = 0
+    pal.save(d / "palette_transparent.png", transparency=0)
+    Image.new("LA", (16, 16), (100, 0)).save(d / "la.png")
+    Image.new("RGBA", (16, 16), (255, 0, 0, 128)).save(d / "rgba.png")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(d / "one_pixel.png")
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:])
+    # EXIF orientation 6 (rotate 90 CW to view): stored 40 wide x 20 high, upright is 20 wide x 40 high.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(d / "exif_rotated.jpg", exif=exif.tobytes())
+    noperm = d / "noperm.png"
+    Image.new("RGB", (8, 8)).save(noperm)
+    os.chmod(noperm, 0)
+    os.symlink("loop.png", d / "loop.png")  # a symlink to itself: ELOOP
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(d / "ünïcödé 😀.png")
+    non_utf8 = os.fsencode(str(d)) + b"/bad-\xff\xfe.png"
+    with open(non_utf8, "wb") as f:
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(f, "PNG")
+    return root
+
+
+EXPECT_SKIPPED = {"zero.jpg": "empty file", "truncated.jpg": "cannot decode", "text.png": "not an image",
+                  "bomb.png": "decompression bomb", "loop.png": "cannot read"}
+EXPECT_EMBEDDED = ["png_named.jpg", "cmyk.jpg", "gray16.png", "palette_transparent.png", "la.png", "rgba.png",
+                   "one_pixel.png", "animated.gif", "exif_rotated.jpg", "ünïcödé 😀.png"]
+
+
+def test_every_bad_input_is_embedded_or_recorded(tmp_path, tiny_weights):
+    root = build_bad_folder(tmp_path / "bad")
+    s = extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights,
+                progress=False, workers=1)
+    st = read_store(tmp_path / "s.h5")
+    skipped = {p.rsplit("/", 1)[-1]: why for p, why in st.skipped}
+    for name, why in EXPECT_SKIPPED.items():
+        assert why in skipped.get(name, ""), (name, skipped.get(name))
+    if os.geteuid() != 0:  # root reads any file whatever its mode
+        assert "noperm.png" in skipped
+    embedded = {p.rsplit("/", 1)[-1] for p in st.paths}
+    for name in EXPECT_EMBEDDED:
+        assert name in embedded, name
+    assert any(p.startswith("red/bad-") for p in st.paths)  # non-UTF-8 name kept, escaped
+    assert len(st) + len(st.skipped) == s.rows + len(s.skipped)
+    assert np.isfinite(st.features).all()
+
+
+def test_decoding_is_correct_for_odd_modes(tmp_path):
+    root = build_bad_folder(tmp_path / "bad") / "red"
+    assert decode(str(root / "exif_rotated.jpg")).shape == (40, 20, 3)  # upright
+    la = decode(str(root / "la.png"))
+    assert la.shape == (16, 16, 3) and (la == 255).all()  # fully transparent -> white
+    rgba = decode(str(root / "rgba.png"))[0, 0]
+    assert rgba[0] == 255 and 120 < rgba[1] < 135  # half red over white
+    g16 = decode(str(root / "gray16.png"))
+    assert g16.max() > 100 and g16.max() < 255  # rescaled, not clipped to white
+    assert tuple(decode(str(root / "animated.gif"))[0, 0]) == (255, 0, 0)  # first frame
+    c = decode(str(root / "cmyk.jpg"))[0, 0]
+    assert c[0] > 200 and c[1] < 60  # cyan-free, magenta+yellow = red
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode(str(root / "bomb.png"))
+
+
+def test_strict_turns_skips_into_exit_1(tmp_path, tiny_weights):
+    root = make_images(tmp_path / "imgs", per_class=2)
+    (root / "red" / "zero.png").write_bytes(b"")
+    args = [str(root), "--out", str(tmp_path / "s.h5"), "--backbone", TINY, "--weights", tiny_weights, "--no-progress"]
+    r = run_cli("extract", *args)
+    assert r.returncode == 0 and "1 skipped" in r.stdout and "zero.png: empty file" in r.stderr
+    r = run_cli("extract", *args, "--strict")
+    assert r.returncode == 1
+
+
+def test_manifest_problems(tmp_path, tiny_weights):
+    root = make_images(tmp_path / "imgs", per_class=2)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    csv = root / "m.csv"
+    csv.write_text("path,label\n"
+                   "red/red_00.jpg,red\n"
+                   "red/red_01.png,red\n"
+                   "red/red_01.png,red\n"  # duplicate row
+                   "blue/blue_00.jpg,blue\n"
+                   "blue/blue_00.jpg,green\n"  # conflicting duplicate
+                   "missing.png,red\n"
+                   "../outside.png,red\n"
+                   "green/green_00.jpg,purple\n")  # unknown label with --classes
+    s = extract(images=str(csv), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+                workers=0, classes=["blue", "green", "red"])
+    reasons = " | ".join(f"{p}: {w}" for p, w in s.skipped)
+    assert "duplicate row" in reasons and "conflicting duplicate row" in reasons
+    assert "missing.png: cannot read" in reasons
+    assert "escapes the manifest folder" in reasons and "--allow-outside" in reasons
+    assert "unknown label 'purple'" in reasons
+    assert s.rows == 3
+    s2 = extract(images=str(csv), out=str(tmp_path / "s2.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+                 workers=0, classes=["blue", "green", "red"], allow_outside=True)
+    assert s2.rows == 4
+
+
+def test_identical_images_under_two_labels_are_a_conflict(tmp_path, tiny_weights):
+    root = make_images(tmp_path / "imgs", per_class=2)
+    (root / "blue" / "dup.jpg").write_bytes((root / "red" / "red_00.jpg").read_bytes())
+    s = extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+                workers=0)
+    assert len(s.conflicts) == 1 and "identical to" in s.conflicts[0][1] and "'red'" in s.conflicts[0][1]
+    assert read_store(tmp_path / "s.h5").conflicts == s.conflicts
