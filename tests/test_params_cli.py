@@ -1,0 +1,166 @@
+"""params.yaml validation and the CLI's one-line errors (exit 2, no traceback, nothing lost)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from features.errors import UserError
+from pipeline.params import Params, load_params, parse_params
+from tests.conftest import ROOT, TINY, make_images, run_cli
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_parse_to_frozen_dataclasses():
+    p = load_params(str(ROOT / "params.yaml"))
+    assert isinstance(p, Params) and p.head.hidden == (256,) and p.extract.backbones == ("efficientnet_lite0",)
+    with pytest.raises(Exception):
+        p.head.lr = 1.0  # frozen
+
+
+@pytest.mark.parametrize("section,key,value,msg", [
+    ("head", "lrr", 0.1, "unknown key 'head.lrr'"),
+    ("head", "lr", -0.1, "head.lr=-0.1: out of range"),
+    ("head", "lr", "fast", "head.lr='fast': expected float"),
+    ("head", "hidden", [0], "every size must be >= 1"),
+    ("head", "class_weight", "auto", "allowed values are balanced, none"),
+    ("cv", "folds", 1, "cv.folds=1: out of range, allowed [2, inf)"),
+    ("cv", "folds", True, "expected int"),
+])
+def test_bad_params_name_key_value_and_range(section, key, value, msg):
+    raw = base()
+    raw[section][key] = value
+    with pytest.raises(UserError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        parse_params(raw)
+
+
+def test_missing_key_and_section():
+    raw = base()
+    del raw["head"]["dropout"]
+    with pytest.raises(UserError, match="missing key 'head.dropout'"):
+        parse_params(raw)
+    raw = base()
+    del raw["cv"]
+    with pytest.raises(UserError, match="missing section 'cv'"):
+        parse_params(raw)
+
+
+@pytest.fixture
+def store(tmp_path, tiny_weights):
+    images = make_images(tmp_path / "imgs", per_class=6)
+    run_cli("extract", str(images), "--out", str(tmp_path / "s.h5"), "--backbone", TINY, "--weights", tiny_weights,
+            "--no-progress", check=True)
+    return tmp_path / "s.h5"
+
+
+def _params_file(tmp_path, **changes):
+    raw = base()
+    for dotted, v in changes.items():
+        sec, key = dotted.split("__")
+        raw[sec][key] = v
+    path = tmp_path / f"p-{'-'.join(f'{k}={v}' for k, v in changes.items())}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, store):
+    cases = [
+        (["extract", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.h5")], "no such file or folder"),
+        (["extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "x.h5"), "--backbone", "resnet5O"], "unknown backbone"),
+        (["train-head", str(tmp_path / "none.h5"), "--out", str(tmp_path / "m")], "no such store"),
+        (["train-head", str(store), "--out", str(tmp_path / "m"), "--params", _params_file(tmp_path, head__lr=-1)],
+         "head.lr=-1.0: out of range"),
+        (["train-head", str(store), "--out", str(tmp_path / "m"), "--params", _params_file(tmp_path, cv__folds=7)],
+         "cv.folds=7 exceeds the smallest class count 6"),
+        (["evaluate", str(tmp_path / "nomodel"), str(store), "--out", str(tmp_path / "e")], "not a model directory"),
+    ]
+    for args, msg in cases:
+        r = run_cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_empty_and_single_class_inputs(tmp_path, tiny_weights):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    r = run_cli("extract", str(tmp_path / "empty"), "--out", str(tmp_path / "e.h5"))
+    assert r.returncode == 2 and "no images found" in r.stderr
+    one = make_images(tmp_path / "one", per_class=4)
+    for d in ("blue", "green"):
+        for f in (one / d).iterdir():
+            f.unlink()
+        (one / d).rmdir()
+    run_cli("extract", str(one), "--out", str(tmp_path / "one.h5"), "--backbone", TINY, "--weights", tiny_weights,
+            "--no-progress", check=True)
+    r = run_cli("train-head", str(tmp_path / "one.h5"), "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode == 2 and "only one class (red)" in r.stderr
+    assert (tmp_path / "one.h5").exists()  # nothing already computed is lost
+
+
+def test_train_refuses_incomplete_store(tmp_path, tiny_weights):
+    from features.extract import Interrupted, extract
+    images = make_images(tmp_path / "imgs", per_class=6)
+    with pytest.raises(Interrupted):
+        extract(images=str(images), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+                workers=0, batch_size=2, commit_every=2, stop_after=4)
+    r = run_cli("train-head", str(tmp_path / "s.h5"), "--out", str(tmp_path / "m"), cwd=tmp_path)
+    assert r.returncode == 2 and "incomplete store, re-run extract to resume" in r.stderr
+
+
+def test_train_evaluate_predict_outputs(tmp_path, store, tiny_weights):
+    pf = _params_file(tmp_path, cv__folds=3, head__epochs=30)
+    run_cli("train-head", str(store), "--out", str(tmp_path / "m"), "--params", pf, check=True)
+    m = tmp_path / "m"
+    meta = json.loads((m / "model.json").read_text())
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["backbones"][0]["backbone"] == TINY
+    import torch
+    sd = torch.load(m / "head.pt", weights_only=True)
+    assert "mean" in sd and "temperature" in sd
+    metrics = json.loads((m / "metrics.json").read_text())
+    assert len(metrics["cv"]["per_fold"]) == 3 and metrics["cv"]["macro_f1_mean"] > 0.8  # colours are separable
+    rows = list(csv.DictReader(open(m / "oof_predictions.csv")))
+    assert len(rows) == 18 and {"path", "label", "predicted", "confidence", "p_blue", "p_green", "p_red"} <= set(rows[0])
+    assert abs(sum(float(rows[0][f"p_{c}"]) for c in ("blue", "green", "red")) - 1) < 1e-4
+    conf = list(csv.DictReader(open(m / "confusion.csv")))
+    assert len(conf) == 18 and set(conf[0]) == {"actual", "predicted"}
+    # evaluate on a fresh held-out set of the same classes
+    test = make_images(tmp_path / "test", per_class=4, seed=1)
+    run_cli("extract", str(test), "--out", str(tmp_path / "t.h5"), "--backbone", TINY, "--weights", tiny_weights,
+            "--no-progress", check=True)
+    run_cli("evaluate", str(m), str(tmp_path / "t.h5"), "--out", str(tmp_path / "e"), check=True)
+    ev = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert ev["test"]["n"] == 12 and ev["test"]["accuracy"] > 0.8
+    assert (tmp_path / "e" / "misclassified.csv").exists()
+    # predict: files and folders, with an unreadable file reported in its row
+    (test / "broken.png").write_text("nope")
+    r = run_cli("predict", str(m), str(test / "red"), str(test / "broken.png"), "--out", str(tmp_path / "p.csv"),
+                check=True)
+    pred = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert list(pred[0])[:3] == ["path", "label", "confidence"] and "error" in pred[0]
+    assert len(pred) == 5 and sum(1 for p in pred if p["label"] == "red") >= 3
+    assert [p for p in pred if p["path"].endswith("broken.png")][0]["error"].startswith("not an image")
+    # a store from another backbone is refused by evaluate
+    import timm
+    other = tmp_path / "o.pt"
+    torch.manual_seed(9)
+    torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
+    run_cli("extract", str(test), "--out", str(tmp_path / "o.h5"), "--backbone", TINY, "--weights", str(other),
+            "--no-progress", check=True)
+    r = run_cli("evaluate", str(m), str(tmp_path / "o.h5"), "--out", str(tmp_path / "e2"))
+    assert r.returncode == 2 and "do not match the model (weights_sha256" in r.stderr
+
+
+def test_python_api(tmp_path, store):
+    from pipeline import load_model
+    from pipeline.cv import train_head
+    p = load_params(_params_file(tmp_path, cv__folds=2, head__epochs=20))
+    train_head(stores=[str(store)], out=str(tmp_path / "m"), params=p, progress=lambda s: None)
+    m = load_model(tmp_path / "m", device="cpu")
+    test = make_images(tmp_path / "t", per_class=2, seed=3)
+    pr = m.predict([str(test)])
+    assert pr.probs.shape == (6, 3) and np.allclose(pr.probs.sum(1), 1, atol=1e-5)
+    assert m.predict([str(test)], min_confidence=1.01).labels == ["unsure"] * 6
