@@ -1,0 +1,113 @@
+"""Extraction throughput, side by side in one run on the same images:
+
+  (a) ceiling: the backbone's forward pass alone on ready uint8 tensors (same fast model as extract)
+  (b) `imgsent extract` end to end (hash, decode, resize, forward, HDF5 write), fresh store
+  (c) naive reference: PIL + torchvision transforms, eager fp32 NCHW, no DataLoader workers, list of features
+
+Images: the emoji of ../shared/data (128 px PNG) plus generated 640x480 photo-like JPEGs.
+
+    python benchmarks/extract_throughput.py [--photos 300] [--emoji 600] [--workers 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from features.backbones import load_backbone  # noqa: E402
+from features.extract import extract, fast_model  # noqa: E402
+
+
+def photos(folder: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:480, 0:640]
+    for i in range(n):
+        if (folder / f"p{i:05d}.jpg").exists():
+            continue
+        c = rng.uniform(0, 255, 3)
+        a = (c + 60 * np.sin(xx[..., None] / rng.uniform(20, 90) + yy[..., None] / rng.uniform(20, 90) + rng.uniform(0, 6, 3))
+             + rng.normal(0, 12, (480, 640, 3)))
+        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(folder / f"p{i:05d}.jpg", quality=90)
+
+
+def naive(paths: list[str]) -> float:
+    import timm
+    import torchvision.transforms as T
+    bb = load_backbone("efficientnet_lite0")
+    net = bb.model.net.eval()
+    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    feats = []
+    t = time.time()
+    with torch.inference_mode():
+        for i in range(0, len(paths), 32):
+            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + 32]])
+            feats.extend(net(x).numpy())
+    return len(paths) / (time.time() - t)
+
+
+def ceiling(n: int, batch: int = 32) -> float:
+    bb = load_backbone("efficientnet_lite0")
+    model = fast_model(bb, "cpu", batch)
+    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model(x)
+        t = time.time()
+        done = 0
+        while done < n:
+            model(x)
+            done += batch
+    return done / (time.time() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--photos", type=int, default=300)
+    ap.add_argument("--emoji", type=int, default=600)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    work = ROOT / "out" / "bench" / "throughput"
+    imgs = work / "images"
+    photos(imgs / "photo", args.photos)
+    emoji = sorted((ROOT.parent / "shared" / "data").glob("*/*/*/*.png"))[: args.emoji]
+    (imgs / "emoji").mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(emoji):
+        dst = imgs / "emoji" / f"e{i:05d}.png"
+        if not dst.exists():
+            shutil.copy(p, dst)
+    paths = sorted(str(p) for p in imgs.rglob("*.*"))
+    n = len(paths)
+    print(f"{n} images ({args.photos} 640x480 JPEG, {len(emoji)} 128px PNG), torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, ISA {torch.backends.cpu.get_cpu_capability()}")
+
+    r_ceiling = ceiling(n)
+    store = work / "store.h5"
+    for p in (store,):
+        p.unlink(missing_ok=True)
+    rss0 = psutil.Process().memory_info().rss
+    t = time.time()
+    s = extract(images=str(imgs), out=str(store), workers=args.workers, progress=False)
+    r_ours = s.extracted / (time.time() - t)
+    rss = psutil.Process().memory_info().rss
+    r_naive = naive(paths)
+    print(f"(a) ceiling, forward only (traced+frozen, channels_last): {r_ceiling:6.1f} img/s")
+    print(f"(b) imgsent extract end to end (workers={args.workers}):           {r_ours:6.1f} img/s "
+          f"= {r_ours / r_ceiling:.0%} of (a)   [target >= 85%]")
+    print(f"(c) naive PIL + eager fp32 NCHW loop:                    {r_naive:6.1f} img/s")
+    print(f"    (b)/(c) = {r_ours / r_naive:.2f}x   [target >= 2.5x]")
+    print(f"    RSS after extract {rss / 2**20:.0f} MiB (before {rss0 / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
