@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from torch import nn
 
 from features.errors import UserError
@@ -48,15 +48,26 @@ class Preprocess:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
+def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscale: bool) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> uint8 (B, C, size, size): luma if grayscale, shorter side resized to `resize`
+    with antialiasing, centre crop. TorchScript-able: extraction (in DataLoader workers) and exported models
+    run this very function, so they see identical pixels."""
+    if grayscale:  # ITU-R 601-2 luma, rounded like PIL's convert('L')
+        xi = x.to(torch.int32)
+        x = ((xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 32768) >> 16).to(torch.uint8).unsqueeze(1)
+    h, w = x.shape[2], x.shape[3]
+    nh, nw = (resize, max(1, int(resize * w / h))) if h <= w else (max(1, int(resize * h / w)), resize)
+    if nh != h or nw != w:
+        x = F.interpolate(x.float(), size=[nh, nw], mode="bicubic" if bicubic else "bilinear", align_corners=False,
+                          antialias=True).round().clamp(0, 255).to(torch.uint8)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return x[:, :, top:top + size, left:left + size]
+
+
 def prepare(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """Decoded RGB uint8 (H, W, 3) -> network input uint8 (C, size, size): luma if grayscale, shorter side
-    resized with antialiasing, centre crop. Runs in DataLoader workers; export.py repeats it in-graph."""
-    x = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)  # (3, H, W)
-    if pre.grayscale:  # ITU-R 601-2 luma, rounded like PIL's convert('L')
-        x = ((x[0].int() * 19595 + x[1].int() * 38470 + x[2].int() * 7471 + 0x8000) >> 16).to(torch.uint8)[None]
-    mode = TF.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
-    x = TF.resize(x, [pre.resize], interpolation=mode, antialias=True)
-    return TF.center_crop(x, [pre.size, pre.size]).contiguous()
+    """Decoded RGB uint8 (H, W, 3) -> network input uint8 (C, size, size)."""
+    x = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    return resize_crop(x, pre.resize, pre.size, pre.interpolation == "bicubic", pre.grayscale)[0].contiguous()
 
 
 class Embedder(nn.Module):

@@ -118,6 +118,23 @@ def evaluate(model_dir: str = typer.Argument(...),
 
 
 @app.command()
+def report(model_dir: str = typer.Argument(...),
+           stores: Optional[List[str]] = typer.Argument(None, help="labelled held-out store(s) to add a test section"),
+           out: str = typer.Option("report", "--out"), gallery: int = typer.Option(60, help="misclassified images shown")) -> None:
+    """Self-contained HTML error analysis: CIs, per-class table, confusion, gallery, label errors, near-duplicates."""
+    from pipeline.report import build_report
+    build_report(model_dir=model_dir, out=out, test_stores=stores or None, gallery=gallery, progress=typer.echo)
+
+
+@app.command()
+def export(model_dir: str = typer.Argument(...), format: str = typer.Option("torchscript", "--format", help="torchscript|onnx"),
+           out: str = typer.Option(..., "--out")) -> None:
+    """One file with backbone(s) + head + preprocessing: uint8 (B, H, W, 3) RGB in, calibrated (B, C) out."""
+    from pipeline.export import export as run
+    typer.echo(f"{run(model_dir=model_dir, fmt=format, out=out)}: exported ({format})")
+
+
+@app.command()
 def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argument(..., help="image files or folders"),
             out: str = typer.Option("predictions.csv", "--out"),
             min_confidence: float = typer.Option(0.0, help="below this calibrated confidence the label is 'unsure'"),

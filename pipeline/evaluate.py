@@ -14,8 +14,9 @@ from pipeline.metrics import classification_metrics, expected_calibration_error,
 from pipeline.model import load_head
 
 
-def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
-    head, meta = load_head(model_dir)
+def predict_stores(*, head, meta: dict, stores: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+    """Labelled rows of held-out store(s) -> (paths, labels in the model's class order (N,), uncalibrated
+    logits (N, C), image root). Refuses stores from other backbones or with unknown classes."""
     names = meta["class_names"]
     data = load_dataset(stores, expect=meta["backbones"], intersect=True)
     if data.class_names != names:
@@ -29,8 +30,14 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     lab = data.labels >= 0
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
-    y = data.labels[lab]
     logits = head_logits(head, data.features[lab])
+    return [p for p, k in zip(data.paths, lab) if k], data.labels[lab], logits, data.root
+
+
+def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
+    head, meta = load_head(model_dir)
+    names = meta["class_names"]
+    paths, y, logits, _ = predict_stores(head=head, meta=meta, stores=stores)
     t = float(meta.get("temperature", 1.0))
     probs = softmax(logits, t)
     pred = probs.argmax(1)
@@ -43,7 +50,6 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.save(d / "logits.npy", logits)
-    paths = [p for p, k in zip(data.paths, lab) if k]
     write_confusion(d / "confusion.csv", y, pred, names)
     write_predictions(d / "predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
                       class_names=names)
