@@ -55,13 +55,14 @@ def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscal
     if grayscale:  # ITU-R 601-2 luma, rounded like PIL's convert('L')
         xi = x.to(torch.int32)
         x = ((xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 32768) >> 16).to(torch.uint8).unsqueeze(1)
+    # Integer arithmetic and no shape-dependent branches: exporters keep H and W symbolic.
     h, w = x.shape[2], x.shape[3]
-    nh, nw = (resize, max(1, int(resize * w / h))) if h <= w else (max(1, int(resize * h / w)), resize)
-    if nh != h or nw != w:
-        x = F.interpolate(x.float(), size=[nh, nw], mode="bicubic" if bicubic else "bilinear", align_corners=False,
-                          antialias=True).round().clamp(0, 255).to(torch.uint8)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return x[:, :, top:top + size, left:left + size]
+    short = torch.sym_min(h, w) if not torch.jit.is_scripting() else min(h, w)
+    nh, nw = resize * h // short, resize * w // short
+    x = F.interpolate(x.float(), size=[nh, nw], mode="bicubic" if bicubic else "bilinear", align_corners=False,
+                      antialias=True).round().clamp(0, 255).to(torch.uint8)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x.narrow(2, top, size).narrow(3, left, size)  # static (size, size) for what follows
 
 
 def prepare(rgb: np.ndarray, pre: Preprocess) -> torch.Tensor:

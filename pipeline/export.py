@@ -51,7 +51,8 @@ def build_exported(model_dir: str) -> tuple[Exported, dict]:
             embedders.append(torch.jit.trace(bb.model, example, check_trace=False))  # fixed size after resize_crop
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
     meta = {"class_names": m.class_names, "backbones": m.meta["backbones"], "temperature": m.meta["temperature"],
-            "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order"}
+            "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order",
+            "model_dir": str(model_dir)}
     return Exported(embedders, configs, m.head, m.class_names).eval(), meta
 
 
@@ -65,21 +66,72 @@ def export(*, model_dir: str, fmt: str, out: str) -> Path:
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(model)
         if fmt == "torchscript":
-            torch.jit.save(scripted, str(dst), _extra_files={"imgsent.json": json.dumps(meta)})
+            public = {k: v for k, v in meta.items() if k != "model_dir"}
+            torch.jit.save(scripted, str(dst), _extra_files={"imgsent.json": json.dumps(public)})
             return dst
-        try:
-            import onnx
-        except ImportError:
-            raise UserError("--format onnx needs the onnx package: pip install 'imgsent[export]'") from None
-        example = torch.randint(0, 256, (1, 240, 320, 3), dtype=torch.uint8)
-        torch.onnx.export(scripted, (example,), str(dst), input_names=["images"], output_names=["probs"],
-                          dynamic_axes={"images": {0: "batch", 1: "height", 2: "width"}, "probs": {0: "batch"}},
-                          opset_version=18, dynamo=False)
-    proto = onnx.load(str(dst))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "imgsent", json.dumps(meta)
-    onnx.save(proto, str(dst))
+    _export_onnx(model, meta, dst)
     return dst
+
+
+class _Pre(nn.Module):
+    """ONNX part 1: uint8 (B, H, W, 3) with symbolic H, W -> one uint8 (B, C, S, S) per backbone."""
+
+    def __init__(self, model: Exported):
+        super().__init__()
+        self.cfg = list(zip(model.resizes, model.sizes, model.bicubic, model.gray))
+
+    def forward(self, images: torch.Tensor):
+        x = images.permute(0, 3, 1, 2)
+        return tuple(resize_crop(x, r, s, b, g) for r, s, b, g in self.cfg)
+
+
+class _Net(nn.Module):
+    """ONNX part 2: fixed-size pixels per backbone -> calibrated probabilities."""
+
+    def __init__(self, model: Exported, eager: list[nn.Module]):
+        super().__init__()
+        self.embedders, self.head = nn.ModuleList(eager), model.head
+
+    def forward(self, *pix: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([e(p) for e, p in zip(self.embedders, pix)], 1))
+
+
+def _export_onnx(model: Exported, meta: dict, dst: Path) -> None:
+    """Two graphs merged into one file: exporting the backbone with symbolic image sizes trips torch.export's
+    shape guards (TF-'same' padding), so the resize/crop graph is exported with dynamic H, W, the network
+    with a static input size, and onnx.compose joins them."""
+    try:
+        import onnx
+        from onnx import compose
+    except ImportError:
+        raise UserError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'imgsent[export]'") from None
+    from torch.export import Dim
+    m = load_model(meta["model_dir"], device="cpu")
+    n = len(model.sizes)
+    pix_names = [f"pix{i}" for i in range(n)]
+    images = torch.randint(0, 256, (2, 240, 320, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        pix = _Pre(model)(images)
+    tmp_pre, tmp_net = dst.with_suffix(".pre.onnx"), dst.with_suffix(".net.onnx")
+    try:
+        torch.onnx.export(_Pre(model), (images,), str(tmp_pre), dynamo=True, input_names=["images"],
+                          output_names=pix_names, external_data=False,
+                          dynamic_shapes={"images": {0: Dim("batch"), 1: Dim("height", min=2, max=1 << 15),
+                                                     2: Dim("width", min=2, max=1 << 15)}})
+        torch.onnx.export(_Net(model, [bb.model for bb in m.backbones]), pix, str(tmp_net), dynamo=True,
+                          input_names=[f"in_{p}" for p in pix_names], output_names=["probs"], external_data=False,
+                          dynamic_shapes=(tuple({0: Dim("batch")} for _ in range(n)),))  # *pix is one packed arg
+        pre = compose.add_prefix(onnx.load(str(tmp_pre)), "pre_", rename_inputs=False, rename_outputs=False)
+        net = compose.add_prefix(onnx.load(str(tmp_net)), "net_", rename_inputs=False, rename_outputs=False)
+        if pre.opset_import[0].version != net.opset_import[0].version:
+            net = onnx.version_converter.convert_version(net, pre.opset_import[0].version)
+        merged = compose.merge_models(pre, net, io_map=[(p, f"in_{p}") for p in pix_names])
+    finally:
+        tmp_pre.unlink(missing_ok=True)
+        tmp_net.unlink(missing_ok=True)
+    entry = merged.metadata_props.add()
+    entry.key, entry.value = "imgsent", json.dumps({k: v for k, v in meta.items() if k != "model_dir"})
+    onnx.save(merged, str(dst))
 
 
 def load_exported(path: str) -> tuple[torch.jit.ScriptModule, dict]:

@@ -88,3 +88,20 @@ def test_torchscript_export_matches_predict(trained):
     np.testing.assert_allclose(out, pred.probs, atol=1e-4)
     with torch.no_grad():
         assert m(torch.randint(0, 256, (2, 37, 91, 3), dtype=torch.uint8)).shape == (2, 3)
+
+
+def test_onnx_export_matches_predict(trained):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from pipeline import load_model
+    from pipeline.export import export
+    dst = export(model_dir=str(trained / "model"), fmt="onnx", out=str(trained / "m.onnx"))
+    meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}["imgsent"])
+    assert meta["class_names"] == ["blue", "green", "red"]
+    paths = sorted(str(p) for p in (trained / "test").rglob("*.*"))
+    pred = load_model(trained / "model", device="cpu").predict(paths)
+    s = ort.InferenceSession(str(dst))
+    out = np.concatenate([s.run(None, {"images": decode(p)[None]})[0] for p in paths])
+    np.testing.assert_allclose(out, pred.probs, atol=1e-4)
+    assert s.run(None, {"images": np.zeros((2, 51, 77, 3), np.uint8)})[0].shape == (2, 3)
