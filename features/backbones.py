@@ -38,6 +38,7 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grayscale: bool = False  # convert to one channel (ITU-R 601-2 luma, as PIL's convert('L'))
+    version: int = 2  # of the decode/resize code: bump when pixels change, so old stores are refused
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
