@@ -100,7 +100,7 @@ def fast_model(backbone: Backbone, device: str, batch_size: int) -> torch.nn.Mod
     example = torch.zeros(batch_size, c, backbone.pre.size, backbone.pre.size, dtype=torch.uint8, device=device)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated but still the fastest CPU path here
+            warnings.simplefilter("ignore")  # jit is deprecated (FutureWarning) but still the fastest CPU path here
             traced = torch.jit.freeze(torch.jit.trace(model, example.contiguous(memory_format=torch.channels_last),
                                                       check_trace=False))
             traced(example)  # let the profiling executor specialise once
