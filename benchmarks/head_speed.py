@@ -40,7 +40,7 @@ def make_store(path: Path, seed: int = 0) -> None:
     prior = np.array([4953, 547, 5121, 8989, 6077, 4002, 6198], float)  # FER-2013 class counts
     y = rng.choice(C, size=N, p=prior / prior.sum())
     basis = rng.normal(size=(32, D)) / np.sqrt(32)
-    means = rng.normal(size=(C, 32)) * 1.2
+    means = rng.normal(size=(C, 32)) * 0.35  # ~65% accuracy: about as hard as FER-2013 itself
     x = (means[y] + rng.normal(size=(N, 32))) @ basis + rng.normal(size=(N, D)) * 0.5
     x = np.maximum(x + 0.3, 0).astype(np.float32)  # post-ReLU-like, non-negative
     fp = {"backbone": "synthetic", "weights_sha256": "0" * 64, "preprocess": {}, "dim": D}
@@ -55,6 +55,10 @@ def make_store(path: Path, seed: int = 0) -> None:
 
 
 def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-sweep", action="store_true")
+    args = ap.parse_args()
     work = ROOT / "out" / "bench"
     work.mkdir(parents=True, exist_ok=True)
     store = work / "fer_sized.h5"
@@ -86,7 +90,7 @@ def main() -> None:
         f1s.append(f1_score(y[te], lr.predict(sc.transform(x[te])), average="macro"))
     t_lr = time.time() - t
 
-    grid = list(itertools.product([1e-3, 3e-3], [(), (256,), (512,)], [0.2, 0.5]))
+    grid = list(itertools.product([1e-3, 3e-3], [(), (256,), (512,)], [0.2, 0.5]))[: 0 if args.skip_sweep else None]
     t = time.time()
     best = None
     for lr_, hidden, drop in grid:
@@ -95,6 +99,7 @@ def main() -> None:
         f1 = float(np.mean([f["macro_f1"] for f in cv.folds]))
         best = max(best or (f1, ""), (f1, f"lr={lr_} hidden={list(hidden)} dropout={drop}"))
     t_sweep = time.time() - t
+    best = best or (float("nan"), "skipped")
 
     print(f"store {N} x {D}, {C} classes, 5-fold CV, {os.cpu_count()} CPUs")
     print(f"(a) imgsent train-head (defaults, incl. store read + final fit): {t_cli:6.1f} s  macro-F1 {ours:.3f}"

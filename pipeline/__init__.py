@@ -4,6 +4,12 @@
     m = load_model("out/model")
     p = m.predict(["a.jpg", "more/"])   # p.labels, p.probs (N, C), p.class_names
 """
-from pipeline.predict import Model, Predictions, load_model
-
 __all__ = ["Model", "Predictions", "load_model"]
+
+
+def __getattr__(name: str):
+    # Lazy: `imgsent train-head` imports pipeline.* but must not pay for importing timm/torchvision.
+    if name in __all__:
+        from pipeline import predict
+        return getattr(predict, name)
+    raise AttributeError(name)

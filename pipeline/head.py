@@ -16,13 +16,28 @@ from torch import nn
 from pipeline.params import HeadParams
 
 
+# bf16 matmuls (fp32 weights and optimizer state) where the CPU has native bf16 (AVX-512-BF16 / AMX):
+# ~1.7x faster head training, measured in benchmarks/head_speed.py; inference stays fp32.
+VAL_EVERY = 50  # steps between validation checks, at most
+BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a uniform-threshold mask: 2.5x faster than torch's bernoulli path on CPU here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
 class HeadNet(nn.Module):
     def __init__(self, dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float):
         super().__init__()
         layers: list[nn.Module] = []
         width = dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, h), nn.ReLU(), Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, n_classes))
         self.net = nn.Sequential(*layers)
@@ -68,35 +83,47 @@ def fit_head(*, features: np.ndarray, labels: np.ndarray, n_classes: int, params
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         model = HeadNet(x.shape[1], params.hidden, n_classes, params.dropout)
-        mean = x[idx_train].mean(0)
-        std = x[idx_train].std(0, unbiased=False)
+        xt, xv = x[idx_train], x[idx_val]  # the only copies of the features this fit makes
+        var, mean = torch.var_mean(xt, 0, correction=0)  # one pass, (D,) each
+        std = var.sqrt()
         # Dimensions (nearly) constant in training would be blown up by 1/std when they move at test time
         # (another style, another camera): never amplify one more than 10x the typical dimension.
         scale = std.clamp_min(0.1 * float(std.mean()) + 1e-12)
         model.mean.copy_(mean), model.scale.copy_(scale)
-        xs = (x - mean) / scale  # standardise once; the module re-applies it to raw inputs at inference
-        xt, yt, xv, yv = xs[idx_train], y[idx_train], xs[idx_val], y[idx_val]
+        xt.sub_(mean).div_(scale), xv.sub_(mean).div_(scale)  # the module re-applies this to raw inputs
+        yt, yv = y[idx_train], y[idx_val]
         loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels[idx_train], n_classes, params.class_weight))
-        opt = torch.optim.Adam(model.net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-        best, best_loss, bad = None, float("inf"), 0
+        opt = torch.optim.Adam(model.net.parameters(), lr=params.lr, weight_decay=params.weight_decay, foreach=True)
+        best, best_loss, bad, step = None, float("inf"), 0, 0
+        # Validate once per epoch, or every VAL_EVERY steps when epochs are longer: on large data the best
+        # head often comes within the first epoch, and `patience` whole epochs would be mostly wasted.
+        steps_per_epoch = -(-len(xt) // params.batch_size)
+        check_every = min(steps_per_epoch, VAL_EVERY)
+        stop = False
         for _epoch in range(params.epochs):
-            model.train()
             order = torch.randperm(len(xt), generator=gen)
             for i in range(0, len(xt), params.batch_size):
+                model.train()
                 b = order[i:i + params.batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model.net(xt[b]), yt[b]).backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+                    logits = model.net(xt.index_select(0, b))
+                loss_fn(logits.float(), yt.index_select(0, b)).backward()
                 opt.step()
-            if len(xv):
-                model.eval()
-                with torch.no_grad():
-                    val = loss_fn(model.net(xv), yv).item()
-                if val < best_loss - 1e-4:
-                    best_loss, bad, best = val, 0, copy.deepcopy(model.net.state_dict())
-                else:
-                    bad += 1
-                    if bad >= params.patience:
-                        break
+                step += 1
+                if len(xv) and step % check_every == 0:
+                    model.eval()
+                    with torch.no_grad():
+                        val = loss_fn(model.net(xv), yv).item()
+                    if val < best_loss - 1e-4:
+                        best_loss, bad, best = val, 0, copy.deepcopy(model.net.state_dict())
+                    else:
+                        bad += 1
+                        stop = bad >= params.patience
+                if stop:
+                    break
+            if stop:
+                break
     if best is not None:
         model.net.load_state_dict(best)
     return model.eval()

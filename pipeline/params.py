@@ -46,7 +46,7 @@ class HeadParams:
     weight_decay: float = _f(1e-4, lo=0.0)
     epochs: int = _f(60, lo=1)
     batch_size: int = _f(128, lo=1)
-    patience: int = _f(8, lo=1)
+    patience: int = _f(3, lo=1)  # validation checks without improvement (one per epoch, or per 50 steps)
     val_fraction: float = _f(0.1, lo=0.0, hi=0.5)  # early-stopping slice carved from each training fold
     min_val_images: int = _f(200, lo=1)  # smaller slices: no early stopping, train all `epochs`
     class_weight: str = _f("balanced", choices=("balanced", "none"))
