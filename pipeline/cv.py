@@ -11,15 +11,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from features.errors import UserError
+from features.store import read_store
 from pipeline.dataset import Dataset, load_dataset
 from pipeline.head import fit_head, fit_temperature, head_logits, softmax
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
 from pipeline.model import save_model
 from pipeline.params import Params
+from pipeline.stream import Chunks, feature_bytes, fit_head_streaming, hash_bucket, logits_streaming, memory_budget, \
+    stream_stats
 
 
 @dataclass
@@ -77,22 +81,32 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     """The train stage: CV, calibration, final fit; writes head.pt, model.json, metrics.json,
     oof_predictions.csv and confusion.csv into `out`. Returns metrics.json's content."""
     t0 = time.time()
-    data: Dataset = load_dataset(stores, intersect=intersect)
-    lab = data.labels >= 0
-    if not lab.any():
-        raise UserError(f"{stores[0]}: no labelled images; extract from a folder with one sub-folder per class")
-    x, y = data.features[lab], data.labels[lab]  # (N, D), (N,)
-    paths = [p for p, m in zip(data.paths, lab) if m]
-    sha = [s for s, m in zip(data.sha256, lab) if m]
-    groups = [g for g, m in zip(data.groups, lab) if m] if data.groups else None
-    fold = make_folds(labels=y, groups=groups, sha256=sha, n_folds=params.cv.folds, class_names=data.class_names,
-                      random_state=params.cv.seed)
-    cv = cross_validate(features=x, labels=y, fold=fold, class_names=data.class_names, params=params)
+    budget = memory_budget(params.cv.memory_budget_mb)
+    big = [s for s in stores if Path(s).exists() and feature_bytes(s) > budget]
+    if big and len(stores) > 1:
+        raise UserError(f"{big[0]}: fusing stores larger than the memory budget ({budget >> 20} MiB) is not supported; "
+                        "raise cv.memory_budget_mb or train on one store")
+    if big:
+        data, y, paths, fold, cv, final = _streamed(stores[0], params)
+        mode = "streamed"
+    else:
+        data = load_dataset(stores, intersect=intersect)
+        lab = data.labels >= 0
+        if not lab.any():
+            raise UserError(f"{stores[0]}: no labelled images; extract from a folder with one sub-folder per class")
+        x, y = data.features[lab], data.labels[lab]  # (N, D), (N,)
+        paths = [p for p, m in zip(data.paths, lab) if m]
+        sha = [s for s, m in zip(data.sha256, lab) if m]
+        groups = [g for g, m in zip(data.groups, lab) if m] if data.groups else None
+        fold = make_folds(labels=y, groups=groups, sha256=sha, n_folds=params.cv.folds,
+                          class_names=data.class_names, random_state=params.cv.seed)
+        cv = cross_validate(features=x, labels=y, fold=fold, class_names=data.class_names, params=params)
+        final = fit_head(features=x, labels=y, n_classes=len(data.class_names), params=params.head,
+                         random_state=params.cv.seed)
+        mode = "in-memory"
     temperature = fit_temperature(cv.oof_logits, y)
     probs_raw, probs = softmax(cv.oof_logits), softmax(cv.oof_logits, temperature)
     pred = probs.argmax(1)
-    final = fit_head(features=x, labels=y, n_classes=len(data.class_names), params=params.head,
-                     random_state=params.cv.seed)
     final.temperature.fill_(temperature)
 
     overall = classification_metrics(y, pred, data.class_names)
@@ -106,7 +120,8 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
                "ece_before": expected_calibration_error(probs_raw, y), "ece_after": expected_calibration_error(probs, y),
                "temperature": temperature, "per_fold": cv.folds},
         "per_class": overall["per_class"],
-        "n_images": int(len(y)), "n_unlabelled": int((~lab).sum()), "seconds": round(time.time() - t0, 3),
+        "n_images": int(len(y)), "n_unlabelled": int((data.labels < 0).sum()), "mode": mode,
+        "seconds": round(time.time() - t0, 3),
     }
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -121,5 +136,56 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     progress(f"{out}: {params.cv.folds}-fold CV on {len(y)} images: accuracy {metrics['cv']['accuracy_mean']:.3f} "
              f"± {metrics['cv']['accuracy_std']:.3f}, macro-F1 {metrics['cv']['macro_f1_mean']:.3f} "
              f"± {metrics['cv']['macro_f1_std']:.3f}; ECE {metrics['cv']['ece_before']:.3f} -> "
-             f"{metrics['cv']['ece_after']:.3f} (T={temperature:.2f}) in {metrics['seconds']:.1f} s")
+             f"{metrics['cv']['ece_after']:.3f} (T={temperature:.2f}) in {metrics['seconds']:.1f} s ({mode})")
     return metrics
+
+
+def _streamed(store: str, params: Params):
+    """CV + final fit reading the store chunk by chunk (stores larger than cv.memory_budget_mb).
+    Folds come from the content hash (approximately stratified: hashes are uniform within each class)."""
+    meta = read_store(store, features=False)
+    labels = meta.labels
+    lab = labels >= 0
+    if not lab.any():
+        raise UserError(f"{store}: no labelled images; extract from a folder with one sub-folder per class")
+    names, k = meta.class_names, params.cv.folds
+    counts = np.bincount(labels[lab], minlength=len(names))
+    if len(np.flatnonzero(counts)) < 2:
+        raise UserError(f"{store}: a classifier needs at least two classes with labelled images")
+    fold = np.where(lab, hash_bucket(meta.sha256, k), -1)
+    n_val = params.head.val_fraction * lab.sum() * (k - 1) / k
+    val_slice = hash_bucket(meta.sha256, 1000, salt=1) < int(params.head.val_fraction * 1000)
+    if n_val < params.head.min_val_images:
+        val_slice[:] = False
+    with h5py.File(store, "r") as f:
+        dim = f["features"].shape[1]
+    # A shuffle window of 4 chunks, copied ~3 times while training, stays within the memory budget.
+    chunks = Chunks(store, rows=max(256, memory_budget(params.cv.memory_budget_mb) // (16 * 4 * dim)))
+    cnt, s1, s2 = stream_stats(chunks, fold, k)
+
+    def stats(exclude: int | None):
+        keep = [j for j in range(k) if j != exclude]
+        n = cnt[keep].sum()
+        mean = s1[keep].sum(0) / n
+        return mean, np.sqrt(np.maximum(s2[keep].sum(0) / n - mean ** 2, 0))
+
+    oof = np.zeros((len(labels), len(names)), dtype=np.float32)
+    per_fold = []
+    for j in range(k):
+        mean, std = stats(j)
+        others = lab & (fold != j)
+        head = fit_head_streaming(chunks=chunks, labels=np.maximum(labels, 0), train=others & ~val_slice,
+                                  val=others & val_slice, mean=mean, std=std, n_classes=len(names),
+                                  params=params.head, random_state=params.cv.seed + j)
+        te = fold == j
+        oof[te] = logits_streaming(chunks, head, te)
+        m = classification_metrics(labels[te], oof[te].argmax(1), names)
+        per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+    mean, std = stats(None)
+    final = fit_head_streaming(chunks=chunks, labels=np.maximum(labels, 0), train=lab & ~val_slice,
+                               val=lab & val_slice, mean=mean, std=std, n_classes=len(names), params=params.head,
+                               random_state=params.cv.seed)
+    data = Dataset(np.zeros((0, chunks.dim), np.float32), labels, meta.paths, meta.sha256, meta.groups, names,
+                   [meta.fingerprint], meta.root, [meta.weights_path])
+    paths = [p for p, m in zip(meta.paths, lab) if m]
+    return data, labels[lab], paths, fold[lab], CVResult(oof[lab], fold[lab], per_fold), final
