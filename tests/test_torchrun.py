@@ -26,7 +26,7 @@ def test_two_process_torchrun_equals_single_process(tmp_path, tiny_weights):
             workers=0)
     out = tmp_path / "dist.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([torchrun, "--nproc-per-node=2", "--master-port=0", "--no-python", imgsent, "extract",
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "--no-python", imgsent, "extract",
                         str(images), "--out", str(out), "--backbone", TINY, "--weights", tiny_weights, "--workers", "0",
                         "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
