@@ -122,19 +122,19 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
-    with torch.inference_mode():
-        for x, errs in loader:  # x: (b, C, S, S) uint8
-            idx = list(range(start, start + len(errs)))
-            start += len(errs)
-            ok = [k for k, e in enumerate(errs) if not e]
-            feats = np.empty((0, backbone.dim), np.float32)
-            if ok:
-                xb = x[ok] if len(ok) < len(errs) else x
-                xb = xb.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                    feats = model(xb).float().cpu().numpy()  # (b, D)
-            bar.update(len(errs))
-            yield [idx[k] for k in ok], feats, {idx[k]: e for k, e in enumerate(errs) if e}
+    for x, errs in loader:  # x: (b, C, S, S) uint8
+        idx = list(range(start, start + len(errs)))
+        start += len(errs)
+        ok = [k for k, e in enumerate(errs) if not e]
+        feats = np.empty((0, backbone.dim), np.float32)
+        if ok:
+            xb = x[ok] if len(ok) < len(errs) else x
+            xb = xb.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
+            # inference_mode only around the forward: a context held across `yield` would leak into the caller
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                feats = model(xb).float().cpu().numpy()  # (b, D)
+        bar.update(len(errs))
+        yield [idx[k] for k in ok], feats, {idx[k]: e for k, e in enumerate(errs) if e}
     bar.close()
 
 
