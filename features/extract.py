@@ -44,13 +44,13 @@ class Summary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    embed_seconds: float = 0.0  # decode + forward only
     rows: int = 0
 
     def line(self) -> str:
-        rate = self.extracted / self.seconds if self.seconds > 0 else 0.0
+        rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.embed_seconds > 0 else ""
         return (f"{self.out}: {self.rows} images ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
-                f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts) in {self.seconds:.1f} s, "
-                f"{rate:.1f} img/s")
+                f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts) in {self.seconds:.1f} s{rate}")
 
 
 # --------------------------------------------------------------------------- embedding loop
@@ -204,8 +204,10 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                 todo.setdefault(sha, item.abspath)
         summary.reused = sum(1 for r in rows if r.sha256 in where)
 
+        t_embed = time.time()
         _embed_and_commit(bb, todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
                           dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after)
+        summary.embed_seconds = time.time() - t_embed if todo else 0.0
 
         failed = set(partial.failed)
         bad_rows = [r for r in rows if r.sha256 in failed]
