@@ -35,7 +35,6 @@ class Source:
     items: list[Item]
     class_names: list[str]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    has_groups: bool = False
 
 
 def _is_hidden(name: str) -> bool:
@@ -141,7 +140,7 @@ def _from_manifest(csv_path: Path, *, classes: list[str] | None, allow_outside: 
             continue
         group = (row.get("group") or "").strip() or None if has_groups else None
         items.append(Item(_rel(full, root), key, label, group))
-    return Source(str(root), items, list(names), problems, has_groups)
+    return Source(str(root), items, list(names), problems)
 
 
 # --------------------------------------------------------------------------- hashing

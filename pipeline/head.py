@@ -54,6 +54,13 @@ class HeadNet(nn.Module):
         return torch.softmax(self.logits(x) / self.temperature, dim=1)
 
 
+def robust_scale(std: torch.Tensor) -> torch.Tensor:
+    """Per-dimension divisor for standardisation. Dimensions (nearly) constant in training would be blown up
+    by 1/std when they move at test time (another style, another camera): never amplify one more than 10x
+    the typical dimension."""
+    return std.clamp_min(0.1 * float(std.mean()) + 1e-12)
+
+
 def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor:
     if mode == "none":
         return torch.ones(n_classes)
@@ -85,10 +92,7 @@ def fit_head(*, features: np.ndarray, labels: np.ndarray, n_classes: int, params
         model = HeadNet(x.shape[1], params.hidden, n_classes, params.dropout)
         xt, xv = x[idx_train], x[idx_val]  # the only copies of the features this fit makes
         var, mean = torch.var_mean(xt, 0, correction=0)  # one pass, (D,) each
-        std = var.sqrt()
-        # Dimensions (nearly) constant in training would be blown up by 1/std when they move at test time
-        # (another style, another camera): never amplify one more than 10x the typical dimension.
-        scale = std.clamp_min(0.1 * float(std.mean()) + 1e-12)
+        scale = robust_scale(var.sqrt())
         model.mean.copy_(mean), model.scale.copy_(scale)
         xt.sub_(mean).div_(scale), xv.sub_(mean).div_(scale)  # the module re-applies this to raw inputs
         yt, yv = y[idx_train], y[idx_val]

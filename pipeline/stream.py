@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.head import BF16, HeadNet, class_weights
+from pipeline.head import BF16, HeadNet, class_weights, robust_scale
 from pipeline.params import HeadParams
 
 
@@ -78,9 +78,8 @@ def fit_head_streaming(*, chunks: Chunks, labels: np.ndarray, train: np.ndarray,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         model = HeadNet(chunks.dim, params.hidden, n_classes, params.dropout)
-        scale = np.maximum(std, 0.1 * std.mean() + 1e-12)  # same floor as the in-memory head
         model.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        model.scale.copy_(torch.from_numpy(scale.astype(np.float32)))
+        model.scale.copy_(robust_scale(torch.from_numpy(std.astype(np.float32))))
         loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels[train], n_classes, params.class_weight))
         opt = torch.optim.Adam(model.net.parameters(), lr=params.lr, weight_decay=params.weight_decay, foreach=True)
         best, best_loss, bad = None, float("inf"), 0
