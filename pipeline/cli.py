@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+from collections import Counter
 from typing import List, Optional
 
 import typer
@@ -18,12 +18,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
-
-
-def _torchrun_rank() -> tuple[int, int]:
-    """(rank, world size) when launched by torchrun, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
 @app.command()
@@ -46,36 +40,33 @@ def extract(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Embed every image once with a frozen backbone into an HDF5 store (incremental, resumable)."""
-    from features.extract import Interrupted, assemble_shards
+    from features.extract import Interrupted
     from features.extract import extract as run
+    from features.shards import extract_distributed, torchrun_rank
 
-    rank, world = _torchrun_rank()
-    distributed = num_shards is None and world > 1
-    k, i = (world, rank) if distributed else (num_shards or 1, shard_index or 0)
     if num_shards is not None and shard_index is None:
         _fail("--num-shards needs --shard-index (0..K-1); assemble finished shards with `imgsent assemble`")
+    rank, world = torchrun_rank()
+    kw = dict(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
+              device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
+              allow_outside=allow_outside, commit_every=commit_every, progress=progress)
     try:
-        s = run(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
-                device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
-                allow_outside=allow_outside, commit_every=commit_every, num_shards=k, shard_index=i,
-                progress=progress and rank == 0)
+        if num_shards is None and world > 1:
+            s = extract_distributed(rank=rank, world=world, progress=typer.echo, **kw)
+        else:
+            s = run(num_shards=num_shards or 1, shard_index=shard_index or 0, **kw)
     except Interrupted as e:
         _fail(str(e), 130)
     for path, why in s.skipped[:20]:
         typer.echo(f"skipped {path}: {why}", err=True)
     if len(s.skipped) > 20:
         typer.echo(f"... {len(s.skipped) - 20} more skipped; the store lists them all (skipped_paths)", err=True)
+    if s.skipped:
+        why = Counter(r.split(" (")[0].split(":")[0] for _, r in s.skipped).most_common()
+        typer.echo(f"skipped {len(s.skipped)}: " + "; ".join(f"{n} x {r}" for r, n in why), err=True)
     for path, why in s.conflicts[:20]:
         typer.echo(f"label conflict {path}: {why}", err=True)
     typer.echo(s.line())
-    if distributed:
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-        dist.barrier()  # every shard is complete on disk
-        if rank == 0:
-            typer.echo(assemble_shards(out=out, num_shards=k).line())
-        dist.barrier()
-        dist.destroy_process_group()
     if strict and s.skipped:
         raise typer.Exit(1)
 
@@ -84,7 +75,7 @@ def extract(
 def assemble(out: str = typer.Argument(..., help="the store the shards were extracted for (--out)"),
              num_shards: int = typer.Option(..., help="K, as given to extract --num-shards")) -> None:
     """Merge finished shard stores (STORE.shard-I-of-K.h5) into STORE.h5."""
-    from features.extract import assemble_shards
+    from features.shards import assemble_shards
     typer.echo(assemble_shards(out=out, num_shards=num_shards).line())
 
 
@@ -93,11 +84,11 @@ def train_head(
     stores: Optional[List[str]] = typer.Argument(None, help="one or more stores, fused by image content "
                                                  "(default: paths.train_stores/<backbone>.h5 from params)"),
     out: str = typer.Option(..., "--out", help="model directory to write"),
-    params: Optional[str] = typer.Option(None, help="params.yaml (default: ./params.yaml if present, else built-ins)"),
+    params: Optional[str] = typer.Option(None, help="params.yaml (default: ./params.yaml)"),
     intersect: bool = typer.Option(False, help="with several stores, use only the images they share"),
 ) -> None:
     """Cross-validate the head on cached features, calibrate it, and fit it on all images."""
-    from pipeline.cv import train_head as run
+    from pipeline.train import train_head as run
     from pipeline.params import load_params
     p = load_params(params)
     run(stores=stores or p.stores(p.paths.train_stores), out=out, params=p, intersect=intersect, progress=typer.echo)
@@ -143,23 +134,54 @@ def export(model_dir: str = typer.Argument(...), format: str = typer.Option("tor
 def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argument(..., help="image files or folders"),
             out: str = typer.Option("predictions.csv", "--out"),
             min_confidence: float = typer.Option(0.0, help="below this calibrated confidence the label is 'unsure'"),
-            device: str = typer.Option("auto"), batch_size: int = typer.Option(32)) -> None:
-    """Classify images; writes path,label,confidence,p_<class>...,error."""
-    from pipeline.predict import load_model, write_prediction_csv
+            device: str = typer.Option("auto"), batch_size: int = typer.Option(32), workers: int = typer.Option(0),
+            progress: bool = typer.Option(True, help="show a progress bar")) -> None:
+    """Classify images; writes path,predicted,confidence,p_<class>...,error."""
+    from pipeline.predict import check_prediction_out, load_model, write_prediction_csv
+    if batch_size < 1 or workers < 0:
+        _fail(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1 and workers >= 0")
     if not 0.0 <= min_confidence <= 1.0:
         _fail(f"--min-confidence {min_confidence}: must be within [0, 1]")
-    pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size)
+    check_prediction_out(out)
+    pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size,
+                                                        workers=workers, progress=progress)
     write_prediction_csv(out, pred)
     bad = sum(1 for e in pred.errors if e)
-    typer.echo(f"{out}: {len(pred.paths)} images, {bad} unreadable")
+    rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""
+    typer.echo(f"{out}: {len(pred.paths)} images, {bad} unreadable in {pred.seconds:.1f} s{rate}")
 
 
 def main() -> None:
+    """Console entry point: every failure is one line `error: ...` (no traceback); exit 2 for bad input."""
     try:
-        app()
+        rc = app(standalone_mode=False)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - click's classes (vendored by typer or not) are matched by name
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "Exit" in kinds:
+            sys.exit(getattr(e, "exit_code", 0))
+        if "Abort" in kinds:
+            typer.echo("error: interrupted", err=True)
+            sys.exit(130)
+        if "UsageError" in kinds:
+            ctx = getattr(e, "ctx", None)
+            cmd = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+            msg = e.format_message()
+            if msg:  # empty: the help was printed (no arguments)
+                typer.echo(f"error: {msg} (see imgsent{cmd} --help)", err=True)
+            sys.exit(2)
+        if os.environ.get("IMGSENT_DEBUG"):
+            raise
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        typer.echo(f"error: unexpected {e.__class__.__name__}: {text} (a bug: please report it with the output of "
+                   "IMGSENT_DEBUG=1 and the same command)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ TorchScript `_extra_files["imgsent.json"]`, ONNX `metadata_props["imgsent"]`.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -15,7 +17,8 @@ from typing import List
 import torch
 from torch import nn
 
-from features.backbones import resize_crop
+from features.atomic import OutputLock, atomic_file, check_output
+from features.backbones import Backbone, resize_crop
 from features.errors import UserError
 from pipeline.predict import load_model
 
@@ -40,7 +43,8 @@ class Exported(nn.Module):
         return self.head(torch.cat(feats, 1))
 
 
-def build_exported(model_dir: str) -> tuple[Exported, dict]:
+def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
+    """The exportable module, its metadata and the loaded backbones (each loaded once)."""
     m = load_model(model_dir, device="cpu")
     embedders, configs = [], []
     for bb in m.backbones:
@@ -48,28 +52,46 @@ def build_exported(model_dir: str) -> tuple[Exported, dict]:
         example = torch.zeros(2, c, bb.pre.size, bb.pre.size, dtype=torch.uint8)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            embedders.append(torch.jit.trace(bb.model, example, check_trace=False))  # fixed size after resize_crop
+            embedders.append(torch.jit.trace(bb.embedder, example, check_trace=False))  # fixed size after resize_crop
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
-    meta = {"class_names": m.class_names, "backbones": m.meta["backbones"], "temperature": m.meta["temperature"],
-            "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order",
-            "model_dir": str(model_dir)}
-    return Exported(embedders, configs, m.head, m.class_names).eval(), meta
+    meta = {"class_names": m.class_names, "backbones": m.info.backbones, "temperature": m.info.temperature,
+            "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order"}
+    return Exported(embedders, configs, m.head, m.class_names).eval(), meta, m.backbones
+
+
+def _is_export(fmt: str):
+    def ours(p: Path) -> bool:
+        try:
+            if fmt == "torchscript":
+                import zipfile
+                return zipfile.is_zipfile(p) and any(n.endswith("extra/imgsent.json") for n in zipfile.ZipFile(p).namelist())
+            import onnx
+            return any(e.key == "imgsent" for e in onnx.load(str(p), load_external_data=False).metadata_props)
+        except Exception:  # noqa: BLE001 - anything unreadable is not ours to overwrite
+            return False
+    return ours
 
 
 def export(*, model_dir: str, fmt: str, out: str) -> Path:
     if fmt not in ("torchscript", "onnx"):
         raise UserError(f"--format {fmt}: expected torchscript or onnx")
-    model, meta = build_exported(model_dir)
-    dst = Path(out)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(model)
+    dst = check_output(out, folder=False, is_ours=_is_export(fmt), what=f"{fmt} export")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise UserError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'imgsent[export]'") from None
+    model, meta, backbones = build_exported(model_dir)
+    with OutputLock(dst), atomic_file(dst) as tmp:
         if fmt == "torchscript":
-            public = {k: v for k, v in meta.items() if k != "model_dir"}
-            torch.jit.save(scripted, str(dst), _extra_files={"imgsent.json": json.dumps(public)})
-            return dst
-    _export_onnx(model, meta, dst)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # jit is deprecated (FutureWarning) but is the format promised
+                buf = io.BytesIO()  # via bytes: a failed write is then an OSError, named as such
+                torch.jit.save(torch.jit.script(model), buf, _extra_files={"imgsent.json": json.dumps(meta)})
+            tmp.write_bytes(buf.getvalue())
+        else:
+            _export_onnx(model, meta, backbones, tmp)
     return dst
 
 
@@ -96,41 +118,39 @@ class _Net(nn.Module):
         return self.head(torch.cat([e(p) for e, p in zip(self.embedders, pix)], 1))
 
 
-def _export_onnx(model: Exported, meta: dict, dst: Path) -> None:
+def _export_onnx(model: Exported, meta: dict, backbones: list[Backbone], dst: Path) -> None:
     """Two graphs merged into one file: exporting the backbone with symbolic image sizes trips torch.export's
     shape guards (TF-'same' padding), so the resize/crop graph is exported with dynamic H, W, the network
     with a static input size, and onnx.compose joins them."""
-    try:
-        import onnx
-        from onnx import compose
-    except ImportError:
-        raise UserError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'imgsent[export]'") from None
+    import onnx
+    from onnx import compose
     from torch.export import Dim
-    m = load_model(meta["model_dir"], device="cpu")
     n = len(model.sizes)
     pix_names = [f"pix{i}" for i in range(n)]
     images = torch.randint(0, 256, (2, 240, 320, 3), dtype=torch.uint8)
     with torch.no_grad():
         pix = _Pre(model)(images)
-    tmp_pre, tmp_net = dst.with_suffix(".pre.onnx"), dst.with_suffix(".net.onnx")
+    tmp_pre, tmp_net = dst.with_name(dst.name + ".pre.onnx"), dst.with_name(dst.name + ".net.onnx")
     try:
-        torch.onnx.export(_Pre(model), (images,), str(tmp_pre), dynamo=True, input_names=["images"],
-                          output_names=pix_names, external_data=False,
-                          dynamic_shapes={"images": {0: Dim("batch"), 1: Dim("height", min=2, max=1 << 15),
-                                                     2: Dim("width", min=2, max=1 << 15)}})
-        torch.onnx.export(_Net(model, [bb.model for bb in m.backbones]), pix, str(tmp_net), dynamo=True,
-                          input_names=[f"in_{p}" for p in pix_names], output_names=["probs"], external_data=False,
-                          dynamic_shapes=(tuple({0: Dim("batch")} for _ in range(n)),))  # *pix is one packed arg
-        pre = compose.add_prefix(onnx.load(str(tmp_pre)), "pre_", rename_inputs=False, rename_outputs=False)
-        net = compose.add_prefix(onnx.load(str(tmp_net)), "net_", rename_inputs=False, rename_outputs=False)
-        if pre.opset_import[0].version != net.opset_import[0].version:
-            net = onnx.version_converter.convert_version(net, pre.opset_import[0].version)
-        merged = compose.merge_models(pre, net, io_map=[(p, f"in_{p}") for p in pix_names])
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # torch.onnx narrates each step
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Pre(model).eval(), (images,), str(tmp_pre), dynamo=True, input_names=["images"],
+                              output_names=pix_names, external_data=False,
+                              dynamic_shapes={"images": {0: Dim("batch"), 1: Dim("height", min=2, max=1 << 15),
+                                                         2: Dim("width", min=2, max=1 << 15)}})
+            torch.onnx.export(_Net(model, [bb.embedder for bb in backbones]).eval(), pix, str(tmp_net), dynamo=True,
+                              input_names=[f"in_{p}" for p in pix_names], output_names=["probs"], external_data=False,
+                              dynamic_shapes=(tuple({0: Dim("batch")} for _ in range(n)),))  # *pix is one packed arg
+            pre = compose.add_prefix(onnx.load(str(tmp_pre)), "pre_", rename_inputs=False, rename_outputs=False)
+            net = compose.add_prefix(onnx.load(str(tmp_net)), "net_", rename_inputs=False, rename_outputs=False)
+            if pre.opset_import[0].version != net.opset_import[0].version:
+                net = onnx.version_converter.convert_version(net, pre.opset_import[0].version)
+            merged = compose.merge_models(pre, net, io_map=[(p, f"in_{p}") for p in pix_names])
     finally:
         tmp_pre.unlink(missing_ok=True)
         tmp_net.unlink(missing_ok=True)
     entry = merged.metadata_props.add()
-    entry.key, entry.value = "imgsent", json.dumps({k: v for k, v in meta.items() if k != "model_dir"})
+    entry.key, entry.value = "imgsent", json.dumps(meta)
     onnx.save(merged, str(dst))
 
 

@@ -1,5 +1,6 @@
-"""The dense softmax head on cached embeddings: standardise -> [Linear + ReLU + Dropout] x len(hidden)
--> Linear -> softmax cross-entropy, Adam with weight decay, early stopping on a held-out slice.
+"""The dense softmax head and its one fit loop, for features in memory or streamed from the store:
+standardise -> [Linear + ReLU + Dropout] x len(hidden) -> Linear -> softmax cross-entropy, Adam with
+weight decay, early stopping on a held-out slice once the validation loss stops improving by `tol`.
 
 Everything the head needs at inference (standardisation stats, temperature) is a buffer of the module,
 so `head.pt` is one plain state dict, loadable with `weights_only=True`.
@@ -7,19 +8,19 @@ so `head.pt` is one plain state dict, loadable with `weights_only=True`.
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from pipeline.params import HeadParams
-
+from pipeline.rows import Rows
 
 # bf16 matmuls (fp32 weights and optimizer state) where the CPU has native bf16 (AVX-512-BF16 / AMX):
 # ~1.7x faster head training, measured in benchmarks/head_speed.py; inference stays fp32.
-VAL_EVERY = 50  # steps between validation checks, at most
 BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+VAL_EVERY = 50  # steps between validation checks, at most
 
 
 class Dropout(nn.Dropout):
@@ -44,9 +45,13 @@ class HeadNet(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))  # (D,)
         self.register_buffer("scale", torch.ones(dim))  # (D,)
         self.register_buffer("temperature", torch.ones(()))  # fitted on out-of-fold logits
+        self.register_buffer("card", torch.zeros(32, dtype=torch.uint8))  # sha256 of the model card it was saved with
+        self.fitted = False  # set by fit_head and by a validated load: an unfitted head refuses to predict
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features (B, D) -> uncalibrated logits (B, C)."""
+        if not self.fitted:
+            raise RuntimeError("this head is not fitted: train it with fit_head or load it from a model directory")
         return self.net((x - self.mean) / self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,76 +74,153 @@ def class_weights(labels: np.ndarray, n_classes: int, mode: str) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32)
 
 
-def fit_head(*, features: np.ndarray, labels: np.ndarray, n_classes: int, params: HeadParams,
+def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParams, random_state: int,
+                     max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit mask, validation mask) carved from `train`: a stratified `val_fraction` slice, or none when it would
+    hold fewer than `min_val_images` (a slice of a few dozen images stops training at noise)."""
+    idx = np.flatnonzero(train)
+    n_val = int(round(params.val_fraction * len(idx)))
+    val = np.zeros(len(labels), bool)
+    if params.val_fraction == 0 or n_val < params.min_val_images:
+        return train.copy(), val
+    rng = np.random.default_rng(random_state)
+    y = labels[idx]
+    picked = []
+    for c in np.unique(y):  # stratified: the same fraction of every class
+        members = rng.permutation(idx[y == c])
+        picked.append(members[:int(round(params.val_fraction * len(members)))])
+    chosen = np.concatenate(picked)
+    if max_rows is not None and len(chosen) > max_rows:  # streamed stores: the slice must fit in memory
+        chosen = rng.choice(chosen, max_rows, replace=False)
+    val[chosen] = True
+    return train & ~val, val
+
+
+def _stats(rows: Rows, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and robust scale (D,) over the rows in `mask`, one pass, blocks combined exactly (Chan et al.)."""
+    n, mean, m2 = 0, torch.zeros(rows.dim, dtype=torch.float64), torch.zeros(rows.dim, dtype=torch.float64)
+    for s, x in rows.blocks():
+        xb = torch.from_numpy(x[mask[s:s + len(x)]])
+        if not len(xb):
+            continue
+        var_b, mean_b = torch.var_mean(xb, 0, correction=0)
+        nb = len(xb)
+        delta = mean_b.double() - mean
+        tot = n + nb
+        mean = mean + delta * nb / tot
+        m2 = m2 + var_b.double() * nb + delta ** 2 * n * nb / tot
+        n = tot
+    return mean.float(), robust_scale((m2 / max(n, 1)).sqrt().float())
+
+
+def _epoch(rows: Rows, train: np.ndarray, mean: torch.Tensor, scale: torch.Tensor, y_all: torch.Tensor,
+           cached: tuple[torch.Tensor, torch.Tensor] | None, bs: int, rng: np.random.Generator,
+           gen: torch.Generator, window: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch as (x (n, D) standardised, y (n,), shuffled positions to batch from) per window.
+    In memory: one window, every row. Streamed: windows of `window` blocks in shuffled order; rows left over
+    after the last full batch join the next window, so every batch has exactly `bs` rows (each new batch shape
+    makes oneDNN build and cache new kernels)."""
+    if cached is not None:
+        yield cached[0], cached[1], torch.randperm(len(cached[1]), generator=gen)
+        return
+    starts = np.arange(0, len(rows), rows.block_rows)
+    order = rng.permutation(len(starts))
+    carry_x, carry_y = torch.zeros(0, rows.dim), torch.zeros(0, dtype=torch.int64)
+    for w0 in range(0, len(order), window):
+        m = np.zeros(len(rows), bool)
+        for c in order[w0:w0 + window]:
+            m[starts[c]:starts[c] + rows.block_rows] = train[starts[c]:starts[c] + rows.block_rows]
+        x = torch.cat([carry_x, (torch.from_numpy(rows.take(m)) - mean) / scale])  # (w, D)
+        y = torch.cat([carry_y, y_all[torch.from_numpy(np.flatnonzero(m))]])
+        pos = torch.from_numpy(rng.permutation(len(y)))
+        full = len(y) // bs * bs
+        carry_x, carry_y = x[pos[full:]], y[pos[full:]]  # dropped at the end of the epoch
+        yield x, y, pos[:full]
+
+
+def fit_head(*, rows: Rows, train: np.ndarray, val: np.ndarray, n_classes: int, params: HeadParams,
              random_state: int) -> HeadNet:
-    """Train one head on features (N, D) float32 and labels (N,) in [0, C). Deterministic given random_state."""
+    """Train one head on the rows where `train` is True (labels in [0, C)), early-stopping on the rows where `val`
+    is True. One loop for in-memory and streamed rows. Deterministic given random_state."""
+    rng = np.random.default_rng(random_state)
     gen = torch.Generator().manual_seed(random_state)
-    idx_train, idx_val = np.arange(len(labels)), np.arange(0)
-    n_val = int(round(params.val_fraction * len(labels)))
-    # A validation slice of a few dozen images makes early stopping noise (it stops at the first wobble),
-    # so below `min_val_images` the head trains for `epochs` on every training image.
-    if params.val_fraction > 0 and n_val >= params.min_val_images:
-        counts = np.bincount(labels, minlength=n_classes)
-        strat = labels if counts[counts > 0].min() >= 2 else None
-        if n_val < len(labels) - n_classes:
-            idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=strat,
-                                                  random_state=random_state)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))  # (N, D)
-    y = torch.from_numpy(labels.astype(np.int64))  # (N,)
-    # Init and dropout draw from torch's global RNG: fork it so random_state is explicit and the caller's
-    # RNG state is left untouched (no global seeding).
-    with torch.random.fork_rng(devices=[]):
+    y_all = torch.from_numpy(np.maximum(rows.labels, 0))  # (N,)
+    mean, scale = _stats(rows, train)
+    xv = (torch.from_numpy(rows.take(val)) - mean) / scale if val.any() else None  # (V, D)
+    yv = y_all[torch.from_numpy(np.flatnonzero(val))]
+    cached = None
+    if rows.in_memory:  # standardise the training rows once: the only copy of the features this fit makes
+        idx = np.flatnonzero(train)
+        cached = torch.from_numpy(rows.features[idx]).sub_(mean).div_(scale), y_all[torch.from_numpy(idx)]
+    n_train = int(train.sum())
+    bs = max(1, min(params.batch_size, n_train))
+    # Validate once per epoch, or every VAL_EVERY steps when epochs are longer: on large data the best
+    # head often comes within the first epoch, and `patience` whole epochs would be mostly wasted.
+    check_every = max(1, min(-(-n_train // bs), VAL_EVERY))
+    with torch.random.fork_rng(devices=[]):  # init and dropout use torch's RNG: fork it, never seed globally
         torch.manual_seed(random_state)
-        model = HeadNet(x.shape[1], params.hidden, n_classes, params.dropout)
-        xt, xv = x[idx_train], x[idx_val]  # the only copies of the features this fit makes
-        var, mean = torch.var_mean(xt, 0, correction=0)  # one pass, (D,) each
-        scale = robust_scale(var.sqrt())
+        model = HeadNet(rows.dim, params.hidden, n_classes, params.dropout)
         model.mean.copy_(mean), model.scale.copy_(scale)
-        xt.sub_(mean).div_(scale), xv.sub_(mean).div_(scale)  # the module re-applies this to raw inputs
-        yt, yv = y[idx_train], y[idx_val]
-        loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels[idx_train], n_classes, params.class_weight))
+        loss_fn = nn.CrossEntropyLoss(weight=class_weights(rows.labels[train], n_classes, params.class_weight))
         opt = torch.optim.Adam(model.net.parameters(), lr=params.lr, weight_decay=params.weight_decay, foreach=True)
-        best, best_loss, bad, step = None, float("inf"), 0, 0
-        # Validate once per epoch, or every VAL_EVERY steps when epochs are longer: on large data the best
-        # head often comes within the first epoch, and `patience` whole epochs would be mostly wasted.
-        steps_per_epoch = -(-len(xt) // params.batch_size)
-        check_every = min(steps_per_epoch, VAL_EVERY)
-        stop = False
-        for _epoch in range(params.epochs):
-            order = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(xt), params.batch_size):
-                model.train()
-                b = order[i:i + params.batch_size]
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
-                    logits = model.net(xt.index_select(0, b))
-                loss_fn(logits.float(), yt.index_select(0, b)).backward()
-                opt.step()
-                step += 1
-                if len(xv) and step % check_every == 0:
-                    model.eval()
-                    with torch.no_grad():
-                        val = loss_fn(model.net(xv), yv).item()
-                    if val < best_loss - 1e-4:
-                        best_loss, bad, best = val, 0, copy.deepcopy(model.net.state_dict())
-                    else:
-                        bad += 1
-                        stop = bad >= params.patience
-                if stop:
+        stopper = _Stopper(params.patience, params.tol)
+        step = 0
+        for _ in range(params.epochs):
+            for x, y, pos in _epoch(rows, train, mean, scale, y_all, cached, bs, rng, gen):
+                for i in range(0, len(pos), bs):
+                    b = pos[i:i + bs]
+                    model.train()
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+                        logits = model.net(x.index_select(0, b))
+                    loss_fn(logits.float(), y.index_select(0, b)).backward()
+                    opt.step()
+                    step += 1
+                    if xv is not None and step % check_every == 0:
+                        model.eval()
+                        with torch.no_grad():
+                            stopper.update(loss_fn(model.net(xv), yv).item(), model)
+                        if stopper.stop:
+                            break
+                if stopper.stop:
                     break
-            if stop:
+            if stopper.stop:
                 break
-    if best is not None:
-        model.net.load_state_dict(best)
+    if stopper.best is not None:
+        model.net.load_state_dict(stopper.best)
+    model.fitted = True
     return model.eval()
 
 
+class _Stopper:
+    """Early stopping: keep the best head; stop after `patience` checks without a new best, or once the best
+    validation loss improved by less than `tol` (relative) over the last `patience` checks: converged."""
+
+    def __init__(self, patience: int, tol: float):
+        self.patience, self.tol = patience, tol
+        self.history: list[float] = []  # best loss after each check
+        self.best, self.best_loss, self.bad, self.stop = None, float("inf"), 0, False
+
+    def update(self, loss: float, model: HeadNet) -> None:
+        if loss < self.best_loss - 1e-6:
+            self.best_loss, self.bad, self.best = loss, 0, copy.deepcopy(model.net.state_dict())
+        else:
+            self.bad += 1
+        self.history.append(self.best_loss)
+        converged = (len(self.history) > self.patience and
+                     self.history[-1 - self.patience] - self.best_loss < self.tol * self.history[-1 - self.patience])
+        self.stop = self.bad >= self.patience or converged
+
+
 @torch.no_grad()
-def head_logits(model: HeadNet, features: np.ndarray, batch: int = 65536) -> np.ndarray:
-    """Raw features (N, D) -> uncalibrated logits (N, C)."""
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    return torch.cat([model.logits(x[i:i + batch]) for i in range(0, len(x), batch)] or
-                     [torch.empty(0, model.net[-1].out_features)]).numpy()
+def head_logits(head: HeadNet, rows: Rows, mask: np.ndarray | None = None, batch: int = 65536) -> np.ndarray:
+    """Uncalibrated logits (sum(mask), C) of the rows where `mask` is True (all rows when None), in row order."""
+    out = []
+    for s, x in rows.blocks(mask):
+        xs = x if mask is None else x[mask[s:s + len(x)]]
+        for i in range(0, len(xs), batch):
+            out.append(head.logits(torch.from_numpy(np.ascontiguousarray(xs[i:i + batch]))).numpy())
+    return np.concatenate(out) if out else np.zeros((0, head.net[-1].out_features), np.float32)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

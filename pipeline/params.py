@@ -1,5 +1,6 @@
-"""params.yaml -> frozen dataclasses, parsed once. Unknown, missing, mistyped or out-of-range keys
-are one-line errors naming the key, its value and what is allowed, before any work starts."""
+"""params.yaml -> frozen dataclasses, parsed once. Unknown, missing, duplicated, mistyped or out-of-range keys
+are one-line errors naming the key, its value and what is allowed, before any work starts. There are no
+built-in defaults: params.yaml is the single source of truth."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,58 +14,64 @@ import yaml
 from features.errors import UserError
 
 
-def _f(default, *, lo=None, hi=None, choices=None, lo_open=False):
-    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open})
+def _f(*, lo=None, hi=None, choices=None, lo_open=False):
+    return field(metadata={"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open})
+
+
+MAX_HIDDEN = 16384  # widest hidden layer: 1280 x 16384 floats is already 80 MB of weights
+MAX_LAYERS = 8
 
 
 @dataclass(frozen=True)
 class PathsParams:
     """Every path the DVC pipeline uses, in one place (dvc.yaml reads them from here)."""
-    train_images: str = "data/demo/train.csv"
-    test_images: str = "data/demo/test"
-    train_stores: str = "out/stores/train"  # one <backbone>.h5 per extract.backbones entry
-    test_stores: str = "out/stores/test"
-    model: str = "out/model"
-    eval: str = "out/eval"
-    report: str = "out/report"
+    train_images: str  # a folder or a CSV manifest
+    train_image_dir: str  # the folder holding the images a manifest lists (DVC watches it)
+    test_images: str
+    train_stores: str  # one <backbone>.h5 per extract.backbones entry
+    test_stores: str
+    model: str
+    eval: str
+    report: str
 
 
 @dataclass(frozen=True)
 class ExtractParams:
-    backbones: tuple[str, ...] = ("efficientnet_lite0",)  # several = fusion of their features
-    batch_size: int = _f(32, lo=1)
-    workers: int = _f(1, lo=0)
-    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
-    dtype: str = _f("float32", choices=("float32", "float16"))
+    backbones: tuple[str, ...]  # several = fusion of their features
+    batch_size: int = _f(lo=1, hi=65536)
+    workers: int = _f(lo=0, hi=256)
+    device: str = _f(choices=("auto", "cpu", "cuda"))
+    dtype: str = _f(choices=("float32", "float16"))
 
 
 @dataclass(frozen=True)
 class HeadParams:
-    hidden: tuple[int, ...] = (256,)  # () = multinomial logistic regression
-    dropout: float = _f(0.3, lo=0.0, hi=0.95)
-    lr: float = _f(1e-3, lo=0.0, lo_open=True, hi=10.0)
-    weight_decay: float = _f(1e-4, lo=0.0)
-    epochs: int = _f(60, lo=1)
-    batch_size: int = _f(128, lo=1)
-    patience: int = _f(3, lo=1)  # validation checks without improvement (one per epoch, or per 50 steps)
-    val_fraction: float = _f(0.1, lo=0.0, hi=0.5)  # early-stopping slice carved from each training fold
-    min_val_images: int = _f(200, lo=1)  # smaller slices: no early stopping, train all `epochs`
-    class_weight: str = _f("balanced", choices=("balanced", "none"))
+    hidden: tuple[int, ...]  # () = multinomial logistic regression
+    dropout: float = _f(lo=0.0, hi=0.95)
+    lr: float = _f(lo=0.0, lo_open=True, hi=10.0)
+    weight_decay: float = _f(lo=0.0, hi=10.0)
+    epochs: int = _f(lo=1, hi=100000)
+    batch_size: int = _f(lo=1, hi=1 << 20)
+    patience: int = _f(lo=1)  # validation checks without improvement (one per epoch, or per 50 steps)
+    tol: float = _f(lo=0.0, hi=1.0)  # ...or with less than this relative gain of the best val loss: converged
+    val_fraction: float = _f(lo=0.0, hi=0.5)  # early-stopping slice carved from each training fold
+    min_val_images: int = _f(lo=1)  # smaller slices: no early stopping, train all `epochs`
+    class_weight: str = _f(choices=("balanced", "none"))
 
 
 @dataclass(frozen=True)
 class CVParams:
-    folds: int = _f(5, lo=2)
-    seed: int = _f(0, lo=0)
-    memory_budget_mb: int = _f(0, lo=0)  # 0 = a quarter of available RAM; stores above it are streamed
+    folds: int = _f(lo=2, hi=100)
+    seed: int = _f(lo=0)
+    memory_budget_mb: int = _f(lo=0)  # 0 = a quarter of available RAM; stores above it are streamed
 
 
 @dataclass(frozen=True)
 class Params:
-    paths: PathsParams = PathsParams()
-    extract: ExtractParams = ExtractParams()
-    head: HeadParams = HeadParams()
-    cv: CVParams = CVParams()
+    paths: PathsParams
+    extract: ExtractParams
+    head: HeadParams
+    cv: CVParams
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,11 +90,18 @@ def _check(section: str, f: dataclasses.Field, value, hint):
             raise UserError(f"params: {key}={value!r}: expected a list of {inner.__name__}")
         if not value and f.name == "backbones":
             raise UserError(f"params: {key}=[]: list at least one backbone, e.g. [efficientnet_lite0]")
-        if inner is int and any(v < 1 for v in value):
-            raise UserError(f"params: {key}={value!r}: every size must be >= 1")
+        if inner is int and any(v < 1 or v > MAX_HIDDEN for v in value):
+            raise UserError(f"params: {key}={value!r}: every size must be in [1, {MAX_HIDDEN}]")
+        if inner is int and len(value) > MAX_LAYERS:
+            raise UserError(f"params: {key}={value!r}: at most {MAX_LAYERS} hidden layers")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: take what is meant
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or isinstance(value, bool) and hint is not bool:
         raise UserError(f"params: {key}={value!r}: expected {hint.__name__}")
     m = f.metadata
@@ -112,7 +126,8 @@ def _section(cls, name: str, raw, where: str):
         raise UserError(f"{where}: unknown key '{name}.{unknown[0]}'; allowed keys in '{name}': {', '.join(fields)}")
     missing = sorted(set(fields) - set(raw))
     if missing:
-        raise UserError(f"{where}: missing key '{name}.{missing[0]}'; add it (default: {fields[missing[0]].default!r})")
+        raise UserError(f"{where}: missing key '{name}.{missing[0]}'; add it (every key is required: see params.yaml "
+                        "in the README)")
     return cls(**{k: _check(name, fields[k], raw[k], hints[k]) for k in fields})
 
 
@@ -132,17 +147,36 @@ def parse_params(raw: dict, where: str = "params.yaml") -> Params:
     return Params(**parts)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen:
+                raise UserError(f"duplicate key {key!r} at line {k.start_mark.line + 1}; give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | None) -> Params:
-    """`path=None`: ./params.yaml when present, else the built-in defaults."""
-    if path is None:
-        if not Path("params.yaml").exists():
-            return Params()
-        path = "params.yaml"
-    p = Path(path)
+    """`path=None`: ./params.yaml, which must exist (there are no built-in defaults)."""
+    p = Path(path or "params.yaml")
     if not p.is_file():
+        if path is None:
+            raise UserError("no params.yaml in this folder; pass --params FILE (copy params.yaml from the README)")
         raise UserError(f"--params {p}: no such file; copy params.yaml from the README")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text file in UTF-8; pass the params.yaml file") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror}); check the path and permissions") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except UserError as e:
+        raise UserError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"{p}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}; fix the syntax") from None

@@ -1,61 +1,78 @@
 """Images -> labels with calibrated probabilities, through every backbone the model was trained on.
 
-    m = load_model("out/model"); result = m.predict(["a.jpg", "photos/"])
+    p = load_model("out/model").predict(["a.jpg", "photos/"])   # p.labels, p.probs (N, C), p.class_names
 """
 from __future__ import annotations
 
+import csv
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from features.backbones import load_backbone
+from features.atomic import OutputLock, atomic_file, check_output
+from features.backbones import Backbone, load_backbone
+from features.embed import iter_embeddings, resolve_device
 from features.errors import UserError
-from features.extract import iter_embeddings, resolve_device
-from features.images import walk_images
-from features.store import describe_mismatch
+from features.sources import unsupported, walk_images
+from features.store import describe_mismatch, safe_text
 from pipeline.head import HeadNet
-from pipeline.model import load_head
+from pipeline.modeldir import ModelInfo, load_model_dir
 
 
 @dataclass
 class Predictions:
     paths: list[str]
-    labels: list[str]  # "" where the image failed, "unsure" below min_confidence
+    labels: list[str]  # predicted label; "" where the image failed, "unsure" below min_confidence
     probs: np.ndarray  # (N, C) calibrated; NaN rows where the image failed
     errors: list[str]  # "" when fine
     class_names: list[str]
+    seconds: float = 0.0
 
 
-def expand_paths(inputs: list[str]) -> list[str]:
+def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
+    """Files and folders -> image paths, plus {index: error} for files we cannot decode by type.
+    A missing path or a folder without files is the user's mistake: one line, before any work."""
     out: list[str] = []
+    errors: dict[int, str] = {}
     for p in inputs:
         path = Path(p)
         if path.is_dir():
-            out += [str(q) for q in walk_images(path)]
+            found, other = walk_images(path)
+            if not found and not other:
+                raise UserError(f"{path}: folder holds no files; pass image files or folders of images")
+            for q in sorted(found + other):
+                if q in other:
+                    errors[len(out)] = unsupported(q)
+                out.append(str(q))
+        elif path.exists() or path.is_symlink():
+            out.append(str(path))  # unreadable or odd files surface as per-row errors, not a crash
         else:
-            out.append(str(path))  # missing or odd files surface as per-row errors, not a crash
-    return out
+            raise UserError(f"{path}: no such file or folder; pass image files or folders of images")
+    if not out:
+        raise UserError("no images given; pass image files or folders of images")
+    return out, errors
 
 
-class Model:
-    """A trained head plus the backbones it needs, loaded on first use."""
+class Predictor:
+    """A validated trained head plus the backbones it needs, loaded once on first use."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto"):
         self.dir = Path(model_dir)
         self.head: HeadNet
-        self.head, self.meta = load_head(self.dir)
-        self.class_names: list[str] = self.meta["class_names"]
+        self.info: ModelInfo
+        self.head, self.info = load_model_dir(self.dir)
+        self.class_names: list[str] = self.info.class_names
         self.device = resolve_device(device)
-        self._backbones = None
+        self._backbones: list[Backbone] | None = None
 
     @property
-    def backbones(self):
+    def backbones(self) -> list[Backbone]:
         if self._backbones is None:
             loaded = []
-            weights = self.meta.get("backbone_weights") or [None] * len(self.meta["backbones"])
-            for fp, w in zip(self.meta["backbones"], weights):
+            for fp, w in zip(self.info.backbones, self.info.backbone_weights):
                 bb = load_backbone(fp["backbone"], weights=w, device=self.device)
                 if bb.fingerprint != fp:
                     raise UserError(f"{self.dir}: backbone {fp['backbone']} here differs from the one the model was "
@@ -74,7 +91,7 @@ class Model:
                                                     device=self.device, progress=progress, desc=bb.name):
                 block[idx] = feats
                 for i, e in errs.items():
-                    errors[i] = e
+                    errors[i] = errors[i] or e
             blocks.append(block)
         return np.concatenate(blocks, axis=1), errors
 
@@ -85,35 +102,55 @@ class Model:
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
                 workers: int = 0, progress: bool = False) -> Predictions:
-        paths = expand_paths(list(inputs))
-        feats, errors = self.embed(paths, batch_size=batch_size, workers=workers, progress=progress)
-        ok = np.array([not e for e in errors], dtype=bool)
+        if batch_size < 1 or workers < 0:
+            raise UserError(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1, workers >= 0")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
+        t0 = time.time()
+        paths, type_errors = expand_paths(list(inputs))
+        todo = [i for i in range(len(paths)) if i not in type_errors]
+        feats, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers, progress=progress)
+        errors = [type_errors.get(i, "") for i in range(len(paths))]
         probs = np.full((len(paths), len(self.class_names)), np.nan, dtype=np.float32)
-        if ok.any():
-            probs[ok] = self.predict_features(feats[ok])
+        ok = [i for i, e in zip(todo, errs) if not e]
+        for i, e in zip(todo, errs):
+            errors[i] = e
+        if ok:
+            probs[ok] = self.predict_features(feats[[j for j, e in enumerate(errs) if not e]])
         labels = []
         for i in range(len(paths)):
-            if not ok[i]:
+            if errors[i]:
                 labels.append("")
             elif probs[i].max() < min_confidence:
                 labels.append("unsure")
             else:
                 labels.append(self.class_names[int(probs[i].argmax())])
-        return Predictions(paths, labels, probs, errors, self.class_names)
+        return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0)
 
 
-def load_model(model_dir: str | Path, *, device: str = "auto") -> Model:
-    return Model(model_dir, device=device)
+def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:
+    return Predictor(model_dir, device=device)
+
+
+def _is_prediction_csv(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8") as f:
+            return f.readline().startswith(("path,predicted,", "path,label,confidence,"))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_prediction_out(out: str | Path) -> Path:
+    return check_output(out, folder=False, is_ours=_is_prediction_csv, what="predictions CSV")
 
 
 def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
-    """path,label,confidence,p_<class>...,error: one row per input, failures included."""
-    import csv
-    with open(out, "w", newline="") as f:
+    """path,predicted,confidence,p_<class>...,error: one row per input, failures included; whole or not at all."""
+    with OutputLock(out), atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "confidence", *[f"p_{c}" for c in pred.class_names], "error"])
+        w.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in pred.class_names], "error"])
         for p, lab, pr, err in zip(pred.paths, pred.labels, pred.probs, pred.errors):
             if err:
-                w.writerow([p, "", "", *[""] * len(pred.class_names), err])
+                w.writerow([safe_text(p), "", "", *[""] * len(pred.class_names), err])
             else:
-                w.writerow([p, lab, f"{pr.max():.6f}", *[f"{q:.6f}" for q in pr], ""])
+                w.writerow([safe_text(p), lab, f"{pr.max():.6f}", *[f"{q:.6f}" for q in pr], ""])

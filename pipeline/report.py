@@ -1,5 +1,6 @@
 """Error-analysis report: one self-contained HTML page (thumbnails inlined, no server, no network) plus
-confusion.png, reliability.png and the CSVs DVC plots read.
+confusion.png, reliability.png and the CSVs DVC plots read. The same page from any working directory:
+store paths and the image root come from model.json, absolute; a section that cannot be built says why.
 
 Sections: headline metrics with bootstrap 95% CIs, per-class table, confusion matrix (counts and
 row-normalised), most-confused pairs, misclassified gallery sorted by loss, likeliest label errors,
@@ -18,11 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from features.atomic import atomic_dir, check_output
 from features.errors import UserError
 from features.images import decode
-from features.store import read_store
+from pipeline.evaluate import output_dir_of, predict_stores
+from pipeline.head import softmax
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion
-from pipeline.model import load_head
+from pipeline.modeldir import ModelInfo, load_model_dir
+from pipeline.plots import plot_confusion, plot_reliability
+from pipeline.rows import open_rows
 
 
 @dataclass
@@ -35,15 +40,26 @@ class Split:
     fold: np.ndarray | None = None
 
 
-def _oof_split(model_dir: Path, names: list[str], root: str) -> Split:
-    f = model_dir / "oof_predictions.csv"
-    if not f.is_file():
-        raise UserError(f"{model_dir}: no oof_predictions.csv; re-run imgsent train-head")
-    rows = list(csv.DictReader(open(f, newline="")))
-    probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows], dtype=np.float64).reshape(-1, len(names))
-    return Split("cross-validation (out-of-fold)", [r["path"] for r in rows],
-                 np.array([names.index(r["label"]) for r in rows], dtype=np.int64), probs, root,
-                 np.array([int(r["fold"]) for r in rows]))
+def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
+    """Out-of-fold predictions: logits from oof_logits.npy (calibrated with the model's temperature), paths,
+    true labels and folds from oof_predictions.csv; both checked against each other."""
+    names = info.class_names
+    f, z = model_dir / "oof_predictions.csv", model_dir / "oof_logits.npy"
+    if not f.is_file() or not z.is_file():
+        raise UserError(f"{model_dir}: no oof_predictions.csv / oof_logits.npy; re-run imgsent train-head")
+    try:
+        with open(f, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        logits = np.load(z, allow_pickle=False)
+        y = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
+        fold = np.array([int(r["fold"]) for r in rows])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{f}: damaged (unreadable rows, unknown labels or no fold column); re-run imgsent train-head") from None
+    if logits.shape != (len(rows), len(names)) or not np.isfinite(logits).all():
+        raise UserError(f"{z}: shape {logits.shape} does not match {len(rows)} rows x {len(names)} classes; "
+                        "re-run imgsent train-head")
+    return Split("cross-validation (out-of-fold)", [r["path"] for r in rows], y, softmax(logits, info.temperature),
+                 info.image_root, fold)
 
 
 def bootstrap_ci(y: np.ndarray, pred: np.ndarray, n_classes: int, *, n_boot: int = 1000,
@@ -73,51 +89,6 @@ def _thumb(root: str, path: str, size: int = 96) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(b.getvalue()).decode()
 
 
-def _plot_confusion(cm: np.ndarray, names: list[str], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(names), 1.5 + 0.55 * len(names)))
-    for ax, m, title, fmt in ((axes[0], cm, "counts", "{:d}"), (axes[1], norm, "row-normalised (recall)", "{:.2f}")):
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
-        ax.set_title(title)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def _plot_reliability(probs: np.ndarray, y: np.ndarray, out: Path, bins: int = 10) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    conf, ok = probs.max(1), probs.argmax(1) == y
-    edges = np.linspace(0, 1, bins + 1)
-    mids, accs = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            mids.append(conf[m].mean())
-            accs.append(ok[m].mean())
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.plot(mids, accs, "o-")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {expected_calibration_error(probs, y):.3f})")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 def near_duplicates(features: np.ndarray, fold: np.ndarray, paths: list[str], *, threshold: float = 0.97,
                     max_queries: int = 20000, random_state: int = 0, top: int = 30) -> list[tuple[str, str, float]]:
     """Pairs in different folds whose stored features have cosine >= threshold: they inflate CV scores."""
@@ -144,8 +115,8 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
     ci = bootstrap_ci(split.y, pred, len(names))
     cm = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(cm, (split.y, pred), 1)
-    _plot_confusion(cm, names, out / f"confusion_{slug}.png")
-    _plot_reliability(split.probs, split.y, out / f"reliability_{slug}.png")
+    plot_confusion(cm, names, out / f"confusion_{slug}.png")
+    plot_reliability(split.probs, split.y, out / f"reliability_{slug}.png")
     write_confusion(out / f"confusion_{slug}.csv", split.y, pred, names)
     p_true = split.probs[np.arange(len(split.y)), split.y]
     loss = -np.log(np.clip(p_true, 1e-12, 1))
@@ -196,57 +167,69 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 td:first-child{text-align:left}.headline{font-size:1.1em}.plot{max-width:100%;margin:0.5em 1em 0.5em 0}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:150px;font-size:12px;border:1px solid #ddd;
 padding:4px}figure img{width:96px;height:96px;object-fit:contain;display:block;margin:auto}
-code{word-break:break-all}.missing{height:96px;background:#eee}"""
+code{word-break:break-all}.missing{height:96px;background:#eee}.note{color:#8a5a00}"""
+
+
+def _near_duplicate_section(info: ModelInfo, oof: Split) -> tuple[str, int | None]:
+    """Near-duplicates across folds on the model's own (fused) features, or a note saying why not."""
+    e = html.escape
+    title = "<h3>Near-duplicates in different folds</h3>"
+    try:
+        rows = open_rows(info.stores, expect=info.backbones, intersect=True)
+    except UserError as err:
+        return f"{title}<p class=note>Skipped: the training store cannot be read ({e(str(err))}).</p>", None
+    if not rows.in_memory:
+        return (f"{title}<p class=note>Skipped: the training features exceed the memory budget; this check needs "
+                "them in memory.</p>"), None
+    idx = {p: i for i, p in enumerate(rows.paths)}
+    at = [idx.get(p) for p in oof.paths]
+    if any(i is None for i in at):
+        return (f"{title}<p class=note>Skipped: the training store no longer holds every image the model was "
+                "trained on (re-extracted since?); re-run train-head.</p>"), None
+    dups = near_duplicates(rows.features[at], oof.fold, oof.paths)
+    if not dups:
+        return f"{title}<p>None found (cosine &ge; 0.97).</p>", 0
+    return (f"{title}<p>Pairs of images whose features have cosine similarity &ge; 0.97 but that sat on both sides "
+            "of a CV split: they inflate CV scores. Put them in one <code>group</code> in the manifest.</p>"
+            "<ol id=near-duplicates>" + "".join(f"<li><code>{e(a)}</code> ~ <code>{e(b)}</code> ({s:.3f})</li>"
+                                              for a, b, s in dups) + "</ol>"), len(dups)
+
+
+def check_report_out(out: str) -> Path:
+    return check_output(out, folder=True, is_ours=output_dir_of("index.html", "summary.json"), what="report folder")
 
 
 def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = None, gallery: int = 60,
                  progress=print) -> dict:
+    if gallery < 0:
+        raise UserError(f"--gallery {gallery}: must be >= 0 (images shown per gallery)")
+    out_dir = check_report_out(out)
     md = Path(model_dir)
-    head, meta = load_head(md)
-    names = meta["class_names"]
-    d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    train_store = meta["stores"][0]
-    try:
-        train = read_store(train_store)
-        root = train.root
-    except UserError:
-        train, root = None, ""
-    oof = _oof_split(md, names, root)
-    body, summary = _section(oof, names, d, "cv", gallery)
-    sections = [body]
-    result = {"cv": summary}
-    if train is not None:
-        idx = {p: i for i, p in enumerate(train.paths)}
-        rows = [idx.get(p) for p in oof.paths]
-        if all(r is not None for r in rows):
-            dups = near_duplicates(train.features[rows], oof.fold, oof.paths)
-            result["near_duplicates_across_folds"] = len(dups)
-            e = html.escape
-            sections.append("<h3>Near-duplicates in different folds</h3><p>Pairs of images whose stored features "
-                            "have cosine similarity &ge; 0.97 but that sat on both sides of a CV split: they "
-                            "inflate CV scores. Put them in one <code>group</code> in the manifest.</p><ol>" +
-                            "".join(f"<li><code>{e(a)}</code> ~ <code>{e(b)}</code> ({s:.3f})</li>" for a, b, s in dups)
-                            + "</ol>" if dups else "<h3>Near-duplicates in different folds</h3><p>None found "
-                            "(cosine &ge; 0.97).</p>")
+    head, info = load_model_dir(md)
+    names = info.class_names
+    oof = _oof_split(md, info)
+    test = None
     if test_stores:
-        from pipeline.evaluate import predict_stores
-        from pipeline.head import softmax
-        paths, y, logits, troot = predict_stores(head=head, meta=meta, stores=test_stores)
-        probs = softmax(logits, float(meta.get("temperature", 1.0)))
-        body, summary = _section(Split("held-out test store", paths, y, probs, troot), names, d, "test", gallery)
-        sections.append(body)
-        result["test"] = summary
-    import shutil
-    shutil.copy(d / "confusion_cv.png", d / "confusion.png")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>imgsent report</title><style>{CSS}</style>"
-            f"</head><body><h1>imgsent report: {html.escape(md.name)}</h1><p>classes: "
-            f"{html.escape(', '.join(names))} · backbones: "
-            f"{html.escape(', '.join(b['backbone'] for b in meta['backbones']))}</p>" + "\n".join(sections)
-            + "</body></html>")
-    (d / "index.html").write_text(page, encoding="utf-8")
-    (d / "summary.json").write_text(json.dumps(result, indent=2))
-    progress(f"{d / 'index.html'}: CV macro-F1 {result['cv']['macro_f1']:.3f} "
+        paths, y, logits, troot = predict_stores(head=head, info=info, stores=test_stores)
+        test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot)
+    dup_html, n_dups = _near_duplicate_section(info, oof)
+    with atomic_dir(out_dir) as d:
+        body, summary = _section(oof, names, d, "cv", gallery)
+        sections, result = [body, dup_html], {"cv": summary}
+        if n_dups is not None:
+            result["near_duplicates_across_folds"] = n_dups
+        if test is not None:
+            body, result["test"] = _section(test, names, d, "test", gallery)
+            sections.append(body)
+        (d / "confusion.png").write_bytes((d / "confusion_cv.png").read_bytes())
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>imgsent report</title><style>{CSS}</style>"
+                f"</head><body><h1>imgsent report: {html.escape(md.resolve().name)}</h1><p>classes: "
+                f"{html.escape(', '.join(names))} · backbones: "
+                f"{html.escape(', '.join(b['backbone'] for b in info.backbones))}</p>" + "\n".join(sections)
+                + "</body></html>")
+        (d / "index.html").write_text(page, encoding="utf-8")
+        (d / "summary.json").write_text(json.dumps(result, indent=2))
+    progress(f"{Path(out) / 'index.html'}: CV macro-F1 {result['cv']['macro_f1']:.3f} "
              f"[{result['cv']['macro_f1_ci95'][0]:.3f}, {result['cv']['macro_f1_ci95'][1]:.3f}]"
              + (f", test macro-F1 {result['test']['macro_f1']:.3f}" if "test" in result else ""))
     return result

@@ -44,6 +44,16 @@ def images(tmp_path) -> Path:
     return make_images(tmp_path / "imgs")
 
 
+def params(**sections) -> "Params":
+    """The repo's params.yaml with some values replaced: params(head={"epochs": 20}, cv={"folds": 2})."""
+    import dataclasses
+    from pipeline.params import load_params
+    p = load_params(str(ROOT / "params.yaml"))
+    for name, changes in sections.items():
+        p = dataclasses.replace(p, **{name: dataclasses.replace(getattr(p, name), **changes)})
+    return p
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
     cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]

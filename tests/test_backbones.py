@@ -14,7 +14,7 @@ def test_lite0_wheel_weights_map_onto_timm_daisy():
     assert bb.pre == Preprocess(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, version=2)
     x = prepare(load_sample_image("flower.jpg"), bb.pre)  # (3, 224, 224) uint8
     with torch.inference_mode():
-        logits = bb.model(x[None])
+        logits = bb.embedder(x[None])
     assert int(logits.argmax()) == 985  # 'daisy'
 
 
@@ -36,7 +36,7 @@ def test_timm_name_with_local_weights(tiny_weights):
     assert a.weights_sha256 == b.weights_sha256 and a.dim > 0
     x = torch.randint(0, 255, (2, 3, a.pre.size, a.pre.size), dtype=torch.uint8)
     with torch.inference_mode():
-        assert torch.allclose(a.model(x), b.model(x))
+        assert torch.allclose(a.embedder(x), b.embedder(x))
 
 
 def test_torchvision_name_with_local_weights(tmp_path):

@@ -127,7 +127,7 @@ def test_manifest_problems(tmp_path, tiny_weights):
     reasons = " | ".join(f"{p}: {w}" for p, w in s.skipped)
     assert "duplicate row" in reasons and "conflicting duplicate row" in reasons
     assert "missing.png: cannot read" in reasons
-    assert "escapes the manifest folder" in reasons and "--allow-outside" in reasons
+    assert "climbs out of the manifest folder" in reasons and "--allow-outside" in reasons
     assert "unknown label 'purple'" in reasons
     assert s.rows == 3
     s2 = extract(images=str(csv), out=str(tmp_path / "s2.h5"), backbone=TINY, weights=tiny_weights, progress=False,

@@ -39,12 +39,15 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_weights):
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
-        # After any kill: either no store (partial only) or a complete one; never an HDF5 error.
-        if out.exists():
+        # After any kill, one of three states, each with its own exact message; never an HDF5 error:
+        if out.exists():  # the run finished before its kill time: a complete store
             assert len(read_store(out)) == 90
-            out.unlink()  # a run outlived its kill time: start over so that the next kills hit work in progress
-        else:
+            out.unlink()  # start over so that the next kills hit work in progress
+        elif partial_dir(out).exists():  # killed mid-run: committed chunks wait for the resume
             with pytest.raises(UserError, match="incomplete store, re-run extract to resume"):
+                read_store(out)
+        else:  # killed before its first commit (start-up is slow on a loaded machine): nothing was written
+            with pytest.raises(UserError, match="no such store; create it with"):
                 read_store(out)
     assert kills >= 5
     p = _start(images, out, tiny_weights)

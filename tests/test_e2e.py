@@ -30,7 +30,7 @@ def test_demo_through_the_cli(tmp_path):
     run_cli("predict", str(tmp_path / "model"), str(demo / "test" / "happy"), "--out", str(tmp_path / "p.csv"),
             check=True)
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert len(rows) == 18 and sum(r["label"] == "happy" for r in rows) >= 12
+    assert len(rows) == 18 and sum(r["predicted"] == "happy" for r in rows) >= 12
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def test_zero_shot_accuracy_matches_reference_port(style):
     y = np.array([FER_CLASSES.index(p.parent.name) for p in paths])
     x = torch.stack([prepare(decode(str(p)), bb.pre) for p in paths])  # (N, 1, 64, 64) uint8
     with torch.inference_mode():
-        acc = float((bb.model(x).argmax(1).numpy() == y).mean())
+        acc = float((bb.embedder(x).argmax(1).numpy() == y).mean())
     assert abs(acc - REFERENCE[style]) <= 0.05, acc
 
 
@@ -30,7 +30,7 @@ def test_fer_features_are_pooled_128_plus_7_log_probs():
     assert bb.dim == 135 and bb.pre.grayscale and bb.pre.size == 64
     x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
-        f = bb.model(x)
+        f = bb.embedder(x)
     assert torch.allclose(f[:, 128:].exp().sum(1), torch.ones(2), atol=1e-5)  # log-probabilities
     assert (f[:, :128] != 0).any()
 

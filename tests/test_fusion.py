@@ -8,7 +8,7 @@ import torch
 
 from features.errors import UserError
 from features.extract import extract
-from pipeline.dataset import load_dataset
+from pipeline.rows import open_rows
 from tests.conftest import TINY, make_images, run_cli
 
 
@@ -22,9 +22,9 @@ def test_join_refuse_intersect_and_predict(tmp_path, tiny_weights):
     os.remove(imgs / "red" / "red_00.jpg")
     extract(out=str(tmp_path / "b.h5"), weights=str(other), **kw)
     with pytest.raises(UserError, match=r"stores hold different images .*18.*17.*--intersect"):
-        load_dataset([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")])
-    d = load_dataset([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")], intersect=True)
-    a = load_dataset([str(tmp_path / "a.h5")])
+        open_rows([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")])
+    d = open_rows([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")], intersect=True)
+    a = open_rows([str(tmp_path / "a.h5")])
     assert len(d.paths) == 17 and d.features.shape[1] == 2 * a.features.shape[1]
     i, j = d.paths.index("blue/blue_03.png"), a.paths.index("blue/blue_03.png")
     np.testing.assert_array_equal(d.features[i, : a.features.shape[1]], a.features[j])

@@ -15,18 +15,25 @@ def base() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def test_repo_params_parse_to_frozen_dataclasses():
+def test_repo_params_parse_and_there_are_no_hidden_defaults(tmp_path, monkeypatch):
     p = load_params(str(ROOT / "params.yaml"))
     assert isinstance(p, Params) and p.head.hidden == (256,) and p.extract.backbones == ("efficientnet_lite0",)
-    with pytest.raises(Exception):
-        p.head.lr = 1.0  # frozen
+    assert p.cv.folds == 3 and p.head.tol == 0.01
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: refused, never silently replaced by built-in values
+    with pytest.raises(UserError, match="no params.yaml in this folder; pass --params"):
+        load_params(None)
+    with pytest.raises(TypeError):
+        Params()  # every section is required
 
 
 @pytest.mark.parametrize("section,key,value,msg", [
     ("head", "lrr", 0.1, "unknown key 'head.lrr'"),
     ("head", "lr", -0.1, "head.lr=-0.1: out of range"),
     ("head", "lr", "fast", "head.lr='fast': expected float"),
-    ("head", "hidden", [0], "every size must be >= 1"),
+    ("head", "tol", 2.0, "head.tol=2.0: out of range"),
+    ("head", "hidden", [0], "every size must be in [1, 16384]"),
+    ("head", "hidden", [100000000], "every size must be in [1, 16384]"),
+    ("head", "lr", "1e-3x", "head.lr='1e-3x': expected float"),
     ("head", "class_weight", "auto", "allowed values are balanced, none"),
     ("cv", "folds", 1, "cv.folds=1: out of range, allowed [2, inf)"),
     ("cv", "folds", True, "expected int"),
@@ -36,6 +43,19 @@ def test_bad_params_name_key_value_and_range(section, key, value, msg):
     raw[section][key] = value
     with pytest.raises(UserError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         parse_params(raw)
+
+
+def test_yaml_forms_users_mean_are_accepted_and_duplicates_refused(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("lr: 0.001 ", "lr: 1e-3 ")
+    assert "lr: 1e-3" in text
+    (tmp_path / "p.yaml").write_text(text)
+    assert load_params(str(tmp_path / "p.yaml")).head.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    (tmp_path / "dup.yaml").write_text(text.replace("  dropout: 0.3", "  dropout: 0.3\n  dropout: 0.5"))
+    with pytest.raises(UserError, match=r"dup.yaml: duplicate key 'dropout' at line \d+"):
+        load_params(str(tmp_path / "dup.yaml"))
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="bin.yaml: not a text file in UTF-8"):
+        load_params(str(tmp_path / "bin.yaml"))
 
 
 def test_missing_key_and_section():
@@ -140,8 +160,8 @@ def test_train_evaluate_predict_outputs(tmp_path, store, tiny_weights):
     r = run_cli("predict", str(m), str(test / "red"), str(test / "broken.png"), "--out", str(tmp_path / "p.csv"),
                 check=True)
     pred = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert list(pred[0])[:3] == ["path", "label", "confidence"] and "error" in pred[0]
-    assert len(pred) == 5 and sum(1 for p in pred if p["label"] == "red") >= 3
+    assert list(pred[0])[:3] == ["path", "predicted", "confidence"] and "error" in pred[0]
+    assert len(pred) == 5 and sum(1 for p in pred if p["predicted"] == "red") >= 3
     assert [p for p in pred if p["path"].endswith("broken.png")][0]["error"].startswith("not an image")
     # a store from another backbone is refused by evaluate
     import timm
@@ -156,11 +176,15 @@ def test_train_evaluate_predict_outputs(tmp_path, store, tiny_weights):
 
 def test_python_api(tmp_path, store):
     from pipeline import load_model
-    from pipeline.cv import train_head
+    from pipeline.train import train_head
     p = load_params(_params_file(tmp_path, cv__folds=2, head__epochs=20))
     train_head(stores=[str(store)], out=str(tmp_path / "m"), params=p, progress=lambda s: None)
     m = load_model(tmp_path / "m", device="cpu")
     test = make_images(tmp_path / "t", per_class=2, seed=3)
     pr = m.predict([str(test)])
     assert pr.probs.shape == (6, 3) and np.allclose(pr.probs.sum(1), 1, atol=1e-5)
-    assert m.predict([str(test)], min_confidence=1.01).labels == ["unsure"] * 6
+    conf = pr.probs.max(1)
+    cut = float(np.median(conf))  # the images below the median confidence become 'unsure', the others keep a class
+    labels = m.predict([str(test)], min_confidence=cut).labels
+    assert [lab == "unsure" for lab in labels] == list(conf < cut) and "unsure" in labels
+    assert all(lab in m.class_names for lab, c in zip(labels, conf) if c >= cut)

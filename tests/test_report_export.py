@@ -9,41 +9,61 @@ import torch
 
 from features.extract import extract
 from features.images import decode
-from pipeline.cv import train_head
+from pipeline.train import train_head
 from pipeline.head import fit_temperature, softmax
 from pipeline.metrics import expected_calibration_error
-from pipeline.params import Params
-from tests.conftest import TINY, make_images
+from tests.conftest import TINY, make_images, params
 
 
 @pytest.fixture
 def trained(tmp_path, tiny_weights):
     imgs = make_images(tmp_path / "imgs", per_class=8)
     (imgs / "red" / "<script>alert(1)<script>.png").write_bytes((imgs / "blue" / "blue_01.png").read_bytes())
+    from PIL import Image
+    for i in (1, 3, 5, 7):  # near-copies (one pixel changed): other bytes, so CV may put them in another fold
+        a = np.asarray(Image.open(imgs / "blue" / f"blue_{i:02d}.png")).copy()
+        a[0, 0] = 255 - a[0, 0]
+        Image.fromarray(a).save(imgs / "blue" / f"near_{i:02d}.png")
     kw = dict(backbone=TINY, weights=tiny_weights, progress=False, workers=0)
     extract(images=str(imgs), out=str(tmp_path / "train.h5"), **kw)
     test = make_images(tmp_path / "test", per_class=3, seed=2)
     extract(images=str(test), out=str(tmp_path / "test.h5"), **kw)
-    import dataclasses
-    p = Params()
-    p = dataclasses.replace(p, cv=dataclasses.replace(p.cv, folds=3), head=dataclasses.replace(p.head, epochs=20))
+    p = params(cv={"folds": 3}, head={"epochs": 20})
     train_head(stores=[str(tmp_path / "train.h5")], out=str(tmp_path / "model"), params=p, progress=lambda s: None)
     return tmp_path
 
 
-def test_report_html_is_self_contained_and_escaped(trained):
+def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
+    import csv
+    import re
     from pipeline.report import build_report
     out = trained / "report"
-    res = build_report(model_dir=str(trained / "model"), out=str(out), test_stores=[str(trained / "test.h5")],
+    monkeypatch.chdir(trained / "imgs")  # another working directory than train-head's: same page
+    res = build_report(model_dir="../model", out=str(out), test_stores=[str(trained / "test.h5")],
                        progress=lambda s: None)
     page = (out / "index.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;script&gt;.png" in page
     assert "http://" not in page and "https://" not in page  # opens offline
     assert "id=gallery-cv" in page and "id=confusion-cv" in page and "95% CI" in page
+    assert page.count("data:image/jpeg;base64,") >= 1 and "image unavailable" not in page  # thumbnails found
     assert (out / "confusion.png").stat().st_size > 1000 and (out / "confusion_cv.csv").exists()
     assert res["test"]["n"] == 9 and 0 <= res["cv"]["macro_f1_ci95"][0] <= res["cv"]["macro_f1"] <= res["cv"]["macro_f1_ci95"][1]
-    # the mislabelled copy of a blue image is the likeliest label error / a near-duplicate across folds
-    assert "Near-duplicates in different folds" in page
+    # every planted near-copy that CV put in another fold than its original is listed as a near-duplicate
+    fold = {r["path"]: r["fold"] for r in csv.DictReader(open(trained / "model" / "oof_predictions.csv"))}
+    listed = re.search(r"<ol id=near-duplicates>(.*?)</ol>", page, re.S)
+    across = [i for i in (1, 3, 5, 7) if fold[f"blue/blue_{i:02d}.png"] != fold[f"blue/near_{i:02d}.png"]]
+    assert across, "the seed put every near-copy in its original's fold: plant more"
+    for i in across:
+        assert f"blue/blue_{i:02d}.png" in listed.group(1) and f"blue/near_{i:02d}.png" in listed.group(1)
+    assert res["near_duplicates_across_folds"] >= len(across)
+
+
+def test_report_says_when_a_section_is_skipped(trained):
+    from pipeline.report import build_report
+    (trained / "train.h5").rename(trained / "moved.h5")
+    build_report(model_dir=str(trained / "model"), out=str(trained / "r"), progress=lambda s: None)
+    page = (trained / "r" / "index.html").read_text()
+    assert "Skipped: the training store cannot be read" in page and "moved" not in page
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no headless Chromium")
@@ -75,13 +95,26 @@ def test_temperature_scaling_lowers_ece_on_overconfident_logits():
     assert expected_calibration_error(softmax(logits, t), y) < expected_calibration_error(softmax(logits), y) / 2
 
 
+def _photos(d) -> list[str]:
+    """Photo-sized JPEGs (1200x900, 900x1200, a 3.5:1 panorama) from scikit-learn's sample photos: predict decodes
+    them fully, as a user of the exported model does."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    out = []
+    for name, size in (("china.jpg", (1200, 900)), ("flower.jpg", (900, 1200)), ("china.jpg", (1400, 400))):
+        p = d / f"photo_{size[0]}x{size[1]}.jpg"
+        Image.fromarray(load_sample_image(name)).resize(size).save(p, quality=90)
+        out.append(str(p))
+    return out
+
+
 def test_torchscript_export_matches_predict(trained):
     from pipeline import load_model
     from pipeline.export import export, load_exported
     dst = export(model_dir=str(trained / "model"), fmt="torchscript", out=str(trained / "m.pt"))
     m, meta = load_exported(str(dst))
     assert meta["class_names"] == ["blue", "green", "red"]
-    paths = sorted(str(p) for p in (trained / "test").rglob("*.*"))
+    paths = sorted(str(p) for p in (trained / "test").rglob("*.*")) + _photos(trained)
     pred = load_model(trained / "model", device="cpu").predict(paths)
     with torch.no_grad():
         out = torch.cat([m(torch.from_numpy(decode(p))[None]) for p in paths]).numpy()
@@ -99,7 +132,7 @@ def test_onnx_export_matches_predict(trained):
     dst = export(model_dir=str(trained / "model"), fmt="onnx", out=str(trained / "m.onnx"))
     meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}["imgsent"])
     assert meta["class_names"] == ["blue", "green", "red"]
-    paths = sorted(str(p) for p in (trained / "test").rglob("*.*"))
+    paths = sorted(str(p) for p in (trained / "test").rglob("*.*")) + _photos(trained)
     pred = load_model(trained / "model", device="cpu").predict(paths)
     s = ort.InferenceSession(str(dst))
     out = np.concatenate([s.run(None, {"images": decode(p)[None]})[0] for p in paths])

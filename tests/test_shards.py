@@ -1,7 +1,8 @@
 """Sharded extraction (--num-shards/--shard-index + assemble) equals a single-process run."""
 import numpy as np
 
-from features.extract import assemble_shards, extract, shard_path
+from features.extract import extract, shard_path
+from features.shards import assemble_shards
 from features.store import read_store
 from tests.conftest import TINY, make_images
 

@@ -23,6 +23,7 @@ def test_schema_is_plain_hdf5(images, tmp_path, tiny_weights):
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert f["features"].dtype == np.float32 and f["features"].chunks is not None
         n, d = f["features"].shape
+        assert f["features"].fletcher32 and f["labels"].fletcher32 and len(f.attrs["meta_sha256"]) == 64
         assert n == 24 and f["labels"].shape == (n,) and f["paths"].shape == (n,) and f["sha256"].shape == (n,)
         assert json.loads(f.attrs["class_names"]) == ["blue", "green", "red"]
         assert f.attrs["backbone"] == TINY and len(f.attrs["weights_sha256"]) == 64
@@ -61,9 +62,13 @@ def test_other_backbone_refused_then_force(images, tmp_path, tiny_weights):
     other = tmp_path / "other.pt"
     torch.manual_seed(5)
     torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
+    before = read_store(out)
+    mtime = out.stat().st_mtime_ns
     with pytest.raises(UserError, match=r"another backbone \(weights_sha256.*--force"):
         run(images, out, str(other))
-    assert read_store(out).fingerprint["weights_sha256"] != ""  # old store untouched
+    after = read_store(out)  # old store untouched: same file, same rows, same vectors
+    assert out.stat().st_mtime_ns == mtime and after.fingerprint == before.fingerprint
+    np.testing.assert_array_equal(after.features, before.features)
     s = run(images, out, str(other), force=True)
     assert s.extracted == 24
 

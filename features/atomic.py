@@ -1,0 +1,204 @@
+"""Whole-or-nothing outputs: one writer per output (a lock file), files and folders published by rename.
+
+Every command that writes something goes through here:
+    check_output(out, kind=...)          before any long work: not a folder/file mix-up, writable, ours to replace
+    with OutputLock(out): ...            a second writer fails at once naming the holder's PID
+    with atomic_file(out) as tmp: ...    tmp is renamed over `out` only when the block succeeds
+    with atomic_dir(out) as tmp: ...     the same for a folder (Linux: renameat2 RENAME_EXCHANGE, one atomic step)
+Killed at any moment, `out` holds either the previous complete output or the new complete one.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from features.errors import UserError
+
+
+def fsync_replace(tmp: Path, dst: Path) -> None:
+    """Durably rename a finished file over `dst`."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:  # make the rename itself durable
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_failed(out: str | os.PathLike, e: OSError) -> UserError:
+    why = os.strerror(e.errno) if e.errno else str(e)
+    return UserError(f"{out}: cannot write ({why}); free space or fix permissions and re-run "
+                     "(the previous output, if any, is untouched)")
+
+
+def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Path], bool], what: str) -> Path:
+    """Validate an output path before any work: its kind, that we may replace it, and that its folder is writable."""
+    p = Path(out)
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"--out {p}: is a file; {what} is a folder, pass a new folder name")
+    if not folder and p.is_dir():
+        raise UserError(f"--out {p}: is a folder; pass a file name for the {what}")
+    if p.exists() and not is_ours(p):
+        raise UserError(f"--out {p}: exists and is not a {what} made by imgsent; pass another --out or remove it")
+    parent = p.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{p.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out {p}: cannot write in {parent} ({os.strerror(e.errno) if e.errno else e}); "
+                        "choose a writable location") from None
+    return p
+
+
+class OutputLock:
+    """One writer per output: an O_EXCL lock file `OUT.lock` holding pid and host; a dead holder's lock is stale."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = Path(f"{out}.lock")
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and not self._alive(holder):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                who = f"PID {holder.get('pid')} on {holder.get('host')}" if holder else "another process"
+                raise UserError(f"{self.out} is being written by {who} (lock {self.path}); wait for it to finish, "
+                                "or delete the lock if that process is gone") from None
+            except OSError as e:
+                raise write_failed(self.path, e) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
+            return self
+        raise UserError(f"{self.out}: could not take the lock {self.path}; delete it if no imgsent is writing there")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            # A lock file being written right now is empty for an instant; treat an old empty one as stale.
+            try:
+                return None if time.time() - self.path.stat().st_mtime > 5 else {"pid": "?", "host": "?"}
+            except OSError:
+                return None
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot check another machine: assume it is alive
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, TypeError):
+            return True
+        return True
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _siblings(out: Path, tag: str) -> list[Path]:
+    return list(out.parent.glob(f".{out.name}.{tag}-*"))
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `out`; on success it replaces `out` (fsynced), on any failure it is removed."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fsync_replace(tmp, out)
+    except OSError as e:
+        raise write_failed(out, e) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2). False where the OS or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing what was there, never leaving `out` half-written."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous output
+    else:  # two renames: a kill between them leaves `.OUT.previous-PID`, restored by the next writer
+        prev = out.with_name(f".{out.name}.previous-{os.getpid()}")
+        os.rename(out, prev)
+        os.rename(tmp, out)
+        shutil.rmtree(prev, ignore_errors=True)
+    _fsync_dir(out.parent)
+
+
+def recover(out: Path) -> None:
+    """Under the lock: restore an output a killed two-rename publish left aside, and drop stale temp folders."""
+    prev = sorted(_siblings(out, "previous"))
+    if prev and not out.exists():
+        os.rename(prev[-1], out)
+    for p in _siblings(out, "previous") + _siblings(out, "tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Lock `out`, yield an empty temp folder beside it, and publish it as `out` when the block succeeds."""
+    out = Path(out)
+    with OutputLock(out):
+        recover(out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            tmp.mkdir(parents=True)
+            yield tmp
+            publish_dir(tmp, out)
+        except OSError as e:
+            raise write_failed(out, e) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""Extraction past one process: shard stores (one per Slurm task or torchrun rank) and their assembly.
+
+Every shard `STORE.shard-I-of-K.h5` is a complete store of its own (images assigned by content hash);
+`assemble_shards` streams their rows into one ordinary store. Under torchrun, rank 0 assembles after a
+gloo barrier.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import h5py
+import numpy as np
+
+from features.atomic import OutputLock
+from features.errors import UserError
+from features.extract import Summary, check_store_out, extract, shard_path
+from features.partial import Where, gather_blocks
+from features.store import describe_mismatch, read_store, write_store
+
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) when launched by torchrun, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def assemble_shards(*, out: str, num_shards: int) -> Summary:
+    """Merge finished shard stores into `out` (streamed, atomic). Refuses missing shards or mixed backbones."""
+    t0 = time.time()
+    if num_shards < 1:
+        raise UserError(f"--num-shards {num_shards}: must be >= 1")
+    check_store_out(out)
+    shards = [shard_path(out, i, num_shards) for i in range(num_shards)]
+    missing = [str(s) for s in shards if not s.exists()]
+    if missing:
+        raise UserError(f"{out}: {len(missing)} of {num_shards} shards not finished ({missing[0]}...); "
+                        "run the missing --shard-index values, then assemble again")
+    parts = [read_store(s, features=False) for s in shards]
+    fp, names = parts[0].fingerprint, parts[0].class_names
+    for s, p in zip(shards, parts):
+        if p.fingerprint != fp or p.class_names != names:
+            raise UserError(f"{s}: made with another backbone or class list ({describe_mismatch(fp, p.fingerprint)}); "
+                            "re-extract that shard with the same settings")
+    rows: list[tuple[str, int, str, str | None]] = []  # (path, label, sha, group)
+    where: Where = {}
+    skipped: set[tuple[str, str]] = set()
+    conflicts: list[tuple[str, str]] = []
+    for s, p in zip(shards, parts):
+        groups = p.groups or [None] * len(p)
+        rows += [(path, int(lab), sha, g or None) for path, lab, sha, g in zip(p.paths, p.labels, p.sha256, groups)]
+        where.update({sha: (s, i) for i, sha in enumerate(p.sha256)})
+        skipped.update(p.skipped)
+        conflicts += p.conflicts
+    rows.sort(key=lambda r: r[0])
+    with h5py.File(shards[0], "r") as f:
+        dtype = str(f.attrs.get("feature_dtype", "float32"))
+        weights_path = str(f.attrs.get("weights_path", ""))
+    shas = [r[2] for r in rows]
+    with OutputLock(out):
+        write_store(out, blocks=gather_blocks(shas, where, parts[0].dim), dim=parts[0].dim, dtype=dtype,
+                    labels=np.array([r[1] for r in rows], dtype=np.int64), paths=[r[0] for r in rows], sha256=shas,
+                    groups=[r[3] for r in rows], class_names=names, fingerprint=fp, root=parts[0].root,
+                    skipped=sorted(skipped), conflicts=conflicts,
+                    attrs={"weights_path": weights_path, "feature_dtype": dtype})
+    return Summary(out=str(out), reused=len(rows), rows=len(rows), skipped=sorted(skipped), conflicts=conflicts,
+                   seconds=time.time() - t0)
+
+
+def extract_distributed(*, out: str, rank: int, world: int, progress=print, **kw) -> Summary:
+    """This rank's shard under torchrun; rank 0 assembles the final store once every shard is on disk."""
+    import torch.distributed as dist
+    summary = extract(out=out, num_shards=world, shard_index=rank, progress=rank == 0 and kw.pop("progress", True),
+                      **{k: v for k, v in kw.items() if k != "progress"})
+    dist.init_process_group("gloo")
+    try:
+        dist.barrier()  # every shard is complete on disk
+        if rank == 0:
+            progress(summary.line())
+            summary = assemble_shards(out=out, num_shards=world)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return summary

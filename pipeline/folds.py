@@ -1,0 +1,65 @@
+"""Which cross-validation fold each image is tested in: one rule for every store size.
+
+Stratified by class; a manifest `group` (e.g. one emoji style, one photographer, one patient) never
+straddles folds, and neither do identical images (same sha256), so near-copies never sit on both sides.
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from features.errors import UserError
+
+
+def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[str], k: int,
+                 class_names: list[str], random_state: int) -> np.ndarray:
+    """Fold index in [0, k) per labelled row, -1 for unlabelled rows (labels < 0).
+    Raises a UserError naming cv.folds when the data cannot support k folds."""
+    lab = labels >= 0
+    y = labels[lab]
+    counts = np.bincount(y, minlength=len(class_names))
+    present = np.flatnonzero(counts)
+    if len(present) < 2:
+        raise UserError(f"only one class ({class_names[present[0]] if len(present) else 'none'}) has labelled images; "
+                        "a classifier needs at least two class folders")
+    smallest = int(present[np.argmin(counts[present])])
+    if k > counts[smallest]:
+        raise UserError(f"params: cv.folds={k} exceeds the smallest class count {counts[smallest]} "
+                        f"(class '{class_names[smallest]}'); lower cv.folds to at most {counts[smallest]} or add images")
+    # Identical images share a key; with groups, a group's key also covers every copy of its images.
+    key = _group_keys(groups, sha256) if groups is not None else np.unique(sha256, return_inverse=True)[1]
+    key = key[lab]
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    n_keys = len(np.unique(key))
+    if n_keys < len(key):
+        if k > n_keys:
+            raise UserError(f"params: cv.folds={k} exceeds the {n_keys} groups of images; lower cv.folds")
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=random_state).split(y, y, key)
+    else:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=random_state).split(y, y)
+    sub = np.empty(len(y), dtype=np.int64)
+    for j, (_, test) in enumerate(splits):
+        sub[test] = j
+    fold[lab] = sub
+    return fold
+
+
+def _group_keys(groups: list[str], sha256: list[str]) -> np.ndarray:
+    """Union of 'same group' and 'same image': connected components over rows (union-find)."""
+    n = len(groups)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[int, str], int] = {}
+    for i, (g, s) in enumerate(zip(groups, sha256)):
+        for key in (((0, g),) if g else ()) + ((1, s),):  # an empty group is no group
+            j = first.setdefault(key, i)
+            a, b = find(i), find(j)
+            if a != b:
+                parent[a] = b
+    return np.array([find(i) for i in range(n)])

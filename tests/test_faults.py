@@ -1,0 +1,218 @@
+"""Off the happy path, as a hostile user: every fault is one line `error: ...` (exit 2, no traceback) naming the
+file or key, and nothing the user already had is destroyed or silently changed."""
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from features.atomic import OutputLock
+from features.errors import UserError
+from features.store import read_store
+from features.synthetic import synthetic_store
+from tests.conftest import ROOT, TINY, make_images, run_cli
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+    assert "weights_only=False" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_weights):
+    """A tiny store, a trained model and a held-out store, made once for this module."""
+    d = tmp_path_factory.mktemp("world")
+    make_images(d / "imgs", per_class=6)
+    make_images(d / "test", per_class=3, seed=5)
+    kw = ["--backbone", TINY, "--weights", tiny_weights, "--no-progress"]
+    run_cli("extract", str(d / "imgs"), "--out", str(d / "s.h5"), *kw, check=True)
+    run_cli("extract", str(d / "test"), "--out", str(d / "t.h5"), *kw, check=True)
+    run_cli("train-head", str(d / "s.h5"), "--out", str(d / "model"), "--params", str(ROOT / "params.yaml"), check=True)
+    return d
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _limited(max_bytes):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
+
+
+def _cli(*args, cwd=None, preexec=None):
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          preexec_fn=preexec, timeout=600)
+
+
+# --------------------------------------------------------------------------- outputs whole or not at all
+
+@pytest.mark.parametrize("command", ["train-head", "evaluate", "report", "predict", "export"])
+def test_a_write_that_dies_midway_keeps_the_previous_output(world, tmp_path, command):
+    out = tmp_path / ("out.csv" if command == "predict" else "out.pt" if command == "export" else "out")
+    args = {"train-head": ["train-head", str(world / "s.h5"), "--params", str(ROOT / "params.yaml")],
+            "evaluate": ["evaluate", str(world / "model"), str(world / "t.h5")],
+            "report": ["report", str(world / "model"), str(world / "t.h5")],
+            "predict": ["predict", str(world / "model"), str(world / "test"), "--no-progress"],
+            "export": ["export", str(world / "model"), "--format", "torchscript"]}[command] + ["--out", str(out)]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr
+    before = _snapshot(out) if out.is_dir() else out.read_bytes()
+    r = _cli(*args, preexec=_limited(300))  # every file over 300 bytes fails to write (EFBIG), like a full disk
+    one_line_error(r, "cannot write", "previous output")
+    assert (_snapshot(out) if out.is_dir() else out.read_bytes()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp debris left behind
+
+
+def test_train_head_killed_at_any_moment_leaves_a_complete_model(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", n=6000, dim=64)
+    out = tmp_path / "m"
+    args = ["train-head", store, "--out", str(out), "--params", str(ROOT / "params.yaml")]
+    assert _cli(*args).returncode == 0
+    from pipeline.modeldir import load_model_dir
+    rng = np.random.default_rng(0)
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
+    for _ in range(6):
+        p = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(0.5, 6.0)))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        head, info = load_model_dir(out)  # whichever run's model is there, it is whole and consistent
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert len(np.load(out / "oof_logits.npy")) == metrics["n_images"] == 6000
+    OutputLock(out).path.unlink(missing_ok=True)  # a SIGKILLed holder leaves its lock; the next run takes it over
+    assert _cli(*args).returncode == 0
+
+
+def test_two_writers_of_one_model_directory(world, tmp_path):
+    out = tmp_path / "m"
+    with OutputLock(out):
+        r = _cli("train-head", str(world / "s.h5"), "--out", str(out), "--params", str(ROOT / "params.yaml"))
+    one_line_error(r, f"PID {os.getpid()}", "is being written by")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- stores: damaged, foreign, flipped bytes
+
+def _flip_feature_byte(store):
+    with h5py.File(store, "r") as f:
+        info = f["features"].id.get_chunk_info(0)
+    with open(store, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_flipped_feature_bytes_are_named_then_re_embedded(world, tmp_path, tiny_weights):
+    import shutil
+    store = tmp_path / "s.h5"
+    shutil.copy(world / "s.h5", store)
+    good = read_store(store)
+    _flip_feature_byte(store)
+    with pytest.raises(UserError, match="damaged store"):
+        read_store(store)
+    one_line_error(_cli("train-head", str(store), "--out", str(tmp_path / "m"), "--params", str(ROOT / "params.yaml")),
+                   str(store), "damaged store", "re-run imgsent extract")
+    one_line_error(_cli("evaluate", str(world / "model"), str(store), "--out", str(tmp_path / "e")), "damaged store")
+    r = _cli("extract", str(world / "imgs"), "--out", str(store), "--backbone", TINY, "--weights", tiny_weights,
+             "--no-progress")
+    assert r.returncode == 0 and "damaged rows re-embedded" in r.stdout, r.stdout + r.stderr
+    fixed = read_store(store)
+    assert fixed.paths == good.paths
+    np.testing.assert_allclose(fixed.features, good.features, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "foreign_hdf5", "folder"])
+@pytest.mark.parametrize("budget", [0, 1])  # in memory, and streamed (budget 1 MiB)
+def test_damaged_or_foreign_stores_are_one_line(world, tmp_path, kind, budget):
+    bad = tmp_path / "bad.h5"
+    if kind == "truncated":
+        data = (world / "s.h5").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "text":
+        bad.write_text("not a store\n")
+    elif kind == "foreign_hdf5":
+        with h5py.File(bad, "w") as f:
+            f["x"] = np.zeros(3)
+    else:
+        bad.mkdir()
+    params = (ROOT / "params.yaml").read_text().replace("memory_budget_mb: 0 ", f"memory_budget_mb: {budget} ")
+    (tmp_path / "p.yaml").write_text(params)
+    one_line_error(_cli("train-head", str(bad), "--out", str(tmp_path / "m"), "--params", str(tmp_path / "p.yaml")),
+                   str(bad))
+    assert not (tmp_path / "m").exists()
+
+
+# --------------------------------------------------------------------------- model directories
+
+def _edit_model(world, tmp_path, edit):
+    import shutil
+    m = tmp_path / "m"
+    shutil.copytree(world / "model", m)
+    edit(m)
+    return m
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("extra_class", "model.json: head has 3 outputs but 4 class_names"),
+    ("missing_class", "model.json: head has 3 outputs but 2 class_names"),
+    ("reordered", "head.pt: was trained for other class names, class order"),
+    ("json_list", "model.json: expected a JSON object"),
+    ("missing_key", "model.json: missing key 'temperature'"),
+    ("temperature_text", "model.json: temperature 'hot' is not a number"),
+    ("empty_head", "head.pt: empty file"),
+    ("pickle_head", "head.pt: does not belong with model.json"),
+    ("pickle_head_matching_sha", "head.pt: not a state dict imgsent can load"),
+    ("not_json", "model.json: not valid JSON"),
+])
+def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
+    def edit(m):
+        meta = json.loads((m / "model.json").read_text())
+        if case == "extra_class":
+            meta["class_names"].append("purple")
+        elif case == "missing_class":
+            meta["class_names"].pop()
+        elif case == "reordered":
+            meta["class_names"] = meta["class_names"][::-1]
+        elif case == "json_list":
+            meta = []
+        elif case == "missing_key":
+            del meta["temperature"]
+        elif case == "temperature_text":
+            meta["temperature"] = "hot"
+        elif case == "empty_head":
+            (m / "head.pt").write_bytes(b"")
+        elif case.startswith("pickle_head"):
+            (m / "head.pt").write_bytes(pickle.dumps({"x": os.getcwd}))
+            if case.endswith("sha"):
+                import hashlib
+                meta["head_sha256"] = hashlib.sha256((m / "head.pt").read_bytes()).hexdigest()
+        if case == "not_json":
+            (m / "model.json").write_text("{oops")
+        else:
+            (m / "model.json").write_text(json.dumps(meta))
+    m = _edit_model(world, tmp_path, edit)
+    for cmd in (["evaluate", str(m), str(world / "t.h5"), "--out", str(tmp_path / "e")],
+                ["predict", str(m), str(world / "test"), "--out", str(tmp_path / "p.csv")],
+                ["export", str(m), "--out", str(tmp_path / "x.pt")]):
+        one_line_error(_cli(*cmd), needle)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "p.csv").exists() and not (tmp_path / "x.pt").exists()

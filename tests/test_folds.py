@@ -1,0 +1,59 @@
+"""Fold assignment, as properties over random label / group / duplicate layouts: no group and no identical
+image ever straddles folds, every fold is used, and stratification holds."""
+import numpy as np
+import pytest
+
+from features.errors import UserError
+from pipeline.folds import assign_folds
+
+
+def _layout(rng, n, classes, groups, dup_rate):
+    labels = rng.integers(0, classes, n)
+    labels[:classes * 6] = np.repeat(np.arange(classes), 6)  # every class has enough images for 5 folds
+    sha = [f"{i:064x}" for i in range(n)]
+    grp = [f"g{v}" for v in rng.integers(0, groups, n)] if groups else None
+    for i in np.flatnonzero(rng.random(n) < dup_rate):  # identical images: same hash (and same label)
+        j = int(rng.integers(0, n))
+        sha[i], labels[i] = sha[j], labels[j]
+        if grp and rng.random() < 0.9:  # a copy mostly stays in its group (same style / camera)
+            grp[i] = grp[j]
+    labels[rng.random(n) < 0.05] = -1  # a few unlabelled rows
+    return labels, grp, sha
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_groups_and_duplicates_never_straddle_folds(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(200, 800)), int(rng.integers(2, 6))
+    labels, groups, sha = _layout(rng, n, int(rng.integers(2, 6)), int(rng.choice([0, 12, 40])), rng.random() * 0.2)
+    try:
+        fold = assign_folds(labels=labels, groups=groups, sha256=sha, k=k, class_names=[str(i) for i in range(6)],
+                            random_state=seed)
+    except UserError as e:  # copies shared across groups can merge them into fewer than k units: refused clearly
+        assert f"cv.folds={k} exceeds the" in str(e) and "groups of images" in str(e)
+        return
+    lab = labels >= 0
+    assert (fold[~lab] == -1).all() and set(fold[lab]) == set(range(k))
+    for key in (sha, groups) if groups else (sha,):
+        seen = {}
+        for kk, f, ok in zip(key, fold, lab):
+            if ok:
+                seen.setdefault(kk, set()).add(int(f))
+        assert all(len(v) == 1 for v in seen.values())
+    if not groups and len(set(sha)) == n:  # plain stratified k-fold: each class spread evenly over folds
+        for c in np.unique(labels[lab]):
+            per_fold = np.bincount(fold[labels == c], minlength=k)
+            assert per_fold.max() - per_fold.min() <= 1
+
+
+def test_same_input_same_folds_and_clear_refusals():
+    rng = np.random.default_rng(0)
+    labels, groups, sha = _layout(rng, 300, 3, 10, 0.1)
+    kw = dict(labels=labels, groups=groups, sha256=sha, class_names=["a", "b", "c"])
+    np.testing.assert_array_equal(assign_folds(k=3, random_state=1, **kw), assign_folds(k=3, random_state=1, **kw))
+    with pytest.raises(UserError, match="cv.folds=11 exceeds the 10 groups"):
+        assign_folds(k=11, random_state=0, labels=np.repeat([0, 1, 2], 100), groups=[f"g{i % 10}" for i in range(300)],
+                     sha256=[f"{i:064x}" for i in range(300)], class_names=["a", "b", "c"])
+    with pytest.raises(UserError, match="only one class"):
+        assign_folds(k=2, random_state=0, labels=np.zeros(10, int), groups=None, sha256=[f"{i}" for i in range(10)],
+                     class_names=["a", "b"])

@@ -1,0 +1,119 @@
+"""Bad paths, manifests and images: refused before the long work with one line, or recorded per image with a
+reason; memory per image bounded (aspect-ratio bombs)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from features.errors import UserError
+from features.extract import extract
+from features.sources import discover
+from tests.conftest import ROOT, TINY, make_images, run_cli
+from tests.test_faults import one_line_error, world  # noqa: F401 - the module-scoped fixture
+
+
+# --------------------------------------------------------------------------- output paths, checked before work
+
+def test_extract_out_that_is_not_a_store_is_refused_before_work(tmp_path, tiny_weights):
+    images = make_images(tmp_path / "imgs", per_class=2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    kw = ["--backbone", TINY, "--weights", tiny_weights, "--no-progress"]
+    one_line_error(run_cli("extract", str(images), "--out", str(notes), *kw), "notes.txt: exists and is not a feature store")
+    assert notes.read_text() == "my notes"
+    one_line_error(run_cli("extract", str(images), "--out", str(tmp_path), *kw), "is a folder")
+    one_line_error(run_cli("extract", str(images), "--out", "/proc/imgsent-test.h5", *kw), "cannot write in /proc")
+    one_line_error(run_cli("extract", str(images), "--out", str(notes / "s.h5"), *kw), "cannot write in")
+
+
+def test_predict_paths(world, tmp_path):  # noqa: F811
+    m = str(world / "model")
+    one_line_error(run_cli("predict", m, str(tmp_path / "missing"), "--out", str(tmp_path / "p.csv")), "no such file")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_cli("predict", m, str(tmp_path / "empty"), "--out", str(tmp_path / "p.csv")), "holds no files")
+    one_line_error(run_cli("predict", m, str(world / "test"), "--out", str(tmp_path)), "is a folder")
+    one_line_error(run_cli("predict", m, str(world / "test"), "--batch-size", "0"), "--batch-size 0")
+    one_line_error(run_cli("report", m, "--gallery", "-5", "--out", str(tmp_path / "r")), "--gallery -5")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(odd / "plain.png")
+    with open(os.fsencode(str(odd)) + b"/bad-\xff.png", "wb") as f:
+        Image.new("RGB", (20, 20), (200, 30, 30)).save(f, "PNG")
+    (odd / "vector.svg").write_text("<svg/>")
+    r = run_cli("predict", m, str(odd), "--out", str(tmp_path / "p.csv"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert len(rows) == 3 and any("bad-\\xff.png" in row["path"] and row["predicted"] for row in rows)
+    assert [row["error"] for row in rows if row["path"].endswith(".svg")][0].startswith("unsupported file type .svg")
+
+
+# --------------------------------------------------------------------------- manifests
+
+def _manifest(root, text, encoding="utf-8"):
+    p = root / "m.csv"
+    p.write_bytes(text.encode(encoding))
+    return p
+
+
+def test_manifest_encoding_and_quoting_errors_are_one_line(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=2)
+    with pytest.raises(UserError, match=r"m.csv: not UTF-8 text \(byte 0xe9 on line 3\); re-save"):
+        discover(_manifest(root, "path,label\nred/red_00.jpg,red\nred/caf\u00e9.jpg,red\n", "latin-1"))
+    with pytest.raises(UserError, match=r"m.csv: line \d+: unexpected end of data .*fix the quoting"):
+        discover(_manifest(root, 'path,label\n"red/red_00.jpg,red\nblue/blue_00.jpg,blue\n'))
+
+
+def test_manifest_rows_refused_with_reasons_never_silently(tmp_path):
+    root = make_images(tmp_path / "imgs", per_class=2)
+    absolute = str((root / "green" / "green_00.jpg").resolve())
+    src = discover(_manifest(root, "path,label\n"
+                                   "red/red_00.jpg,red\n"
+                                   "blue/blue_00.jpg,blue,extra\n"  # an unquoted comma: not a new class
+                                   "blue/blue_01.png,\n"  # empty label: not silently unlabelled
+                                   f"{absolute},green\n"  # absolute paths are explicit: accepted
+                                   "../outside.png,red\n"))
+    assert [i.label for i in src.items] == ["red", "green"] and src.class_names == ["green", "red"]
+    why = dict(src.problems)
+    assert "has 3 fields, the header has 2" in why["blue/blue_00.jpg"]
+    assert why["blue/blue_01.png"].startswith("empty label (line 4)")
+    assert "climbs out of the manifest folder" in why["../outside.png"]
+    with pytest.raises(UserError, match=r"no usable images: 1 refused \(1 x relative path climbs out"):
+        discover(_manifest(root, "path,label\n../outside.png,red\n"))
+
+
+def test_unsupported_files_in_class_folders_are_recorded(tmp_path, tiny_weights):
+    root = make_images(tmp_path / "imgs", per_class=2)
+    (root / "red" / "logo.svg").write_text("<svg/>")
+    (root / "red" / "notes.txt").write_text("hi")
+    s = extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+                workers=0)
+    why = dict(s.skipped)
+    assert why["red/logo.svg"].startswith("unsupported file type .svg") and "red/notes.txt" in why
+    assert s.rows == 6
+
+
+# --------------------------------------------------------------------------- memory per image
+
+@pytest.mark.parametrize("size", [(60000, 2), (2, 60000)])
+def test_aspect_ratio_bombs_have_bounded_memory(tmp_path, size):
+    path = tmp_path / f"bomb_{size[0]}x{size[1]}.png"
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    code = f"""
+import json, resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+from features.backbones import Preprocess, prepare
+from features.images import decode
+pre = Preprocess(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+prepare(decode({str(ROOT / "data/demo/test/happy/1f600.png")!r}), pre)  # warm up
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x = prepare(decode({str(path)!r}), pre)
+print(json.dumps({{"shape": list(x.shape), "grew_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["shape"] == [3, 224, 224] and res["grew_mb"] < 100, res  # unbounded: ~7 GB
