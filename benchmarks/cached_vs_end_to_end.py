@@ -19,9 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.backbones import load_backbone  # noqa: E402
-from features.extract import extract, fast_model, iter_embeddings  # noqa: E402
-from features.images import discover  # noqa: E402
-from pipeline.cv import train_head  # noqa: E402
+from features.embed import fast_model, iter_embeddings  # noqa: E402
+from features.extract import extract  # noqa: E402
+from features.sources import discover  # noqa: E402
+from pipeline.train import train_head  # noqa: E402
 from pipeline.head import HeadNet  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 

@@ -25,7 +25,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.backbones import load_backbone  # noqa: E402
-from features.extract import extract, fast_model  # noqa: E402
+from features.embed import fast_model  # noqa: E402
+from features.extract import extract  # noqa: E402
 
 
 def photos(folder: Path, n: int, seed: int = 0) -> None:

@@ -21,9 +21,9 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from features.extract import extract  # noqa: E402
-from pipeline.dataset import load_dataset  # noqa: E402
-from pipeline.head import fit_head, head_logits  # noqa: E402
-from pipeline.params import Params  # noqa: E402
+from pipeline.head import fit_head, head_logits, split_validation  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
+from pipeline.rows import open_rows  # noqa: E402
 
 
 def manifest(data: Path, out: Path) -> Path:
@@ -46,25 +46,26 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     csv_path = manifest(Path(args.data), work / "faces7.csv")
-    params = Params()
+    params = load_params(str(Path(__file__).resolve().parents[1] / "params.yaml"))
     sets = {b: [b] for b in args.backbones}
     if len(args.backbones) > 1:
         sets["+".join(args.backbones)] = list(args.backbones)
     for b in args.backbones:
         extract(images=str(csv_path), out=str(work / f"{b}.h5"), backbone=b, allow_outside=True, progress=False)
     print(f"{'features':40s} {'model':10s} mean  " + " ".join(f"{s:>10s}" for s in
-                                                               sorted(set(load_dataset([str(work / f'{args.backbones[0]}.h5')]).groups))))
+                                                               sorted(set(open_rows([str(work / f'{args.backbones[0]}.h5')]).groups))))
     for name, bbs in sets.items():
-        data = load_dataset([str(work / f"{b}.h5") for b in bbs])
+        data = open_rows([str(work / f"{b}.h5") for b in bbs])
         groups = np.array(data.groups)
         styles = sorted(set(groups))
         res = {"ours": [], "sklearn-LR": []}
         for s in styles:
             tr, te = groups != s, groups == s
             x, y = data.features, data.labels
-            head = fit_head(features=x[tr], labels=y[tr], n_classes=len(data.class_names), params=params.head,
+            fit, val = split_validation(labels=y, train=tr, params=params.head, random_state=0)
+            head = fit_head(rows=data, train=fit, val=val, n_classes=len(data.class_names), params=params.head,
                             random_state=0)
-            res["ours"].append(f1_score(y[te], head_logits(head, x[te]).argmax(1), average="macro"))
+            res["ours"].append(f1_score(y[te], head_logits(head, data, te).argmax(1), average="macro"))
             sc = StandardScaler().fit(x[tr])
             lr = LogisticRegression(max_iter=1000).fit(sc.transform(x[tr]), y[tr])
             res["sklearn-LR"].append(f1_score(y[te], lr.predict(sc.transform(x[te])), average="macro"))

@@ -43,17 +43,17 @@ def extraction(images: Path, work: Path) -> None:
 
 def streaming(work: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    from tests.test_stream import make_store
+    from features.synthetic import synthetic_store
     for n in (100_000, 200_000, 400_000):
         store = work / f"s{n}.h5"
         if not store.exists():
-            make_store(store, n, 256)
+            synthetic_store(store, n=n, dim=256)
         code = f"""
 import dataclasses, json, resource, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipeline.cv import train_head
-from pipeline.params import Params
-p = Params()
+from pipeline.train import train_head
+from pipeline.params import load_params
+p = load_params({str(ROOT / "params.yaml")!r})
 p = dataclasses.replace(p, cv=dataclasses.replace(p.cv, folds=2, memory_budget_mb=32),
                         head=dataclasses.replace(p.head, epochs=2))
 t = time.time()

@@ -67,16 +67,15 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
                    seconds=time.time() - t0)
 
 
-def extract_distributed(*, out: str, rank: int, world: int, progress=print, **kw) -> Summary:
+def extract_distributed(*, out: str, rank: int, world: int, echo=print, progress: bool = True, **kw) -> Summary:
     """This rank's shard under torchrun; rank 0 assembles the final store once every shard is on disk."""
     import torch.distributed as dist
-    summary = extract(out=out, num_shards=world, shard_index=rank, progress=rank == 0 and kw.pop("progress", True),
-                      **{k: v for k, v in kw.items() if k != "progress"})
+    summary = extract(out=out, num_shards=world, shard_index=rank, progress=progress and rank == 0, **kw)
     dist.init_process_group("gloo")
     try:
         dist.barrier()  # every shard is complete on disk
         if rank == 0:
-            progress(summary.line())
+            echo(summary.line())
             summary = assemble_shards(out=out, num_shards=world)
         dist.barrier()
     finally:

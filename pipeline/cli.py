@@ -52,7 +52,7 @@ def extract(
               allow_outside=allow_outside, commit_every=commit_every, progress=progress)
     try:
         if num_shards is None and world > 1:
-            s = extract_distributed(rank=rank, world=world, progress=typer.echo, **kw)
+            s = extract_distributed(rank=rank, world=world, echo=typer.echo, **kw)
         else:
             s = run(num_shards=num_shards or 1, shard_index=shard_index or 0, **kw)
     except Interrupted as e:

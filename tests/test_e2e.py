@@ -71,3 +71,15 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
     assert [b["backbone"] for b in meta["backbones"]] == ["efficientnet_lite0", "fer_mini_xception"]
     assert meta["head"]["dim"] == 1280 + 135
     assert (work / "out" / "report" / "index.html").exists()
+    # Editing any module a stage runs makes `dvc status` list that stage.
+    for rel, stages in (("features/embed.py", ["extract_train@", "extract_test@", "train"]),
+                        ("pipeline/head.py", ["train", "evaluate", "report"]),
+                        ("pipeline/evaluate.py", ["evaluate"]), ("pipeline/report.py", ["report"])):
+        f = work / rel
+        text = f.read_text()
+        f.write_text(text + "\n# edited\n")
+        r = subprocess.run([dvc, "status", "--json"], cwd=work, capture_output=True, text=True, env=env)
+        f.write_text(text)
+        listed = json.loads(r.stdout or "{}")
+        for stage in stages:
+            assert any(k.startswith(stage) for k in listed), (rel, stage, listed)

@@ -9,7 +9,7 @@ import torch
 from features.errors import UserError
 from features.extract import extract
 from pipeline.rows import open_rows
-from tests.conftest import TINY, make_images, run_cli
+from tests.conftest import ROOT, TINY, make_images, run_cli
 
 
 def test_join_refuse_intersect_and_predict(tmp_path, tiny_weights):
@@ -30,7 +30,7 @@ def test_join_refuse_intersect_and_predict(tmp_path, tiny_weights):
     np.testing.assert_array_equal(d.features[i, : a.features.shape[1]], a.features[j])
     assert [f["weights_sha256"] for f in d.fingerprints][0] != d.fingerprints[1]["weights_sha256"]
     r = run_cli("train-head", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--intersect", "--out",
-                str(tmp_path / "m"), cwd=tmp_path)
+                str(tmp_path / "m"), "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     pred = run_cli("predict", str(tmp_path / "m"), str(imgs / "green"), "--out", str(tmp_path / "p.csv"), check=True)
     assert "6 images, 0 unreadable" in pred.stdout

@@ -9,7 +9,8 @@ import pytest
 
 from features.errors import UserError
 from features.extract import extract
-from features.store import StoreLock, lock_path, partial_dir, read_store
+from features.atomic import OutputLock
+from features.store import StoreLock, partial_dir, read_store
 from tests.conftest import TINY
 
 
@@ -78,9 +79,9 @@ def test_second_writer_fails_naming_pid(images, tmp_path, tiny_weights):
     with StoreLock(out):
         with pytest.raises(UserError, match=rf"PID {os.getpid()}"):
             run(images, out, tiny_weights)
-    lock_path(out).write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))  # dead holder
+    OutputLock(out).path.write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))  # dead holder
     assert run(images, out, tiny_weights).extracted == 24  # stale lock taken over
-    assert not lock_path(out).exists()
+    assert not OutputLock(out).path.exists()
 
 
 def test_interrupted_run_is_incomplete_then_resumes(images, tmp_path, tiny_weights):
