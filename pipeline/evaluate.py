@@ -2,6 +2,7 @@
 predictions.csv and misclassified.csv (sorted by loss, worst first), written whole or not at all."""
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.rows import open_rows
 
 
-def output_dir_of(*marker: str):
-    """`is_ours` for check_output: an empty folder, or one holding the files this command writes."""
-    return lambda d: d.is_dir() and (all((d / m).is_file() for m in marker) or not any(d.iterdir()))
+def output_dir_of(*patterns: str):
+    """`is_ours` for check_output: a folder holding nothing but files this command writes (DVC may have removed
+    some of them already), so a folder of the user's is never replaced."""
+    return lambda d: d.is_dir() and all(any(fnmatch.fnmatch(f.name, p) for p in patterns) for f in d.iterdir())
 
 
 def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, str]:
@@ -42,7 +44,8 @@ def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]) -> tupl
 
 
 def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
-    out_dir = check_output(out, folder=True, is_ours=output_dir_of("metrics.json", "predictions.csv"),
+    out_dir = check_output(out, folder=True, is_ours=output_dir_of("metrics.json", "logits.npy", "confusion.csv",
+                                                                   "predictions.csv", "misclassified.csv"),
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)
     names = info.class_names

@@ -40,8 +40,12 @@ class ModelInfo:
         return len(self.class_names)
 
 
+MODEL_FILES = {"head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv", "confusion.csv"}
+
+
 def is_model_dir(d: Path) -> bool:
-    return d.is_dir() and ((d / "model.json").is_file() or not any(d.iterdir()))
+    """A folder holding nothing but files train-head writes (DVC may have removed some): ours to replace."""
+    return d.is_dir() and all(f.name in MODEL_FILES for f in d.iterdir())
 
 
 def _sha256(path: Path) -> str:

@@ -196,7 +196,8 @@ def _near_duplicate_section(info: ModelInfo, oof: Split) -> tuple[str, int | Non
 
 
 def check_report_out(out: str) -> Path:
-    return check_output(out, folder=True, is_ours=output_dir_of("index.html", "summary.json"), what="report folder")
+    return check_output(out, folder=True, is_ours=output_dir_of("index.html", "summary.json", "confusion*.png",
+                                                                          "confusion_*.csv", "reliability_*.png"), what="report folder")
 
 
 def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = None, gallery: int = 60,

@@ -117,3 +117,12 @@ print(json.dumps({{"shape": list(x.shape), "grew_mb": (resource.getrusage(resour
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["shape"] == [3, 224, 224] and res["grew_mb"] < 100, res  # unbounded: ~7 GB
+
+
+def test_train_head_never_replaces_a_folder_it_did_not_make(world, tmp_path):  # noqa: F811
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "holiday.jpg").write_bytes(b"precious")
+    one_line_error(run_cli("train-head", str(world / "s.h5"), "--out", str(d), "--params", str(ROOT / "params.yaml")),
+                   "exists and is not a model directory")
+    assert [p.name for p in d.iterdir()] == ["holiday.jpg"] and (d / "holiday.jpg").read_bytes() == b"precious"
