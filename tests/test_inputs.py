@@ -126,3 +126,17 @@ def test_train_head_never_replaces_a_folder_it_did_not_make(world, tmp_path):  #
     one_line_error(run_cli("train-head", str(world / "s.h5"), "--out", str(d), "--params", str(ROOT / "params.yaml")),
                    "exists and is not a model directory")
     assert [p.name for p in d.iterdir()] == ["holiday.jpg"] and (d / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_evaluate_maps_a_store_with_fewer_classes_by_name(world, tmp_path, tiny_weights):  # noqa: F811
+    test = make_images(tmp_path / "two", per_class=3, seed=9)
+    for f in (test / "blue").iterdir():
+        f.unlink()
+    (test / "blue").rmdir()  # this store's classes are [green, red]: its label 0 is the model's 1
+    run_cli("extract", str(test), "--out", str(tmp_path / "two.h5"), "--backbone", TINY, "--weights", tiny_weights,
+            "--no-progress", check=True)
+    run_cli("evaluate", str(world / "model"), str(tmp_path / "two.h5"), "--out", str(tmp_path / "e"), check=True)
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    assert len(rows) == 6 and all(r["label"] == r["path"].split("/")[0] for r in rows)
+    per_class = json.loads((tmp_path / "e" / "metrics.json").read_text())["per_class"]
+    assert [per_class[c]["support"] for c in ("blue", "green", "red")] == [0, 3, 3]
