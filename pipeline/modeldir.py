@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from features.errors import UserError
+from features.images import sha256_file
 from pipeline.head import HeadNet
 
 FORMAT = 2
@@ -48,14 +49,6 @@ def is_model_dir(d: Path) -> bool:
     return d.is_dir() and all(f.name in MODEL_FILES for f in d.iterdir())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def card_digest(info: ModelInfo) -> bytes:
     """What head.pt must agree with: class names in order, backbones, head shape (its `card` buffer holds this)."""
     card = {"class_names": info.class_names, "backbones": info.backbones, "dim": info.dim, "hidden": list(info.hidden)}
@@ -72,7 +65,7 @@ def save_model_dir(d: Path, head: HeadNet, info: ModelInfo) -> None:
             "backbone_weights": info.backbone_weights,
             "head": {"dim": info.dim, "hidden": list(info.hidden), "n_classes": info.n_classes, "dropout": info.dropout},
             "temperature": info.temperature, "params": info.params, "stores": info.stores,
-            "image_root": info.image_root, "head_sha256": _sha256(d / "head.pt"),
+            "image_root": info.image_root, "head_sha256": sha256_file(d / "head.pt"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (d / "model.json").write_text(json.dumps(meta, indent=2))
 
@@ -129,7 +122,7 @@ def load_model_dir(model_dir: str | Path) -> tuple[HeadNet, ModelInfo]:
     info, want_sha = _parse_info(d / "model.json")
     pt = d / "head.pt"
     _need(pt.stat().st_size > 0, pt, "empty file (0 bytes)")
-    _need(_sha256(pt) == want_sha, pt, "does not belong with model.json (checksum differs)")
+    _need(sha256_file(pt) == want_sha, pt, "does not belong with model.json (checksum differs)")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
