@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import json
 import os
 import shutil
@@ -67,6 +68,12 @@ def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Pat
         raise UserError(f"--out {p}: cannot write in {parent} ({os.strerror(e.errno) if e.errno else e}); "
                         "choose a writable location") from None
     return p
+
+
+def holds_only(*patterns: str) -> Callable[[Path], bool]:
+    """`is_ours` for a folder output: it holds nothing but files the command writes (DVC may have removed some
+    of them already), so a folder of the user's is never replaced."""
+    return lambda d: d.is_dir() and all(any(fnmatch.fnmatch(f.name, p) for p in patterns) for f in d.iterdir())
 
 
 class OutputLock:

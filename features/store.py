@@ -24,7 +24,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from features.atomic import OutputLock, atomic_file
+from features.atomic import atomic_file
 from features.errors import UserError
 
 SCHEMA_VERSION = 2
@@ -35,10 +35,6 @@ REQUIRED = ("features", "labels", "paths", "sha256")
 
 def partial_dir(store: str | os.PathLike) -> Path:
     return Path(f"{store}.partial")
-
-
-def StoreLock(store: str | os.PathLike) -> OutputLock:  # noqa: N802 - reads like the class it returns
-    return OutputLock(store)
 
 
 def safe_text(s: str) -> str:

@@ -2,24 +2,17 @@
 predictions.csv and misclassified.csv (sorted by loss, worst first), written whole or not at all."""
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 
 import numpy as np
 
-from features.atomic import atomic_dir, check_output
+from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.head import HeadNet, head_logits, softmax
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.rows import open_rows
-
-
-def output_dir_of(*patterns: str):
-    """`is_ours` for check_output: a folder holding nothing but files this command writes (DVC may have removed
-    some of them already), so a folder of the user's is never replaced."""
-    return lambda d: d.is_dir() and all(any(fnmatch.fnmatch(f.name, p) for p in patterns) for f in d.iterdir())
 
 
 def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, str]:
@@ -44,7 +37,7 @@ def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]) -> tupl
 
 
 def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
-    out_dir = check_output(out, folder=True, is_ours=output_dir_of("metrics.json", "logits.npy", "confusion.csv",
+    out_dir = check_output(out, folder=True, is_ours=holds_only("metrics.json", "logits.npy", "confusion.csv",
                                                                    "predictions.csv", "misclassified.csv"),
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from features.atomic import holds_only
 from features.errors import UserError
 from features.images import sha256_file
 from pipeline.head import HeadNet
@@ -41,12 +42,8 @@ class ModelInfo:
         return len(self.class_names)
 
 
-MODEL_FILES = {"head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv", "confusion.csv"}
-
-
-def is_model_dir(d: Path) -> bool:
-    """A folder holding nothing but files train-head writes (DVC may have removed some): ours to replace."""
-    return d.is_dir() and all(f.name in MODEL_FILES for f in d.iterdir())
+is_model_dir = holds_only("head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv",
+                          "confusion.csv")  # a folder holding nothing else: ours to replace
 
 
 def card_digest(info: ModelInfo) -> bytes:

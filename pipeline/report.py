@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from features.atomic import atomic_dir, check_output
+from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from features.images import decode
-from pipeline.evaluate import output_dir_of, predict_stores
+from pipeline.evaluate import predict_stores
 from pipeline.head import softmax
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion
 from pipeline.modeldir import ModelInfo, load_model_dir
@@ -196,7 +196,7 @@ def _near_duplicate_section(info: ModelInfo, oof: Split) -> tuple[str, int | Non
 
 
 def check_report_out(out: str) -> Path:
-    return check_output(out, folder=True, is_ours=output_dir_of("index.html", "summary.json", "confusion*.png",
+    return check_output(out, folder=True, is_ours=holds_only("index.html", "summary.json", "confusion*.png",
                                                                           "confusion_*.csv", "reliability_*.png"), what="report folder")
 
 

@@ -10,7 +10,7 @@ import pytest
 from features.errors import UserError
 from features.extract import extract
 from features.atomic import OutputLock
-from features.store import StoreLock, partial_dir, read_store
+from features.store import partial_dir, read_store
 from tests.conftest import TINY
 
 
@@ -76,7 +76,7 @@ def test_other_backbone_refused_then_force(images, tmp_path, tiny_weights):
 
 def test_second_writer_fails_naming_pid(images, tmp_path, tiny_weights):
     out = tmp_path / "s.h5"
-    with StoreLock(out):
+    with OutputLock(out):
         with pytest.raises(UserError, match=rf"PID {os.getpid()}"):
             run(images, out, tiny_weights)
     OutputLock(out).path.write_text(json.dumps({"pid": 999999999, "host": os.uname().nodename}))  # dead holder
