@@ -97,9 +97,10 @@ def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParam
 
 
 def _stats(rows: Rows, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and robust scale (D,) over the rows in `mask`, one pass, blocks combined exactly (Chan et al.)."""
+    """Mean and robust scale (D,) over the rows in `mask` of a streamed store: one pass, blocks combined exactly
+    (Chan et al.)."""
     n, mean, m2 = 0, torch.zeros(rows.dim, dtype=torch.float64), torch.zeros(rows.dim, dtype=torch.float64)
-    for s, x in rows.blocks():
+    for s, x in rows.blocks(mask):
         xb = torch.from_numpy(x[mask[s:s + len(x)]])
         if not len(xb):
             continue
@@ -145,13 +146,17 @@ def fit_head(*, rows: Rows, train: np.ndarray, val: np.ndarray, n_classes: int, 
     rng = np.random.default_rng(random_state)
     gen = torch.Generator().manual_seed(random_state)
     y_all = torch.from_numpy(np.maximum(rows.labels, 0))  # (N,)
-    mean, scale = _stats(rows, train)
+    cached = None
+    if rows.in_memory:  # one copy of the training rows: stats from it, then standardised in place
+        idx = torch.from_numpy(np.flatnonzero(train))
+        xt = torch.from_numpy(rows.features[idx.numpy()])  # (T, D)
+        var, mean = torch.var_mean(xt, 0, correction=0)
+        scale = robust_scale(var.sqrt())
+        cached = xt.sub_(mean).div_(scale), y_all[idx]
+    else:
+        mean, scale = _stats(rows, train)
     xv = (torch.from_numpy(rows.take(val)) - mean) / scale if val.any() else None  # (V, D)
     yv = y_all[torch.from_numpy(np.flatnonzero(val))]
-    cached = None
-    if rows.in_memory:  # standardise the training rows once: the only copy of the features this fit makes
-        idx = np.flatnonzero(train)
-        cached = torch.from_numpy(rows.features[idx]).sub_(mean).div_(scale), y_all[torch.from_numpy(idx)]
     n_train = int(train.sum())
     bs = max(1, min(params.batch_size, n_train))
     # Validate once per epoch, or every VAL_EVERY steps when epochs are longer: on large data the best

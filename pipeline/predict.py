@@ -43,8 +43,8 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
             found, other = walk_images(path)
             if not found and not other:
                 raise UserError(f"{path}: folder holds no files; pass image files or folders of images")
-            for q in sorted(found + other):
-                if q in other:
+            for q, supported in sorted([(q, True) for q in found] + [(q, False) for q in other]):
+                if not supported:
                     errors[len(out)] = unsupported(q)
                 out.append(str(q))
         elif path.exists() or path.is_symlink():
