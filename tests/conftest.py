@@ -44,7 +44,7 @@ def images(tmp_path) -> Path:
     return make_images(tmp_path / "imgs")
 
 
-def params(**sections) -> "Params":
+def params(**sections):
     """The repo's params.yaml with some values replaced: params(head={"epochs": 20}, cv={"folds": 2})."""
     import dataclasses
     from pipeline.params import load_params

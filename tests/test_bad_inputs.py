@@ -66,8 +66,8 @@ EXPECT_EMBEDDED = ["png_named.jpg", "cmyk.jpg", "gray16.png", "palette_transpare
 
 def test_every_bad_input_is_embedded_or_recorded(tmp_path, tiny_weights):
     root = build_bad_folder(tmp_path / "bad")
-    s = extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights,
-                progress=False, workers=1)
+    extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+            workers=1)
     st = read_store(tmp_path / "s.h5")
     skipped = {p.rsplit("/", 1)[-1]: why for p, why in st.skipped}
     for name, why in EXPECT_SKIPPED.items():

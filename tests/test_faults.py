@@ -12,7 +12,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from features.atomic import OutputLock
 from features.errors import UserError
