@@ -2,6 +2,7 @@
 very same stored features (and, with several backbones, their fusion).
 
     python benchmarks/loso.py [--backbones efficientnet_lite0 fer_mini_xception] [--data ../shared/data/emoji-faces7]
+                              [--hidden 256 none]   (head variants: hidden sizes, comma-separated; none = linear)
 
 Writes a manifest (path,label,group=style), extracts one store per backbone (incremental, cached under
 out/bench/), then for each style trains on the others and reports macro-F1 on the held-out style.
@@ -43,34 +44,39 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/emoji-faces7"))
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"])
     ap.add_argument("--work", default="out/bench/loso")
+    ap.add_argument("--hidden", nargs="+", default=None, help="head variants, e.g. 256 none (default: params.yaml)")
     args = ap.parse_args()
     work = Path(args.work)
-    csv_path = manifest(Path(args.data), work / "faces7.csv")
+    csv_path = manifest(Path(args.data), work / f"{Path(args.data).name}.csv")
     params = load_params(str(Path(__file__).resolve().parents[1] / "params.yaml"))
+    variants = {"ours": params.head} if args.hidden is None else {
+        f"ours[{h if h != 'none' else ''}]": dataclasses.replace(
+            params.head, hidden=() if h == "none" else tuple(int(v) for v in h.split(","))) for h in args.hidden}
     sets = {b: [b] for b in args.backbones}
     if len(args.backbones) > 1:
         sets["+".join(args.backbones)] = list(args.backbones)
     for b in args.backbones:
-        extract(images=str(csv_path), out=str(work / f"{b}.h5"), backbone=b, allow_outside=True, progress=False)
-    print(f"{'features':40s} {'model':10s} mean  " + " ".join(f"{s:>10s}" for s in
-                                                               sorted(set(open_rows([str(work / f'{args.backbones[0]}.h5')]).groups))))
+        extract(images=str(csv_path), out=str(work / f"{Path(args.data).name}_{b}.h5"), backbone=b, allow_outside=True, progress=False)
+    print(f"{'features':40s} {'model':12s} mean  " + " ".join(f"{s:>10s}" for s in
+                                                               sorted(set(open_rows([str(work / f'{Path(args.data).name}_{args.backbones[0]}.h5')]).groups))))
     for name, bbs in sets.items():
-        data = open_rows([str(work / f"{b}.h5") for b in bbs])
+        data = open_rows([str(work / f"{Path(args.data).name}_{b}.h5") for b in bbs])
         groups = np.array(data.groups)
         styles = sorted(set(groups))
-        res = {"ours": [], "sklearn-LR": []}
+        res = {**{v: [] for v in variants}, "sklearn-LR": []}
         for s in styles:
             tr, te = groups != s, groups == s
             x, y = data.features, data.labels
-            fit, val = split_validation(labels=y, train=tr, params=params.head, random_state=0)
-            head = fit_head(rows=data, train=fit, val=val, n_classes=len(data.class_names), params=params.head,
-                            random_state=0)
-            res["ours"].append(f1_score(y[te], head_logits(head, data, te).argmax(1), average="macro"))
+            for v, hp in variants.items():
+                fit, val = split_validation(labels=y, train=tr, params=hp, random_state=0)
+                head = fit_head(rows=data, train=fit, val=val, n_classes=len(data.class_names), params=hp,
+                                random_state=0)
+                res[v].append(f1_score(y[te], head_logits(head, data, te).argmax(1), average="macro"))
             sc = StandardScaler().fit(x[tr])
             lr = LogisticRegression(max_iter=1000).fit(sc.transform(x[tr]), y[tr])
             res["sklearn-LR"].append(f1_score(y[te], lr.predict(sc.transform(x[te])), average="macro"))
         for model, f1s in res.items():
-            print(f"{name:40s} {model:10s} {np.mean(f1s):.3f} " + " ".join(f"{v:10.2f}" for v in f1s))
+            print(f"{name:40s} {model:12s} {np.mean(f1s):.3f} " + " ".join(f"{v:10.2f}" for v in f1s))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,24 @@ def train_head(
 
 
 @app.command()
+def sweep(
+    stores: Optional[List[str]] = typer.Argument(None, help="store(s) as for train-head (default: from params)"),
+    out: str = typer.Option(..., "--out", help="folder for sweep.csv and best/ (the best config's model directory)"),
+    grid: List[str] = typer.Option(..., "--grid", help="head.KEY=V1,V2,... (repeat for each key), e.g. "
+                                   "--grid head.lr=0.001,0.003 --grid 'head.hidden=[],[256]'"),
+    params: Optional[str] = typer.Option(None, help="params.yaml (default: ./params.yaml): the values not swept"),
+    intersect: bool = typer.Option(False, help="with several stores, use only the images they share"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Cross-validate every combination of head settings on the same folds in one process; rank by macro-F1."""
+    from pipeline.params import load_params
+    from pipeline.sweep import sweep as run
+    p = load_params(params)
+    run(stores=stores or p.stores(p.paths.train_stores), out=out, params=p, grid=grid, intersect=intersect,
+        progress=typer.echo, bar=progress)
+
+
+@app.command()
 def evaluate(model_dir: str = typer.Argument(...),
              stores: Optional[List[str]] = typer.Argument(None, help="labelled held-out store(s), one per backbone "
                                                           "(default: paths.test_stores/<backbone>.h5 from params)"),

@@ -6,7 +6,6 @@ straddles folds, and neither do identical images (same sha256), so near-copies n
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from features.errors import UserError
 
@@ -34,13 +33,27 @@ def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[s
     if n_keys < len(key):
         if k > n_keys:
             raise UserError(f"params: cv.folds={k} exceeds the {n_keys} groups of images; lower cv.folds")
+        from sklearn.model_selection import StratifiedGroupKFold  # a second of import: only when groups exist
+        sub = np.empty(len(y), dtype=np.int64)
         splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=random_state).split(y, y, key)
+        for j, (_, test) in enumerate(splits):
+            sub[test] = j
     else:
-        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=random_state).split(y, y)
-    sub = np.empty(len(y), dtype=np.int64)
-    for j, (_, test) in enumerate(splits):
-        sub[test] = j
+        sub = _stratified(y, k, random_state)
     fold[lab] = sub
+    return fold
+
+
+def _stratified(y: np.ndarray, k: int, random_state: int) -> np.ndarray:
+    """Stratified k-fold without groups: each class shuffled and dealt round-robin, the deal continuing from
+    class to class, so every class's count per fold differs by at most 1 and fold sizes by at most 1."""
+    rng = np.random.default_rng(random_state)
+    fold = np.empty(len(y), dtype=np.int64)
+    dealt = 0
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        fold[members] = (dealt + np.arange(len(members))) % k
+        dealt += len(members)
     return fold
 
 

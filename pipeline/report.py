@@ -64,13 +64,12 @@ def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
 
 def bootstrap_ci(y: np.ndarray, pred: np.ndarray, n_classes: int, *, n_boot: int = 1000,
                  random_state: int = 0) -> dict[str, tuple[float, float]]:
-    from sklearn.metrics import f1_score
     rng = np.random.default_rng(random_state)
     acc, f1 = [], []
     for _ in range(n_boot):
         i = rng.integers(0, len(y), len(y))
         acc.append((y[i] == pred[i]).mean())
-        f1.append(f1_score(y[i], pred[i], labels=range(n_classes), average="macro", zero_division=0))
+        f1.append(classification_metrics(y[i], pred[i], [str(c) for c in range(n_classes)])["macro_f1"])
     q = lambda v: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))  # noqa: E731
     return {"accuracy": q(acc), "macro_f1": q(f1)}
 

@@ -34,28 +34,57 @@ def _fit(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_v
                     random_state=random_state)
 
 
-def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
-    """The train stage: CV, calibration, final fit; writes head.pt, model.json, metrics.json, oof_logits.npy,
-    oof_predictions.csv and confusion.csv into `out`. Returns metrics.json's content."""
-    t0 = time.time()
-    out_dir = check_model_out(out)
-    rows = open_rows(stores, memory_budget_mb=params.cv.memory_budget_mb, intersect=intersect)
+def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None,
+                   on_fold=lambda: None) -> tuple[np.ndarray, list[dict]]:
+    """Out-of-fold logits (N, C) (rows of unlabelled images stay 0) and per-fold metrics for one head config."""
+    names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
-    if not lab.any():
-        raise UserError(f"{stores[0]}: no labelled images; extract from a folder with one sub-folder per class")
-    names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
-    fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=k, class_names=names,
-                        random_state=seed)
-    # Streamed stores: the early-stopping slice is held in memory, so it gets a quarter of the budget.
-    max_val = None if rows.in_memory else memory_budget(params.cv.memory_budget_mb) // (4 * 4 * rows.dim)
-    oof = np.zeros((len(rows), len(names)), dtype=np.float32)  # (N, C), rows of labelled images filled
+    oof = np.zeros((len(rows), len(names)), dtype=np.float32)
     per_fold = []
-    for j in range(k):
+    for j in range(int(fold.max()) + 1):
         head = _fit(rows, lab & (fold != j), params, seed + j, max_val)
         te = fold == j
         oof[te] = head_logits(head, rows, te)
         m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
         per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+        on_fold()
+    return oof, per_fold
+
+
+def prepare(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
+    """Rows, fold per row and the early-stopping slice's row cap (streamed stores) for `params.cv`."""
+    rows = open_rows(stores, memory_budget_mb=params.cv.memory_budget_mb, intersect=intersect)
+    if not (rows.labels >= 0).any():
+        raise UserError(f"{stores[0]}: no labelled images; extract from a folder with one sub-folder per class")
+    fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=params.cv.folds,
+                        class_names=rows.class_names, random_state=params.cv.seed)
+    # Streamed stores: the early-stopping slice is held in memory, so it gets a quarter of the budget.
+    max_val = None if rows.in_memory else memory_budget(params.cv.memory_budget_mb) // (4 * 4 * rows.dim)
+    return rows, fold, max_val
+
+
+def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
+    """The train stage: CV, calibration, final fit; writes head.pt, model.json, metrics.json, oof_logits.npy,
+    oof_predictions.csv and confusion.csv into `out`. Returns metrics.json's content."""
+    t0 = time.time()
+    out_dir = check_model_out(out)
+    rows, fold, max_val = prepare(stores, params, intersect)
+    oof, per_fold = cross_validate(rows, fold, params, max_val)
+    with atomic_dir(out_dir) as d:
+        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0)
+    c = metrics["cv"]
+    progress(f"{out}: {c['folds']}-fold CV on {metrics['n_images']} images: accuracy {c['accuracy_mean']:.3f} ± "
+             f"{c['accuracy_std']:.3f}, macro-F1 {c['macro_f1_mean']:.3f} ± {c['macro_f1_std']:.3f}; ECE "
+             f"{c['ece_before']:.3f} -> {c['ece_after']:.3f} (T={c['temperature']:.2f}) in {metrics['seconds']:.1f} s "
+             f"({metrics['mode']})")
+    return metrics
+
+
+def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], params: Params,
+           max_val: int | None, d: Path, t0: float) -> dict:
+    """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`."""
+    lab = rows.labels >= 0
+    names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
     final = _fit(rows, lab, params, seed, max_val)
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     temperature = fit_temperature(logits, y)
@@ -65,7 +94,6 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     overall = classification_metrics(y, pred, names)
     accs = np.array([f["accuracy"] for f in per_fold])
     f1s = np.array([f["macro_f1"] for f in per_fold])
-    mode = "in-memory" if rows.in_memory else "streamed"
     metrics = {
         "cv": {"folds": k, "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std()),
                "macro_f1_mean": float(f1s.mean()), "macro_f1_std": float(f1s.std()),
@@ -74,22 +102,18 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
                "ece_before": expected_calibration_error(probs_raw, y), "ece_after": expected_calibration_error(probs, y),
                "temperature": temperature, "per_fold": per_fold},
         "per_class": overall["per_class"],
-        "n_images": int(lab.sum()), "n_unlabelled": int((~lab).sum()), "mode": mode,
+        "n_images": int(lab.sum()), "n_unlabelled": int((~lab).sum()),
+        "mode": "in-memory" if rows.in_memory else "streamed",
         "seconds": round(time.time() - t0, 3),
     }
     info = ModelInfo(class_names=names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
                      hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout, temperature=temperature,
                      stores=rows.stores, image_root=rows.root, params=params.to_dict())
     paths = [p for p, m in zip(rows.paths, lab) if m]
-    with atomic_dir(out_dir) as d:
-        save_model_dir(d, final, info)
-        (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        np.save(d / "oof_logits.npy", logits)
-        write_predictions(d / "oof_predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
-                          class_names=names, extra={"fold": list(fold[lab])})
-        write_confusion(d / "confusion.csv", y, pred, names)
-    c = metrics["cv"]
-    progress(f"{out}: {k}-fold CV on {len(y)} images: accuracy {c['accuracy_mean']:.3f} ± {c['accuracy_std']:.3f}, "
-             f"macro-F1 {c['macro_f1_mean']:.3f} ± {c['macro_f1_std']:.3f}; ECE {c['ece_before']:.3f} -> "
-             f"{c['ece_after']:.3f} (T={temperature:.2f}) in {metrics['seconds']:.1f} s ({mode})")
+    save_model_dir(d, final, info)
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    np.save(d / "oof_logits.npy", logits)
+    write_predictions(d / "oof_predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
+                      class_names=names, extra={"fold": list(fold[lab])})
+    write_confusion(d / "confusion.csv", y, pred, names)
     return metrics

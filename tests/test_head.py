@@ -1,0 +1,106 @@
+"""The head's numerics against references: the linear head (hidden: []) is the logistic regression scikit-learn
+fits, streamed or not; our L-BFGS, Adam, temperature and metrics agree with their textbook / library versions."""
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from features.synthetic import synthetic_store
+from pipeline.head import _Adam, fit_head, fit_temperature, head_logits, lbfgs, softmax, split_validation
+from pipeline.metrics import classification_metrics
+from pipeline.rows import open_rows
+from pipeline.train import train_head
+from tests.conftest import params
+
+
+def test_linear_head_is_the_logistic_regression_sklearn_fits(tmp_path):
+    """No early-stopping slice, no class weights: our full-batch L-BFGS and scikit-learn's minimise the same
+    objective (mean cross-entropy + wd/2 |W|^2 = sklearn's with C = 1 / (wd N)), so the probabilities agree."""
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=1500, dim=40, classes=4, separation=0.3)])
+    p = params(head={"hidden": [], "epochs": 500, "class_weight": "none", "val_fraction": 0.0,
+                     "weight_decay": 0.01}).head
+    train = np.ones(len(rows), bool)
+    head = fit_head(rows=rows, train=train, val=~train, n_classes=4, params=p, random_state=0)
+    ours = softmax(head_logits(head, rows))
+    x = (rows.features - rows.features.mean(0)) / rows.features.std(0)
+    lr = LogisticRegression(C=1 / (0.01 * len(x)), tol=1e-8, max_iter=5000).fit(x, rows.labels)
+    assert np.abs(ours - lr.predict_proba(x)).max() < 2e-3
+
+
+def test_linear_head_streamed_equals_in_memory_and_beats_chance(tmp_path):
+    store = synthetic_store(tmp_path / "s.h5", n=6000, dim=48, classes=5, separation=0.2, groups=6)
+    head = {"hidden": [], "min_val_images": 100}
+    quiet = lambda s: None  # noqa: E731
+    mem, st = (train_head(stores=[store], out=str(tmp_path / name), progress=quiet,
+                          params=params(head=head, cv={"folds": 3, "memory_budget_mb": mb}))
+               for name, mb in (("mem", 1000), ("st", 1)))
+    assert mem["mode"] == "in-memory" and st["mode"] == "streamed"
+    assert abs(mem["cv"]["macro_f1_mean"] - st["cv"]["macro_f1_mean"]) < 0.01
+    assert mem["cv"]["macro_f1_mean"] > 0.6  # chance = 0.2
+
+
+def test_linear_head_early_stopping_keeps_the_best_validation_point(tmp_path):
+    """Few rows, many dimensions: training loss keeps falling while validation loss turns; the head returned
+    is no worse on the validation slice than the fully converged one."""
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=600, dim=300, classes=3, separation=0.15)])
+    train = np.ones(len(rows), bool)
+    base = {"hidden": [], "weight_decay": 0.0, "min_val_images": 50, "val_fraction": 0.25, "class_weight": "none"}
+    fit, val = split_validation(labels=rows.labels, train=train, params=params(head=base).head, random_state=0)
+    y = torch.from_numpy(rows.labels[val])
+
+    def val_loss(stop_on: np.ndarray, **head):
+        h = fit_head(rows=rows, train=fit, val=stop_on, n_classes=3, params=params(head={**base, **head}).head,
+                     random_state=0)
+        return float(torch.nn.functional.cross_entropy(torch.from_numpy(head_logits(h, rows, val)), y))
+
+    early, converged = val_loss(val), val_loss(np.zeros_like(val), epochs=1000)
+    assert early < converged - 0.05, (early, converged)
+
+
+def test_lbfgs_finds_the_minimum_of_rosenbrock():
+    def f(x):
+        x = x.double()
+        v = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        g = torch.stack([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
+        return float(v), g.float()
+
+    x = lbfgs(f, torch.tensor([-1.2, 1.0]), max_iter=500, gtol=1e-6, ftol=0.0)
+    assert torch.allclose(x, torch.tensor([1.0, 1.0]), atol=1e-3), x
+
+
+def test_our_adam_matches_torch_adam():
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    ours, ref = _Adam(a, lr=0.01, weight_decay=0.1), torch.optim.Adam(b, lr=0.01, weight_decay=0.1)
+    for step in range(20):
+        for ps, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            loss = (ps[0].sum(1) * ps[1].sin().sum() - step).pow(2).sum()
+            loss.backward()
+            opt.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t_true", [0.3, 1.0, 4.0])
+def test_temperature_recovers_a_planted_temperature(t_true):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(20000, 6)) * 3
+    p = softmax(z, t_true)
+    y = (p.cumsum(1) < rng.random((len(z), 1))).sum(1)  # a label drawn from each row's softmax(z / T)
+    assert abs(fit_temperature(z, y) / t_true - 1) < 0.05
+
+
+def test_metrics_equal_sklearns():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        c, n = int(rng.integers(2, 8)), int(rng.integers(1, 40))
+        y, pred = rng.integers(0, c, n), rng.integers(0, c, n)
+        m = classification_metrics(y, pred, [str(i) for i in range(c)])
+        assert m["macro_f1"] == pytest.approx(f1_score(y, pred, labels=range(c), average="macro", zero_division=0))
+        pr, rc, f, s = precision_recall_fscore_support(y, pred, labels=range(c), zero_division=0)
+        assert np.allclose([m["per_class"][str(i)]["precision"] for i in range(c)], pr)
+        assert np.allclose([m["per_class"][str(i)]["recall"] for i in range(c)], rc)
+        assert m["accuracy"] == pytest.approx((y == pred).mean())

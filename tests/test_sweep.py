@@ -1,0 +1,80 @@
+"""`imgsent sweep`: each config's CV numbers are exactly what train-head gives for it (same folds, same seeds),
+rows are ranked best first, best/ is a normal model directory, and bad grids are refused before any work."""
+import csv
+import json
+
+import pytest
+
+from features.synthetic import synthetic_store
+from pipeline.modeldir import load_model_dir
+from pipeline.train import train_head
+from tests.conftest import ROOT, params, run_cli
+
+
+@pytest.fixture
+def store(tmp_path):
+    return synthetic_store(tmp_path / "s.h5", n=1200, dim=24, classes=4, separation=0.25)
+
+
+def _params_file(tmp_path, text_replacements):
+    text = (ROOT / "params.yaml").read_text()
+    for a, b in text_replacements:
+        assert a in text
+        text = text.replace(a, b)
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_sweep_ranks_configs_exactly_as_train_head_scores_them(tmp_path, store):
+    pf = _params_file(tmp_path, [("epochs: 60", "epochs: 15"), ("min_val_images: 200", "min_val_images: 50")])
+    r = run_cli("sweep", store, "--out", str(tmp_path / "sw"), "--params", str(pf), "--no-progress",
+                "--grid", "head.hidden=[],[16]", "--grid", "head.lr=0.001,0.01", check=True)
+    assert "4 configs x 3 folds" in r.stdout and "/best" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [int(x["rank"]) for x in rows] == [1, 2, 3, 4]
+    f1 = [float(x["macro_f1_mean"]) for x in rows]
+    assert f1 == sorted(f1, reverse=True)
+    assert {(x["head.hidden"], x["head.lr"]) for x in rows} == {("[]", "0.001"), ("[]", "0.01"), ("[16]", "0.001"),
+                                                              ("[16]", "0.01")}
+    for x in rows:  # each config on its own through train-head: the same numbers
+        hidden = json.loads(x["head.hidden"])
+        m = train_head(stores=[store], out=str(tmp_path / f"m{x['rank']}"), progress=lambda s: None,
+                       params=params(head={"hidden": hidden, "lr": float(x["head.lr"]), "epochs": 15,
+                                           "min_val_images": 50}))
+        assert m["cv"]["macro_f1_mean"] == pytest.approx(float(x["macro_f1_mean"]), abs=1e-4)
+        assert m["cv"]["accuracy_std"] == pytest.approx(float(x["accuracy_std"]), abs=1e-4)
+    head, info = load_model_dir(tmp_path / "sw" / "best")  # best/ is a model directory predict etc. accept
+    best = json.loads((tmp_path / "sw" / "best" / "metrics.json").read_text())
+    assert best["cv"]["macro_f1_mean"] == pytest.approx(f1[0], abs=1e-4)
+    assert list(info.hidden) == json.loads(rows[0]["head.hidden"])
+    # a second sweep replaces its own folder
+    run_cli("sweep", store, "--out", str(tmp_path / "sw"), "--params", str(pf), "--no-progress",
+            "--grid", "head.dropout=0.1,0.2", check=True)
+    assert len(list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))) == 2
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["cv.folds=2,3"], "only head keys can be swept"),
+    (["head.nope=1,2"], "only head keys can be swept"),
+    (["head.lr"], "expected head.KEY=V1,V2"),
+    (["head.lr=fast"], "head.lr='fast': expected float"),
+    (["head.dropout=0.1,0.99"], "head.dropout=0.99: out of range"),
+    (["head.hidden=[0]"], "every size must be in"),
+    (["head.lr=0.1", "head.lr=0.2"], "given twice"),
+    ([f"head.{k}={','.join(str(i + 1) for i in range(11))}" for k in ("epochs", "patience", "min_val_images")],
+     "1331 combinations; at most 1000"),
+])
+def test_bad_grids_are_refused_before_any_work(tmp_path, store, grid, message):
+    args = [a for g in grid for a in ("--grid", g)]
+    r = run_cli("sweep", store, "--out", str(tmp_path / "sw"), "--params", str(ROOT / "params.yaml"), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "sw").exists()
+
+
+def test_sweep_never_replaces_a_users_folder(tmp_path, store):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep me")
+    r = run_cli("sweep", store, "--out", str(d), "--params", str(ROOT / "params.yaml"), "--grid", "head.lr=0.1")
+    assert r.returncode == 2 and "notes.txt" not in r.stdout and (d / "notes.txt").read_text() == "keep me"
