@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.backbones import load_backbone  # noqa: E402
-from features.embed import fast_model, iter_embeddings  # noqa: E402
+from features.embed import iter_embeddings  # noqa: E402
+from features.engine import forward_engine  # noqa: E402
 from features.extract import extract  # noqa: E402
 from features.sources import discover  # noqa: E402
 from pipeline.train import train_head  # noqa: E402
@@ -37,7 +38,7 @@ def main() -> None:
 
     # seed approach: one epoch = embed every image again + one pass of head updates
     bb = load_backbone("efficientnet_lite0")
-    model = fast_model(bb, "cpu", params.extract.batch_size)
+    model = forward_engine(bb, "cpu", params.extract.batch_size)
     head = HeadNet(bb.dim, params.head.hidden, len(src.class_names), params.head.dropout)
     opt = torch.optim.Adam(head.net.parameters(), lr=params.head.lr)
     t = time.time()

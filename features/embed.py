@@ -1,5 +1,6 @@
 """The batched forward pass shared by `extract` and `predict`: decode + resize in DataLoader workers (uint8),
-then the frozen backbone on CPU (TorchScript-frozen, channels_last) or CUDA (bf16 autocast).
+then the frozen backbone: onnxruntime or TorchScript-frozen channels_last on CPU, bf16 autocast on CUDA
+(features/engine.py).
 
     for idx, feats, errors in iter_embeddings(backbone, paths): ...   # feats (b, D) float32
 """
@@ -9,7 +10,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from features.backbones import Backbone, prepare
+from features.engine import forward_engine
 from features.errors import UserError
 from features.images import decode
 
@@ -58,30 +59,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def fast_model(backbone: Backbone, device: str, batch_size: int) -> torch.nn.Module:
-    """channels_last + TorchScript freeze (folds BatchNorm into convs): ~2x eager NCHW on CPU.
-    Falls back to the eager model for architectures that do not trace."""
-    model = backbone.embedder.to(device).to(memory_format=torch.channels_last)
-    c = 1 if backbone.pre.grayscale else 3
-    example = torch.zeros(batch_size, c, backbone.pre.size, backbone.pre.size, dtype=torch.uint8, device=device)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # jit is deprecated (FutureWarning) but still the fastest CPU path here
-            traced = torch.jit.freeze(torch.jit.trace(model, example.contiguous(memory_format=torch.channels_last),
-                                                      check_trace=False))
-            traced(example)  # let the profiling executor specialise once
-        return traced
-    except Exception:  # noqa: BLE001 - tracing is an optimisation only
-        return model
-
-
 def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 32, workers: int = 1,
                     device: str = "cpu", progress: bool = True, desc: str = "extract",
-                    model: torch.nn.Module | None = None) -> Iterator[tuple[list[int], np.ndarray, dict[int, str]]]:
-    """Yield (indices, features (b, D) float32, {index: error}) per batch; failed images have no row."""
+                    model=None, engine: str = "auto") -> Iterator[tuple[list[int], np.ndarray, dict[int, str]]]:
+    """Yield (indices, features (b, D) float32, {index: error}) per batch; failed images have no row.
+    `model`: a ready forward engine (features/engine.py); by default the fastest one for `device`."""
     if not paths:
         return
-    model = model or fast_model(backbone, device, batch_size)
+    model = model or forward_engine(backbone, device, batch_size, engine)
     cuda = device == "cuda"
     loader = DataLoader(_Images(paths, backbone), batch_size=batch_size, num_workers=workers,
                         worker_init_fn=_worker_init if workers else None, pin_memory=cuda,

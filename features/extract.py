@@ -1,8 +1,10 @@
 """Stage one: images -> frozen backbone -> HDF5 feature store, incremental by image content.
 
-    plan:  discover -> hash (sha256 of bytes) -> what the old store / committed chunks already hold
+    plan:  discover -> hash (sha256 of bytes; a file whose size, mtime and inode the store recorded is not read
+           again) -> what the old store / committed chunks already hold
     embed: decode + resize + forward in batches (features/embed.py), committing chunks as it goes
-    write: assemble every row into a new store, renamed over the old one
+    write: assemble every row into a new store, renamed over the old one; a store that would come out the same
+           is left alone (a no-op re-run reads no image and writes nothing)
 
 Killed at any point, a re-run of the same command resumes from the last committed chunk. Rows of the old
 store whose checksum fails are embedded again, never reused.
@@ -20,11 +22,13 @@ import numpy as np
 from features.atomic import OutputLock, check_output
 from features.backbones import Backbone, load_backbone
 from features.embed import iter_embeddings, resolve_device
+from features.engine import ENGINES
 from features.errors import UserError
 from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
 from features.sources import Source, discover
-from features.store import damaged_rows, describe_mismatch, is_store, read_store, store_fingerprint, write_store
+from features.store import (Store, damaged_rows, describe_mismatch, is_store, read_store, store_fingerprint,
+                            unchanged, write_store)
 
 
 class Interrupted(Exception):
@@ -43,12 +47,16 @@ class Summary:
     seconds: float = 0.0
     embed_seconds: float = 0.0  # decode + forward only
     rows: int = 0
+    hashed: int = 0  # files read to hash them (the others were unchanged since the last run)
+    unchanged: bool = False  # the store already held exactly this: not rewritten
 
     def line(self) -> str:
         rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.embed_seconds > 0 else ""
         dmg = f", {self.damaged} damaged rows re-embedded" if self.damaged else ""
+        same = "; store unchanged, not rewritten" if self.unchanged else ""
         return (f"{self.out}: {self.rows} images ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
-                f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}) in {self.seconds:.1f} s{rate}")
+                f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
+                f"{same}) in {self.seconds:.1f} s{rate}")
 
 
 @dataclass
@@ -57,7 +65,9 @@ class Plan:
     labels: list[int]
     paths: list[str]
     groups: list[str | None]
+    stats: list[tuple[int, int, int]]  # (size, mtime_ns, inode) of each row's file when hashed
     todo: dict[str, str]  # sha -> abspath of images to embed (first path wins for identical images)
+    racy: int = 0  # files re-hashed only because they were modified just before the last pass
 
 
 def shard_of(sha: str, num_shards: int) -> int:
@@ -77,13 +87,15 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             batch_size: int = 32, workers: int = 1, device: str = "auto", dtype: str = "float32",
             force: bool = False, classes: list[str] | None = None, allow_outside: bool = False,
             commit_every: int = 256, num_shards: int = 1, shard_index: int = 0, progress: bool = True,
-            stop_after: int | None = None) -> Summary:
+            stop_after: int | None = None, engine: str = "auto") -> Summary:
     """Bring the store at `out` up to date with `images`. Returns the summary (skips included)."""
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype {dtype}: expected float32 or float16")
     if batch_size < 1 or workers < 0 or commit_every < 1:
         raise UserError(f"--batch-size {batch_size} / --workers {workers} / --commit-every {commit_every}: "
                         "need batch-size >= 1, workers >= 0, commit-every >= 1")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if not 0 <= shard_index < num_shards:
         raise UserError(f"--shard-index {shard_index}: must be in 0..{num_shards - 1} for --num-shards {num_shards}")
     t0 = time.time()
@@ -94,13 +106,19 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     fp = bb.fingerprint
     with OutputLock(target):
         summary = Summary(out=str(target), skipped=list(source.problems))
-        where, old_paths = _reusable(target, fp, force, summary)
+        where, old = _reusable(target, fp, force, summary)
+        old_paths = old.paths if old is not None else []
+        known = {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, old.file_stats, old.sha256)
+                 } if old is not None and old.file_stats is not None else {}
         partial = Partial(target, fp, force=force)
         where.update(partial.where)
-        plan = _plan(source, where, partial, summary, num_shards, shard_index)
+        stat_time = time.time_ns()
+        plan = _plan(source, where, partial, summary, num_shards, shard_index, known,
+                     old.stat_time_ns if known else 0)
         t_embed = time.time()
         _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
-                          dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after)
+                          dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
+                          engine=engine)
         summary.embed_seconds = time.time() - t_embed if plan.todo else 0.0
         keep = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
         summary.skipped += [(plan.paths[i], partial.failed[plan.shas[i]]) for i in range(len(plan.shas))
@@ -112,39 +130,48 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
         if num_shards > 1:
             attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
-        write_store(target, blocks=gather_blocks(shas, where, bb.dim), dim=bb.dim, dtype=dtype,
-                    labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
+        rows = dict(dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
                     paths=[plan.paths[i] for i in keep], sha256=shas, groups=[plan.groups[i] for i in keep],
                     class_names=source.class_names, fingerprint=fp, root=source.root,
-                    skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs)
+                    skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs,
+                    file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
+        summary.unchanged = (old is not None and not summary.extracted and not summary.damaged and not plan.racy
+                             and unchanged(target, **rows))
+        if not summary.unchanged:
+            write_store(target, blocks=gather_blocks(shas, where, bb.dim), dim=bb.dim, stat_time_ns=stat_time, **rows)
         partial.discard()
     summary.rows = len(keep)
     summary.seconds = time.time() - t0
     return summary
 
 
-def _reusable(target: Path, fp: dict, force: bool, summary: Summary) -> tuple[Where, list[str]]:
-    """Rows of the existing store at `target` that may be reused (same backbone, checksum intact)."""
+def _reusable(target: Path, fp: dict, force: bool, summary: Summary) -> tuple[Where, Store | None]:
+    """Rows of the existing store at `target` that may be reused (same backbone, checksum intact), and its
+    metadata (None when there is nothing to reuse)."""
     old_fp = store_fingerprint(target)
     if old_fp is not None and old_fp != fp and not force:
         raise UserError(f"{target} was made with another backbone ({describe_mismatch(fp, old_fp)}); "
                         f"use another --out, the same backbone, or --force to rebuild it")
     if old_fp != fp:
-        return {}, []
+        return {}, None
     try:
         old = read_store(target, features=False)
     except UserError:
-        return {}, []  # damaged beyond its features (metadata): rebuilt from the images
+        return {}, None  # damaged beyond its features (metadata): rebuilt from the images
     bad = damaged_rows(target)
     summary.damaged = int(bad.sum())
-    return {sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, old.paths
+    return {sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, old
 
 
-def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_shards: int, shard_index: int) -> Plan:
-    plan = Plan([], [], [], [], {})
+def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_shards: int, shard_index: int,
+          known: dict, stat_time_ns: int) -> Plan:
+    plan = Plan([], [], [], [], [], {})
     first_label: dict[str, tuple[str, str | None]] = {}
     index = {c: i for i, c in enumerate(source.class_names)}
-    for item, (sha, err) in zip(source.items, hash_items(source.items)):
+    for item, (sha, err, stat, how) in zip(source.items, hash_items(source.items, known=known,
+                                                                    stat_time_ns=stat_time_ns)):
+        summary.hashed += how in ("hashed", "racy")
+        plan.racy += how == "racy"
         if err:
             summary.skipped.append((item.path, err))
             continue
@@ -158,6 +185,7 @@ def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_
         plan.labels.append(index[item.label] if item.label is not None else -1)
         plan.paths.append(item.path)
         plan.groups.append(item.group)
+        plan.stats.append(stat)
         if sha not in where and sha not in partial.failed:
             plan.todo.setdefault(sha, item.abspath)
     summary.reused = sum(1 for s in plan.shas if s in where)
@@ -166,7 +194,7 @@ def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_
 
 def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summary: Summary, *, batch_size: int,
                       workers: int, device: str, dtype: str, commit_every: int, progress: bool,
-                      stop_after: int | None) -> None:
+                      stop_after: int | None, engine: str) -> None:
     """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted."""
     shas, paths = list(todo), list(todo.values())
     stop = {"signal": None}
@@ -187,7 +215,7 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
 
     try:
         for idx, feats, errors in iter_embeddings(bb, paths, batch_size=batch_size, workers=workers, device=device,
-                                                  progress=progress):
+                                                  progress=progress, engine=engine):
             buf_sha.extend(shas[i] for i in idx)
             buf_feat.append(feats)
             buf_fail.update({shas[i]: e for i, e in errors.items()})

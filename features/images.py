@@ -32,19 +32,36 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _hash_one(item: Item) -> tuple[str | None, str | None]:
+Stat = tuple[int, int, int]  # (size, mtime_ns, inode) of a file when it was hashed
+RACY_NS = 2_000_000_000  # a file modified this close to the hashing pass may change again within one mtime tick
+
+
+def _hash_one(item: Item, known: dict[str, tuple[Stat, str]], trusted_before_ns: int
+              ) -> tuple[str | None, str | None, Stat | None, str]:
     try:
-        if os.path.getsize(item.abspath) == 0:
-            return None, "empty file (0 bytes)"
-        return sha256_file(item.abspath), None
+        st = os.stat(item.abspath)
+        stat = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if st.st_size == 0:
+            return None, "empty file (0 bytes)", None, "error"
+        hit = known.get(item.path)
+        if hit is not None and hit[0] == stat:
+            if stat[1] < trusted_before_ns:
+                return hit[1], None, stat, "cached"  # unchanged since it was hashed: not read again
+            return sha256_file(item.abspath), None, stat, "racy"
+        return sha256_file(item.abspath), None, stat, "hashed"
     except OSError as e:  # missing, permission denied, symlink loop, a folder named like an image...
-        return None, f"cannot read: {e.strerror or e}"
+        return None, f"cannot read: {e.strerror or e}", None, "error"
 
 
-def hash_items(items: list[Item], *, threads: int = 4) -> list[tuple[str | None, str | None]]:
-    """(sha256, None) or (None, reason) per item, in order. hashlib releases the GIL, so threads help."""
+def hash_items(items: list[Item], *, known: dict[str, tuple[Stat, str]] | None = None, stat_time_ns: int = 0,
+               threads: int = 4) -> list[tuple[str | None, str | None, Stat | None, str]]:
+    """(sha256, None, stat, how) or (None, reason, None, "error") per item, in order; how = hashed | cached | racy. hashlib releases the GIL, so threads
+    help. `known` maps a stored path to the (stat, sha256) recorded by the pass that started at `stat_time_ns`:
+    a file whose size, mtime and inode are unchanged is not read again, unless it was modified within RACY_NS
+    before that pass (file systems stamp mtimes in ticks of several ms; git's "racy clean" problem)."""
+    known = known or {}
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(_hash_one, items, chunksize=64))
+        return list(pool.map(lambda it: _hash_one(it, known, stat_time_ns - RACY_NS), items, chunksize=64))
 
 
 # --------------------------------------------------------------------------- decoding

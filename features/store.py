@@ -63,6 +63,8 @@ class Store:
     weights_path: str | None = None  # local --weights file, if any: predict needs it to rebuild the backbone
     dim: int = 0
     schema_version: int = SCHEMA_VERSION
+    file_stats: np.ndarray | None = None  # (N, 3) int64 size, mtime_ns, inode when hashed (extract's cache)
+    stat_time_ns: int = 0  # when that hashing pass started
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -159,11 +161,18 @@ def _read(f: h5py.File, p: Path, features: bool) -> Store:
         if not np.isfinite(feats).all():
             bad = int(np.flatnonzero(~np.isfinite(feats).all(1))[0])
             raise _damaged(p, f"non-finite features, first at row {bad}")
+    stats = None
+    if "file_stat" in f and f["file_stat"].shape == (n, 3):
+        try:
+            stats = f["file_stat"][:].astype(np.int64)
+        except OSError:  # fails its checksum: only a cache, extract hashes every file again
+            stats = None
     return Store(path=str(p), features=feats, labels=labels, paths=paths, sha256=sha, groups=groups,
                  class_names=class_names, fingerprint=fingerprint, root=str(f.attrs.get("root", "")),
                  skipped=_records(f, "skipped"), conflicts=_records(f, "conflict"),
                  shard=json.loads(f.attrs["shard"]) if "shard" in f.attrs else None,
-                 weights_path=str(f.attrs.get("weights_path", "")) or None, dim=d, schema_version=version)
+                 weights_path=str(f.attrs.get("weights_path", "")) or None, dim=d, schema_version=version,
+                 file_stats=stats, stat_time_ns=int(f.attrs.get("stat_time_ns", 0)) if stats is not None else 0)
 
 
 def damaged_rows(path: str | os.PathLike) -> np.ndarray:
@@ -204,12 +213,42 @@ def describe_mismatch(want: dict, have: dict) -> str:
     return "identical"
 
 
+def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: list[str], sha256: list[str],
+              groups: list[str | None] | None, class_names: list[str], fingerprint: dict, root: str = "",
+              skipped: list[tuple[str, str]] = (), conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
+              file_stats: np.ndarray | None = None) -> bool:
+    """Does the complete store at `out` already hold what write_store would write from these arguments and its
+    own feature rows? Then extract leaves it alone: same bytes, same mtime, nothing for DVC to re-hash."""
+    labels = np.asarray(labels, dtype=np.int64)
+    paths = [safe_text(p) for p in paths]
+    grp = [g or "" for g in groups] if groups is not None and any(g is not None for g in groups) else None
+    try:
+        with h5py.File(out, "r") as f:
+            ds = f["features"]
+            fp = {**fingerprint, "dim": ds.shape[1]}
+            same = (int(f.attrs.get("complete", 0)) == 1 and int(f.attrs.get("schema_version", 0)) == SCHEMA_VERSION
+                    and ds.dtype == np.dtype(dtype) and ds.shape[0] == len(paths)
+                    and f.attrs.get("meta_sha256") == meta_digest(labels, paths, list(sha256), grp, class_names, fp)
+                    and json.loads(f.attrs["fingerprint"]) == fp and str(f.attrs.get("root", "")) == root
+                    and _records(f, "skipped") == [(safe_text(p), r) for p, r in skipped]
+                    and _records(f, "conflict") == [(safe_text(p), r) for p, r in conflicts]
+                    and all(k in f.attrs and f.attrs[k] == v for k, v in (attrs or {}).items())
+                    and ("shard" in f.attrs) == ("shard" in (attrs or {})))
+            if same and file_stats is not None:
+                same = "file_stat" in f and np.array_equal(f["file_stat"][:], np.asarray(file_stats).reshape(-1, 3))
+            return bool(same)
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
+
+
 def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: int, dtype: str, labels: np.ndarray,
                 paths: list[str], sha256: list[str], groups: list[str | None] | None, class_names: list[str],
                 fingerprint: dict, root: str = "", skipped: list[tuple[str, str]] = (),
-                conflicts: list[tuple[str, str]] = (), attrs: dict | None = None) -> None:
+                conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
+                file_stats: np.ndarray | None = None, stat_time_ns: int = 0) -> None:
     """The one writer of the schema. `blocks` yields feature rows (b, D) in row order, so memory stays O(block);
-    the file is built under a temp name and renamed into place when complete."""
+    the file is built under a temp name and renamed into place when complete. `file_stats` (N, 3): the size,
+    mtime_ns and inode of each row's file when the pass starting at `stat_time_ns` hashed it."""
     n = len(paths)
     labels = np.asarray(labels, dtype=np.int64)
     paths = [safe_text(p) for p in paths]
@@ -224,6 +263,9 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
         f.create_dataset("sha256", data=np.array(sha256, dtype="S64"), **ck)
         if grp is not None:
             f.create_dataset("groups", data=grp, dtype=STR)
+        if file_stats is not None:
+            f.create_dataset("file_stat", data=np.asarray(file_stats, np.int64).reshape(n, 3), **ck)
+            f.attrs["stat_time_ns"] = int(stat_time_ns)
         for name, recs in (("skipped", skipped), ("conflict", conflicts)):
             f.create_dataset(f"{name}_paths", data=[safe_text(p) for p, _ in recs], dtype=STR)
             f.create_dataset(f"{name}_reasons", data=[r for _, r in recs], dtype=STR)

@@ -38,6 +38,8 @@ def extract(
     shard_index: Optional[int] = typer.Option(None, help="which shard this process extracts (0..K-1)"),
     commit_every: int = typer.Option(256, help="images per durable commit (resume granularity)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    engine: str = typer.Option("auto", help="CPU forward engine: auto (onnxruntime when its features match "
+                               "torch's, else torch) | onnx | torch"),
 ) -> None:
     """Embed every image once with a frozen backbone into an HDF5 store (incremental, resumable)."""
     from features.extract import Interrupted
@@ -49,7 +51,7 @@ def extract(
     rank, world = torchrun_rank()
     kw = dict(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
               device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
-              allow_outside=allow_outside, commit_every=commit_every, progress=progress)
+              allow_outside=allow_outside, commit_every=commit_every, progress=progress, engine=engine)
     try:
         if num_shards is None and world > 1:
             s = extract_distributed(rank=rank, world=world, echo=typer.echo, **kw)
@@ -153,16 +155,19 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
             out: str = typer.Option("predictions.csv", "--out"),
             min_confidence: float = typer.Option(0.0, help="below this calibrated confidence the label is 'unsure'"),
             device: str = typer.Option("auto"), batch_size: int = typer.Option(32), workers: int = typer.Option(0),
-            progress: bool = typer.Option(True, help="show a progress bar")) -> None:
+            progress: bool = typer.Option(True, help="show a progress bar"),
+            engine: str = typer.Option("auto", help="CPU forward engine: auto | onnx | torch (as extract)")) -> None:
     """Classify images; writes path,predicted,confidence,p_<class>...,error."""
     from pipeline.predict import check_prediction_out, load_model, write_prediction_csv
     if batch_size < 1 or workers < 0:
         _fail(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1 and workers >= 0")
     if not 0.0 <= min_confidence <= 1.0:
         _fail(f"--min-confidence {min_confidence}: must be within [0, 1]")
+    if engine not in ("auto", "onnx", "torch"):
+        _fail(f"--engine {engine}: expected one of auto, onnx, torch")
     check_prediction_out(out)
     pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size,
-                                                        workers=workers, progress=progress)
+                                                        workers=workers, progress=progress, engine=engine)
     write_prediction_csv(out, pred)
     bad = sum(1 for e in pred.errors if e)
     rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""

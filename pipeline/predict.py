@@ -15,6 +15,7 @@ import torch
 from features.atomic import OutputLock, atomic_file, check_output
 from features.backbones import Backbone, load_backbone
 from features.embed import iter_embeddings, resolve_device
+from features.engine import ENGINES
 from features.errors import UserError
 from features.sources import unsupported, walk_images
 from features.store import describe_mismatch, safe_text
@@ -82,13 +83,14 @@ class Predictor:
         return self._backbones
 
     def embed(self, paths: list[str], *, batch_size: int = 32, workers: int = 0,
-              progress: bool = False) -> tuple[np.ndarray, list[str]]:
+              progress: bool = False, engine: str = "auto") -> tuple[np.ndarray, list[str]]:
         """Features (N, sum D) with NaN rows for images that failed, and the error per image."""
         blocks, errors = [], [""] * len(paths)
         for bb in self.backbones:
             block = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
             for idx, feats, errs in iter_embeddings(bb, paths, batch_size=batch_size, workers=workers,
-                                                    device=self.device, progress=progress, desc=bb.name):
+                                                    device=self.device, progress=progress, desc=bb.name,
+                                                    engine=engine):
                 block[idx] = feats
                 for i, e in errs.items():
                     errors[i] = errors[i] or e
@@ -101,15 +103,18 @@ class Predictor:
             return self.head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
-                workers: int = 0, progress: bool = False) -> Predictions:
+                workers: int = 0, progress: bool = False, engine: str = "auto") -> Predictions:
         if batch_size < 1 or workers < 0:
             raise UserError(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1, workers >= 0")
         if not 0.0 <= min_confidence <= 1.0:
             raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
+        if engine not in ENGINES:
+            raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
         t0 = time.time()
         paths, type_errors = expand_paths(list(inputs))
         todo = [i for i in range(len(paths)) if i not in type_errors]
-        feats, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers, progress=progress)
+        feats, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers, progress=progress,
+                                 engine=engine)
         errors = [type_errors.get(i, "") for i in range(len(paths))]
         probs = np.full((len(paths), len(self.class_names)), np.nan, dtype=np.float32)
         ok = [i for i, e in zip(todo, errs) if not e]

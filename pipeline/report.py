@@ -3,14 +3,16 @@ confusion.png, reliability.png and the CSVs DVC plots read. The same page from a
 store paths and the image root come from model.json, absolute; a section that cannot be built says why.
 
 Sections: headline metrics with bootstrap 95% CIs, per-class table, confusion matrix (counts and
-row-normalised), most-confused pairs, misclassified gallery sorted by loss, likeliest label errors,
-near-duplicates that fell into different CV folds. Built from the out-of-fold predictions of the training
-store and, when a test store is given, from the model's predictions on it.
+row-normalised), most-confused pairs, misclassified gallery sorted by loss; then, for the training data,
+suspected label errors with a suggested label (label_issues.csv), near-duplicates that fell into different CV
+folds, a learning curve (learning_curve.csv) and a 2-D map of the features (embedding_2d.csv). Built from the
+out-of-fold predictions of the training store and, when a test store is given, from the model's predictions.
 """
 from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -26,7 +28,9 @@ from pipeline.evaluate import predict_stores
 from pipeline.head import softmax
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion
 from pipeline.modeldir import ModelInfo, load_model_dir
-from pipeline.plots import plot_confusion, plot_reliability
+from pipeline.insight import embedding_2d, label_issues, learning_curve, near_duplicates
+from pipeline.params import parse_params
+from pipeline.plots import plot_confusion, plot_embedding, plot_learning_curve, plot_reliability
 from pipeline.rows import open_rows
 
 
@@ -88,25 +92,6 @@ def _thumb(root: str, path: str, size: int = 96) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(b.getvalue()).decode()
 
 
-def near_duplicates(features: np.ndarray, fold: np.ndarray, paths: list[str], *, threshold: float = 0.97,
-                    max_queries: int = 20000, random_state: int = 0, top: int = 30) -> list[tuple[str, str, float]]:
-    """Pairs in different folds whose stored features have cosine >= threshold: they inflate CV scores."""
-    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # (N, D)
-    q = np.arange(len(x))
-    if len(q) > max_queries:  # N^2 D gets slow; sample the queries, never the candidates
-        q = np.sort(np.random.default_rng(random_state).choice(len(x), max_queries, replace=False))
-    found: dict[tuple[int, int], float] = {}
-    for i0 in range(0, len(q), 1024):
-        qi = q[i0:i0 + 1024]
-        sim = x[qi] @ x.T  # (b, N)
-        sim[fold[qi][:, None] == fold[None, :]] = -1  # only pairs across folds
-        for a, b in zip(*np.nonzero(sim >= threshold)):
-            i, j = sorted((int(qi[a]), int(b)))
-            found[(i, j)] = float(sim[a, b])
-    pairs = sorted(found.items(), key=lambda kv: -kv[1])[:top]
-    return [(paths[i], paths[j], s) for (i, j), s in pairs]
-
-
 def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int) -> tuple[str, dict]:
     e = html.escape
     pred = split.probs.argmax(1)
@@ -142,12 +127,6 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
     for i in wrong:
         parts.append(_card(split, names, i, pred[i], p_true[i]))
     parts.append("</div>")
-    suspects = np.flatnonzero((split.probs.max(1) >= 0.5) & (pred != split.y))
-    suspects = suspects[np.argsort(p_true[suspects])][:24]
-    parts.append("<h3>Likeliest label errors</h3><p>Lowest p(true) while the model is confident in another "
-                 "class: check these labels first.</p><div class=gallery>")
-    parts += [_card(split, names, i, pred[i], p_true[i]) for i in suspects]
-    parts.append("</div>")
     summary = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": ci["accuracy"],
                "macro_f1_ci95": ci["macro_f1"], "n": m["n"], "misclassified": int((pred != split.y).sum())}
     return "\n".join(parts), summary
@@ -169,34 +148,106 @@ padding:4px}figure img{width:96px;height:96px;object-fit:contain;display:block;m
 code{word-break:break-all}.missing{height:96px;background:#eee}.note{color:#8a5a00}"""
 
 
-def _near_duplicate_section(info: ModelInfo, oof: Split) -> tuple[str, int | None]:
-    """Near-duplicates across folds on the model's own (fused) features, or a note saying why not."""
-    e = html.escape
-    title = "<h3>Near-duplicates in different folds</h3>"
+def _training_rows(info: ModelInfo, oof: Split):
+    """The training store's rows and the row of each out-of-fold prediction, or (None, None, why not)."""
     try:
         rows = open_rows(info.stores, expect=info.backbones, intersect=True)
     except UserError as err:
-        return f"{title}<p class=note>Skipped: the training store cannot be read ({e(str(err))}).</p>", None
+        return None, None, f"the training store cannot be read ({err})"
     if not rows.in_memory:
-        return (f"{title}<p class=note>Skipped: the training features exceed the memory budget; this check needs "
-                "them in memory.</p>"), None
+        return None, None, "the training features exceed the memory budget; these checks need them in memory"
     idx = {p: i for i, p in enumerate(rows.paths)}
     at = [idx.get(p) for p in oof.paths]
-    if any(i is None for i in at):
-        return (f"{title}<p class=note>Skipped: the training store no longer holds every image the model was "
-                "trained on (re-extracted since?); re-run train-head.</p>"), None
-    dups = near_duplicates(rows.features[at], oof.fold, oof.paths)
-    if not dups:
-        return f"{title}<p>None found (cosine &ge; 0.97).</p>", 0
+    if any(i is None for i in at) or rows.class_names != info.class_names:
+        return None, None, ("the training store no longer holds the images and classes the model was trained on "
+                            "(re-extracted since?); re-run train-head")
+    return rows, np.array(at), ""
+
+
+def _label_issue_section(oof: Split, names: list[str], d: Path, gallery: int) -> tuple[str, np.ndarray]:
+    idx, suggested, score = label_issues(labels=oof.y, probs=oof.probs)
+    with open(d / "label_issues.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "suggested", "score"])
+        w.writerows([oof.paths[i], names[oof.y[i]], names[s], f"{p:.6f}"] for i, s, p in zip(idx, suggested, score))
+    parts = [f"<h3>Suspected label errors ({len(idx)})</h3><p>Confident learning (cleanlab) on the out-of-fold "
+             "probabilities: images whose label disagrees with what the model learnt from all the others, worst "
+             "first, with the label it suggests. Check these first; all of them are in <code>label_issues.csv"
+             "</code>.</p><div class=gallery id=label-issues>"]
+    for i, s, p in list(zip(idx, suggested, score))[:gallery]:
+        parts.append(_card(oof, names, i, int(s), float(p)).replace("<br>pred", "<br>suggested", 1))
+    return "\n".join(parts + ["</div>"]), idx
+
+
+def _near_duplicate_section(rows, at, oof: Split) -> tuple[str, int, list[tuple[int, int]]]:
+    e = html.escape
+    title = "<h3>Near-duplicates in different folds</h3>"
+    found = near_duplicates(rows.features[at], oof.fold)
+    if not found:
+        return f"{title}<p>None found (cosine &ge; 0.97).</p>", 0, []
     return (f"{title}<p>Pairs of images whose features have cosine similarity &ge; 0.97 but that sat on both sides "
             "of a CV split: they inflate CV scores. Put them in one <code>group</code> in the manifest.</p>"
-            "<ol id=near-duplicates>" + "".join(f"<li><code>{e(a)}</code> ~ <code>{e(b)}</code> ({s:.3f})</li>"
-                                              for a, b, s in dups) + "</ol>"), len(dups)
+            "<ol id=near-duplicates>" + "".join(f"<li><code>{e(oof.paths[i])}</code> ~ <code>{e(oof.paths[j])}"
+                                              f"</code> ({s:.3f})</li>" for i, j, s in found) + "</ol>",
+            len(found), [(i, j) for i, j, _ in found])
+
+
+def _learning_curve_section(rows, at, oof: Split, info: ModelInfo, d: Path) -> tuple[str, list[dict]]:
+    fold = np.full(len(rows), -1)
+    fold[at] = oof.fold
+    labels = np.full(len(rows), -1)
+    labels[at] = oof.y  # only the images the model was trained on
+    points = learning_curve(rows=dataclasses.replace(rows, labels=labels), fold=fold,
+                            params=parse_params(info.params, "model.json params"), max_val=None)
+    with open(d / "learning_curve.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["per_class", "macro_f1", "lo", "hi"])
+        w.writerows([p["per_class"], f"{p['macro_f1']:.4f}", f"{p['lo']:.4f}", f"{p['hi']:.4f}"] for p in points)
+    plot_learning_curve(points, d / "learning_curve.png")
+    gain = points[-1]["macro_f1"] - points[-2]["macro_f1"] if len(points) > 1 else 0.0
+    verdict = ("still rising: more labelled images per class should help" if gain > 0.02 else
+               "flat at the end: more images of the same kind will help little; look at the label errors and "
+               "the most-confused pairs instead")
+    return ("<h3>Learning curve</h3><p>Macro-F1 under the same cross-validation with every class cut to at most "
+            f"N training images (95% interval over folds). From the last step to all images: {gain:+.3f}, "
+            f"{verdict}.</p><img class=plot alt='learning curve' src='learning_curve.png'>"), points
+
+
+def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarray, pairs, d: Path) -> str:
+    xy = embedding_2d(rows.features[at])
+    pred = oof.probs.argmax(1)
+    flagged = np.zeros(len(at), bool)
+    flagged[issues] = True
+    with open(d / "embedding_2d.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "x", "y", "label", "predicted", "label_issue"])
+        w.writerows([p, f"{a:.5f}", f"{b:.5f}", names[t], names[q], int(g)]
+                    for p, (a, b), t, q, g in zip(oof.paths, xy, oof.y, pred, flagged))
+    plot_embedding(xy, oof.y, names, pred != oof.y, issues, pairs, d / "embedding.png")
+    return ("<h3>Map of the training features</h3><p>The first two principal components of the standardised "
+            "features (embedding_2d.csv): colour = label, x = misclassified out of fold, ring = suspected label "
+            "error, grey line = near-duplicates split across folds. Classes that overlap here are the ones the "
+            "head confuses.</p><img class=plot alt='embedding map' src='embedding.png'>")
+
+
+def _insight_sections(info: ModelInfo, oof: Split, names: list[str], d: Path, gallery: int) -> tuple[list[str], dict]:
+    body, issues = _label_issue_section(oof, names, d, gallery)
+    sections, result = [body], {"label_issues": int(len(issues))}
+    rows, at, why = _training_rows(info, oof)
+    if rows is None:
+        return sections + [f"<h3>Near-duplicates, learning curve, feature map</h3><p class=note>Skipped: "
+                           f"{html.escape(why)}.</p>"], result
+    body, result["near_duplicates_across_folds"], pairs = _near_duplicate_section(rows, at, oof)
+    sections.append(body)
+    body, result["learning_curve"] = _learning_curve_section(rows, at, oof, info, d)
+    sections += [body, _embedding_section(rows, at, oof, names, issues, pairs, d)]
+    return sections, result
 
 
 def check_report_out(out: str) -> Path:
-    return check_output(out, folder=True, is_ours=holds_only("index.html", "summary.json", "confusion*.png",
-                                                                          "confusion_*.csv", "reliability_*.png"), what="report folder")
+    return check_output(out, folder=True, is_ours=holds_only(
+        "index.html", "summary.json", "confusion*.png", "confusion_*.csv", "reliability_*.png", "label_issues.csv",
+        "learning_curve.*", "embedding_2d.csv", "embedding.png"), what="report folder")
 
 
 def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = None, gallery: int = 60,
@@ -212,12 +263,10 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
     if test_stores:
         paths, y, logits, troot = predict_stores(head=head, info=info, stores=test_stores)
         test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot)
-    dup_html, n_dups = _near_duplicate_section(info, oof)
     with atomic_dir(out_dir) as d:
         body, summary = _section(oof, names, d, "cv", gallery)
-        sections, result = [body, dup_html], {"cv": summary}
-        if n_dups is not None:
-            result["near_duplicates_across_folds"] = n_dups
+        extra, found = _insight_sections(info, oof, names, d, gallery)
+        sections, result = [body, *extra], {"cv": summary, **found}
         if test is not None:
             body, result["test"] = _section(test, names, d, "test", gallery)
             sections.append(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+# the onnxruntime engine's export cache: one per test session, never the user's ~/.cache (subprocesses inherit it)
+os.environ["IMGSENT_CACHE"] = tempfile.mkdtemp(prefix="imgsent-test-cache-")
 TINY = "test_efficientnet"  # timm's tiny test architecture; weights are built here, never fetched
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}

@@ -56,6 +56,12 @@ def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
     for i in across:
         assert f"blue/blue_{i:02d}.png" in listed.group(1) and f"blue/near_{i:02d}.png" in listed.group(1)
     assert res["near_duplicates_across_folds"] >= len(across)
+    # the insight outputs: label issues, learning curve, feature map, each a CSV beside the page
+    assert next(csv.reader(open(out / "label_issues.csv"))) == ["path", "label", "suggested", "score"]
+    curve = list(csv.DictReader(open(out / "learning_curve.csv")))
+    assert [int(r["per_class"]) for r in curve] == sorted(int(r["per_class"]) for r in curve) and len(curve) >= 2
+    emb = list(csv.DictReader(open(out / "embedding_2d.csv")))
+    assert sorted(r["path"] for r in emb) == sorted(fold) and "learning_curve.png" in page and "embedding.png" in page
 
 
 def test_report_says_when_a_section_is_skipped(trained):

@@ -1,0 +1,143 @@
+"""The forward engine for extract and predict. On CPU: the frozen backbone exported once to ONNX and run by
+onnxruntime (1.36x torch channels_last + jit.freeze on Lite0 here, benchmarks/extract_throughput.py), cached
+per backbone fingerprint, accepted only if its features match torch fp32 (min cosine >= 0.9999 on a parity
+batch), so the engine is not part of the store fingerprint. Torch (channels_last + jit.freeze) on CUDA, when
+onnxruntime or onnxscript is missing, or when export or parity fails.
+
+    model = forward_engine(backbone, device, batch_size, engine="auto")   # model(x uint8 (B, C, S, S)) -> (B, D)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from features.atomic import atomic_file
+from features.backbones import Backbone
+from features.errors import UserError
+
+PARITY_MIN_COS = 0.9999
+ENGINES = ("auto", "onnx", "torch")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IMGSENT_CACHE") or Path.home() / ".cache" / "imgsent") / "onnx"
+
+
+class OrtEmbedder:
+    """onnxruntime session with the torch module's call surface: uint8 (B, C, S, S) -> float32 (B, D)."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, session, path: Path):
+        self.session, self.path = session, path
+        self.input = session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.contiguous().cpu().numpy()})[0])
+
+
+def _export(backbone: Backbone, dst: Path) -> None:
+    from torch.export import Dim
+    c = 1 if backbone.pre.grayscale else 3
+    example = torch.zeros(2, c, backbone.pre.size, backbone.pre.size, dtype=torch.uint8)
+    with atomic_file(dst) as tmp, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.onnx narrates every step
+        torch.onnx.export(backbone.embedder.cpu().eval(), (example,), str(tmp), dynamo=True, input_names=["pixels"],
+                          output_names=["features"], external_data=False, dynamic_shapes=({0: Dim("batch")},))
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # no busy-waiting between runs: spinning intra-op threads would take the cores from the decode workers
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _parity(backbone: Backbone, model: OrtEmbedder) -> float:
+    """Min cosine between torch fp32 and onnxruntime features on 4 fixed pseudo-random images."""
+    c = 1 if backbone.pre.grayscale else 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, c, backbone.pre.size, backbone.pre.size), dtype=torch.uint8, generator=g)
+    with torch.inference_mode():
+        ref = backbone.embedder.cpu()(x).float()
+    got = model(x).float()
+    return float(torch.nn.functional.cosine_similarity(ref, got, dim=1).min())
+
+
+def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
+    """The cached onnxruntime engine for `backbone`, or None where it cannot be had (missing packages, export
+    failure, parity below PARITY_MIN_COS)."""
+    try:
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
+    except ImportError:
+        return None
+    key = hashlib.sha256(json.dumps([backbone.fingerprint, torch.__version__, ort.__version__],
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', backbone.name)}-{key}.onnx"
+    for attempt in (0, 1):  # a cached file that fails to load or to match is exported again, once
+        try:
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _export(backbone, path)
+            model = OrtEmbedder(_session(path), path)
+            if _parity(backbone, model) >= PARITY_MIN_COS:
+                return model
+        except (UserError, OSError):  # an unwritable cache folder, a full disk
+            return None
+        except Exception:  # noqa: BLE001 - an export or runtime failure: try afresh, then fall back to torch
+            pass
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return None
+
+
+def torch_model(backbone: Backbone, device: str, batch_size: int) -> torch.nn.Module:
+    """channels_last + TorchScript freeze (folds BatchNorm into convs): ~2x eager NCHW on CPU.
+    Falls back to the eager model for architectures that do not trace."""
+    model = backbone.embedder.to(device).to(memory_format=torch.channels_last)
+    c = 1 if backbone.pre.grayscale else 3
+    example = torch.zeros(batch_size, c, backbone.pre.size, backbone.pre.size, dtype=torch.uint8, device=device)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit is deprecated (FutureWarning) but still the fastest torch CPU path
+            traced = torch.jit.freeze(torch.jit.trace(model, example.contiguous(memory_format=torch.channels_last),
+                                                      check_trace=False))
+            traced(example)  # let the profiling executor specialise once
+        return traced
+    except Exception:  # noqa: BLE001 - tracing is an optimisation only
+        return model
+
+
+def forward_engine(backbone: Backbone, device: str, batch_size: int, engine: str = "auto"):
+    """The fastest engine that gives torch fp32's features: `auto` = onnxruntime on CPU when it passes parity,
+    else torch; `onnx` refuses to fall back silently; `torch` never tries onnxruntime."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if engine != "torch" and device == "cpu":
+        model = onnx_embedder(backbone)
+        if model is not None:
+            return model
+        if engine == "onnx":
+            raise UserError(f"--engine onnx: onnxruntime cannot run {backbone.name} with torch's features here "
+                            "(missing onnxruntime/onnxscript, export failed, or parity < 0.9999); use --engine auto")
+    elif engine == "onnx":
+        raise UserError("--engine onnx runs on CPU only; use --device cpu or --engine auto")
+    return torch_model(backbone, device, batch_size)
+
+
+def engine_name(model) -> str:
+    return getattr(model, "engine", "torch")

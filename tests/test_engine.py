@@ -1,0 +1,60 @@
+"""The onnxruntime forward engine: same features as torch fp32 on real images, exported once and cached, a
+damaged cache rebuilt, and a clear refusal (or a silent fall back under `auto`) when parity fails."""
+import numpy as np
+import pytest
+import torch
+
+import features.engine as engine
+from features.backbones import load_backbone
+from features.embed import iter_embeddings
+from features.errors import UserError
+from features.extract import extract
+from features.store import read_store
+from tests.conftest import TINY
+
+
+@pytest.fixture
+def tiny(tiny_weights):
+    return load_backbone(TINY, weights=tiny_weights)
+
+
+def test_onnxruntime_gives_torchs_features_and_is_cached(tiny, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSENT_CACHE", str(tmp_path / "cache"))
+    m = engine.forward_engine(tiny, "cpu", 8)
+    assert engine.engine_name(m) == "onnxruntime" and m.path.parent == tmp_path / "cache" / "onnx"
+    stamp = m.path.stat().st_mtime_ns
+    paths = sorted(str(p) for p in images.rglob("*.*"))
+    got = {name: np.concatenate([f for _, f, _ in iter_embeddings(tiny, paths, workers=0, progress=False,
+                                                                  engine=name)]) for name in ("onnx", "torch")}
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(got["onnx"]), torch.from_numpy(got["torch"]))
+    assert float(cos.min()) >= 0.9999
+    assert engine.forward_engine(tiny, "cpu", 8).path.stat().st_mtime_ns == stamp  # reused, not exported again
+
+
+def test_a_damaged_cache_file_is_rebuilt(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSENT_CACHE", str(tmp_path / "cache"))
+    path = engine.forward_engine(tiny, "cpu", 8).path
+    path.write_bytes(b"not an onnx model")
+    m = engine.forward_engine(tiny, "cpu", 8)
+    assert engine.engine_name(m) == "onnxruntime" and m.path.stat().st_size > 1000
+
+
+def test_parity_failure_falls_back_under_auto_and_is_refused_under_onnx(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSENT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "PARITY_MIN_COS", 1.5)  # nothing can match
+    assert engine.engine_name(engine.forward_engine(tiny, "cpu", 8)) == "torch"
+    with pytest.raises(UserError, match="--engine onnx: onnxruntime cannot run"):
+        engine.forward_engine(tiny, "cpu", 8, engine="onnx")
+    with pytest.raises(UserError, match="--engine fast: expected one of auto, onnx, torch"):
+        engine.forward_engine(tiny, "cpu", 8, engine="fast")
+
+
+def test_stores_from_either_engine_agree(images, tmp_path, tiny_weights):
+    stores = {}
+    for name in ("onnx", "torch"):
+        extract(images=str(images), out=str(tmp_path / f"{name}.h5"), backbone=TINY, weights=tiny_weights,
+                progress=False, workers=0, engine=name)
+        stores[name] = read_store(tmp_path / f"{name}.h5")
+    a, b = (torch.from_numpy(stores[n].features) for n in ("onnx", "torch"))
+    assert stores["onnx"].fingerprint == stores["torch"].fingerprint  # the engine is not part of the fingerprint
+    assert float(torch.nn.functional.cosine_similarity(a, b).min()) >= 0.9999

@@ -1,0 +1,78 @@
+"""What to do next: planted label errors are found with their true class suggested (real emoji, real backbone),
+the learning curve rises with more images on separable data, the feature map and its CSV line up."""
+import csv
+
+import numpy as np
+import pytest
+
+from features.synthetic import synthetic_store
+from pipeline.insight import embedding_2d, label_issues, learning_curve
+from pipeline.rows import open_rows
+from pipeline.train import prepare, train_head
+from tests.conftest import ROOT, params
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "emoji-faces7").is_dir(), reason="needs ../shared/data")
+def test_planted_label_errors_are_found_with_their_true_class(tmp_path):
+    """5 happy emoji moved into 'sad' (seeded random picks, any style); CV grouped by style as the demo does.
+    Measured here: all 5 are flagged (51 of 245 images are; by chance all 5 would be 0.04%), 3 of 5 with 'happy'
+    suggested; the two in the line-art style, which the model mistakes for 'angry' out of fold, get 'angry'.
+    The issue's bar (4 of 5 in the top 10 with the true class) is not reached with these features: BENCHMARKS.md."""
+    from features.extract import extract
+    from pipeline.report import build_report
+    rows = [(str(p), p.parent.name, style.name) for style in sorted((SHARED / "emoji-faces7").iterdir())
+            if style.is_dir() for p in sorted(style.glob("*/*.png"))]
+    happy = [i for i, r in enumerate(rows) if r[1] == "happy"]
+    planted = set(np.random.default_rng(0).choice(happy, 5, replace=False).tolist())
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        w.writerows((p, "sad" if i in planted else lab, g) for i, (p, lab, g) in enumerate(rows))
+    extract(images=str(tmp_path / "m.csv"), out=str(tmp_path / "s.h5"), allow_outside=True, progress=False)
+    train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / "model"), params=params(cv={"folds": 5}),
+               progress=lambda s: None)
+    build_report(model_dir=str(tmp_path / "model"), out=str(tmp_path / "report"), progress=lambda s: None)
+    issues = list(csv.DictReader(open(tmp_path / "report" / "label_issues.csv")))
+    flagged = {r["path"]: r for r in issues}
+    assert len(issues) < len(rows) / 3 and all(rows[i][0] in flagged for i in planted), len(issues)
+    assert sum(flagged[rows[i][0]]["suggested"] == "happy" for i in planted) >= 3
+    assert all(flagged[rows[i][0]]["label"] == "sad" for i in planted)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Suspected label errors" in page and "learning_curve.png" in page and "embedding.png" in page
+
+
+def test_label_issues_rank_flipped_labels_first():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    probs = np.full((300, 3), 0.05)
+    probs[np.arange(300), y] = 0.9  # a confident, correct model...
+    flipped = rng.choice(300, 6, replace=False)
+    given = y.copy()
+    given[flipped] = (y[flipped] + 1) % 3  # ...and 6 labels that disagree with it
+    idx, suggested, score = label_issues(labels=given, probs=probs)
+    assert set(idx[:6]) == set(flipped) and (suggested[:6] == y[idx[:6]]).all() and (score[:6] < 0.1).all()
+
+
+def test_learning_curve_rises_and_ends_at_the_full_cv(tmp_path):
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=3000, dim=32, classes=3, separation=0.25)])
+    p = params(cv={"folds": 3}, head={"hidden": [], "min_val_images": 50})
+    _, fold, _ = prepare([str(tmp_path / "s.h5")], p, False)
+    points = learning_curve(rows=rows, fold=fold, params=p, max_val=None)
+    assert [q["per_class"] for q in points][:-1] == [2, 5, 10, 20, 50, 100, 200, 500]
+    assert points[-1]["all"] and 600 < points[-1]["per_class"] < 720  # ~2/3 of ~1000 per class train per fold
+    assert points[0]["macro_f1"] < points[-1]["macro_f1"] - 0.15  # 2 images a class << 1000
+    assert all(q["lo"] <= q["macro_f1"] <= q["hi"] for q in points)
+    full = train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / "m"), params=p, progress=lambda s: None)
+    assert points[-1]["macro_f1"] == pytest.approx(full["cv"]["macro_f1_mean"], abs=1e-6)
+
+
+def test_embedding_separates_what_the_features_separate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(size=(400, 50)) + y[:, None] * 3.0
+    xy = embedding_2d(x)
+    assert xy.shape == (400, 2)
+    assert abs(xy[y == 0, 0].mean() - xy[y == 1, 0].mean()) > 3 * xy[:, 0].std() / 2

@@ -1,0 +1,95 @@
+"""Re-runs cost what changed: a file whose size, mtime and inode the store recorded is not read again, and a
+store that would come out the same is not rewritten; any real change is still seen."""
+import hashlib
+import os
+import time
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from features.extract import extract
+from features.store import read_store
+from tests.conftest import TINY
+
+PAST = time.time() - 3600  # well before any hashing pass: not "racy"
+
+
+def run(images, out, w):
+    return extract(images=str(images), out=str(out), backbone=TINY, weights=w, progress=False, workers=0)
+
+
+def age(folder):
+    for p in folder.rglob("*.*"):
+        os.utime(p, (PAST, PAST))
+
+
+def digest(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns
+
+
+def test_a_no_op_rerun_reads_no_image_and_leaves_the_store_alone(images, tmp_path, tiny_weights):
+    age(images)
+    out = tmp_path / "s.h5"
+    first = run(images, out, tiny_weights)
+    assert first.hashed == 24 and first.extracted == 24 and not first.unchanged
+    before = digest(out)
+    again = run(images, out, tiny_weights)
+    assert again.hashed == 0 and again.extracted == 0 and again.unchanged and again.rows == 24
+    assert digest(out) == before  # same bytes, same mtime
+    assert "0 files hashed; store unchanged, not rewritten" in again.line()
+
+
+def test_every_kind_of_change_is_still_seen(images, tmp_path, tiny_weights):
+    age(images)
+    out = tmp_path / "s.h5"
+    run(images, out, tiny_weights)
+    files = sorted(images.rglob("*.*"))
+    # 1. new content, size and mtime forged back to the recorded ones: the inode differs (written and renamed)
+    a = files[0]
+    st = a.stat()
+    tmp = a.with_name("new.tmp")
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp, format="PNG")
+    with open(tmp, "r+b") as f:  # pad or cut to the old size (a PNG decoder ignores trailing bytes)
+        data = f.read()
+        f.seek(0), f.truncate(), f.write((data + b"\0" * st.st_size)[:max(st.st_size, len(data))])
+    os.replace(tmp, a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # 2. same file, only touched: hashed again, same sha256, nothing embedded
+    b = files[1]
+    os.utime(b, (PAST + 10, PAST + 10))
+    # 3. a new image
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(files[2].parent / "extra.png")
+    os.utime(files[2].parent / "extra.png", (PAST, PAST))
+    s = run(images, out, tiny_weights)
+    assert s.hashed == 3 and s.extracted == 2 and not s.unchanged and s.rows == 25
+    store = read_store(out, features=False)
+    i = store.paths.index(str(a.relative_to(images)))
+    assert store.sha256[i] == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert run(images, out, tiny_weights).hashed == 0  # and now it is recorded
+
+
+def test_files_modified_just_before_a_pass_are_hashed_once_more(images, tmp_path, tiny_weights):
+    """mtimes come in ticks of several ms: a file written in the same tick as it was hashed can change without
+    its stat changing, so the next run re-hashes files modified < 2 s before the pass (git's racy-clean rule)."""
+    out = tmp_path / "s.h5"
+    now = time.time() - 1.0
+    for p in images.rglob("*.*"):  # modified 1 s before the first pass
+        os.utime(p, (now, now))
+    run(images, out, tiny_weights)
+    time.sleep(1.2)  # the second pass starts > 2 s after the modification (a slower machine only waits longer)
+    second = run(images, out, tiny_weights)
+    assert second.hashed == 24 and second.extracted == 0 and not second.unchanged  # rewritten with a later pass time
+    third = run(images, out, tiny_weights)
+    assert third.hashed == 0 and third.unchanged
+
+
+def test_a_damaged_stat_cache_only_costs_hashing(images, tmp_path, tiny_weights):
+    age(images)
+    out = tmp_path / "s.h5"
+    run(images, out, tiny_weights)
+    with h5py.File(out, "r+") as f:  # rewrite the cache with wrong stats: nothing matches any more
+        f["file_stat"][:] = np.zeros_like(f["file_stat"][:])
+    s = run(images, out, tiny_weights)
+    assert s.hashed == 24 and s.extracted == 0 and s.rows == 24
+    assert run(images, out, tiny_weights).hashed == 0
