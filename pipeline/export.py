@@ -81,7 +81,8 @@ def export(*, model_dir: str, fmt: str, out: str) -> Path:
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError:
-            raise UserError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'imgsent[export]'") from None
+            raise UserError("--format onnx needs onnx and onnxscript (imgsent's dependencies): reinstall imgsent, "
+                            "e.g. pip install -e .") from None
     model, meta, backbones = build_exported(model_dir)
     with OutputLock(dst), atomic_file(dst) as tmp:
         if fmt == "torchscript":
