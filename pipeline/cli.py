@@ -156,22 +156,29 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
             min_confidence: float = typer.Option(0.0, help="below this calibrated confidence the label is 'unsure'"),
             device: str = typer.Option("auto"), batch_size: int = typer.Option(32), workers: int = typer.Option(0),
             progress: bool = typer.Option(True, help="show a progress bar"),
-            engine: str = typer.Option("auto", help="CPU forward engine: auto | onnx | torch (as extract)")) -> None:
-    """Classify images; writes path,predicted,confidence,p_<class>...,error."""
+            engine: str = typer.Option("auto", help="CPU forward engine: auto | onnx | torch (as extract)"),
+            ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "
+                                               "than this quantile of the training images themselves (1 = never)")) -> None:
+    """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,error."""
     from pipeline.predict import check_prediction_out, load_model, write_prediction_csv
     if batch_size < 1 or workers < 0:
         _fail(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1 and workers >= 0")
     if not 0.0 <= min_confidence <= 1.0:
         _fail(f"--min-confidence {min_confidence}: must be within [0, 1]")
+    if not 0.0 < ood_quantile <= 1.0:
+        _fail(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
     if engine not in ("auto", "onnx", "torch"):
         _fail(f"--engine {engine}: expected one of auto, onnx, torch")
     check_prediction_out(out)
     pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size,
-                                                        workers=workers, progress=progress, engine=engine)
+                                                        workers=workers, progress=progress, engine=engine,
+                                                        ood_quantile=ood_quantile)
     write_prediction_csv(out, pred)
     bad = sum(1 for e in pred.errors if e)
     rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""
-    typer.echo(f"{out}: {len(pred.paths)} images, {bad} unreadable in {pred.seconds:.1f} s{rate}")
+    far = "" if pred.ood_scores is None else \
+        f", {int((pred.ood_scores > pred.ood_threshold).sum())} unlike the training images (labelled unsure)"
+    typer.echo(f"{out}: {len(pred.paths)} images, {bad} unreadable{far} in {pred.seconds:.1f} s{rate}")
 
 
 def main() -> None:

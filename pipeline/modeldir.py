@@ -36,6 +36,7 @@ class ModelInfo:
     stores: list[str]  # absolute paths of the training stores
     image_root: str  # where the training images' relative paths start
     params: dict
+    ood: dict | None = None  # ood.npz's record (k, n_ref, sha256); None for models made before it existed
 
     @property
     def n_classes(self) -> int:
@@ -43,7 +44,7 @@ class ModelInfo:
 
 
 is_model_dir = holds_only("head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv",
-                          "confusion.csv")  # a folder holding nothing else: ours to replace
+                          "confusion.csv", "ood.npz")  # a folder holding nothing else: ours to replace
 
 
 def card_digest(info: ModelInfo) -> bytes:
@@ -62,7 +63,7 @@ def save_model_dir(d: Path, head: HeadNet, info: ModelInfo) -> None:
             "backbone_weights": info.backbone_weights,
             "head": {"dim": info.dim, "hidden": list(info.hidden), "n_classes": info.n_classes, "dropout": info.dropout},
             "temperature": info.temperature, "params": info.params, "stores": info.stores,
-            "image_root": info.image_root, "head_sha256": sha256_file(d / "head.pt"),
+            "image_root": info.image_root, "head_sha256": sha256_file(d / "head.pt"), "ood": info.ood,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (d / "model.json").write_text(json.dumps(meta, indent=2))
 
@@ -105,9 +106,12 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     _need(isinstance(weights, list) and len(weights) == len(bbs), f, "backbone_weights must match backbones")
     stores = meta["stores"]
     _need(isinstance(stores, list) and all(isinstance(s, str) for s in stores), f, "stores must be a list of paths")
+    ood = meta.get("ood")
+    _need(ood is None or isinstance(ood, dict) and isinstance(ood.get("sha256"), str), f,
+          "ood must be null or a record with the sha256 of ood.npz")
     info = ModelInfo(class_names=names, backbones=bbs, backbone_weights=weights, hidden=tuple(h["hidden"]),
                      dim=h["dim"], dropout=float(h["dropout"]), temperature=float(t), stores=stores,
-                     image_root=str(meta.get("image_root", "")), params=meta.get("params") or {})
+                     image_root=str(meta.get("image_root", "")), params=meta.get("params") or {}, ood=ood)
     return info, str(meta["head_sha256"])
 
 

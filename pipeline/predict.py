@@ -21,16 +21,19 @@ from features.sources import unsupported, walk_images
 from features.store import describe_mismatch, safe_text
 from pipeline.head import HeadNet
 from pipeline.modeldir import ModelInfo, load_model_dir
+from pipeline.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
 
 
 @dataclass
 class Predictions:
     paths: list[str]
-    labels: list[str]  # predicted label; "" where the image failed, "unsure" below min_confidence
-    probs: np.ndarray  # (N, C) calibrated; NaN rows where the image failed
+    labels: list[str]  # predicted label; "" where the image failed, "unsure" below min_confidence or out of
+    probs: np.ndarray  # (N, C) calibrated; NaN rows where the image failed             distribution
     errors: list[str]  # "" when fine
     class_names: list[str]
     seconds: float = 0.0
+    ood_scores: np.ndarray | None = None  # (N,) k-NN distance to the training images (pipeline/ood.py); NaN on
+    ood_threshold: float | None = None  # failures; None for a model directory without ood.npz
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
@@ -68,6 +71,7 @@ class Predictor:
         self.class_names: list[str] = self.info.class_names
         self.device = resolve_device(device)
         self._backbones: list[Backbone] | None = None
+        self.ood = load_ood(self.dir, self.info.ood, self.info.dim) if self.info.ood else None  # (ref, loo)
 
     @property
     def backbones(self) -> list[Backbone]:
@@ -103,11 +107,14 @@ class Predictor:
             return self.head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
-                workers: int = 0, progress: bool = False, engine: str = "auto") -> Predictions:
+                workers: int = 0, progress: bool = False, engine: str = "auto",
+                ood_quantile: float = DEFAULT_QUANTILE) -> Predictions:
         if batch_size < 1 or workers < 0:
             raise UserError(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1, workers >= 0")
         if not 0.0 <= min_confidence <= 1.0:
             raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
+        if not 0.0 < ood_quantile <= 1.0:
+            raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
         if engine not in ENGINES:
             raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
         t0 = time.time()
@@ -120,17 +127,25 @@ class Predictor:
         ok = [i for i, e in zip(todo, errs) if not e]
         for i, e in zip(todo, errs):
             errors[i] = e
+        scores, thr = np.full(len(paths), np.nan, dtype=np.float32), None
         if ok:
-            probs[ok] = self.predict_features(feats[[j for j, e in enumerate(errs) if not e]])
+            good = feats[[j for j, e in enumerate(errs) if not e]]  # (n, D)
+            probs[ok] = self.predict_features(good)
+            if self.ood is not None:
+                ref, loo = self.ood
+                scores[ok] = knn_distance(normalise(good, self.head.mean.numpy(), self.head.scale.numpy()), ref)
+        if self.ood is not None:
+            thr = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else float("inf")
         labels = []
         for i in range(len(paths)):
             if errors[i]:
                 labels.append("")
-            elif probs[i].max() < min_confidence:
+            elif probs[i].max() < min_confidence or (thr is not None and scores[i] > thr):
                 labels.append("unsure")
             else:
                 labels.append(self.class_names[int(probs[i].argmax())])
-        return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0)
+        return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
+                           scores if self.ood is not None else None, thr)
 
 
 def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:
@@ -150,12 +165,15 @@ def check_prediction_out(out: str | Path) -> Path:
 
 
 def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
-    """path,predicted,confidence,p_<class>...,error: one row per input, failures included; whole or not at all."""
+    """path,predicted,confidence,ood_score,p_<class>...,error: one row per input, failures included; whole or not
+    at all. ood_score is empty for a model directory made before the out-of-distribution check existed."""
+    scores = pred.ood_scores if pred.ood_scores is not None else np.full(len(pred.paths), np.nan)
     with OutputLock(out), atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["path", "predicted", "confidence", *[f"p_{c}" for c in pred.class_names], "error"])
-        for p, lab, pr, err in zip(pred.paths, pred.labels, pred.probs, pred.errors):
+        w.writerow(["path", "predicted", "confidence", "ood_score", *[f"p_{c}" for c in pred.class_names], "error"])
+        for p, lab, pr, err, sc in zip(pred.paths, pred.labels, pred.probs, pred.errors, scores):
             if err:
-                w.writerow([safe_text(p), "", "", *[""] * len(pred.class_names), err])
+                w.writerow([safe_text(p), "", "", "", *[""] * len(pred.class_names), err])
             else:
-                w.writerow([safe_text(p), lab, f"{pr.max():.6f}", *[f"{q:.6f}" for q in pr], ""])
+                w.writerow([safe_text(p), lab, f"{pr.max():.6f}", "" if np.isnan(sc) else f"{sc:.6f}",
+                            *[f"{q:.6f}" for q in pr], ""])

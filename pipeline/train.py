@@ -19,6 +19,7 @@ from pipeline.folds import assign_folds
 from pipeline.head import fit_head, fit_temperature, head_logits, softmax, split_validation
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
+from pipeline.ood import fit_ood, reference_rows, save_ood
 from pipeline.params import Params
 from pipeline.rows import Rows, memory_budget, open_rows
 
@@ -89,6 +90,8 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     temperature = fit_temperature(logits, y)
     final.temperature.fill_(temperature)
+    ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean.numpy(), final.scale.numpy())
+    ood = save_ood(d, ref, loo)
     probs_raw, probs = softmax(logits), softmax(logits, temperature)
     pred = probs.argmax(1)
     overall = classification_metrics(y, pred, names)
@@ -108,7 +111,7 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     }
     info = ModelInfo(class_names=names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
                      hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout, temperature=temperature,
-                     stores=rows.stores, image_root=rows.root, params=params.to_dict())
+                     stores=rows.stores, image_root=rows.root, params=params.to_dict(), ood=ood)
     paths = [p for p, m in zip(rows.paths, lab) if m]
     save_model_dir(d, final, info)
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))

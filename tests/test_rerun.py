@@ -93,3 +93,21 @@ def test_a_damaged_stat_cache_only_costs_hashing(images, tmp_path, tiny_weights)
     s = run(images, out, tiny_weights)
     assert s.hashed == 24 and s.extracted == 0 and s.rows == 24
     assert run(images, out, tiny_weights).hashed == 0
+
+
+def test_a_no_op_rerun_never_builds_the_network(images, tmp_path, tiny_weights, monkeypatch):
+    import features.extract as ex
+    age(images)
+    out = tmp_path / "s.h5"
+    run(images, out, tiny_weights)
+    real = ex.load_backbone
+    calls = []
+    monkeypatch.setattr(ex, "load_backbone", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert run(images, out, tiny_weights).unchanged and calls == []  # the store's fingerprint, weights unchanged
+    Image.new("RGB", (40, 40), (9, 9, 200)).save(images / "blue" / "more.png")
+    s = run(images, out, tiny_weights)
+    assert s.extracted == 1 and calls == [1]  # something to embed: built once, and its fingerprint checked
+    os.utime(tiny_weights)  # the weights file changed (its mtime): never trust the cached fingerprint
+    calls.clear()
+    run(images, out, tiny_weights)
+    assert calls == [1]

@@ -1,0 +1,86 @@
+"""Is an image like anything the head was trained on? Temperature scaling calibrates confidence on images like
+the training ones only: a photo of a city can get 'happy' at 0.999. The out-of-distribution score is the k-NN
+cosine distance, in the head's standardised feature space, to a reference sample of the training images:
+
+    score(x) = 1 - mean of the K largest cosines between std(x) and the reference rows      (0 = a known image)
+
+Flagged when above the `quantile` of the reference rows' own leave-one-out scores (0.99: 1% of training-like
+images flagged). Stored in the model directory as ood.npz (ref (R, D) float16, loo (R,) sorted), checksummed in
+model.json. Mahalanobis distance per class was measured against it (benchmarks/ood.py, BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import UserError
+
+K = 10
+MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
+DEFAULT_QUANTILE = 0.99
+
+
+def normalise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Raw features (N, D) -> standardised, unit-length rows (N, D) float32."""
+    z = (np.asarray(x, np.float32) - mean) / scale
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude_self: bool = False) -> np.ndarray:
+    """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D); with exclude_self, q is
+    ref and each row's match with itself is left out (leave-one-out)."""
+    k = max(1, min(k, len(ref) - int(exclude_self)))
+    out = np.empty(len(q), np.float32)
+    r = ref.astype(np.float32)
+    for i in range(0, len(q), 1024):
+        sim = q[i:i + 1024] @ r.T  # (b, R)
+        if exclude_self:
+            sim[np.arange(len(sim)), np.arange(i, i + len(sim))] = -np.inf
+        top = np.partition(sim, -k, axis=1)[:, -k:]  # (b, k)
+        out[i:i + 1024] = 1.0 - top.mean(1)
+    return out
+
+
+def fit_ood(sample: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, and their sorted
+    leave-one-out scores (R,)."""
+    ref = normalise(sample, mean, scale).astype(np.float16)
+    return ref, np.sort(knn_distance(ref.astype(np.float32), ref, exclude_self=True))
+
+
+def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
+    """Bool mask (N,) of at most MAX_REF labelled rows, a seeded random sample."""
+    idx = np.flatnonzero(labelled)
+    mask = np.zeros(len(labelled), bool)
+    mask[np.random.default_rng(random_state).choice(idx, min(MAX_REF, len(idx)), replace=False)] = True
+    return mask
+
+
+def threshold(loo: np.ndarray, quantile: float) -> float:
+    return float(np.quantile(loo, quantile))
+
+
+def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:
+    """Write ood.npz into the model folder `d`; returns what model.json records about it."""
+    np.savez(d / "ood.npz", ref=ref, loo=loo)
+    return {"k": K, "n_ref": int(len(ref)), "sha256": hashlib.sha256((d / "ood.npz").read_bytes()).hexdigest()}
+
+
+def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """ood.npz validated against model.json's record and the head's input width."""
+    f = d / "ood.npz"
+    fix = "re-run imgsent train-head to rebuild it"
+    if not f.is_file():
+        raise UserError(f"{f}: missing (model.json lists it); {fix}")
+    if hashlib.sha256(f.read_bytes()).hexdigest() != meta.get("sha256"):
+        raise UserError(f"{f}: does not belong with model.json (checksum differs); {fix}")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            ref, loo = z["ref"], z["loo"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{f}: unreadable; {fix}") from None
+    if ref.ndim != 2 or ref.shape[1] != dim or loo.shape != (len(ref),) or not np.isfinite(loo).all():
+        raise UserError(f"{f}: shapes {ref.shape} / {loo.shape} do not match a {dim}-wide head; {fix}")
+    return ref, loo

@@ -1,0 +1,91 @@
+"""The out-of-distribution check: images unlike the training set are labelled unsure however confident the head
+is, training-like ones are not; ood.npz is validated like every other model file."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from features.errors import UserError
+from features.extract import extract
+from pipeline.ood import knn_distance
+from pipeline.predict import load_model
+from pipeline.train import train_head
+from tests.conftest import TINY, make_images, params, run_cli
+
+
+def test_knn_distance_leaves_each_row_out_of_its_own_neighbours():
+    ref = np.eye(4, dtype=np.float32)
+    assert np.allclose(knn_distance(ref, ref, k=1), 0.0)  # each row finds itself
+    assert np.allclose(knn_distance(ref, ref, k=1, exclude_self=True), 1.0)  # orthogonal to every other
+    q = np.array([[1, 1, 0, 0]], np.float32) / np.sqrt(2)
+    assert np.allclose(knn_distance(q, ref, k=2), 1 - 1 / np.sqrt(2))
+
+
+@pytest.fixture
+def model(tmp_path, tiny_weights):
+    imgs = make_images(tmp_path / "imgs", per_class=20)
+    extract(images=str(imgs), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+            workers=0)
+    train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / "m"), params=params(cv={"folds": 3}),
+               progress=lambda s: None)
+    return tmp_path / "m"
+
+
+def _strangers(folder):
+    """Images nothing like colour blobs: noise, flat grey, black text on white, stripes."""
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)).save(folder / f"noise{i}.png")
+        Image.new("RGB", (40, 40), (60 * i, 60 * i, 60 * i)).save(folder / f"flat{i}.png")
+        im = Image.new("RGB", (120, 40), "white")
+        ImageDraw.Draw(im).text((4, 12), f"invoice {i} total", fill="black")
+        im.save(folder / f"text{i}.png")
+        a = np.zeros((40, 40, 3), np.uint8)
+        a[:, :: 2 + i] = 255
+        Image.fromarray(a).save(folder / f"stripes{i}.png")
+    return folder
+
+
+def test_strangers_are_unsure_and_lookalikes_are_not(model, tmp_path):
+    m = load_model(model, device="cpu")
+    like = m.predict([str(make_images(tmp_path / "new", per_class=6, seed=7))])
+    far = m.predict([str(_strangers(tmp_path / "far"))])
+    assert np.mean([lab == "unsure" for lab in like.labels]) <= 0.2
+    assert np.mean([lab == "unsure" for lab in far.labels]) >= 0.8
+    assert np.nanmin(far.ood_scores) > np.nanmedian(like.ood_scores)
+    never = m.predict([str(tmp_path / "far")], ood_quantile=1.0)  # 1 = the check is off
+    assert "unsure" not in never.labels
+
+
+def test_predict_csv_has_the_score_and_the_cli_checks_the_quantile(model, tmp_path):
+    _strangers(tmp_path / "far")
+    r = run_cli("predict", str(model), str(tmp_path / "far"), "--out", str(tmp_path / "p.csv"), "--no-progress",
+                check=True)
+    assert "unlike the training images (labelled unsure)" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert all(float(r["ood_score"]) >= 0 for r in rows)
+    bad = run_cli("predict", str(model), str(tmp_path / "far"), "--out", str(tmp_path / "q.csv"),
+                  "--ood-quantile", "0")
+    assert bad.returncode == 2 and "--ood-quantile 0.0: must be within (0, 1]" in bad.stderr
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_a_damaged_or_missing_ood_file_is_one_line(model):
+    (model / "ood.npz").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="ood.npz: does not belong with model.json"):
+        load_model(model, device="cpu")
+    (model / "ood.npz").unlink()
+    with pytest.raises(UserError, match="ood.npz: missing"):
+        load_model(model, device="cpu")
+
+
+def test_a_model_from_before_the_check_still_predicts(model, tmp_path):
+    meta = json.loads((model / "model.json").read_text())
+    meta["ood"] = None
+    (model / "model.json").write_text(json.dumps(meta))
+    (model / "ood.npz").unlink()
+    p = load_model(model, device="cpu").predict([str(make_images(tmp_path / "new", per_class=2, seed=3))])
+    assert p.ood_scores is None and "unsure" not in p.labels
