@@ -115,6 +115,18 @@ def sweep(
 
 
 @app.command()
+def suggest(model_dir: str = typer.Argument(...),
+            stores: List[str] = typer.Argument(..., help="store(s) of unlabelled images, one per backbone of the model"),
+            n: int = typer.Option(50, "--n", help="how many images to suggest"),
+            out: str = typer.Option("to_label.csv", "--out"),
+            max_similarity: float = typer.Option(0.95, help="skip a candidate this similar (cosine) to one picked")
+            ) -> None:
+    """Rank unlabelled images by what labelling them would teach the head: uncertain first, no near-duplicates."""
+    from pipeline.suggest import suggest as run
+    run(model_dir=model_dir, stores=stores, out=out, n=n, max_similarity=max_similarity, progress=typer.echo)
+
+
+@app.command()
 def evaluate(model_dir: str = typer.Argument(...),
              stores: Optional[List[str]] = typer.Argument(None, help="labelled held-out store(s), one per backbone "
                                                           "(default: paths.test_stores/<backbone>.h5 from params)"),
