@@ -73,6 +73,12 @@ def parse_grid(specs: list[str], base: Params) -> list[tuple[dict, Params]]:
     return configs
 
 
+def _effective(h: HeadParams) -> HeadParams:
+    """The settings that change the fits: the linear head (hidden: []) is trained by L-BFGS on the full batch, so
+    lr, dropout and batch_size do not apply to it."""
+    return dataclasses.replace(h, lr=1.0, dropout=0.0, batch_size=1) if not h.hidden else h
+
+
 def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], intersect: bool = False,
           progress=print, bar: bool = True) -> list[dict]:
     """Cross-validate every grid config on shared folds; write DIR/sweep.csv and DIR/best/. Returns the rows of
@@ -81,12 +87,18 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     configs = parse_grid(grid, params)  # every argument checked before any work
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = prepare(stores, params, intersect)
-    results, best = [], None
+    results, best, done = [], None, {}
     with tqdm(total=len(configs) * params.cv.folds, desc="sweep", unit="fit", disable=not bar, file=sys.stderr,
               dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
             t = time.time()
-            oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
+            key = _effective(p.head)
+            if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
+                oof, per_fold = None, done[key]  # equal scores never replace the best, so no logits are needed
+                pbar.update(params.cv.folds)
+            else:
+                oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
+                done[key] = per_fold
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**{k: v for k, v in values.items()}, "macro_f1_mean": float(f1.mean()),
