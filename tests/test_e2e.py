@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,11 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
             shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
+    # a user who starts with one backbone (params.yaml fuses two): adding the second later is checked below
+    params = (work / "params.yaml").read_text()
+    start = "backbones: [efficientnet_lite0]  #"
+    (work / "params.yaml").write_text(re.sub(r"backbones: \[[^\]]*\]  #", start, params, count=1))
+    assert start in (work / "params.yaml").read_text()
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(work)}
     r = subprocess.run([dvc, "repro"], cwd=work, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -21,7 +21,8 @@ def base() -> dict:
 
 def test_repo_params_parse_and_there_are_no_hidden_defaults(tmp_path, monkeypatch):
     p = load_params(str(ROOT / "params.yaml"))
-    assert isinstance(p, Params) and p.head.hidden == (256,) and p.extract.backbones == ("efficientnet_lite0",)
+    assert isinstance(p, Params) and p.head.hidden == (256,)
+    assert p.extract.backbones == ("efficientnet_lite0", "fer_mini_xception")
     assert p.cv.folds == 3 and p.head.tol == 0.01
     monkeypatch.chdir(tmp_path)  # no params.yaml here: refused, never silently replaced by built-in values
     with pytest.raises(UserError, match="no params.yaml in this folder; pass --params"):
