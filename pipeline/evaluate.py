@@ -9,7 +9,8 @@ import numpy as np
 
 from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
-from pipeline.head import HeadNet, head_logits, softmax
+from pipeline.calibration import softmax
+from pipeline.head import HeadNet, head_logits
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.rows import open_rows

@@ -1,6 +1,8 @@
-"""The dense softmax head and its one fit loop, for features in memory or streamed from the store:
-standardise -> [Linear + ReLU + Dropout] x len(hidden) -> Linear -> softmax cross-entropy, Adam with
-weight decay, early stopping on a held-out slice once the validation loss stops improving by `tol`.
+"""The dense softmax head and its fit, for features in memory or streamed from the store:
+standardise -> [Linear + ReLU + Dropout] x len(hidden) -> Linear -> softmax cross-entropy, with weight decay and
+early stopping on a held-out slice once the validation loss stops improving by `tol`. Hidden layers: Adam in
+mini-batches (one loop for in-memory and streamed rows). No hidden layer (`hidden: []`, multinomial logistic
+regression): full-batch L-BFGS, as scikit-learn's LogisticRegression.
 
 Everything the head needs at inference (standardisation stats, temperature) is a buffer of the module,
 so `head.pt` is one plain state dict, loadable with `weights_only=True`.
@@ -8,13 +10,13 @@ so `head.pt` is one plain state dict, loadable with `weights_only=True`.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.optim import Adam, lbfgs
 from pipeline.params import HeadParams
 from pipeline.rows import Rows
 
@@ -175,7 +177,7 @@ def fit_head(*, rows: Rows, train: np.ndarray, val: np.ndarray, n_classes: int, 
         model = HeadNet(rows.dim, params.hidden, n_classes, params.dropout)
         model.mean.copy_(mean), model.scale.copy_(scale)
         loss_fn = nn.CrossEntropyLoss(weight=weight)
-        opt = _Adam(model.net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        opt = Adam(model.net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         stopper = _Stopper(params.patience, params.tol)
         step = 0
         for _ in range(params.epochs):
@@ -270,74 +272,6 @@ def _fit_linear(lin: nn.Linear, batches, xv: torch.Tensor | None, yv: torch.Tens
         lin.weight.copy_(W), lin.bias.copy_(b)
 
 
-def lbfgs(f, x: torch.Tensor, *, max_iter: int, callback=None, history: int = 10, gtol: float = 1e-5,
-          ftol: float = 1e-9) -> torch.Tensor:
-    """Minimise f: x (P,) -> (loss, grad (P,)) by L-BFGS (Nocedal & Wright alg. 7.4/7.5) with Armijo
-    backtracking. Our own: torch.optim.LBFGS's first use imports torch._dynamo (1.5 s), and scipy's spins
-    OpenBLAS threads against torch's. callback(x, iteration) -> True stops early."""
-    loss, g = f(x)
-    S: list[torch.Tensor] = []
-    Y: list[torch.Tensor] = []
-    for it in range(1, max_iter + 1):
-        if float(g.abs().max()) <= gtol:
-            break
-        q, alphas = g.clone(), []
-        for s, y in zip(reversed(S), reversed(Y)):  # two-loop recursion: q <- H^-1 g
-            rho = 1.0 / float(y.dot(s))
-            a = rho * float(s.dot(q))
-            q.add_(y, alpha=-a)
-            alphas.append((a, rho))
-        q.mul_(float(S[-1].dot(Y[-1]) / Y[-1].dot(Y[-1])) if S else 1.0 / max(1.0, float(g.abs().sum())))
-        for (s, y), (a, rho) in zip(zip(S, Y), reversed(alphas)):
-            q.add_(s, alpha=a - rho * float(y.dot(q)))
-        d, gtd = -q, -float(g.dot(q))
-        if gtd >= 0:  # not a descent direction (numerical trouble): restart from steepest descent
-            S.clear(), Y.clear()
-            d, gtd = -g / max(1.0, float(g.abs().sum())), -float(g.dot(g)) / max(1.0, float(g.abs().sum()))
-        t = 1.0
-        while True:
-            new_loss, new_g = f(x + t * d)
-            if new_loss <= loss + 1e-4 * t * gtd or t < 1e-8:
-                break
-            t *= 0.5
-        s, y = t * d, new_g - g
-        if float(y.dot(s)) > 1e-10:  # curvature pair kept only when it keeps H positive definite
-            S.append(s), Y.append(y)
-            if len(S) > history:
-                S.pop(0), Y.pop(0)
-        converged = abs(loss - new_loss) <= ftol * max(1.0, abs(loss))
-        x, loss, g = x + s, new_loss, new_g
-        if converged or (callback is not None and callback(x, it)):
-            break
-    return x
-
-
-class _Adam:
-    """torch.optim.Adam's update (L2 weight decay added to the gradient, bias-corrected moments). Our own
-    because the first use of any torch.optim optimizer imports torch._dynamo: 1.5 s of every train-head."""
-
-    def __init__(self, params, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, self.wd, self.betas, self.eps, self.t = lr, weight_decay, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad if self.wd == 0 else p.grad.add(p, alpha=self.wd)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, v.sqrt().div_(c2).add_(self.eps), value=-self.lr / c1)
-
-
 class _Stopper:
     """Early stopping: keep the best head; stop after `patience` checks without a new best, or once the best
     validation loss improved by less than `tol` (relative) over the last `patience` checks: converged."""
@@ -372,47 +306,3 @@ def head_logits(head: HeadNet, rows: Rows, mask: np.ndarray | None = None, batch
         for i in range(0, len(xs), batch):
             out.append(head.logits(torch.from_numpy(np.ascontiguousarray(xs[i:i + batch]))).numpy())
     return np.concatenate(out) if out else np.zeros((0, head.net[-1].out_features), np.float32)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising NLL of softmax(logits / T). The NLL is convex
-    in s = 1/T (a log-sum-exp of lines in s), so safeguarded Newton steps on s in [0.01, 100] find it in a few
-    iterations; numpy only (scipy.optimize's import alone costs 0.4 s)."""
-    z = logits.astype(np.float64)  # (N, C)
-    if not len(z) or (z.argmax(1) == labels).all():
-        return 1.0  # every out-of-fold prediction right: the NLL falls forever as T -> 0, no evidence to calibrate
-    zy = z[np.arange(len(labels)), labels]  # (N,)
-
-    def nll_grad_hess(s: float) -> tuple[float, float, float]:
-        a = s * z
-        m = a.max(1, keepdims=True)
-        e = np.exp(a - m)
-        tot = e.sum(1)
-        p = e / tot[:, None]
-        ez = (p * z).sum(1)  # E_p[z]
-        nll = float(np.mean(np.log(tot) + m[:, 0] - s * zy))
-        return nll, float(np.mean(ez - zy)), float(np.mean((p * z * z).sum(1) - ez ** 2))
-
-    s, lo, hi = 1.0, 0.01, 100.0
-    f, g, h = nll_grad_hess(s)
-    for _ in range(100):
-        step = g / h if h > 1e-12 else np.sign(g) * s * 0.5
-        new = float(np.clip(s - step, lo, hi))
-        while True:  # halve the step until the NLL does not increase
-            nf, ng, nh = nll_grad_hess(new)
-            if nf <= f + 1e-12 or abs(new - s) < 1e-9 * s:
-                break
-            new = (new + s) / 2
-        done = abs(new - s) <= 1e-7 * s
-        s, f, g, h = new, nf, ng, nh
-        if done:
-            break
-    t = 1.0 / s
-    return t if np.isfinite(t) and 0.0101 < t < 99 else 1.0
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -25,7 +25,7 @@ from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from features.images import decode
 from pipeline.evaluate import predict_stores
-from pipeline.head import softmax
+from pipeline.calibration import softmax
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.insight import embedding_2d, label_issues, learning_curve, near_duplicates

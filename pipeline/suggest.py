@@ -14,7 +14,8 @@ import numpy as np
 from features.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
 from features.store import safe_text
-from pipeline.head import head_logits, softmax
+from pipeline.calibration import softmax
+from pipeline.head import head_logits
 from pipeline.modeldir import load_model_dir
 from pipeline.ood import knn_distance, load_ood, normalise
 from pipeline.rows import open_rows

@@ -16,7 +16,8 @@ import numpy as np
 from features.atomic import atomic_dir, check_output
 from features.errors import UserError
 from pipeline.folds import assign_folds
-from pipeline.head import fit_head, fit_temperature, head_logits, softmax, split_validation
+from pipeline.calibration import fit_temperature, softmax
+from pipeline.head import fit_head, head_logits, split_validation
 from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
 from pipeline.ood import fit_ood, reference_rows, save_ood

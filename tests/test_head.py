@@ -7,7 +7,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from features.synthetic import synthetic_store
-from pipeline.head import _Adam, fit_head, fit_temperature, head_logits, lbfgs, softmax, split_validation
+from pipeline.calibration import fit_temperature, softmax
+from pipeline.head import fit_head, head_logits, split_validation
+from pipeline.optim import Adam, lbfgs
 from pipeline.metrics import classification_metrics
 from pipeline.rows import open_rows
 from pipeline.train import train_head
@@ -73,7 +75,7 @@ def test_our_adam_matches_torch_adam():
     torch.manual_seed(0)
     a = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
     b = [p.detach().clone().requires_grad_(True) for p in a]
-    ours, ref = _Adam(a, lr=0.01, weight_decay=0.1), torch.optim.Adam(b, lr=0.01, weight_decay=0.1)
+    ours, ref = Adam(a, lr=0.01, weight_decay=0.1), torch.optim.Adam(b, lr=0.01, weight_decay=0.1)
     for step in range(20):
         for ps, opt in ((a, ours), (b, ref)):
             opt.zero_grad()

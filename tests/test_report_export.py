@@ -10,7 +10,7 @@ import torch
 from features.extract import extract
 from features.images import decode
 from pipeline.train import train_head
-from pipeline.head import fit_temperature, softmax
+from pipeline.calibration import fit_temperature, softmax
 from pipeline.metrics import expected_calibration_error
 from tests.conftest import TINY, make_images, params
 
