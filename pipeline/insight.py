@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from pipeline.metrics import classification_metrics
@@ -51,9 +49,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
     per_class = np.bincount(rows.labels[lab], minlength=len(rows.class_names))
     smallest = int(min(np.bincount(rows.labels[lab & (fold != j)], minlength=len(per_class))[per_class > 0].min()
                        for j in range(k)))
-    # the slice for early stopping would leave too little to train on at small sizes: train the full epochs
-    p = dataclasses.replace(params, head=dataclasses.replace(params.head, val_fraction=0.0))
-    out = []
+    out = []  # small subsets get no early-stopping slice by train-head's own rule (fewer than min_val_images)
     for n in [s for s in sizes if s < smallest] + [None]:
         f1 = []
         for j in range(k):
@@ -65,7 +61,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
                     members = np.flatnonzero(train & (rows.labels == c))
                     keep[rng.choice(members, min(n, len(members)), replace=False)] = True
                 train = keep
-            head = _fit(rows, train, p if n is not None else params, params.cv.seed + j, max_val)
+            head = _fit(rows, train, params, params.cv.seed + j, max_val)
             te = fold == j
             pred = head_logits(head, rows, te).argmax(1)
             f1.append(classification_metrics(rows.labels[te], pred, rows.class_names)["macro_f1"])
