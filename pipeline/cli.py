@@ -145,7 +145,7 @@ def report(model_dir: str = typer.Argument(...),
            stores: Optional[List[str]] = typer.Argument(None, help="labelled held-out store(s) to add a test section"),
            out: str = typer.Option("report", "--out"), gallery: int = typer.Option(60, help="misclassified images shown"),
            params: Optional[str] = typer.Option(None, help="with no STORE: add paths.test_stores from this params file")) -> None:
-    """Self-contained HTML error analysis: CIs, per-class table, confusion, gallery, label errors, near-duplicates."""
+    """Self-contained HTML error analysis: CIs, confusion, gallery, label errors, near-duplicates, learning curve, map."""
     from pipeline.params import load_params
     from pipeline.report import build_report
     if not stores and params:
