@@ -5,6 +5,7 @@ batch), so the engine is not part of the store fingerprint. Torch (channels_last
 onnxruntime or onnxscript is missing, or when export or parity fails.
 
     model = forward_engine(backbone, device, batch_size, engine="auto")   # model(x uint8 (B, C, S, S)) -> (B, D)
+    model = cached_engine(store_fingerprint)   # the same export, without building the network (or None)
 """
 from __future__ import annotations
 
@@ -77,6 +78,43 @@ def _parity(backbone: Backbone, model: OrtEmbedder) -> float:
     return float(torch.nn.functional.cosine_similarity(ref, got, dim=1).min())
 
 
+def _cache_path(fingerprint: dict, ort_version: str) -> Path:
+    key = hashlib.sha256(json.dumps([fingerprint, torch.__version__, ort_version], sort_keys=True).encode())
+    return cache_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', fingerprint['backbone'])}-{key.hexdigest()[:20]}.onnx"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    try:
+        return _sidecar(path).read_text().strip() == _sha256(path)
+    except OSError:
+        return False
+
+
+def cached_engine(fingerprint: dict) -> OrtEmbedder | None:
+    """The onnxruntime engine for a store's fingerprint straight from the cache, without building the network
+    (2-3 s of imports and weights): only a file that passed the parity check when it was exported (its sha256
+    recorded beside it, checked now). None when there is no such file."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = _cache_path(fingerprint, ort.__version__)
+    if not path.is_file() or not _verified(path):
+        return None
+    try:
+        return OrtEmbedder(_session(path), path)
+    except Exception:  # noqa: BLE001 - unloadable: the caller builds the network and exports afresh
+        return None
+
+
 def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
     """The cached onnxruntime engine for `backbone`, or None where it cannot be had (missing packages, export
     failure, parity below PARITY_MIN_COS)."""
@@ -85,9 +123,7 @@ def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
         import onnxscript  # noqa: F401 - torch's ONNX exporter needs it
     except ImportError:
         return None
-    key = hashlib.sha256(json.dumps([backbone.fingerprint, torch.__version__, ort.__version__],
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', backbone.name)}-{key}.onnx"
+    path = _cache_path(backbone.fingerprint, ort.__version__)
     for attempt in (0, 1):  # a cached file that fails to load or to match is exported again, once
         try:
             if not path.is_file():
@@ -95,6 +131,9 @@ def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
                 _export(backbone, path)
             model = OrtEmbedder(_session(path), path)
             if _parity(backbone, model) >= PARITY_MIN_COS:
+                if not _verified(path):  # record that this very file passed parity: cached_engine trusts it
+                    with atomic_file(_sidecar(path)) as tmp:
+                        tmp.write_text(_sha256(path))
                 return model
         except (UserError, OSError):  # an unwritable cache folder, a full disk
             return None

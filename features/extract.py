@@ -21,9 +21,9 @@ import h5py
 import numpy as np
 
 from features.atomic import OutputLock, check_output
-from features.backbones import Backbone, fingerprint_key, load_backbone
+from features.backbones import Backbone, Preprocess, fingerprint_key, load_backbone
 from features.embed import iter_embeddings, resolve_device
-from features.engine import ENGINES
+from features.engine import ENGINES, cached_engine
 from features.errors import UserError
 from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
@@ -121,16 +121,22 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         plan = _plan(source, where, partial, summary, num_shards, shard_index, known,
                      old.stat_time_ns if known else 0)
         t_embed = time.time()
-        if plan.todo and bb is None:  # something to embed after all: now the network is needed
-            bb = load_backbone(backbone, weights=weights, device=dev)
-            if bb.fingerprint != fp:
-                raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store records "
-                                f"({describe_mismatch(fp, bb.fingerprint)}) although its weights file looks "
-                                "unchanged; re-run with --force to rebuild the store")
+        model = None
+        if plan.todo and bb is None:  # something to embed after all
+            model = cached_engine(fp) if engine != "torch" and dev == "cpu" else None
+            if model is not None:  # the parity-checked ONNX export of exactly this fingerprint: no network needed
+                bb = Backbone(name=backbone, embedder=None, pre=Preprocess.from_json(json.dumps(fp["preprocess"])),
+                              dim=int(fp["dim"]), weights_sha256=fp["weights_sha256"])
+            else:
+                bb = load_backbone(backbone, weights=weights, device=dev)
+                if bb.fingerprint != fp:
+                    raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store "
+                                    f"records ({describe_mismatch(fp, bb.fingerprint)}) although its weights file "
+                                    "looks unchanged; re-run with --force to rebuild the store")
         if plan.todo:
             _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
                               dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
-                              engine=engine)
+                              engine=engine, model=model)
         summary.embed_seconds = time.time() - t_embed if plan.todo else 0.0
         keep = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
         summary.skipped += [(plan.paths[i], partial.failed[plan.shas[i]]) for i in range(len(plan.shas))
@@ -224,7 +230,7 @@ def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_
 
 def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summary: Summary, *, batch_size: int,
                       workers: int, device: str, dtype: str, commit_every: int, progress: bool,
-                      stop_after: int | None, engine: str) -> None:
+                      stop_after: int | None, engine: str, model=None) -> None:
     """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted."""
     shas, paths = list(todo), list(todo.values())
     stop = {"signal": None}
@@ -245,7 +251,7 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
 
     try:
         for idx, feats, errors in iter_embeddings(bb, paths, batch_size=batch_size, workers=workers, device=device,
-                                                  progress=progress, engine=engine):
+                                                  progress=progress, engine=engine, model=model):
             buf_sha.extend(shas[i] for i in idx)
             buf_feat.append(feats)
             buf_fail.update({shas[i]: e for i, e in errors.items()})

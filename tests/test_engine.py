@@ -58,3 +58,15 @@ def test_stores_from_either_engine_agree(images, tmp_path, tiny_weights):
     a, b = (torch.from_numpy(stores[n].features) for n in ("onnx", "torch"))
     assert stores["onnx"].fingerprint == stores["torch"].fingerprint  # the engine is not part of the fingerprint
     assert float(torch.nn.functional.cosine_similarity(a, b).min()) >= 0.9999
+
+
+def test_only_a_parity_checked_export_is_served_without_the_network(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSENT_CACHE", str(tmp_path / "cache"))
+    fp = tiny.fingerprint
+    assert engine.cached_engine(fp) is None  # nothing exported yet
+    m = engine.forward_engine(tiny, "cpu", 8)  # exports, checks parity, records the file's sha256
+    served = engine.cached_engine(fp)
+    x = torch.randint(0, 256, (3, 3, tiny.pre.size, tiny.pre.size), dtype=torch.uint8)
+    assert served is not None and torch.equal(served(x), m(x))
+    m.path.write_bytes(m.path.read_bytes() + b"\0")  # the file changed after its check: not served
+    assert engine.cached_engine(fp) is None

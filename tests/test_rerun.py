@@ -106,8 +106,15 @@ def test_a_no_op_rerun_never_builds_the_network(images, tmp_path, tiny_weights, 
     assert run(images, out, tiny_weights).unchanged and calls == []  # the store's fingerprint, weights unchanged
     Image.new("RGB", (40, 40), (9, 9, 200)).save(images / "blue" / "more.png")
     s = run(images, out, tiny_weights)
-    assert s.extracted == 1 and calls == [1]  # something to embed: built once, and its fingerprint checked
+    # something to embed: served by the ONNX export of this very fingerprint that passed parity in the first run
+    assert s.extracted == 1 and calls == []
+    Image.new("RGB", (40, 40), (9, 200, 9)).save(images / "green" / "more.png")
+    s = extract(images=str(images), out=str(out), backbone=TINY, weights=tiny_weights, progress=False, workers=0,
+                engine="torch")
+    assert s.extracted == 1 and calls == [1]  # the torch engine needs the network: built once, fingerprint checked
     os.utime(tiny_weights)  # the weights file changed (its mtime): never trust the cached fingerprint
     calls.clear()
     run(images, out, tiny_weights)
     assert calls == [1]
+    feats = read_store(out).features  # every row, whichever way it was embedded, is a finite feature row
+    assert np.isfinite(feats).all() and len(feats) == 26
