@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from features.atomic import OutputLock, check_output
@@ -104,7 +103,9 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     source = discover(images, classes=classes, allow_outside=allow_outside)
     dev = resolve_device(device)
     key = fingerprint_key(backbone, weights)
-    fp = None if force else _cached_fingerprint(target, key)  # the store's, when its weights file is unchanged
+    # the store's fingerprint when it recorded the same weights file, preprocessing and libraries (never for hub
+    # weights, whose file only timm can find): then nothing to embed means no network to build
+    fp = None if force or key is None else store_fingerprint(target, key=key)
     bb = None
     if fp is None:
         bb = load_backbone(backbone, weights=weights, device=dev)
@@ -164,21 +165,6 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     summary.rows = len(keep)
     summary.seconds = time.time() - t0
     return summary
-
-
-def _cached_fingerprint(target: Path, key: dict | None) -> dict | None:
-    """The fingerprint the store at `target` records, if it was made from the same weights file (same path, size,
-    mtime, inode), preprocessing code and timm / torch: then a re-run with nothing to embed never builds the
-    network. None otherwise."""
-    if key is None:
-        return None
-    try:
-        with h5py.File(target, "r") as f:
-            if int(f.attrs.get("complete", 0)) != 1 or f.attrs.get("fingerprint_key") != json.dumps(key, sort_keys=True):
-                return None
-            return json.loads(f.attrs["fingerprint"])
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def _reusable(target: Path, fp: dict, force: bool, summary: Summary) -> tuple[Where, Store | None]:

@@ -197,11 +197,17 @@ def is_store(path: str | os.PathLike) -> bool:
         return False
 
 
-def store_fingerprint(path: str | os.PathLike) -> dict | None:
-    """The fingerprint of a complete store, or None if there is none at `path`."""
+def store_fingerprint(path: str | os.PathLike, *, key: dict | None = None) -> dict | None:
+    """The fingerprint of a complete store, or None if there is none at `path`. With `key` (what a fingerprint
+    comes from: features.backbones.fingerprint_key), only if the store recorded that same key: then a re-run
+    knows the fingerprint without building the network."""
     try:
         with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["fingerprint"]) if int(f.attrs.get("complete", 0)) == 1 else None
+            if int(f.attrs.get("complete", 0)) != 1:
+                return None
+            if key is not None and f.attrs.get("fingerprint_key") != json.dumps(key, sort_keys=True):
+                return None
+            return json.loads(f.attrs["fingerprint"])
     except (OSError, KeyError, ValueError):
         return None
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.head import head_logits
 from pipeline.metrics import classification_metrics
 from pipeline.params import Params
 from pipeline.rows import Rows
+from pipeline.train import fit_split
 
 SIZES = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -41,8 +43,6 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
     """Per size n: every class's training rows in each fold cut to at most n (a seeded random subset), the head
     trained as train-head trains it, macro-F1 on the fold's full test rows; mean over folds and a 95% interval
     (mean +- 1.96 standard errors, clipped to [0, 1]). The last point is every training image."""
-    from pipeline.head import head_logits
-    from pipeline.train import _fit
 
     lab = rows.labels >= 0
     k = int(fold.max()) + 1
@@ -61,7 +61,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
                     members = np.flatnonzero(train & (rows.labels == c))
                     keep[rng.choice(members, min(n, len(members)), replace=False)] = True
                 train = keep
-            head = _fit(rows, train, params, params.cv.seed + j, max_val)
+            head = fit_split(rows, train, params, params.cv.seed + j, max_val)
             te = fold == j
             pred = head_logits(head, rows, te).argmax(1)
             f1.append(classification_metrics(rows.labels[te], pred, rows.class_names)["macro_f1"])

@@ -132,12 +132,12 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
     return "\n".join(parts), summary
 
 
-def _card(split: Split, names: list[str], i: int, pred: int, p_true: float) -> str:
+def _card(split: Split, names: list[str], i: int, pred: int, p_true: float, word: str = "pred") -> str:
     e = html.escape
     src = _thumb(split.root, split.paths[i])
     img = f"<img src='{src}' alt='{e(split.paths[i], quote=True)}'>" if src else "<div class=missing>image unavailable</div>"
     return (f"<figure>{img}<figcaption><code>{e(split.paths[i])}</code><br>true <b>{e(names[split.y[i]])}</b> "
-            f"p={p_true:.2f}<br>pred <b>{e(names[pred])}</b> p={split.probs[i, pred]:.2f}</figcaption></figure>")
+            f"p={p_true:.2f}<br>{word} <b>{e(names[pred])}</b> p={split.probs[i, pred]:.2f}</figcaption></figure>")
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -175,7 +175,7 @@ def _label_issue_section(oof: Split, names: list[str], d: Path, gallery: int) ->
              "first, with the label it suggests. Check these first; all of them are in <code>label_issues.csv"
              "</code>.</p><div class=gallery id=label-issues>"]
     for i, s, p in list(zip(idx, suggested, score))[:gallery]:
-        parts.append(_card(oof, names, i, int(s), float(p)).replace("<br>pred", "<br>suggested", 1))
+        parts.append(_card(oof, names, i, int(s), float(p), word="suggested"))
     return "\n".join(parts + ["</div>"]), idx
 
 

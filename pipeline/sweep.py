@@ -101,7 +101,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 done[key] = per_fold
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
-            r = {**{k: v for k, v in values.items()}, "macro_f1_mean": float(f1.mean()),
+            r = {**values, "macro_f1_mean": float(f1.mean()),
                  "macro_f1_std": float(f1.std()), "accuracy_mean": float(acc.mean()),
                  "accuracy_std": float(acc.std()), "seconds": round(time.time() - t, 3), "_i": i}
             results.append(r)

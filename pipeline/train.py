@@ -29,7 +29,9 @@ def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
 
 
-def _fit(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None):
+def fit_split(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None):
+    """One head on the rows where `train` is True, as every CV fold and the final fit train it: the
+    early-stopping slice carved out by train-head's rule (none below min_val_images)."""
     fit, val = split_validation(labels=rows.labels, train=train, params=params.head, random_state=random_state,
                                 max_rows=max_val)
     return fit_head(rows=rows, train=fit, val=val, n_classes=len(rows.class_names), params=params.head,
@@ -44,7 +46,7 @@ def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | 
     oof = np.zeros((len(rows), len(names)), dtype=np.float32)
     per_fold = []
     for j in range(int(fold.max()) + 1):
-        head = _fit(rows, lab & (fold != j), params, seed + j, max_val)
+        head = fit_split(rows, lab & (fold != j), params, seed + j, max_val)
         te = fold == j
         oof[te] = head_logits(head, rows, te)
         m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
@@ -87,7 +89,7 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`."""
     lab = rows.labels >= 0
     names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
-    final = _fit(rows, lab, params, seed, max_val)
+    final = fit_split(rows, lab, params, seed, max_val)
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     temperature = fit_temperature(logits, y)
     final.temperature.fill_(temperature)
