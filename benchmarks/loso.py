@@ -27,8 +27,9 @@ from pipeline.params import load_params  # noqa: E402
 from pipeline.rows import open_rows  # noqa: E402
 
 
-def manifest(data: Path, out: Path) -> Path:
-    rows = [(str(p.resolve()), p.parent.name, style.name)
+def manifest(data: Path, out: Path, image=lambda p: p) -> Path:
+    """path,label,group=style for every image of `data`; `image` maps each file to the one listed (a variant)."""
+    rows = [(str(image(p).resolve()), p.parent.name, style.name)
             for style in sorted(d for d in data.iterdir() if d.is_dir())
             for p in sorted(style.glob("*/*.png"))]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ side by side with the default (lite0 + FER expert fused, params.yaml's head):
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.loso import manifest  # noqa: E402
 from features.extract import extract  # noqa: E402
 from pipeline.head import fit_head, head_logits, split_validation  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
@@ -28,23 +28,15 @@ from pipeline.rows import open_rows  # noqa: E402
 WORK = ROOT / "out" / "bench" / "loso_variants"
 
 
-def manifest(data: Path, out: Path, flip: bool) -> Path:
-    rows = []
-    for style in sorted(d for d in data.iterdir() if d.is_dir()):
-        for p in sorted(style.glob("*/*.png")):
-            src = p
-            if flip:
-                src = WORK / "flipped" / data.name / style.name / p.parent.name / p.name
-                if not src.exists():
-                    src.parent.mkdir(parents=True, exist_ok=True)
-                    ImageOps.mirror(Image.open(p).convert("RGB")).save(src)
-            rows.append((str(src.resolve()), p.parent.name, style.name))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "group"])
-        w.writerows(rows)
-    return out
+def flipped(data: Path):
+    """File -> its horizontally mirrored copy under WORK (written once)."""
+    def image(p: Path) -> Path:
+        dst = WORK / "flipped" / data.name / p.relative_to(data)
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            ImageOps.mirror(Image.open(p).convert("RGB")).save(dst)
+        return dst
+    return image
 
 
 def loso(feats: np.ndarray, rows, params) -> tuple[float, list[float]]:
@@ -67,7 +59,8 @@ def main() -> None:
         data = ROOT.parent / "shared" / "data" / name
         stores = {}
         for flip in (False, True):
-            csv_path = manifest(data, WORK / f"{name}{'_flip' if flip else ''}.csv", flip)
+            csv_path = manifest(data, WORK / f"{name}{'_flip' if flip else ''}.csv",
+                                **({"image": flipped(data)} if flip else {}))
             for bb in ("efficientnet_lite0", "fer_mini_xception", "efficientnet_lite2"):
                 out = WORK / f"{name}{'_flip' if flip else ''}_{bb}.h5"
                 try:
