@@ -23,6 +23,7 @@ import torch
 from features.atomic import atomic_file
 from features.backbones import Backbone
 from features.errors import UserError
+from features.images import sha256_file
 
 PARITY_MIN_COS = 0.9999
 ENGINES = ("auto", "onnx", "torch")
@@ -87,13 +88,9 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _verified(path: Path) -> bool:
     try:
-        return _sidecar(path).read_text().strip() == _sha256(path)
+        return _sidecar(path).read_text().strip() == sha256_file(str(path))
     except OSError:
         return False
 
@@ -133,7 +130,7 @@ def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
             if _parity(backbone, model) >= PARITY_MIN_COS:
                 if not _verified(path):  # record that this very file passed parity: cached_engine trusts it
                     with atomic_file(_sidecar(path)) as tmp:
-                        tmp.write_text(_sha256(path))
+                        tmp.write_text(sha256_file(str(path)))
                 return model
         except (UserError, OSError):  # an unwritable cache folder, a full disk
             return None

@@ -172,15 +172,9 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
             ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "
                                                "than this quantile of the training images themselves (1 = never)")) -> None:
     """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,error."""
-    from pipeline.predict import check_prediction_out, load_model, write_prediction_csv
-    if batch_size < 1 or workers < 0:
-        _fail(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1 and workers >= 0")
-    if not 0.0 <= min_confidence <= 1.0:
-        _fail(f"--min-confidence {min_confidence}: must be within [0, 1]")
-    if not 0.0 < ood_quantile <= 1.0:
-        _fail(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
-    if engine not in ("auto", "onnx", "torch"):
-        _fail(f"--engine {engine}: expected one of auto, onnx, torch")
+    from pipeline.predict import check_predict_args, check_prediction_out, load_model, write_prediction_csv
+    check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
+                       ood_quantile=ood_quantile, engine=engine)
     check_prediction_out(out)
     pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size,
                                                         workers=workers, progress=progress, engine=engine,

@@ -10,12 +10,12 @@ model.json. Mahalanobis distance per class was measured against it (benchmarks/o
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from features.errors import UserError
+from features.images import sha256_file
 
 K = 10
 MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
@@ -65,7 +65,7 @@ def threshold(loo: np.ndarray, quantile: float) -> float:
 def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:
     """Write ood.npz into the model folder `d`; returns what model.json records about it."""
     np.savez(d / "ood.npz", ref=ref, loo=loo)
-    return {"k": K, "n_ref": int(len(ref)), "sha256": hashlib.sha256((d / "ood.npz").read_bytes()).hexdigest()}
+    return {"k": K, "n_ref": int(len(ref)), "sha256": sha256_file(str(d / "ood.npz"))}
 
 
 def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
     fix = "re-run imgsent train-head to rebuild it"
     if not f.is_file():
         raise UserError(f"{f}: missing (model.json lists it); {fix}")
-    if hashlib.sha256(f.read_bytes()).hexdigest() != meta.get("sha256"):
+    if sha256_file(str(f)) != meta.get("sha256"):
         raise UserError(f"{f}: does not belong with model.json (checksum differs); {fix}")
     try:
         with np.load(f, allow_pickle=False) as z:

@@ -109,14 +109,8 @@ class Predictor:
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
                 workers: int = 0, progress: bool = False, engine: str = "auto",
                 ood_quantile: float = DEFAULT_QUANTILE) -> Predictions:
-        if batch_size < 1 or workers < 0:
-            raise UserError(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1, workers >= 0")
-        if not 0.0 <= min_confidence <= 1.0:
-            raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
-        if not 0.0 < ood_quantile <= 1.0:
-            raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
-        if engine not in ENGINES:
-            raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+        check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
+                           ood_quantile=ood_quantile, engine=engine)
         t0 = time.time()
         paths, type_errors = expand_paths(list(inputs))
         todo = [i for i in range(len(paths)) if i not in type_errors]
@@ -146,6 +140,19 @@ class Predictor:
                 labels.append(self.class_names[int(probs[i].argmax())])
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
                            scores if self.ood is not None else None, thr)
+
+
+def check_predict_args(*, batch_size: int, workers: int, min_confidence: float, ood_quantile: float,
+                       engine: str) -> None:
+    """The predict options, checked before any model is loaded (the CLI) or any image read (the API)."""
+    if batch_size < 1 or workers < 0:
+        raise UserError(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1 and workers >= 0")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
+    if not 0.0 < ood_quantile <= 1.0:
+        raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
 
 
 def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:
