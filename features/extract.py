@@ -8,12 +8,17 @@
 
 Killed at any point, a re-run of the same command resumes from the last committed chunk. Rows of the old
 store whose checksum fails are embedded again, never reused.
+
+Face mode (--faces largest|all, features/faces.py): the unit of work is still the image, but an image gives
+one row per face crop, keyed "<sha256>:<face index>" in the partial chunks, with its crop box; an image with no
+face is skipped with the reason "no face found" (or embedded whole under --faces-fallback whole).
 """
 from __future__ import annotations
 
 import json
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +26,10 @@ import numpy as np
 
 from features.atomic import OutputLock, check_output
 from features.backbones import Backbone, Preprocess, fingerprint_key, load_backbone
-from features.embed import iter_embeddings, resolve_device
+from features.embed import iter_embeddings, iter_face_embeddings, resolve_device
 from features.engine import ENGINES, cached_engine
 from features.errors import UserError
+from features.faces import FaceSpec, with_faces, without_faces
 from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
 from features.sources import Source, discover
@@ -49,12 +55,14 @@ class Summary:
     rows: int = 0
     hashed: int = 0  # files read to hash them (the others were unchanged since the last run)
     unchanged: bool = False  # the store already held exactly this: not rewritten
+    face_rows: int | None = None  # face mode: rows (one per face crop) in the store
 
     def line(self) -> str:
-        rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.embed_seconds > 0 else ""
+        rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.extracted and self.embed_seconds > 0 else ""
         dmg = f", {self.damaged} damaged rows re-embedded" if self.damaged else ""
         same = "; store unchanged, not rewritten" if self.unchanged else ""
-        return (f"{self.out}: {self.rows} images ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
+        faces = f" -> {self.face_rows} face crops" if self.face_rows is not None else ""
+        return (f"{self.out}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
                 f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
                 f"{same}) in {self.seconds:.1f} s{rate}")
 
@@ -87,8 +95,10 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             batch_size: int = 32, workers: int = 1, device: str = "auto", dtype: str = "float32",
             force: bool = False, classes: list[str] | None = None, allow_outside: bool = False,
             commit_every: int = 256, num_shards: int = 1, shard_index: int = 0, progress: bool = True,
-            stop_after: int | None = None, engine: str = "auto") -> Summary:
-    """Bring the store at `out` up to date with `images`. Returns the summary (skips included)."""
+            stop_after: int | None = None, engine: str = "auto", faces: str = "off",
+            faces_fallback: str = "skip") -> Summary:
+    """Bring the store at `out` up to date with `images`. Returns the summary (skips included).
+    `faces`: off | largest | all (features/faces.py); `faces_fallback`: skip | whole, for images without one."""
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype {dtype}: expected float32 or float16")
     if batch_size < 1 or workers < 0 or commit_every < 1:
@@ -98,51 +108,57 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if not 0 <= shard_index < num_shards:
         raise UserError(f"--shard-index {shard_index}: must be in 0..{num_shards - 1} for --num-shards {num_shards}")
+    spec = FaceSpec.make(faces, faces_fallback)
     t0 = time.time()
     target = check_store_out(out if num_shards == 1 else shard_path(out, shard_index, num_shards))
     source = discover(images, classes=classes, allow_outside=allow_outside)
     dev = resolve_device(device)
     key = fingerprint_key(backbone, weights)
+    if key is not None and spec is not None:
+        key["faces"] = spec.to_dict()
     # the store's fingerprint when it recorded the same weights file, preprocessing and libraries (never for hub
     # weights, whose file only timm can find): then nothing to embed means no network to build
     fp = None if force or key is None else store_fingerprint(target, key=key)
     bb = None
     if fp is None:
         bb = load_backbone(backbone, weights=weights, device=dev)
-        fp = bb.fingerprint
+        fp = with_faces(bb.fingerprint, spec)
     with OutputLock(target):
         summary = Summary(out=str(target), skipped=list(source.problems))
-        where, old = _reusable(target, fp, force, summary)
+        where, boxes, old = _reusable(target, fp, force, summary)
         old_paths = old.paths if old is not None else []
         known = {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, old.file_stats, old.sha256)
                  } if old is not None and old.file_stats is not None else {}
         partial = Partial(target, fp, force=force)
         where.update(partial.where)
+        boxes.update(partial.boxes)
         stat_time = time.time_ns()
-        plan = _plan(source, where, partial, summary, num_shards, shard_index, known,
-                     old.stat_time_ns if known else 0)
+        plan = _plan(source, _images_in(where) if spec else where, partial, summary, num_shards, shard_index,
+                     known, old.stat_time_ns if known else 0)
         t_embed = time.time()
         model = None
         if plan.todo and bb is None:  # something to embed after all
-            model = cached_engine(fp) if engine != "torch" and dev == "cpu" else None
+            model = cached_engine(without_faces(fp)) if engine != "torch" and dev == "cpu" else None
             if model is not None:  # the parity-checked ONNX export of exactly this fingerprint: no network needed
                 bb = Backbone(name=backbone, embedder=None, pre=Preprocess.from_json(json.dumps(fp["preprocess"])),
                               dim=int(fp["dim"]), weights_sha256=fp["weights_sha256"])
             else:
                 bb = load_backbone(backbone, weights=weights, device=dev)
-                if bb.fingerprint != fp:
+                if with_faces(bb.fingerprint, spec) != fp:
                     raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store "
                                     f"records ({describe_mismatch(fp, bb.fingerprint)}) although its weights file "
                                     "looks unchanged; re-run with --force to rebuild the store")
         if plan.todo:
             _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
                               dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
-                              engine=engine, model=model)
+                              engine=engine, model=model, faces=spec)
         summary.embed_seconds = time.time() - t_embed if plan.todo else 0.0
-        keep = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
         summary.skipped += [(plan.paths[i], partial.failed[plan.shas[i]]) for i in range(len(plan.shas))
                             if plan.shas[i] in partial.failed]
         where.update(partial.where)
+        boxes.update(partial.boxes)
+        # one row per image, or (face mode) one per face crop of the image, in image order
+        keep, keys, face_index = _rows(plan, where, partial, spec)
         kept_paths = {plan.paths[i] for i in keep}
         summary.removed = sum(1 for p in old_paths if p not in kept_paths)
         shas = [plan.shas[i] for i in keep]
@@ -156,33 +172,62 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                     class_names=source.class_names, fingerprint=fp, root=source.root,
                     skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs,
                     file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
+        if spec is not None:
+            rows.update(face_index=np.array(face_index, np.int32),
+                        face_boxes=np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4))
         summary.unchanged = (old is not None and not summary.extracted and not summary.damaged and not plan.racy
                              and unchanged(target, **rows))
         if not summary.unchanged:
-            write_store(target, blocks=gather_blocks(shas, where, fp["dim"]), dim=fp["dim"], stat_time_ns=stat_time,
+            write_store(target, blocks=gather_blocks(keys, where, fp["dim"]), dim=fp["dim"], stat_time_ns=stat_time,
                         **rows)
         partial.discard()
-    summary.rows = len(keep)
+    summary.rows = len(set(kept_paths))
+    summary.face_rows = len(keep) if spec is not None else None
     summary.seconds = time.time() - t0
     return summary
 
 
-def _reusable(target: Path, fp: dict, force: bool, summary: Summary) -> tuple[Where, Store | None]:
-    """Rows of the existing store at `target` that may be reused (same backbone, checksum intact), and its
-    metadata (None when there is nothing to reuse)."""
+def _images_in(where: Where) -> set[str]:
+    """Face mode: the images (sha256) that have rows, from keys '<sha256>:<face index>'."""
+    return {k.rsplit(":", 1)[0] for k in where}
+
+
+def _rows(plan: Plan, where: Where, partial: Partial, spec: FaceSpec | None
+          ) -> tuple[list[int], list[str], list[int] | None]:
+    """The store's rows: (image index in the plan per row, row key, face index per row or None)."""
+    ok = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
+    if spec is None:
+        return ok, [plan.shas[i] for i in ok], None
+    count = Counter(k.rsplit(":", 1)[0] for k in where)
+    keep, keys, index = [], [], []
+    for i in ok:
+        for k in range(count[plan.shas[i]]):
+            keep.append(i), keys.append(f"{plan.shas[i]}:{k}"), index.append(k)
+    return keep, keys, index
+
+
+def _reusable(target: Path, fp: dict, force: bool, summary: Summary
+              ) -> tuple[Where, dict[str, tuple[int, ...]], Store | None]:
+    """Rows of the existing store at `target` that may be reused (same backbone, checksum intact), by row key;
+    their face boxes (face mode); and its metadata (None when there is nothing to reuse)."""
     old_fp = store_fingerprint(target)
     if old_fp is not None and old_fp != fp and not force:
         raise UserError(f"{target} was made with another backbone ({describe_mismatch(fp, old_fp)}); "
                         f"use another --out, the same backbone, or --force to rebuild it")
     if old_fp != fp:
-        return {}, None
+        return {}, {}, None
     try:
         old = read_store(target, features=False)
     except UserError:
-        return {}, None  # damaged beyond its features (metadata): rebuilt from the images
+        return {}, {}, None  # damaged beyond its features (metadata): rebuilt from the images
     bad = damaged_rows(target)
     summary.damaged = int(bad.sum())
-    return {sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, old
+    if old.face_index is None:
+        return {sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, {}, old
+    broken = {sha for sha, b in zip(old.sha256, bad) if b}  # an image's crops are reused all together or not at all
+    keys = [f"{sha}:{k}" for sha, k in zip(old.sha256, old.face_index.tolist())]
+    return ({key: (target, i) for i, (key, sha) in enumerate(zip(keys, old.sha256)) if sha not in broken},
+            {key: tuple(int(v) for v in b) for key, b in zip(keys, old.face_boxes)}, old)
 
 
 def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_shards: int, shard_index: int,
@@ -216,8 +261,9 @@ def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_
 
 def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summary: Summary, *, batch_size: int,
                       workers: int, device: str, dtype: str, commit_every: int, progress: bool,
-                      stop_after: int | None, engine: str, model=None) -> None:
-    """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted."""
+                      stop_after: int | None, engine: str, model=None, faces: FaceSpec | None = None) -> None:
+    """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted.
+    Face mode: the rows of an image are its crops, keyed '<sha256>:<face index>', committed with their boxes."""
     shas, paths = list(todo), list(todo.values())
     stop = {"signal": None}
 
@@ -228,21 +274,32 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
     buf_sha: list[str] = []
     buf_feat: list[np.ndarray] = []
     buf_fail: dict[str, str] = {}
+    buf_box: list[np.ndarray] = []
     done = 0
 
     def commit() -> None:
         feats = np.concatenate(buf_feat) if buf_feat else np.empty((0, bb.dim), np.float32)
-        partial.commit(buf_sha, feats, buf_fail, dtype)
-        buf_sha.clear(), buf_feat.clear(), buf_fail.clear()
+        partial.commit(buf_sha, feats, buf_fail, dtype,
+                       boxes=np.concatenate(buf_box) if faces is not None and buf_box else None)
+        buf_sha.clear(), buf_feat.clear(), buf_fail.clear(), buf_box.clear()
 
+    kw = dict(batch_size=batch_size, workers=workers, device=device, progress=progress, engine=engine, model=model)
+    if faces is None:
+        batches = ((idx, feats, None, errors) for idx, feats, errors in iter_embeddings(bb, paths, **kw))
+    else:
+        batches = iter_face_embeddings(bb, paths, faces, **kw)
     try:
-        for idx, feats, errors in iter_embeddings(bb, paths, batch_size=batch_size, workers=workers, device=device,
-                                                  progress=progress, engine=engine, model=model):
-            buf_sha.extend(shas[i] for i in idx)
+        for idx, feats, boxes, errors in batches:
+            if faces is None:
+                buf_sha.extend(shas[i] for i in idx)
+            else:  # rows of one image are consecutive: number them 0, 1, ... per image
+                buf_sha.extend(f"{shas[i]}:{k}" for i, k in zip(idx, _ranks(idx)))
+                buf_box.append(boxes)
             buf_feat.append(feats)
             buf_fail.update({shas[i]: e for i, e in errors.items()})
-            summary.extracted += len(idx)
-            done += len(idx) + len(errors)
+            images = len(set(idx))
+            summary.extracted += images
+            done += images + len(errors)
             if len(buf_sha) + len(buf_fail) >= commit_every:
                 commit()
             if stop["signal"] is not None or (stop_after is not None and done >= stop_after):
@@ -253,3 +310,13 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def _ranks(idx: list[int]) -> list[int]:
+    """0, 1, 2 ... within each run of equal consecutive values: [4, 4, 7, 9, 9, 9] -> [0, 1, 0, 0, 1, 2]."""
+    out, prev, k = [], None, 0
+    for i in idx:
+        k = k + 1 if i == prev else 0
+        out.append(k)
+        prev = i
+    return out

@@ -1,6 +1,7 @@
 """Progress of an unfinished extraction (`STORE.h5.partial/`) and the assembly of rows from several sources.
 
-`meta.json` holds the fingerprint; each `chunk-NNNNNN.h5` (sha256 (n,), features (n, D), failures) is written
+`meta.json` holds the fingerprint; each `chunk-NNNNNN.h5` (row keys (n,), features (n, D), failures, and in face
+mode the crop boxes (n, 4)) is written
 to a temp name, fsynced and renamed. A SIGKILL at any moment loses at most the chunk being written; the next
 run reuses every committed chunk whose checksum holds.
 """
@@ -19,17 +20,18 @@ from features.atomic import fsync_replace
 from features.errors import UserError
 from features.store import describe_mismatch, partial_dir
 
-Where = dict[str, tuple[Path, int]]  # image sha256 -> (HDF5 file holding its vector, row)
+Where = dict[str, tuple[Path, int]]  # row key (image sha256, or '<sha256>:<face>') -> (HDF5 file holding it, row)
 
 
 class Partial:
-    """Committed-but-unassembled embeddings of one extraction, keyed by image sha256."""
+    """Committed-but-unassembled embeddings of one extraction, keyed by row key (image sha256 or face key)."""
 
     def __init__(self, store: str | os.PathLike, fingerprint: dict, *, force: bool = False):
         self.dir = partial_dir(store)
         self.fingerprint = fingerprint
         self.where: Where = {}
         self.failed: dict[str, str] = {}  # sha -> reason
+        self.boxes: dict[str, tuple[int, ...]] = {}  # face mode: row key -> crop box (x, y, w, h)
         self._next = 0
         meta = self.dir / "meta.json"
         if self.dir.exists():
@@ -54,9 +56,15 @@ class Partial:
                     shas = [s.decode() for s in f["sha256"][:]]
                     ok = np.isfinite(f["features"][:]).all(1)  # reading verifies the chunk's checksum
                     failed = json.loads(f.attrs.get("failed", "[]"))
+                    boxes = f["boxes"][:].tolist() if "boxes" in f else None
+                if boxes is not None and len(boxes) != len(shas):
+                    raise ValueError("boxes")
+                images_bad = {sha.rsplit(":", 1)[0] for sha, good in zip(shas, ok) if not good}
                 for row, sha in enumerate(shas):
-                    if ok[row]:
+                    if ok[row] and sha.rsplit(":", 1)[0] not in images_bad:  # an image's crops: all or none
                         self.where[sha] = (chunk, row)
+                        if boxes is not None:
+                            self.boxes[sha] = tuple(boxes[row])
                 self.failed.update(dict(failed))
             except (OSError, KeyError, ValueError, TypeError):
                 chunk.unlink(missing_ok=True)  # a damaged chunk: its images are embedded again
@@ -64,14 +72,18 @@ class Partial:
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)  # debris of a commit killed mid-write
 
-    def commit(self, shas: list[str], feats: np.ndarray, failed: dict[str, str], dtype: str) -> None:
-        """Durably add rows (feats (n, D)) and failures. After this returns, a kill loses none of them."""
+    def commit(self, shas: list[str], feats: np.ndarray, failed: dict[str, str], dtype: str,
+               boxes: np.ndarray | None = None) -> None:
+        """Durably add rows (feats (n, D), face boxes (n, 4)) and failures. After this returns, a kill loses none
+        of them."""
         if not shas and not failed:
             return
         dst = self.dir / f"chunk-{self._next:06d}.h5"
         tmp = dst.with_suffix(".h5.tmp")
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("sha256", data=np.array(shas, dtype="S64"))
+            f.create_dataset("sha256", data=np.array(shas, dtype="S80"))  # face keys are '<sha256>:<face>'
+            if boxes is not None:
+                f.create_dataset("boxes", data=np.asarray(boxes, np.int32).reshape(-1, 4))
             f.create_dataset("features", data=feats.astype(dtype, copy=False), fletcher32=len(shas) > 0,
                              chunks=True if len(shas) else None)
             f.attrs["failed"] = json.dumps(sorted(failed.items()))
@@ -79,6 +91,8 @@ class Partial:
         self._next += 1
         for row, sha in enumerate(shas):
             self.where[sha] = (dst, row)
+            if boxes is not None:
+                self.boxes[sha] = tuple(int(v) for v in boxes[row])
         self.failed.update(failed)
 
     def discard(self) -> None:

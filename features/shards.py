@@ -42,29 +42,36 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
         if p.fingerprint != fp or p.class_names != names:
             raise UserError(f"{s}: made with another backbone or class list ({describe_mismatch(fp, p.fingerprint)}); "
                             "re-extract that shard with the same settings")
-    rows: list[tuple[str, int, str, str | None]] = []  # (path, label, sha, group)
+    rows: list[tuple[str, int, int, str, str | None, tuple]] = []  # (path, face, label, row key, group, box)
     where: Where = {}
+    faces = parts[0].face_index is not None
     skipped: set[tuple[str, str]] = set()
     conflicts: list[tuple[str, str]] = []
     for s, p in zip(shards, parts):
         groups = p.groups or [None] * len(p)
-        rows += [(path, int(lab), sha, g or None) for path, lab, sha, g in zip(p.paths, p.labels, p.sha256, groups)]
-        where.update({sha: (s, i) for i, sha in enumerate(p.sha256)})
+        index = p.face_index.tolist() if faces else [0] * len(p)
+        keys = [f"{sha}:{k}" if faces else sha for sha, k in zip(p.sha256, index)]
+        boxes = [tuple(b) for b in p.face_boxes.tolist()] if faces else [()] * len(p)
+        rows += list(zip(p.paths, index, p.labels.tolist(), keys, [g or None for g in groups], boxes))
+        where.update({key: (s, i) for i, key in enumerate(keys)})
         skipped.update(p.skipped)
         conflicts += p.conflicts
-    rows.sort(key=lambda r: r[0])
+    rows.sort(key=lambda r: r[:2])
     with h5py.File(shards[0], "r") as f:
         dtype = str(f.attrs.get("feature_dtype", "float32"))
         weights_path = str(f.attrs.get("weights_path", ""))
-    shas = [r[2] for r in rows]
+    keys = [r[3] for r in rows]
+    face = dict(face_index=np.array([r[1] for r in rows], np.int32),
+                face_boxes=np.array([r[5] for r in rows], np.int32).reshape(-1, 4)) if faces else {}
     with OutputLock(out):
-        write_store(out, blocks=gather_blocks(shas, where, parts[0].dim), dim=parts[0].dim, dtype=dtype,
-                    labels=np.array([r[1] for r in rows], dtype=np.int64), paths=[r[0] for r in rows], sha256=shas,
-                    groups=[r[3] for r in rows], class_names=names, fingerprint=fp, root=parts[0].root,
-                    skipped=sorted(skipped), conflicts=conflicts,
-                    attrs={"weights_path": weights_path, "feature_dtype": dtype})
-    return Summary(out=str(out), reused=len(rows), rows=len(rows), skipped=sorted(skipped), conflicts=conflicts,
-                   seconds=time.time() - t0)
+        write_store(out, blocks=gather_blocks(keys, where, parts[0].dim), dim=parts[0].dim, dtype=dtype,
+                    labels=np.array([r[2] for r in rows], dtype=np.int64), paths=[r[0] for r in rows],
+                    sha256=[k.split(":")[0] for k in keys], groups=[r[4] for r in rows], class_names=names,
+                    fingerprint=fp, root=parts[0].root, skipped=sorted(skipped), conflicts=conflicts,
+                    attrs={"weights_path": weights_path, "feature_dtype": dtype}, **face)
+    images = len({r[0] for r in rows})
+    return Summary(out=str(out), reused=images, rows=images, skipped=sorted(skipped), conflicts=conflicts,
+                   seconds=time.time() - t0, face_rows=len(rows) if faces else None)
 
 
 def extract_distributed(*, out: str, rank: int, world: int, echo=print, progress: bool = True, **kw) -> Summary:

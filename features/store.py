@@ -5,6 +5,8 @@ A complete store is one plain HDF5 file anyone can read with h5py:
     labels (N,) int64, -1 = unlabelled (fletcher32)     sha256 (N,) S64 hex of the image bytes (fletcher32)
     paths (N,) UTF-8 (relative to attr `root`)          groups (N,) UTF-8 (only when the manifest had `group`)
     skipped_paths / skipped_reasons (K,) UTF-8          conflict_paths / conflict_reasons (M,) UTF-8
+    face mode only (fingerprint["faces"], features/faces.py): one row per face crop, so an image may have several
+    face_index (N,) int32 0.. within the image            face_boxes (N, 4) int32 crop x, y, w, h (upright pixels)
     attrs: class_names (JSON), backbone, weights_sha256, preprocess (JSON), dim, fingerprint (JSON), root,
            meta_sha256 (digest of labels, paths, sha256, groups, class names, fingerprint), schema_version=2,
            complete=1, created
@@ -65,14 +67,20 @@ class Store:
     schema_version: int = SCHEMA_VERSION
     file_stats: np.ndarray | None = None  # (N, 3) int64 size, mtime_ns, inode when hashed (extract's cache)
     stat_time_ns: int = 0  # when that hashing pass started
+    face_index: np.ndarray | None = None  # (N,) int32, face mode only: which face of its image a row is
+    face_boxes: np.ndarray | None = None  # (N, 4) int32, face mode only: the crop (x, y, w, h) the row embeds
 
     def __len__(self) -> int:
         return len(self.paths)
 
 
 def meta_digest(labels: np.ndarray, paths: list[str], sha256: list[str], groups: list[str] | None,
-                class_names: list[str], fingerprint: dict) -> str:
+                class_names: list[str], fingerprint: dict, face_index: np.ndarray | None = None,
+                face_boxes: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
+    if face_index is not None:  # face mode; stores without faces keep the digest they always had
+        h.update(np.ascontiguousarray(face_index, dtype="<i4").tobytes())
+        h.update(np.ascontiguousarray(face_boxes, dtype="<i4").tobytes())
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     for part in (paths, sha256, groups or [], class_names):
         h.update("\n".join(part).encode("utf-8", "surrogateescape") + b"\0")
@@ -146,9 +154,16 @@ def _read(f: h5py.File, p: Path, features: bool) -> Store:
     if not all(isinstance(c, str) and c for c in class_names) or len(set(class_names)) != len(class_names):
         raise _damaged(p, "class_names must be distinct non-empty strings")
     labels = labels.astype(np.int64)
+    face_index = face_boxes = None
+    if fingerprint.get("faces"):
+        if "face_index" not in f or "face_boxes" not in f:
+            raise _damaged(p, "face mode store without face_index / face_boxes")
+        face_index, face_boxes = f["face_index"][:].astype(np.int32), f["face_boxes"][:].astype(np.int32)
+        if face_index.shape != (n,) or face_boxes.shape != (n, 4):
+            raise _damaged(p, f"{n} rows but face_index {face_index.shape}, face_boxes {face_boxes.shape}")
     if version >= 2:
         want = str(f.attrs.get("meta_sha256", ""))
-        if want != meta_digest(labels, paths, sha, groups, class_names, fingerprint):
+        if want != meta_digest(labels, paths, sha, groups, class_names, fingerprint, face_index, face_boxes):
             raise _damaged(p, "labels, paths or hashes do not match their checksum")
     elif features:
         raise UserError(f"{p}: made by an older imgsent (store schema 1, no checksums); re-run imgsent extract "
@@ -172,7 +187,8 @@ def _read(f: h5py.File, p: Path, features: bool) -> Store:
                  skipped=_records(f, "skipped"), conflicts=_records(f, "conflict"),
                  shard=json.loads(f.attrs["shard"]) if "shard" in f.attrs else None,
                  weights_path=str(f.attrs.get("weights_path", "")) or None, dim=d, schema_version=version,
-                 file_stats=stats, stat_time_ns=int(f.attrs.get("stat_time_ns", 0)) if stats is not None else 0)
+                 file_stats=stats, stat_time_ns=int(f.attrs.get("stat_time_ns", 0)) if stats is not None else 0,
+                 face_index=face_index, face_boxes=face_boxes)
 
 
 def damaged_rows(path: str | os.PathLike) -> np.ndarray:
@@ -222,7 +238,8 @@ def describe_mismatch(want: dict, have: dict) -> str:
 def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: list[str], sha256: list[str],
               groups: list[str | None] | None, class_names: list[str], fingerprint: dict, root: str = "",
               skipped: list[tuple[str, str]] = (), conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
-              file_stats: np.ndarray | None = None) -> bool:
+              file_stats: np.ndarray | None = None, face_index: np.ndarray | None = None,
+              face_boxes: np.ndarray | None = None) -> bool:
     """Does the complete store at `out` already hold what write_store would write from these arguments and its
     own feature rows? Then extract leaves it alone: same bytes, same mtime, nothing for DVC to re-hash."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -234,7 +251,8 @@ def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: 
             fp = {**fingerprint, "dim": ds.shape[1]}
             same = (int(f.attrs.get("complete", 0)) == 1 and int(f.attrs.get("schema_version", 0)) == SCHEMA_VERSION
                     and ds.dtype == np.dtype(dtype) and ds.shape[0] == len(paths)
-                    and f.attrs.get("meta_sha256") == meta_digest(labels, paths, list(sha256), grp, class_names, fp)
+                    and f.attrs.get("meta_sha256") == meta_digest(labels, paths, list(sha256), grp, class_names, fp,
+                                                                  face_index, face_boxes)
                     and json.loads(f.attrs["fingerprint"]) == fp and str(f.attrs.get("root", "")) == root
                     and _records(f, "skipped") == [(safe_text(p), r) for p, r in skipped]
                     and _records(f, "conflict") == [(safe_text(p), r) for p, r in conflicts]
@@ -251,7 +269,8 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
                 paths: list[str], sha256: list[str], groups: list[str | None] | None, class_names: list[str],
                 fingerprint: dict, root: str = "", skipped: list[tuple[str, str]] = (),
                 conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
-                file_stats: np.ndarray | None = None, stat_time_ns: int = 0) -> None:
+                file_stats: np.ndarray | None = None, stat_time_ns: int = 0, face_index: np.ndarray | None = None,
+                face_boxes: np.ndarray | None = None) -> None:
     """The one writer of the schema. `blocks` yields feature rows (b, D) in row order, so memory stays O(block);
     the file is built under a temp name and renamed into place when complete. `file_stats` (N, 3): the size,
     mtime_ns and inode of each row's file when the pass starting at `stat_time_ns` hashed it."""
@@ -269,6 +288,9 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
         f.create_dataset("sha256", data=np.array(sha256, dtype="S64"), **ck)
         if grp is not None:
             f.create_dataset("groups", data=grp, dtype=STR)
+        if face_index is not None:
+            f.create_dataset("face_index", data=np.asarray(face_index, np.int32).reshape(n), **ck)
+            f.create_dataset("face_boxes", data=np.asarray(face_boxes, np.int32).reshape(n, 4), **ck)
         if file_stats is not None:
             f.create_dataset("file_stat", data=np.asarray(file_stats, np.int64).reshape(n, 3), **ck)
             f.attrs["stat_time_ns"] = int(stat_time_ns)
@@ -290,6 +312,7 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
                         "backbone": str(fingerprint.get("backbone", "")), "dim": dim, "root": root,
                         "weights_sha256": str(fingerprint.get("weights_sha256", "")),
                         "preprocess": json.dumps(fingerprint.get("preprocess", {}), sort_keys=True),
-                        "meta_sha256": meta_digest(labels, paths, list(sha256), grp, class_names, fingerprint),
+                        "meta_sha256": meta_digest(labels, paths, list(sha256), grp, class_names, fingerprint,
+                                                   face_index, face_boxes),
                         "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         f.attrs["complete"] = 1  # last: a store without it is never read

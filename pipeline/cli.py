@@ -40,6 +40,9 @@ def extract(
     progress: bool = typer.Option(True, help="show a progress bar"),
     engine: str = typer.Option("auto", help="CPU forward engine: auto (onnxruntime when its features match "
                                "torch's, else torch) | onnx | torch"),
+    faces: str = typer.Option("off", help="photos of people: off | largest (the largest face's crop) | all (one "
+                              "row per face)"),
+    faces_fallback: str = typer.Option("skip", help="an image without a face: skip (recorded as skipped) | whole"),
 ) -> None:
     """Embed every image once with a frozen backbone into an HDF5 store (incremental, resumable)."""
     from features.extract import Interrupted
@@ -51,7 +54,8 @@ def extract(
     rank, world = torchrun_rank()
     kw = dict(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
               device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
-              allow_outside=allow_outside, commit_every=commit_every, progress=progress, engine=engine)
+              allow_outside=allow_outside, commit_every=commit_every, progress=progress, engine=engine,
+              faces=faces, faces_fallback=faces_fallback)
     try:
         if num_shards is None and world > 1:
             s = extract_distributed(rank=rank, world=world, echo=typer.echo, **kw)
@@ -172,7 +176,7 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
             ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "
                                                "than this quantile of the training images themselves (1 = never)")) -> None:
     """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,error."""
-    from pipeline.predict import check_predict_args, check_prediction_out, load_model, write_prediction_csv
+    from pipeline.predict import check_predict_args, check_prediction_out, faces_csv, load_model, write_prediction_csv
     check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
                        ood_quantile=ood_quantile, engine=engine)
     check_prediction_out(out)
@@ -180,11 +184,14 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
                                                         workers=workers, progress=progress, engine=engine,
                                                         ood_quantile=ood_quantile)
     write_prediction_csv(out, pred)
-    bad = sum(1 for e in pred.errors if e)
+    bad = Counter(e.split(" (")[0].split(":")[0] for e in pred.errors if e)  # short reasons; the CSV has them all
+    failed = f"{sum(bad.values())} failed" + (" (" + "; ".join(f"{n} x {why}" for why, n in bad.most_common(3)) + ")"
+                                              if bad else "")
     rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""
     far = "" if pred.ood_scores is None else \
         f", {int((pred.ood_scores > pred.ood_threshold).sum())} unlike the training images (labelled unsure)"
-    typer.echo(f"{out}: {len(pred.paths)} images, {bad} unreadable{far} in {pred.seconds:.1f} s{rate}")
+    faces = "" if pred.faces is None else f", {len(pred.faces.image)} faces (one row each in {faces_csv(out)})"
+    typer.echo(f"{out}: {len(pred.paths)} images{faces}, {failed}{far} in {pred.seconds:.1f} s{rate}")
 
 
 def main() -> None:

@@ -11,14 +11,17 @@ from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.calibration import softmax
 from pipeline.head import HeadNet, head_logits
-from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
+from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, write_confusion,
+                              write_predictions)
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.rows import open_rows
 
 
-def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]
+                   ) -> tuple[list[str], np.ndarray, np.ndarray, str, dict[str, list]]:
     """Labelled rows of held-out store(s) -> (paths, labels in the model's class order (N,), uncalibrated
-    logits (N, C), image root). Refuses stores from other backbones or with unknown classes."""
+    logits (N, C), image root, face columns (face,x,y,w,h per row in face mode, else {})). Refuses stores from
+    other backbones or with unknown classes."""
     names = info.class_names
     rows = open_rows(stores, expect=info.backbones, intersect=True)
     labels = rows.labels
@@ -34,7 +37,8 @@ def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]) -> tupl
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
     logits = head_logits(head, rows, lab)
-    return [p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root
+    return ([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root,
+            face_columns(rows.face_index, rows.face_boxes, lab))
 
 
 def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
@@ -43,7 +47,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)
     names = info.class_names
-    paths, y, logits, _ = predict_stores(head=head, info=info, stores=stores)
+    paths, y, logits, _, faces = predict_stores(head=head, info=info, stores=stores)
     t = info.temperature
     probs = softmax(logits, t)
     pred = probs.argmax(1)
@@ -60,11 +64,12 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
         np.save(d / "logits.npy", logits)
         write_confusion(d / "confusion.csv", y, pred, names)
         write_predictions(d / "predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
-                          class_names=names)
+                          class_names=names, extra=faces)
         write_predictions(d / "misclassified.csv", paths=[paths[i] for i in wrong],
                           labels=[names[y[i]] for i in wrong], probs=probs[wrong], class_names=names,
                           extra={"p_true": [f"{probs[i, y[i]]:.6f}" for i in wrong],
-                                 "loss": [f"{loss[i]:.4f}" for i in wrong]})
+                                 "loss": [f"{loss[i]:.4f}" for i in wrong],
+                                 **{k: [v[i] for i in wrong] for k, v in faces.items()}})
     progress(f"{out}: {len(y)} held-out images: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
              f"{len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
     return metrics

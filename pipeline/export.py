@@ -46,6 +46,9 @@ class Exported(nn.Module):
 def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
     """The exportable module, its metadata and the loaded backbones (each loaded once)."""
     m = load_model(model_dir, device="cpu")
+    if m.faces is not None:
+        raise UserError(f"{model_dir}: trained on face crops (--faces {m.faces.mode}); an exported model cannot "
+                        "carry OpenCV's face detector, so export refuses it: use `imgsent predict` or the Python API")
     embedders, configs = [], []
     for bb in m.backbones:
         c = 1 if bb.pre.grayscale else 3

@@ -42,6 +42,8 @@ class ExtractParams:
     workers: int = _f(lo=0, hi=256)
     device: str = _f(choices=("auto", "cpu", "cuda"))
     dtype: str = _f(choices=("float32", "float16"))
+    faces: str = _f(choices=("off", "largest", "all"))  # photos of people: embed face crops (features/faces.py)
+    faces_fallback: str = _f(choices=("skip", "whole"))  # an image without a face: skipped, or embedded whole
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ def _check(section: str, f: dataclasses.Field, value, hint):
             value = float(value)
         except ValueError:
             pass
+    if hint is str and value is False and "off" in (f.metadata.get("choices") or ()):
+        value = "off"  # YAML 1.1 reads an unquoted off as false: take what is meant
     if not isinstance(value, hint) or isinstance(value, bool) and hint is not bool:
         raise UserError(f"params: {key}={value!r}: expected {hint.__name__}")
     m = f.metadata

@@ -1,6 +1,9 @@
 """Images -> labels with calibrated probabilities, through every backbone the model was trained on.
 
     p = load_model("out/model").predict(["a.jpg", "photos/"])   # p.labels, p.probs (N, C), p.class_names
+
+A model trained on face-mode stores (features/faces.py) detects faces the same way, classifies every face crop
+(p.faces) and gives each image the mean of its faces' calibrated probabilities.
 """
 from __future__ import annotations
 
@@ -14,14 +17,26 @@ import torch
 
 from features.atomic import OutputLock, atomic_file, check_output
 from features.backbones import Backbone, load_backbone
-from features.embed import iter_embeddings, resolve_device
+from features.embed import iter_embeddings, iter_face_embeddings, resolve_device
 from features.engine import ENGINES
 from features.errors import UserError
+from features.faces import spec_of, without_faces
 from features.sources import unsupported, walk_images
 from features.store import describe_mismatch, safe_text
 from pipeline.head import HeadNet
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
+
+
+@dataclass
+class FaceRows:
+    """Face mode: one entry per face crop, in image order."""
+    image: np.ndarray  # (R,) index into Predictions.paths
+    face: np.ndarray  # (R,) 0.. within the image (left to right)
+    boxes: np.ndarray  # (R, 4) crop x, y, w, h in the upright image
+    probs: np.ndarray  # (R, C) calibrated
+    labels: list[str]  # as Predictions.labels, per face
+    ood_scores: np.ndarray | None = None  # (R,)
 
 
 @dataclass
@@ -34,6 +49,7 @@ class Predictions:
     seconds: float = 0.0
     ood_scores: np.ndarray | None = None  # (N,) k-NN distance to the training images (pipeline/ood.py); NaN on
     ood_threshold: float | None = None  # failures; None for a model directory without ood.npz
+    faces: FaceRows | None = None  # face mode: every face; then probs / ood_scores are the means over an image's faces
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
@@ -72,6 +88,8 @@ class Predictor:
         self.device = resolve_device(device)
         self._backbones: list[Backbone] | None = None
         self.ood = load_ood(self.dir, self.info.ood, self.info.dim) if self.info.ood else None  # (ref, loo)
+        specs = [spec_of(fp) for fp in self.info.backbones]
+        self.faces = next((sp for sp in specs if sp is not None), None)  # one face setting per model (rows.py)
 
     @property
     def backbones(self) -> list[Backbone]:
@@ -79,27 +97,57 @@ class Predictor:
             loaded = []
             for fp, w in zip(self.info.backbones, self.info.backbone_weights):
                 bb = load_backbone(fp["backbone"], weights=w, device=self.device)
-                if bb.fingerprint != fp:
+                if bb.fingerprint != without_faces(fp):
                     raise UserError(f"{self.dir}: backbone {fp['backbone']} here differs from the one the model was "
                                     f"trained on ({describe_mismatch(fp, bb.fingerprint)}); install the same weights")
                 loaded.append(bb)
             self._backbones = loaded
         return self._backbones
 
-    def embed(self, paths: list[str], *, batch_size: int = 32, workers: int = 0,
-              progress: bool = False, engine: str = "auto") -> tuple[np.ndarray, list[str]]:
-        """Features (N, sum D) with NaN rows for images that failed, and the error per image."""
-        blocks, errors = [], [""] * len(paths)
-        for bb in self.backbones:
-            block = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
-            for idx, feats, errs in iter_embeddings(bb, paths, batch_size=batch_size, workers=workers,
-                                                    device=self.device, progress=progress, desc=bb.name,
-                                                    engine=engine):
-                block[idx] = feats
+    def embed(self, paths: list[str], *, batch_size: int = 32, workers: int = 0, progress: bool = False,
+              engine: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
+        """(features (R, sum D), image index per row (R,), crop boxes (R, 4) or None, error per image): one row
+        per image that worked, or in face mode one per face (a whole-image backbone's row is repeated for every
+        face of its image, as in training)."""
+        errors = [""] * len(paths)
+        whole: dict[int, np.ndarray] = {}  # backbone -> (N, D), NaN where the image failed
+        crops: dict[int, dict[int, list]] = {}  # face backbone -> image -> [(box, (D,) features)] left to right
+        kw = dict(batch_size=batch_size, workers=workers, device=self.device, progress=progress, engine=engine)
+        for j, bb in enumerate(self.backbones):
+            if spec_of(self.info.backbones[j]) is None:
+                whole[j] = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
+                batches = ((idx, f, None, e) for idx, f, e in iter_embeddings(bb, paths, desc=bb.name, **kw))
+            else:
+                crops[j] = {}
+                batches = iter_face_embeddings(bb, paths, self.faces, desc=bb.name, **kw)
+            for idx, feats, boxes, errs in batches:
+                if j in whole:
+                    whole[j][idx] = feats
+                else:
+                    for i, b, f in zip(idx, boxes.tolist(), feats):
+                        crops[j].setdefault(i, []).append((tuple(b), f))
                 for i, e in errs.items():
                     errors[i] = errors[i] or e
-            blocks.append(block)
-        return np.concatenate(blocks, axis=1), errors
+        rows: list[tuple[int, int]] = []  # (image, face)
+        boxes: list[tuple] = []
+        for i in range(len(paths)):
+            if errors[i]:
+                continue
+            if not crops:
+                rows.append((i, 0))
+                continue
+            found = [[b for b, _ in c.get(i, [])] for c in crops.values()]
+            if any(f != found[0] for f in found):  # the detector is deterministic: only a broken install gets here
+                errors[i] = "face crops differ between backbones"
+                continue
+            rows += [(i, k) for k in range(len(found[0]))]
+            boxes += found[0]
+        cols = [whole[j][[i for i, _ in rows]] if j in whole else
+                np.array([crops[j][i][k][1] for i, k in rows], np.float32).reshape(len(rows), -1)
+                for j in range(len(self.backbones))]
+        owner = np.array([i for i, _ in rows], dtype=np.int64)
+        feats = np.concatenate(cols, axis=1) if rows else np.zeros((0, self.info.dim), np.float32)  # (R, D)
+        return feats, owner, np.array(boxes, np.int64).reshape(-1, 4) if crops else None, errors
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Raw features (N, D) -> calibrated probabilities (N, C)."""
@@ -113,33 +161,46 @@ class Predictor:
                            ood_quantile=ood_quantile, engine=engine)
         t0 = time.time()
         paths, type_errors = expand_paths(list(inputs))
-        todo = [i for i in range(len(paths)) if i not in type_errors]
-        feats, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers, progress=progress,
-                                 engine=engine)
+        todo = np.array([i for i in range(len(paths)) if i not in type_errors], dtype=np.int64)
+        feats, owner, boxes, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers,
+                                               progress=progress, engine=engine)
+        owner = todo[owner]  # (R,) index into paths
         errors = [type_errors.get(i, "") for i in range(len(paths))]
-        probs = np.full((len(paths), len(self.class_names)), np.nan, dtype=np.float32)
-        ok = [i for i, e in zip(todo, errs) if not e]
         for i, e in zip(todo, errs):
             errors[i] = e
-        scores, thr = np.full(len(paths), np.nan, dtype=np.float32), None
-        if ok:
-            good = feats[[j for j, e in enumerate(errs) if not e]]  # (n, D)
-            probs[ok] = self.predict_features(good)
-            if self.ood is not None:
-                ref, loo = self.ood
-                scores[ok] = knn_distance(normalise(good, self.head.mean.numpy(), self.head.scale.numpy()), ref)
+        n, c = len(paths), len(self.class_names)
+        row_probs = self.predict_features(feats) if len(feats) else np.zeros((0, c), np.float32)  # (R, C)
+        row_scores = np.full(len(feats), np.nan, dtype=np.float32)
+        thr = None
         if self.ood is not None:
+            if len(feats):
+                row_scores = knn_distance(normalise(feats, self.head.mean.numpy(), self.head.scale.numpy()),
+                                          self.ood[0]).astype(np.float32)
             thr = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else float("inf")
-        labels = []
-        for i in range(len(paths)):
-            if errors[i]:
-                labels.append("")
-            elif probs[i].max() < min_confidence or (thr is not None and scores[i] > thr):
-                labels.append("unsure")
-            else:
-                labels.append(self.class_names[int(probs[i].argmax())])
+        # per image: the mean over its rows (one row unless in face mode)
+        count = np.bincount(owner, minlength=n)[:, None]  # (N, 1)
+        with np.errstate(invalid="ignore"):
+            probs = _sum_rows(row_probs, owner, n) / count  # NaN rows for images that failed
+            scores = _sum_rows(row_scores[:, None], owner, n)[:, 0] / count[:, 0]
+        probs, scores = probs.astype(np.float32), scores.astype(np.float32)
+
+        def label(p: np.ndarray, score: float, err: str) -> str:
+            if err:
+                return ""
+            if p.max() < min_confidence or (thr is not None and score > thr):
+                return "unsure"
+            return self.class_names[int(p.argmax())]
+
+        labels = [label(probs[i], scores[i], errors[i]) for i in range(n)]
+        faces = None
+        if boxes is not None:
+            face = np.concatenate([np.arange(k) for k in np.bincount(owner, minlength=n)]).astype(np.int64) \
+                if len(owner) else np.zeros(0, np.int64)
+            faces = FaceRows(image=owner, face=face, boxes=boxes, probs=row_probs,
+                             labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
+                             ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
-                           scores if self.ood is not None else None, thr)
+                           scores if self.ood is not None else None, thr, faces)
 
 
 def check_predict_args(*, batch_size: int, workers: int, min_confidence: float, ood_quantile: float,
@@ -155,6 +216,13 @@ def check_predict_args(*, batch_size: int, workers: int, min_confidence: float, 
         raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
 
 
+def _sum_rows(x: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Per-image sums of row values: (R, K) -> (N, K) float64 (0 for images without rows)."""
+    out = np.zeros((n, x.shape[1]), np.float64)
+    np.add.at(out, owner, x)
+    return out
+
+
 def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:
     return Predictor(model_dir, device=device)
 
@@ -168,19 +236,55 @@ def _is_prediction_csv(p: Path) -> bool:
 
 
 def check_prediction_out(out: str | Path) -> Path:
+    """Both files predict may write (the per-face one in face mode), checked before any work."""
+    check_output(faces_csv(out), folder=False, is_ours=_is_faces_csv, what="per-face predictions CSV")
     return check_output(out, folder=False, is_ours=_is_prediction_csv, what="predictions CSV")
 
 
+def faces_csv(out: str | Path) -> Path:
+    """Where predict writes one row per face in face mode: predictions.csv -> predictions.faces.csv."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.faces{out.suffix or '.csv'}")
+
+
+def _is_faces_csv(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8") as f:
+            return f.readline().startswith("path,face,x,y,w,h,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
-    """path,predicted,confidence,ood_score,p_<class>...,error: one row per input, failures included; whole or not
-    at all. ood_score is empty for a model directory made before the out-of-distribution check existed."""
+    """path,predicted,confidence,ood_score,p_<class>...[,faces],error: one row per input, failures included; whole
+    or not at all. ood_score is empty for a model directory made before the out-of-distribution check existed.
+    Face mode adds the number of faces per image, and faces_csv(out): path,face,x,y,w,h,predicted,confidence,
+    ood_score,p_<class>... for every face crop (the image's row holds the mean of its faces' probabilities)."""
     scores = pred.ood_scores if pred.ood_scores is not None else np.full(len(pred.paths), np.nan)
-    with OutputLock(out), atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "predicted", "confidence", "ood_score", *[f"p_{c}" for c in pred.class_names], "error"])
-        for p, lab, pr, err, sc in zip(pred.paths, pred.labels, pred.probs, pred.errors, scores):
-            if err:
-                w.writerow([safe_text(p), "", "", "", *[""] * len(pred.class_names), err])
-            else:
-                w.writerow([safe_text(p), lab, f"{pr.max():.6f}", "" if np.isnan(sc) else f"{sc:.6f}",
-                            *[f"{q:.6f}" for q in pr], ""])
+    names = pred.class_names
+    fr = pred.faces
+    counts = np.bincount(fr.image, minlength=len(pred.paths)) if fr is not None else None
+
+    def num(x: float) -> str:
+        return "" if np.isnan(x) else f"{x:.6f}"
+
+    with OutputLock(out):
+        if fr is not None:
+            fscores = fr.ood_scores if fr.ood_scores is not None else np.full(len(fr.image), np.nan)
+            with atomic_file(faces_csv(out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "face", "x", "y", "w", "h", "predicted", "confidence", "ood_score",
+                            *[f"p_{c}" for c in names]])
+                for i, k, b, pr, lab, sc in zip(fr.image, fr.face, fr.boxes, fr.probs, fr.labels, fscores):
+                    w.writerow([safe_text(pred.paths[i]), int(k), *[int(v) for v in b], lab, f"{pr.max():.6f}",
+                                num(sc), *[f"{q:.6f}" for q in pr]])
+        with atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "predicted", "confidence", "ood_score", *[f"p_{c}" for c in names],
+                        *(["faces"] if fr is not None else []), "error"])
+            for i, (p, lab, pr, err, sc) in enumerate(zip(pred.paths, pred.labels, pred.probs, pred.errors, scores)):
+                nf = [int(counts[i])] if fr is not None else []
+                if err:
+                    w.writerow([safe_text(p), "", "", "", *[""] * len(names), *nf, err])
+                else:
+                    w.writerow([safe_text(p), lab, f"{pr.max():.6f}", num(sc), *[f"{q:.6f}" for q in pr], *nf, ""])

@@ -42,6 +42,8 @@ class Split:
     probs: np.ndarray  # (N, C) calibrated
     root: str
     fold: np.ndarray | None = None
+    boxes: np.ndarray | None = None  # (N, 4) face mode: the crop each row embeds, drawn on its thumbnail
+    face: np.ndarray | None = None  # (N,) face mode: which face of its image
 
 
 def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
@@ -57,13 +59,16 @@ def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
         logits = np.load(z, allow_pickle=False)
         y = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
         fold = np.array([int(r["fold"]) for r in rows])
+        faced = bool(rows) and "face" in rows[0]
+        face = np.array([int(r["face"]) for r in rows], dtype=np.int64) if faced else None
+        boxes = np.array([[int(r[k]) for k in "xywh"] for r in rows], dtype=np.int64).reshape(-1, 4) if faced else None
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{f}: damaged (unreadable rows, unknown labels or no fold column); re-run imgsent train-head") from None
     if logits.shape != (len(rows), len(names)) or not np.isfinite(logits).all():
         raise UserError(f"{z}: shape {logits.shape} does not match {len(rows)} rows x {len(names)} classes; "
                         "re-run imgsent train-head")
     return Split("cross-validation (out-of-fold)", [r["path"] for r in rows], y, softmax(logits, info.temperature),
-                 info.image_root, fold)
+                 info.image_root, fold, boxes, face)
 
 
 def bootstrap_ci(y: np.ndarray, pred: np.ndarray, n_classes: int, *, n_boot: int = 1000,
@@ -78,14 +83,18 @@ def bootstrap_ci(y: np.ndarray, pred: np.ndarray, n_classes: int, *, n_boot: int
     return {"accuracy": q(acc), "macro_f1": q(f1)}
 
 
-def _thumb(root: str, path: str, size: int = 96) -> str:
-    """Inline JPEG data URI, or '' when the image cannot be read any more."""
-    from PIL import Image
+def _thumb(root: str, path: str, size: int = 96, box=None) -> str:
+    """Inline JPEG data URI, or '' when the image cannot be read any more. Face mode: the crop box drawn on it."""
+    from PIL import Image, ImageDraw
     full = Path(path) if Path(path).is_absolute() else Path(root) / path
     try:
         im = Image.fromarray(decode(str(full)))
     except (ValueError, OSError):
         return ""
+    if box is not None:
+        x, y, w, h = (int(v) for v in box)
+        ImageDraw.Draw(im).rectangle([x, y, x + w - 1, y + h - 1], outline=(255, 32, 32),
+                                     width=max(2, round(max(im.size) / size * 1.5)))  # ~1.5 px after thumbnailing
     im.thumbnail((size, size))
     b = io.BytesIO()
     im.save(b, "JPEG", quality=85)
@@ -134,7 +143,7 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
 
 def _card(split: Split, names: list[str], i: int, pred: int, p_true: float, word: str = "pred") -> str:
     e = html.escape
-    src = _thumb(split.root, split.paths[i])
+    src = _thumb(split.root, split.paths[i], box=split.boxes[i] if split.boxes is not None else None)
     img = f"<img src='{src}' alt='{e(split.paths[i], quote=True)}'>" if src else "<div class=missing>image unavailable</div>"
     return (f"<figure>{img}<figcaption><code>{e(split.paths[i])}</code><br>true <b>{e(names[split.y[i]])}</b> "
             f"p={p_true:.2f}<br>{word} <b>{e(names[pred])}</b> p={split.probs[i, pred]:.2f}</figcaption></figure>")
@@ -156,8 +165,9 @@ def _training_rows(info: ModelInfo, oof: Split):
         return None, None, f"the training store cannot be read ({err})"
     if not rows.in_memory:
         return None, None, "the training features exceed the memory budget; these checks need them in memory"
-    idx = {p: i for i, p in enumerate(rows.paths)}
-    at = [idx.get(p) for p in oof.paths]
+    face = rows.face_index if rows.face_index is not None else np.zeros(len(rows), np.int64)
+    idx = {(p, int(k)): i for i, (p, k) in enumerate(zip(rows.paths, face))}
+    at = [idx.get((p, int(k))) for p, k in zip(oof.paths, oof.face if oof.face is not None else [0] * len(oof.paths))]
     if any(i is None for i in at) or rows.class_names != info.class_names:
         return None, None, ("the training store no longer holds the images and classes the model was trained on "
                             "(re-extracted since?); re-run train-head")
@@ -261,8 +271,10 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
     oof = _oof_split(md, info)
     test = None
     if test_stores:
-        paths, y, logits, troot = predict_stores(head=head, info=info, stores=test_stores)
-        test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot)
+        paths, y, logits, troot, faces = predict_stores(head=head, info=info, stores=test_stores)
+        test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot,
+                     boxes=np.array([faces[k] for k in "xywh"]).T.reshape(-1, 4) if faces else None,
+                     face=np.array(faces["face"]) if faces else None)
     with atomic_dir(out_dir) as d:
         body, summary = _section(oof, names, d, "cv", gallery)
         extra, found = _insight_sections(info, oof, names, d, gallery)

@@ -3,7 +3,8 @@ HDF5 file in chunk-aligned blocks when they exceed the memory budget. Both give 
 the fit loop and evaluation have one code path for every store size.
 
 Several stores (one per backbone) are joined by image content and their features concatenated, block
-after block, in the order given (in memory only).
+after block, in the order given (in memory only). Face-mode stores (one row per face crop) join on
+(image, face index) with each other and broadcast a whole-image store's row to every face of that image.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class Rows:
     dim: int
     features: np.ndarray | None = None  # (N, D) float32 when in memory, else None: read with blocks()
     block_rows: int = 8192
+    face_index: np.ndarray | None = None  # (N,) face mode: which face of its image each row is
+    face_boxes: np.ndarray | None = None  # (N, 4) face mode: crop x, y, w, h
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -121,17 +124,36 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
     if len(parts) == 1:
         block = max(256, budget // (16 * 4 * max(base.dim, 1)))  # a few blocks in flight stay within budget
         return Rows(base.labels, base.paths, base.sha256, base.groups, dim=base.dim, features=base.features,
-                    block_rows=block, **common)
-    # Join on (sha256, path): the same picture under two paths is two rows in every store.
-    keys = [dict(((sha, p), i) for i, (sha, p) in enumerate(zip(s.sha256, s.paths))) for s in parts]
-    shared = set(keys[0]).intersection(*keys[1:])
-    if not intersect and any(len(k) != len(shared) for k in keys):
-        counts = ", ".join(f"{s.path}: {len(k)}" for s, k in zip(parts, keys))
-        raise UserError(f"stores hold different images ({counts}; {len(shared)} shared); "
+                    block_rows=block, face_index=base.face_index, face_boxes=base.face_boxes, **common)
+    faced = [s for s in parts if s.face_index is not None]
+    for s in faced[1:]:
+        if s.fingerprint["faces"] != faced[0].fingerprint["faces"]:
+            raise UserError(f"{s.path}: its faces were cut with other settings than {faced[0].path}'s; re-extract "
+                            "both with the same --faces / --faces-fallback and OpenCV")
+    lead = faced[0] if faced else base  # the rows: every face of a face-mode store, else every image
+    # Join on (sha256, path[, face]): the same picture under two paths is two rows in every store.
+    keys = [dict((_key(s, i), i) for i in range(len(s))) for s in parts]
+    images = [{k[:2] for k in ks} for ks in keys]
+    shared_images = set.intersection(*images)
+    if not intersect and any(len(im) != len(shared_images) for im in images):
+        counts = ", ".join(f"{s.path}: {len(im)}" for s, im in zip(parts, images))
+        hint = (" (face mode skips images without a face: use --faces-fallback whole, or --intersect)"
+                if faced and len(faced) < len(parts) else "")
+        raise UserError(f"stores hold different images ({counts}; {len(shared_images)} shared){hint}; "
                         "re-extract from the same images, or pass --intersect to use only the shared ones")
-    order = [keys[0][k] for k in sorted(shared, key=lambda k: keys[0][k])]
-    cols = [s.features[[k[(base.sha256[i], base.paths[i])] for i in order]] for s, k in zip(parts, keys)]
-    return Rows(base.labels[order], [base.paths[i] for i in order], [base.sha256[i] for i in order],
-                [base.groups[i] for i in order] if base.groups else None, dim=sum(s.dim for s in parts),
-                features=np.concatenate(cols, axis=1), **common)
+    lead_keys = sorted(keys[parts.index(lead)].items(), key=lambda kv: kv[1])
+    order = [i for k, i in lead_keys if k[:2] in shared_images and all(
+        (k if s.face_index is not None else k[:2]) in ks for s, ks in zip(parts, keys))]
+    cols = [s.features[[ks[_key(lead, i) if s.face_index is not None else _key(lead, i)[:2]] for i in order]]
+            for s, ks in zip(parts, keys)]
+    return Rows(lead.labels[order], [lead.paths[i] for i in order], [lead.sha256[i] for i in order],
+                [lead.groups[i] for i in order] if lead.groups else None, dim=sum(s.dim for s in parts),
+                features=np.concatenate(cols, axis=1),
+                face_index=lead.face_index[order] if faced else None,
+                face_boxes=lead.face_boxes[order] if faced else None, **common)
+
+
+def _key(s: Store, i: int) -> tuple:
+    """A row's identity for joining: (sha256, path), plus the face index in a face-mode store."""
+    return (s.sha256[i], s.paths[i]) if s.face_index is None else (s.sha256[i], s.paths[i], int(s.face_index[i]))
 

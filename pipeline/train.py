@@ -18,7 +18,8 @@ from features.errors import UserError
 from pipeline.folds import assign_folds
 from pipeline.calibration import fit_temperature, softmax
 from pipeline.head import fit_head, head_logits, split_validation
-from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion, write_predictions
+from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, write_confusion,
+                              write_predictions)
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
 from pipeline.ood import fit_ood, reference_rows, save_ood
 from pipeline.params import Params
@@ -120,6 +121,7 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.save(d / "oof_logits.npy", logits)
     write_predictions(d / "oof_predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
-                      class_names=names, extra={"fold": list(fold[lab])})
+                      class_names=names, extra={"fold": list(fold[lab]),
+                                                **face_columns(rows.face_index, rows.face_boxes, lab)})
     write_confusion(d / "confusion.csv", y, pred, names)
     return metrics

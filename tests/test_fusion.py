@@ -33,7 +33,7 @@ def test_join_refuse_intersect_and_predict(tmp_path, tiny_weights):
                 str(tmp_path / "m"), "--params", str(ROOT / "params.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     pred = run_cli("predict", str(tmp_path / "m"), str(imgs / "green"), "--out", str(tmp_path / "p.csv"), check=True)
-    assert "6 images, 0 unreadable" in pred.stdout
+    assert "6 images, 0 failed" in pred.stdout
     # evaluate needs one store per backbone, in training order
     r = run_cli("evaluate", str(tmp_path / "m"), str(tmp_path / "b.h5"), str(tmp_path / "a.h5"), "--out",
                 str(tmp_path / "e"))
