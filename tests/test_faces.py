@@ -190,3 +190,15 @@ def test_report_draws_the_crop_box_on_thumbnails(tmp_path):
     plain = _thumb(str(tmp_path), "white.png", size=96)
     im = np.array(Image.open(io.BytesIO(base64.b64decode(plain.split(",", 1)[1]))).convert("RGB")).astype(int)
     assert not ((im[..., 0] > 180) & (im[..., 1] < 120)).any()
+
+
+def test_params_take_an_unquoted_off_and_refuse_unknown_modes():
+    import yaml
+    from pipeline.params import parse_params
+    from conftest import ROOT
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["extract"]["faces"] = yaml.safe_load("x: off")["x"]  # YAML 1.1: False
+    assert parse_params(raw).extract.faces == "off"
+    raw["extract"]["faces"] = "biggest"
+    with pytest.raises(UserError, match="extract.faces='biggest': allowed values are off, largest, all"):
+        parse_params(raw)
