@@ -47,10 +47,10 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
     lab = rows.labels >= 0
     k = int(fold.max()) + 1
     per_class = np.bincount(rows.labels[lab], minlength=len(rows.class_names))
-    smallest = int(min(np.bincount(rows.labels[lab & (fold != j)], minlength=len(per_class))[per_class > 0].min()
-                       for j in range(k)))
+    largest = int(min(np.bincount(rows.labels[lab & (fold != j)], minlength=len(per_class)).max() for j in range(k)))
     out = []  # small subsets get no early-stopping slice by train-head's own rule (fewer than min_val_images)
-    for n in [s for s in sizes if s < smallest] + [None]:
+    # classes smaller than n keep all their images: past the smallest class the cut applies to the larger ones
+    for n in [s for s in sizes if s < largest] + [None]:
         f1 = []
         for j in range(k):
             train = lab & (fold != j)

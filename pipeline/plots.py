@@ -64,6 +64,9 @@ def plot_learning_curve(points: list[dict], out: Path) -> None:
     ax.fill_between(n, [p["lo"] for p in points], [p["hi"] for p in points], alpha=0.25)
     ax.plot(n, [p["macro_f1"] for p in points], "o-")
     ax.set_xscale("log")
+    ax.set_xticks(n, [str(v) for v in n])  # the measured points, not log-scale minor labels that overlap
+    from matplotlib.ticker import NullLocator
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("training images per class (at most)")
     ax.set_ylabel("CV macro-F1")
     ax.set_title("learning curve")

@@ -202,3 +202,19 @@ def test_params_take_an_unquoted_off_and_refuse_unknown_modes():
     raw["extract"]["faces"] = "biggest"
     with pytest.raises(UserError, match="extract.faces='biggest': allowed values are off, largest, all"):
         parse_params(raw)
+
+
+def test_face_mode_shards_assemble_to_the_single_store(tmp_path, people):
+    from features.extract import shard_path
+    from features.shards import assemble_shards
+    out = tmp_path / "s.h5"
+    for i in range(2):
+        extract(images=str(people), out=str(out), backbone=FER, faces="all", num_shards=2, shard_index=i,
+                progress=False)
+    summary = assemble_shards(out=str(out), num_shards=2)
+    extract(images=str(people), out=str(tmp_path / "one.h5"), backbone=FER, faces="all", progress=False)
+    a, b = read_store(out), read_store(tmp_path / "one.h5")
+    assert [len(read_store(shard_path(out, i, 2))) for i in range(2)] != [0, 0]
+    assert a.paths == b.paths and a.face_index.tolist() == b.face_index.tolist() and a.sha256 == b.sha256
+    assert np.array_equal(a.face_boxes, b.face_boxes) and np.allclose(a.features, b.features, atol=1e-5)
+    assert summary.face_rows == len(b) and summary.rows == len(set(b.paths)) and a.skipped == b.skipped
