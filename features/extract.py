@@ -29,7 +29,7 @@ from features.backbones import Backbone, Preprocess, fingerprint_key, load_backb
 from features.embed import iter_embeddings, iter_face_embeddings, resolve_device
 from features.engine import ENGINES, cached_engine
 from features.errors import UserError
-from features.faces import FaceSpec, with_faces, without_faces
+from features.faces import NO_FACE, FaceSpec, with_faces, without_faces
 from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
 from features.sources import Source, discover
@@ -132,6 +132,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         partial = Partial(target, fp, force=force)
         where.update(partial.where)
         boxes.update(partial.boxes)
+        if spec is not None and old is not None:  # the detector is deterministic: no face then, no face now
+            partial.failed.update({sha: NO_FACE for sha in old.noface})
         stat_time = time.time_ns()
         plan = _plan(source, _images_in(where) if spec else where, partial, summary, num_shards, shard_index,
                      known, old.stat_time_ns if known else 0)
@@ -174,7 +176,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                     file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
         if spec is not None:
             rows.update(face_index=np.array(face_index, np.int32),
-                        face_boxes=np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4))
+                        face_boxes=np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4),
+                        noface=sorted({s for s in plan.shas if partial.failed.get(s) == NO_FACE}))
         summary.unchanged = (old is not None and not summary.extracted and not summary.damaged and not plan.racy
                              and unchanged(target, **rows))
         if not summary.unchanged:

@@ -68,7 +68,8 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
                     labels=np.array([r[2] for r in rows], dtype=np.int64), paths=[r[0] for r in rows],
                     sha256=[k.split(":")[0] for k in keys], groups=[r[4] for r in rows], class_names=names,
                     fingerprint=fp, root=parts[0].root, skipped=sorted(skipped), conflicts=conflicts,
-                    attrs={"weights_path": weights_path, "feature_dtype": dtype}, **face)
+                    attrs={"weights_path": weights_path, "feature_dtype": dtype}, **face,
+                    noface=sorted(set().union(*(p.noface for p in parts))))
     images = len({r[0] for r in rows})
     return Summary(out=str(out), reused=images, rows=images, skipped=sorted(skipped), conflicts=conflicts,
                    seconds=time.time() - t0, face_rows=len(rows) if faces else None)

@@ -7,6 +7,7 @@ A complete store is one plain HDF5 file anyone can read with h5py:
     skipped_paths / skipped_reasons (K,) UTF-8          conflict_paths / conflict_reasons (M,) UTF-8
     face mode only (fingerprint["faces"], features/faces.py): one row per face crop, so an image may have several
     face_index (N,) int32 0.. within the image            face_boxes (N, 4) int32 crop x, y, w, h (upright pixels)
+    noface_sha256 (F,) S64: images where these face settings found no face (not searched again on a re-run)
     attrs: class_names (JSON), backbone, weights_sha256, preprocess (JSON), dim, fingerprint (JSON), root,
            meta_sha256 (digest of labels, paths, sha256, groups, class names, fingerprint), schema_version=2,
            complete=1, created
@@ -69,6 +70,7 @@ class Store:
     stat_time_ns: int = 0  # when that hashing pass started
     face_index: np.ndarray | None = None  # (N,) int32, face mode only: which face of its image a row is
     face_boxes: np.ndarray | None = None  # (N, 4) int32, face mode only: the crop (x, y, w, h) the row embeds
+    noface: list[str] = field(default_factory=list)  # face mode: sha256 of images with no face found
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -188,7 +190,8 @@ def _read(f: h5py.File, p: Path, features: bool) -> Store:
                  shard=json.loads(f.attrs["shard"]) if "shard" in f.attrs else None,
                  weights_path=str(f.attrs.get("weights_path", "")) or None, dim=d, schema_version=version,
                  file_stats=stats, stat_time_ns=int(f.attrs.get("stat_time_ns", 0)) if stats is not None else 0,
-                 face_index=face_index, face_boxes=face_boxes)
+                 face_index=face_index, face_boxes=face_boxes,
+                 noface=[s.decode("ascii", "replace") for s in f["noface_sha256"][:]] if "noface_sha256" in f else [])
 
 
 def damaged_rows(path: str | os.PathLike) -> np.ndarray:
@@ -239,7 +242,7 @@ def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: 
               groups: list[str | None] | None, class_names: list[str], fingerprint: dict, root: str = "",
               skipped: list[tuple[str, str]] = (), conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
               file_stats: np.ndarray | None = None, face_index: np.ndarray | None = None,
-              face_boxes: np.ndarray | None = None) -> bool:
+              face_boxes: np.ndarray | None = None, noface: list[str] = ()) -> bool:
     """Does the complete store at `out` already hold what write_store would write from these arguments and its
     own feature rows? Then extract leaves it alone: same bytes, same mtime, nothing for DVC to re-hash."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -258,6 +261,9 @@ def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: 
                     and _records(f, "conflict") == [(safe_text(p), r) for p, r in conflicts]
                     and all(k in f.attrs and f.attrs[k] == v for k, v in (attrs or {}).items())
                     and ("shard" in f.attrs) == ("shard" in (attrs or {})))
+            if same:
+                same = [s.decode() for s in f["noface_sha256"][:]] == list(noface) if "noface_sha256" in f \
+                    else not noface
             if same and file_stats is not None:
                 same = "file_stat" in f and np.array_equal(f["file_stat"][:], np.asarray(file_stats).reshape(-1, 3))
             return bool(same)
@@ -270,7 +276,7 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
                 fingerprint: dict, root: str = "", skipped: list[tuple[str, str]] = (),
                 conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
                 file_stats: np.ndarray | None = None, stat_time_ns: int = 0, face_index: np.ndarray | None = None,
-                face_boxes: np.ndarray | None = None) -> None:
+                face_boxes: np.ndarray | None = None, noface: list[str] = ()) -> None:
     """The one writer of the schema. `blocks` yields feature rows (b, D) in row order, so memory stays O(block);
     the file is built under a temp name and renamed into place when complete. `file_stats` (N, 3): the size,
     mtime_ns and inode of each row's file when the pass starting at `stat_time_ns` hashed it."""
@@ -291,6 +297,8 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
         if face_index is not None:
             f.create_dataset("face_index", data=np.asarray(face_index, np.int32).reshape(n), **ck)
             f.create_dataset("face_boxes", data=np.asarray(face_boxes, np.int32).reshape(n, 4), **ck)
+        if noface:
+            f.create_dataset("noface_sha256", data=np.array(list(noface), dtype="S64"), fletcher32=True, chunks=True)
         if file_stats is not None:
             f.create_dataset("file_stat", data=np.asarray(file_stats, np.int64).reshape(n, 3), **ck)
             f.attrs["stat_time_ns"] = int(stat_time_ns)

@@ -184,8 +184,8 @@ def _label_issue_section(oof: Split, names: list[str], d: Path, gallery: int) ->
              "probabilities: images whose label disagrees with what the model learnt from all the others, worst "
              "first, with the label it suggests. Check these first; all of them are in <code>label_issues.csv"
              "</code>.</p><div class=gallery id=label-issues>"]
-    for i, s, p in list(zip(idx, suggested, score))[:gallery]:
-        parts.append(_card(oof, names, i, int(s), float(p), word="suggested"))
+    for i, s in list(zip(idx, suggested))[:gallery]:
+        parts.append(_card(oof, names, i, int(s), float(oof.probs[i, oof.y[i]]), word="suggested"))
     return "\n".join(parts + ["</div>"]), idx
 
 

@@ -103,7 +103,7 @@ def test_two_face_canvas_gives_two_rows_with_their_boxes(tmp_path):
                 progress=False)
 
 
-def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, people):
+def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, people, monkeypatch):
     out = tmp_path / "s.h5"
     with pytest.raises(Interrupted):
         extract(images=str(people), out=str(out), backbone=FER, faces="all", commit_every=2, stop_after=5,
@@ -118,8 +118,16 @@ def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, pe
     assert ("grace/china.png", NO_FACE) in a.skipped
     # no-op: nothing embedded, store not rewritten; one new image: only it is embedded
     mtime = out.stat().st_mtime_ns
-    again = extract(images=str(people), out=str(out), backbone=FER, faces="all", progress=False)
+    import features.extract as fx
+
+    def no_network(*a, **k):
+        raise AssertionError("a no-op re-run built the network or searched an image for faces again")
+    with monkeypatch.context() as m:
+        for name in ("load_backbone", "cached_engine", "iter_face_embeddings"):
+            m.setattr(fx, name, no_network)
+        again = extract(images=str(people), out=str(out), backbone=FER, faces="all", progress=False)
     assert again.extracted == 0 and again.unchanged and out.stat().st_mtime_ns == mtime
+    assert ("grace/china.png", NO_FACE) in again.skipped and len(read_store(out).noface) == 1
     more = tmp_path / "more"
     shutil.copytree(people, more)
     _save(head("grace"), more / "grace" / "new.png")

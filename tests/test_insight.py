@@ -17,29 +17,33 @@ SHARED = ROOT.parent / "shared" / "data"
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "emoji-faces7").is_dir(), reason="needs ../shared/data")
 def test_planted_label_errors_are_found_with_their_true_class(tmp_path):
-    """5 happy emoji moved into 'sad' (seeded random picks, any style); CV grouped by style as the demo does.
-    Measured here: all 5 are flagged (51 of 245 images are; by chance all 5 would be 0.04%), 3 of 5 with 'happy'
-    suggested; the two in the line-art style, which the model mistakes for 'angry' out of fold, get 'angry'.
-    The issue's bar (4 of 5 in the top 10 with the true class) is not reached with these features: BENCHMARKS.md."""
+    """The issue's check: 5 happy emoji (seeded random picks, any style) moved into 'sad' of the shared data's
+    class folders, the pipeline run as params.yaml sets it up (fused backbones, default head, 5-fold CV), and at
+    least 4 of the 5 are in the report's top 10 with 'happy' suggested. Measured by benchmarks/planted_labels.py
+    over 6 seeds: 4, 4, 5, 3, 5, 3 (BENCHMARKS.md); this is seed 0."""
     from features.extract import extract
     from pipeline.report import build_report
-    rows = [(str(p), p.parent.name, style.name) for style in sorted((SHARED / "emoji-faces7").iterdir())
+    rows = [(str(p), p.parent.name) for style in sorted((SHARED / "emoji-faces7").iterdir())
             if style.is_dir() for p in sorted(style.glob("*/*.png"))]
     happy = [i for i, r in enumerate(rows) if r[1] == "happy"]
     planted = set(np.random.default_rng(0).choice(happy, 5, replace=False).tolist())
-    with open(tmp_path / "m.csv", "w", newline="") as f:
+    with open(tmp_path / "m.csv", "w", newline="") as f:  # a manifest without groups is a folder of classes
         w = csv.writer(f)
-        w.writerow(["path", "label", "group"])
-        w.writerows((p, "sad" if i in planted else lab, g) for i, (p, lab, g) in enumerate(rows))
-    extract(images=str(tmp_path / "m.csv"), out=str(tmp_path / "s.h5"), allow_outside=True, progress=False)
-    train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / "model"), params=params(cv={"folds": 5}),
-               progress=lambda s: None)
+        w.writerow(["path", "label"])
+        w.writerows((p, "sad" if i in planted else lab) for i, (p, lab) in enumerate(rows))
+    p = params(cv={"folds": 5})
+    stores = [str(tmp_path / f"{b}.h5") for b in p.extract.backbones]
+    for b, out in zip(p.extract.backbones, stores):
+        extract(images=str(tmp_path / "m.csv"), out=out, backbone=b, allow_outside=True, progress=False)
+    train_head(stores=stores, out=str(tmp_path / "model"), params=p, progress=lambda s: None)
     build_report(model_dir=str(tmp_path / "model"), out=str(tmp_path / "report"), progress=lambda s: None)
     issues = list(csv.DictReader(open(tmp_path / "report" / "label_issues.csv")))
-    flagged = {r["path"]: r for r in issues}
-    assert len(issues) < len(rows) / 3 and all(rows[i][0] in flagged for i in planted), len(issues)
-    assert sum(flagged[rows[i][0]]["suggested"] == "happy" for i in planted) >= 3
-    assert all(flagged[rows[i][0]]["label"] == "sad" for i in planted)
+    top = {r["path"]: r for r in issues[:10]}
+    found = [rows[i][0] for i in planted if rows[i][0] in top and top[rows[i][0]]["suggested"] == "happy"]
+    assert len(found) >= 4, (len(found), len(issues))
+    assert len(issues) < len(rows) / 3 and all(top[q]["label"] == "sad" for q in found)
+    scores = [float(r["score"]) for r in issues]
+    assert scores == sorted(scores) and scores[0] < 0  # worst first: the model prefers another class
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Suspected label errors" in page and "learning_curve.png" in page and "embedding.png" in page
 
