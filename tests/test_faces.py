@@ -165,6 +165,15 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     assert len(faces) == 2 and [int(faces[1][k]) for k in "xywh"] == p.faces.boxes[1].tolist()
     mean = np.mean([[float(f[k]) for k in ("p_astronaut", "p_grace")] for f in faces], axis=0)
     assert np.allclose(mean, [float(rows[0][k]) for k in ("p_astronaut", "p_grace")], atol=2e-6)
+    # the report reads each row's crop box back from the out-of-fold CSV and draws it on the thumbnails
+    from pipeline.modeldir import load_model_dir
+    from pipeline.report import _oof_split, build_report
+    split = _oof_split(tmp_path / "m", load_model_dir(tmp_path / "m")[1])
+    two_rows = [i for i, q in enumerate(split.paths) if q == "astronaut/two.png"]
+    assert split.face[two_rows].tolist() == [0, 1] and all(iou(tuple(split.boxes[i]), w) >= 0.5
+                                                             for i, w in zip(two_rows, want))
+    build_report(model_dir=str(tmp_path / "m"), out=str(tmp_path / "report"), progress=lambda *_: None)
+    assert "Suspected label errors" in (tmp_path / "report" / "index.html").read_text()
     r = run_cli("export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
     assert r.returncode == 2 and "face detector" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
