@@ -235,6 +235,12 @@ def describe_mismatch(want: dict, have: dict) -> str:
     for key in ("backbone", "weights_sha256", "preprocess", "dim"):
         if want.get(key) != have.get(key):
             return f"{key} {have.get(key)!r} != {want.get(key)!r}"
+    if want.get("faces") != have.get("faces"):  # features/faces.py: face crops vs whole images, or other settings
+        mode = lambda fp: (fp.get("faces") or {}).get("mode", "off")  # noqa: E731
+        if mode(want) != mode(have):
+            return f"--faces {mode(have)} != {mode(want)}"
+        diff = sorted(k for k in want["faces"] if want["faces"][k] != have["faces"].get(k))
+        return f"face settings differ ({', '.join(diff)})"
     return "identical"
 
 

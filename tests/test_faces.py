@@ -98,7 +98,7 @@ def test_two_face_canvas_gives_two_rows_with_their_boxes(tmp_path):
     assert s.paths == ["people/flower.png", "people/two.png"] and s.skipped == []
     assert s.face_boxes[0].tolist() == [0, 0, 640, 427] and iou(tuple(s.face_boxes[1]), want[1]) >= 0.5
     # a store cut another way is another fingerprint: refused, never mixed
-    with pytest.raises(UserError, match="another backbone"):
+    with pytest.raises(UserError, match=r"another backbone \(--faces all != largest\)"):
         extract(images=str(tmp_path / "imgs"), out=str(tmp_path / "all.h5"), backbone=FER, faces="largest",
                 progress=False)
 
@@ -165,6 +165,11 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     assert len(faces) == 2 and [int(faces[1][k]) for k in "xywh"] == p.faces.boxes[1].tolist()
     mean = np.mean([[float(f[k]) for k in ("p_astronaut", "p_grace")] for f in faces], axis=0)
     assert np.allclose(mean, [float(rows[0][k]) for k in ("p_astronaut", "p_grace")], atol=2e-6)
+    # a store of whole images is not what a face model was trained on: refused, naming why
+    from pipeline.evaluate import evaluate
+    extract(images=str(people), out=str(tmp_path / "whole.h5"), backbone=FER, progress=False)
+    with pytest.raises(UserError, match=r"whole.h5: features do not match the model \(--faces off != all\)"):
+        evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "whole.h5")], out=str(tmp_path / "ev"))
     # the report reads each row's crop box back from the out-of-fold CSV and draws it on the thumbnails
     from pipeline.modeldir import load_model_dir
     from pipeline.report import _oof_split, build_report
