@@ -70,6 +70,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                           extra={"p_true": [f"{probs[i, y[i]]:.6f}" for i in wrong],
                                  "loss": [f"{loss[i]:.4f}" for i in wrong],
                                  **{k: [v[i] for i in wrong] for k, v in faces.items()}})
-    progress(f"{out}: {len(y)} held-out images: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
+    unit = f"images ({len(y)} face crops)" if faces else "images"
+    progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
              f"{len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
     return metrics
