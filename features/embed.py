@@ -53,6 +53,8 @@ class _Faces(_Images):
         self.faces = faces
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, np.ndarray, str]:
+        if _TEST_DELAY:
+            time.sleep(_TEST_DELAY)  # as in _Images: fault-injection tests kill extraction mid-run
         empty = torch.zeros((0, *self.blank.shape), dtype=torch.uint8)
         try:
             rgb = decode(self.paths[i])  # (H, W, 3)
