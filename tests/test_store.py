@@ -65,7 +65,7 @@ def test_other_backbone_refused_then_force(images, tmp_path, tiny_weights):
     torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
     before = read_store(out)
     mtime = out.stat().st_mtime_ns
-    with pytest.raises(UserError, match=r"another backbone \(weights_sha256.*--force"):
+    with pytest.raises(UserError, match=r"another backbone or face setting \(weights_sha256.*--force"):
         run(images, out, str(other))
     after = read_store(out)  # old store untouched: same file, same rows, same vectors
     assert out.stat().st_mtime_ns == mtime and after.fingerprint == before.fingerprint
