@@ -61,7 +61,8 @@ class FaceSpec:
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
-            raise UserError(f"{path}: OpenCV's face cascade is missing; reinstall opencv-python-headless") from None
+            raise UserError(f"{path}: OpenCV's face cascade is missing (OpenCV 5 no longer ships it); "
+                            "pip install 'opencv-python-headless>=4.8,<5'") from None
         return cls(mode=mode, fallback=fallback, detector=f"opencv-haar:{CASCADE}", cascade_sha256=digest,
                    opencv=cv2.__version__)
 
