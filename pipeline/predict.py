@@ -106,9 +106,9 @@ class Predictor:
 
     def embed(self, paths: list[str], *, batch_size: int = 32, workers: int = 0, progress: bool = False,
               engine: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
-        """(features (R, sum D), image index per row (R,), crop boxes (R, 4) or None, error per image): one row
-        per image that worked, or in face mode one per face (a whole-image backbone's row is repeated for every
-        face of its image, as in training)."""
+        """(features (R, sum D), (image index, face index) per row (R, 2), crop boxes (R, 4) or None, error per
+        image): one row per image that worked, or in face mode one per face (a whole-image backbone's row is
+        repeated for every face of its image, as in training)."""
         errors = [""] * len(paths)
         whole: dict[int, np.ndarray] = {}  # backbone -> (N, D), NaN where the image failed
         crops: dict[int, dict[int, list]] = {}  # face backbone -> image -> [(box, (D,) features)] left to right
@@ -145,9 +145,9 @@ class Predictor:
         cols = [whole[j][[i for i, _ in rows]] if j in whole else
                 np.array([crops[j][i][k][1] for i, k in rows], np.float32).reshape(len(rows), -1)
                 for j in range(len(self.backbones))]
-        owner = np.array([i for i, _ in rows], dtype=np.int64)
         feats = np.concatenate(cols, axis=1) if rows else np.zeros((0, self.info.dim), np.float32)  # (R, D)
-        return feats, owner, np.array(boxes, np.int64).reshape(-1, 4) if crops else None, errors
+        return (feats, np.array(rows, np.int64).reshape(-1, 2),
+                np.array(boxes, np.int64).reshape(-1, 4) if crops else None, errors)
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Raw features (N, D) -> calibrated probabilities (N, C)."""
@@ -162,9 +162,9 @@ class Predictor:
         t0 = time.time()
         paths, type_errors = expand_paths(list(inputs))
         todo = np.array([i for i in range(len(paths)) if i not in type_errors], dtype=np.int64)
-        feats, owner, boxes, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers,
-                                               progress=progress, engine=engine)
-        owner = todo[owner]  # (R,) index into paths
+        feats, rows, boxes, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers,
+                                              progress=progress, engine=engine)
+        owner = todo[rows[:, 0]]  # (R,) index into paths
         errors = [type_errors.get(i, "") for i in range(len(paths))]
         for i, e in zip(todo, errs):
             errors[i] = e
@@ -194,9 +194,7 @@ class Predictor:
         labels = [label(probs[i], scores[i], errors[i]) for i in range(n)]
         faces = None
         if boxes is not None:
-            face = np.concatenate([np.arange(k) for k in np.bincount(owner, minlength=n)]).astype(np.int64) \
-                if len(owner) else np.zeros(0, np.int64)
-            faces = FaceRows(image=owner, face=face, boxes=boxes, probs=row_probs,
+            faces = FaceRows(image=owner, face=rows[:, 1], boxes=boxes, probs=row_probs,
                              labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
                              ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
