@@ -11,8 +11,8 @@ from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.calibration import softmax
 from pipeline.head import HeadNet, head_logits
-from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, write_confusion,
-                              write_predictions)
+from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
+                              write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.rows import open_rows
 
@@ -56,6 +56,8 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                "per_class": m["per_class"],
                "calibration": {"ece_uncalibrated": expected_calibration_error(softmax(logits), y),
                                "ece_calibrated": expected_calibration_error(probs, y), "temperature": t}}
+    if faces:  # face mode: the rows above are face crops; an image's verdict is the mean of its faces (predict's)
+        metrics["per_image"] = per_image_metrics(paths, y, probs, names)
     loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-loss[wrong])]
@@ -70,7 +72,8 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                           extra={"p_true": [f"{probs[i, y[i]]:.6f}" for i in wrong],
                                  "loss": [f"{loss[i]:.4f}" for i in wrong],
                                  **{k: [v[i] for i in wrong] for k, v in faces.items()}})
-    unit = f"images ({len(y)} face crops)" if faces else "images"
+    unit = (f"images ({len(y)} face crops; per image, mean of its faces: macro-F1 "
+            f"{metrics['per_image']['macro_f1']:.3f})") if faces else "images"
     progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
              f"{len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
     return metrics

@@ -27,6 +27,16 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
     }
 
 
+def per_image_metrics(paths: list[str], y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
+    """Face mode (`all`): rows are face crops; an image's verdict is the mean of its faces' calibrated
+    probabilities, as predict gives it. n, accuracy, macro-F1 and balanced accuracy over images."""
+    _, first, owner = np.unique(np.asarray(paths, dtype=object).astype(str), return_index=True, return_inverse=True)
+    total = np.zeros((len(first), probs.shape[1]))  # (images, C)
+    np.add.at(total, owner, probs)
+    m = classification_metrics(y[first], total.argmax(1), class_names)  # an image's faces share its label
+    return {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")}
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE with equal-width confidence bins: sum_b |acc_b - conf_b| * n_b / N."""
     if not len(labels):

@@ -18,8 +18,8 @@ from features.errors import UserError
 from pipeline.folds import assign_folds
 from pipeline.calibration import fit_temperature, softmax
 from pipeline.head import fit_head, head_logits, split_validation
-from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, write_confusion,
-                              write_predictions)
+from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
+                              write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
 from pipeline.ood import fit_ood, reference_rows, save_ood
 from pipeline.params import Params
@@ -78,7 +78,8 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     with atomic_dir(out_dir) as d:
         metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0)
     c = metrics["cv"]
-    faces = f" ({metrics['n_faces']} face crops)" if "n_faces" in metrics else ""
+    faces = (f" ({metrics['n_faces']} face crops; per image, mean of its faces: macro-F1 "
+             f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
     progress(f"{out}: {c['folds']}-fold CV on {metrics['n_images']} images{faces}: accuracy {c['accuracy_mean']:.3f} ± "
              f"{c['accuracy_std']:.3f}, macro-F1 {c['macro_f1_mean']:.3f} ± {c['macro_f1_std']:.3f}; ECE "
              f"{c['ece_before']:.3f} -> {c['ece_after']:.3f} (T={c['temperature']:.2f}) in {metrics['seconds']:.1f} s "
@@ -111,8 +112,10 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
                "temperature": temperature, "per_fold": per_fold},
         "per_class": overall["per_class"],
         "n_images": int(lab.sum()), "n_unlabelled": int((~lab).sum()),
-        **({} if rows.face_index is None else  # face mode: rows are face crops, each scored on its own
-           {"n_images": len({p for p, m in zip(rows.paths, lab) if m}), "n_faces": int(lab.sum())}),
+        **({} if rows.face_index is None else  # face mode: rows are face crops, each scored on its own...
+           {"n_images": len({p for p, m in zip(rows.paths, lab) if m}), "n_faces": int(lab.sum()),
+            # ...and each image by the mean of its faces' out-of-fold probabilities, as predict decides
+            "per_image": per_image_metrics([p for p, m in zip(rows.paths, lab) if m], y, probs, names)}),
         "mode": "in-memory" if rows.in_memory else "streamed",
         "seconds": round(time.time() - t0, 3),
     }

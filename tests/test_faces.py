@@ -146,6 +146,15 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     with open(tmp_path / "m" / "oof_predictions.csv", newline="") as f:
         oof = list(csv.DictReader(f))
     assert [r["face"] for r in oof if r["path"] == "astronaut/two.png"] == ["0", "1"]
+    # train-head scores face rows, and each image by the mean of its faces' probabilities (predict's verdict)
+    import json
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    by_image: dict[str, list] = {}
+    for r in oof:
+        by_image.setdefault(r["path"], []).append((r["label"], [float(r["p_astronaut"]), float(r["p_grace"])]))
+    right = [v[0][0] == ("astronaut", "grace")[int(np.argmax(np.mean([q for _, q in v], 0)))] for v in by_image.values()]
+    assert m["n_faces"] == len(oof) == len(read_store(store)) and m["n_images"] == len(by_image) == len(oof) - 1
+    assert m["per_image"]["n"] == len(by_image) and m["per_image"]["accuracy"] == pytest.approx(np.mean(right))
     p = load_model(tmp_path / "m", device="cpu").predict([str(people / "astronaut" / "two.png"),
                                                           str(people / "grace" / "china.png")])
     assert p.errors == ["", NO_FACE] and p.labels[1] == "" and np.isnan(p.probs[1]).all()
@@ -170,6 +179,8 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     extract(images=str(people), out=str(tmp_path / "whole.h5"), backbone=FER, progress=False)
     with pytest.raises(UserError, match=r"whole.h5: features do not match the model \(--faces off != all\)"):
         evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "whole.h5")], out=str(tmp_path / "ev"))
+    ev = evaluate(model_dir=str(tmp_path / "m"), stores=[str(store)], out=str(tmp_path / "ev"), progress=lambda s: None)
+    assert ev["test"]["n"] == len(oof) and ev["per_image"]["n"] == len(by_image)
     # the report reads each row's crop box back from the out-of-fold CSV and draws it on the thumbnails
     from pipeline.modeldir import load_model_dir
     from pipeline.report import _oof_split, build_report
