@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.rows import image_means
+
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
     """Accuracy, macro-F1 over every class (a class never seen nor predicted scores 0, as scikit-learn's
@@ -30,10 +32,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
 def per_image_metrics(paths: list[str], y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
     """Face mode (`all`): rows are face crops; an image's verdict is the mean of its faces' calibrated
     probabilities, as predict gives it. n, accuracy, macro-F1 and balanced accuracy over images."""
-    _, first, owner = np.unique(np.asarray(paths, dtype=object).astype(str), return_index=True, return_inverse=True)
-    total = np.zeros((len(first), probs.shape[1]))  # (images, C)
-    np.add.at(total, owner, probs)
-    m = classification_metrics(y[first], total.argmax(1), class_names)  # an image's faces share its label
+    first, (mean,) = image_means(paths, probs)  # (I,), (I, C)
+    m = classification_metrics(y[first], mean.argmax(1), class_names)  # an image's faces share its label
     return {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")}
 
 

@@ -72,6 +72,19 @@ class Rows:
         return np.concatenate([x[mask[s:s + len(x)]] for s, x in self.blocks(mask)] or [np.zeros((0, self.dim), np.float32)])
 
 
+def image_means(paths: list[str], *values: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Face mode (`all`): rows -> images. The index of each image's first row (I,), and each of `values`
+    (R, K) averaged over the rows of its image -> (I, K) float64; images in path order."""
+    _, first, owner = np.unique(np.asarray(paths, dtype=str), return_index=True, return_inverse=True)
+    count = np.bincount(owner)[:, None]  # (I, 1)
+    means = []
+    for v in values:
+        total = np.zeros((len(first), v.shape[1]))
+        np.add.at(total, owner, v)
+        means.append(total / count)
+    return first, means
+
+
 def memory_budget(budget_mb: int) -> int:
     """Bytes of features the in-memory path may hold: the params value, or a quarter of available RAM."""
     if budget_mb > 0:

@@ -18,7 +18,7 @@ from pipeline.calibration import softmax
 from pipeline.head import head_logits
 from pipeline.modeldir import load_model_dir
 from pipeline.ood import knn_distance, load_ood, normalise
-from pipeline.rows import open_rows
+from pipeline.rows import image_means, open_rows
 
 
 def _is_suggestion_csv(p) -> bool:
@@ -62,8 +62,11 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
     unit = normalise(rows.take(todo), head.mean.numpy(), head.scale.numpy())  # (M, D)
     ood = knn_distance(unit, load_ood(Path(model_dir), info.ood, info.dim)[0]) if info.ood else \
         np.full(len(unit), np.nan)  # (M,)
-    chosen = pick(probs=probs, features=unit, n=n, max_similarity=max_similarity)
     paths = [p for p, t in zip(rows.paths, todo) if t]
+    if rows.face_index is not None:  # face mode: one row per face; a user labels images, so rank images
+        first, (probs, unit, ood) = image_means(paths, probs, unit, ood[:, None])
+        unit, ood, paths = unit / np.linalg.norm(unit, axis=1, keepdims=True), ood[:, 0], [paths[i] for i in first]
+    chosen = pick(probs=probs, features=unit, n=n, max_similarity=max_similarity)
     top2 = np.sort(probs, axis=1)[:, -2:]
     with OutputLock(out), atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -73,6 +76,6 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
             w.writerow([rank, safe_text(paths[i]), info.class_names[int(probs[i].argmax())], f"{probs[i].max():.6f}",
                         f"{top2[i, 1] - top2[i, 0]:.6f}", "" if np.isnan(ood[i]) else f"{ood[i]:.6f}",
                         *[f"{q:.6f}" for q in probs[i]]])
-    progress(f"{out}: {len(chosen)} of {int(todo.sum())} unlabelled images to label next, most uncertain first"
+    progress(f"{out}: {len(chosen)} of {len(paths)} unlabelled images to label next, most uncertain first"
              f"{'' if len(chosen) == n else f' (the others are near-duplicates of these at cosine >= {max_similarity})'}")
     return [paths[i] for i in chosen]

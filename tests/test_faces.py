@@ -174,6 +174,15 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     assert len(faces) == 2 and [int(faces[1][k]) for k in "xywh"] == p.faces.boxes[1].tolist()
     mean = np.mean([[float(f[k]) for k in ("p_astronaut", "p_grace")] for f in faces], axis=0)
     assert np.allclose(mean, [float(rows[0][k]) for k in ("p_astronaut", "p_grace")], atol=2e-6)
+    # suggest ranks images, not faces: the two-face canvas is one candidate
+    from pipeline.suggest import suggest
+    for name in ("astronaut/two.png", "grace/grace_0.png", "astronaut/astronaut_1.png"):
+        shutil.copy(people / name, _save(np.zeros((1, 1, 3), np.uint8), tmp_path / "unlabelled" / name.replace("/", "_")))
+    extract(images=str(tmp_path / "unlabelled"), out=str(tmp_path / "u.h5"), backbone=FER, faces="all", progress=False)
+    assert len(read_store(tmp_path / "u.h5")) == 4
+    picked = suggest(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "u.h5")], out=str(tmp_path / "s.csv"),
+                     n=5, max_similarity=1.0, progress=lambda s: None)
+    assert sorted(picked) == ["astronaut_astronaut_1.png", "astronaut_two.png", "grace_grace_0.png"]
     # a store of whole images is not what a face model was trained on: refused, naming why
     from pipeline.evaluate import evaluate
     extract(images=str(people), out=str(tmp_path / "whole.h5"), backbone=FER, progress=False)
