@@ -41,6 +41,15 @@ def lfw() -> list[np.ndarray]:
     return [np.stack([np.array(Image.fromarray((a * 255).astype(np.uint8)).resize((100, 100)))] * 3, -1) for a in x]
 
 
+def canvases(n: int = 30) -> list[np.ndarray]:
+    """A head (astronaut or Grace Hopper) at a random place and scale 0.4-1.0 on a 1000 x 600 background (flat,
+    china, flower): exactly one face each."""
+    rng = np.random.default_rng(0)
+    backgrounds = [None, no_face("china.jpg"), no_face("flower.jpg")]
+    return [canvas([(head(name), int(rng.integers(0, 500)), int(rng.integers(0, 150)), float(rng.uniform(0.4, 1.0)))],
+                   background=backgrounds[t % 3])[0] for name in ("astronaut", "grace") for t in range(n)]
+
+
 def mtcnn():
     try:
         from facenet_pytorch import MTCNN
@@ -66,18 +75,23 @@ def timed(fn, images: list[np.ndarray], repeat: int = 3) -> float:
 def main() -> None:
     torch.set_num_threads(1)  # one image per worker, as extraction runs detection
     spec = FaceSpec.make("all")
-    detectors = {"opencv haar (imgsent)": lambda im: detect(im, spec)}
+    default = FaceSpec.make("all", cascade="haarcascade_frontalface_default.xml")
+    detectors = {"opencv haar alt2 (imgsent)": lambda im: detect(im, spec),
+                 "opencv haar default": lambda im: detect(im, default)}
     m = mtcnn()
     if m is not None:
         detectors["mtcnn (facenet-pytorch)"] = m
-    ph, faces = photos(), lfw()
+    ph, faces, pasted = photos(), lfw(), canvases()
     big, _ = canvas([(head("astronaut"), 300, 200, 3.0), (head("grace"), 2000, 300, 2.5)], size=(3200, 2000))
-    print(f"{'detector':26s} " + " ".join(f"{k[:10]:>10s}" for k in ph) + "  LFW faces  LFW non  ms@512  ms@3200x2000")
+    print(f"{'detector':26s} " + " ".join(f"{k[:10]:>10s}" for k in ph) + "  LFW faces  LFW non  canvases 1 face"
+          "  ms@512  ms@3200x2000")
     for name, fn in detectors.items():
         found = [len(fn(im)) for im, _ in ph.values()]
         hits = [len(fn(im)) > 0 for im in faces]
+        one = sum(len(fn(im)) == 1 for im in pasted)
         print(f"{name:26s} " + " ".join(f"{f:>6d} of {want}" for f, (_, want) in zip(found, ph.values()))
-              + f"  {sum(hits[:100]):5d}/100  {sum(hits[100:]):4d}/100  {timed(fn, [astronaut(), grace()]):6.0f}"
+              + f"  {sum(hits[:100]):5d}/100  {sum(hits[100:]):4d}/100  {one:9d}/{len(pasted)}"
+              + f"  {timed(fn, [astronaut(), grace()]):6.0f}"
               + f"  {timed(fn, [big], 2):12.0f}")
     if m is None:
         print("mtcnn (facenet-pytorch): not importable; facenet-pytorch 2.6 pins torch<2.3 and numpy<2, so it cannot "

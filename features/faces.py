@@ -1,7 +1,7 @@
 """Face mode: find faces in a decoded photo and cut the crops the backbone embeds instead of the whole scene.
 
 Expression experts such as the FER-2013 CNN were trained on face crops; on a whole photo they see a room.
-The detector is OpenCV's Haar cascade `haarcascade_frontalface_default`, whose weights ship inside the
+The detector is OpenCV's Haar cascade `haarcascade_frontalface_alt2`, whose weights ship inside the
 `opencv-python-headless` wheel (cv2.data): offline, CPU-only, a few ms a photo (BENCHMARKS.md compares it
 with MTCNN). Its settings, the cascade file's sha256 and OpenCV's version are part of a store's fingerprint,
 so stores and models made with other settings are refused, never mixed.
@@ -28,7 +28,7 @@ from features.errors import UserError
 MODES = ("off", "largest", "all")
 FALLBACKS = ("skip", "whole")
 NO_FACE = "no face found"
-CASCADE = "haarcascade_frontalface_default.xml"
+CASCADE = "haarcascade_frontalface_alt2.xml"
 
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the upright decoded image
 
@@ -48,8 +48,9 @@ class FaceSpec:
     max_faces: int = 32
 
     @classmethod
-    def make(cls, mode: str, fallback: str = "skip") -> "FaceSpec | None":
-        """The spec for --faces MODE --faces-fallback FALLBACK (None for off); checks both names."""
+    def make(cls, mode: str, fallback: str = "skip", cascade: str = CASCADE) -> "FaceSpec | None":
+        """The spec for --faces MODE --faces-fallback FALLBACK (None for off); checks both names. `cascade`:
+        another of OpenCV's bundled cascade files (benchmarks compare them)."""
         if mode not in MODES:
             raise UserError(f"--faces {mode}: expected one of {', '.join(MODES)}")
         if fallback not in FALLBACKS:
@@ -57,13 +58,13 @@ class FaceSpec:
         if mode == "off":
             return None
         cv2 = _cv2()
-        path = Path(cv2.data.haarcascades) / CASCADE
+        path = Path(cv2.data.haarcascades) / cascade
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError:
             raise UserError(f"{path}: OpenCV's face cascade is missing (OpenCV 5 no longer ships it); "
                             "pip install 'opencv-python-headless>=4.8,<5'") from None
-        return cls(mode=mode, fallback=fallback, detector=f"opencv-haar:{CASCADE}", cascade_sha256=digest,
+        return cls(mode=mode, fallback=fallback, detector=f"opencv-haar:{cascade}", cascade_sha256=digest,
                    opencv=cv2.__version__)
 
     def to_dict(self) -> dict:
@@ -83,10 +84,10 @@ def _cv2():
 
 
 @functools.lru_cache(maxsize=4)
-def _cascade(sha256: str):
+def _cascade(detector: str, sha256: str):
     """The cascade, loaded once per process, after checking it is the file the fingerprint names."""
     cv2 = _cv2()
-    path = Path(cv2.data.haarcascades) / CASCADE
+    path = Path(cv2.data.haarcascades) / detector.split(":", 1)[1]
     if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
         raise UserError(f"{path}: this OpenCV's face cascade differs from the one the store or model was made with; "
                         "install the same opencv-python-headless version, or re-extract")
@@ -104,7 +105,7 @@ def detect(rgb: np.ndarray, spec: FaceSpec) -> list[Box]:
         grey = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     grey = cv2.equalizeHist(grey)
     side = max(20, int(spec.min_face * min(grey.shape)))
-    found = _cascade(spec.cascade_sha256).detectMultiScale(grey, scaleFactor=spec.scale_factor,
+    found = _cascade(spec.detector, spec.cascade_sha256).detectMultiScale(grey, scaleFactor=spec.scale_factor,
                                                            minNeighbors=spec.min_neighbors, minSize=(side, side))
     boxes = [tuple(int(round(v / scale)) for v in b) for b in np.asarray(found).reshape(-1, 4)]
     return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
