@@ -26,7 +26,7 @@ from features.errors import UserError
 from features.images import decode
 from pipeline.evaluate import predict_stores
 from pipeline.calibration import softmax
-from pipeline.metrics import classification_metrics, expected_calibration_error, write_confusion
+from pipeline.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.insight import embedding_2d, label_issues, learning_curve, near_duplicates
 from pipeline.params import parse_params
@@ -119,6 +119,11 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
              f" · balanced accuracy {m['balanced_accuracy']:.3f} · {m['n']} images · ECE "
              f"{expected_calibration_error(split.probs, split.y):.3f}</p>",
              "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"]
+    if split.face is not None:  # face mode: the rows above are face crops; predict judges an image by their mean
+        im = per_image_metrics(split.paths, split.y, split.probs, names)
+        parts.insert(2, f"<p class=per-image>Rows are face crops. Per image (the mean of its faces' probabilities, as "
+                        f"predict decides): accuracy <b>{im['accuracy']:.3f}</b> · macro-F1 <b>{im['macro_f1']:.3f}</b>"
+                        f" · {im['n']} images</p>")
     for c, v in m["per_class"].items():
         parts.append(f"<tr><td>{e(c)}</td><td>{v['precision']:.2f}</td><td>{v['recall']:.2f}</td>"
                      f"<td>{v['f1']:.2f}</td><td>{v['support']}</td></tr>")

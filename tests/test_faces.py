@@ -198,7 +198,8 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     assert split.face[two_rows].tolist() == [0, 1] and all(iou(tuple(split.boxes[i]), w) >= 0.5
                                                              for i, w in zip(two_rows, want))
     build_report(model_dir=str(tmp_path / "m"), out=str(tmp_path / "report"), progress=lambda *_: None)
-    assert "Suspected label errors" in (tmp_path / "report" / "index.html").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Suspected label errors" in page and f"· {len(by_image)} images</p>" in page and "Rows are face crops" in page
     r = run_cli("export", str(tmp_path / "m"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
     assert r.returncode == 2 and "face detector" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
