@@ -143,7 +143,8 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
         if s.fingerprint["faces"] != faced[0].fingerprint["faces"]:
             raise UserError(f"{s.path}: its faces were cut with other settings than {faced[0].path}'s; re-extract "
                             "both with the same --faces / --faces-fallback and OpenCV")
-    lead = faced[0] if faced else base  # the rows: every face of a face-mode store, else every image
+    li = next((j for j, s in enumerate(parts) if s.face_index is not None), 0)
+    lead = parts[li]  # the rows: every face of the first face-mode store, else every image
     # Join on (sha256, path[, face]): the same picture under two paths is two rows in every store.
     keys = [dict((_key(s, i), i) for i in range(len(s))) for s in parts]
     images = [{k[:2] for k in ks} for ks in keys]
@@ -154,11 +155,13 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
                 if faced and len(faced) < len(parts) else "")
         raise UserError(f"stores hold different images ({counts}; {len(shared_images)} shared){hint}; "
                         "re-extract from the same images, or pass --intersect to use only the shared ones")
-    lead_keys = sorted(keys[parts.index(lead)].items(), key=lambda kv: kv[1])
-    order = [i for k, i in lead_keys if k[:2] in shared_images and all(
-        (k if s.face_index is not None else k[:2]) in ks for s, ks in zip(parts, keys))]
-    cols = [s.features[[ks[_key(lead, i) if s.face_index is not None else _key(lead, i)[:2]] for i in order]]
-            for s, ks in zip(parts, keys)]
+    def at(s: Store, k: tuple) -> tuple:  # a lead row's key in store s: whole-image stores have no face index
+        return k if s.face_index is not None else k[:2]
+
+    lead_keys = [_key(lead, i) for i in range(len(lead))]
+    order = [i for i, k in enumerate(lead_keys)
+             if k[:2] in shared_images and all(at(s, k) in ks for s, ks in zip(parts, keys))]
+    cols = [s.features[[ks[at(s, lead_keys[i])] for i in order]] for s, ks in zip(parts, keys)]
     return Rows(lead.labels[order], [lead.paths[i] for i in order], [lead.sha256[i] for i in order],
                 [lead.groups[i] for i in order] if lead.groups else None, dim=sum(s.dim for s in parts),
                 features=np.concatenate(cols, axis=1),
