@@ -2,7 +2,7 @@
 
 Expression experts such as the FER-2013 CNN were trained on face crops; on a whole photo they see a room.
 The detector is OpenCV's Haar cascade `haarcascade_frontalface_alt2`, whose weights ship inside the
-`opencv-python-headless` wheel (cv2.data): offline, CPU-only, a few ms a photo (BENCHMARKS.md compares it
+`opencv-python-headless` 4.x wheel (cv2.data): offline, CPU-only, 40-65 ms a photo (BENCHMARKS.md compares it
 with MTCNN). Its settings, the cascade file's sha256 and OpenCV's version are part of a store's fingerprint,
 so stores and models made with other settings are refused, never mixed.
 
@@ -17,13 +17,13 @@ network inputs.
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from features.errors import UserError
+from features.images import sha256_file
 
 MODES = ("off", "largest", "all")
 FALLBACKS = ("skip", "whole")
@@ -58,21 +58,28 @@ class FaceSpec:
         if mode == "off":
             return None
         cv2 = _cv2()
-        path = Path(cv2.data.haarcascades) / cascade
-        try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            raise UserError(f"{path}: OpenCV's face cascade is missing (OpenCV 5 no longer ships it); "
-                            "pip install 'opencv-python-headless>=4.8,<5'") from None
-        return cls(mode=mode, fallback=fallback, detector=f"opencv-haar:{cascade}", cascade_sha256=digest,
-                   opencv=cv2.__version__)
+        return cls(mode=mode, fallback=fallback, detector=f"opencv-haar:{cascade}",
+                   cascade_sha256=_cascade_sha256(cv2, cascade), opencv=cv2.__version__)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FaceSpec":
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError:
+            raise UserError(f"face settings {sorted(d)} are not ones this imgsent knows (made by another version?); "
+                            "re-extract the stores and retrain") from None
+
+
+def _cascade_sha256(cv2, name: str) -> str:
+    path = Path(cv2.data.haarcascades) / name
+    try:
+        return sha256_file(str(path))
+    except OSError:
+        raise UserError(f"{path}: OpenCV's face cascade is missing (OpenCV 5 no longer ships it); "
+                        "pip install 'opencv-python-headless>=4.8,<5'") from None
 
 
 def _cv2():
@@ -88,7 +95,7 @@ def _cascade(detector: str, sha256: str):
     """The cascade, loaded once per process, after checking it is the file the fingerprint names."""
     cv2 = _cv2()
     path = Path(cv2.data.haarcascades) / detector.split(":", 1)[1]
-    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+    if _cascade_sha256(cv2, path.name) != sha256:  # a missing file is one line too, never a traceback
         raise UserError(f"{path}: this OpenCV's face cascade differs from the one the store or model was made with; "
                         "install the same opencv-python-headless version, or re-extract")
     cv2.setNumThreads(1)  # one image per call; DataLoader workers give the parallelism

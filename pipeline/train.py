@@ -94,6 +94,7 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
     final = fit_split(rows, lab, params, seed, max_val)
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
+    paths = [p for p, m in zip(rows.paths, lab) if m]
     temperature = fit_temperature(logits, y)
     final.temperature.fill_(temperature)
     ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean.numpy(), final.scale.numpy())
@@ -113,16 +114,15 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
         "per_class": overall["per_class"],
         "n_images": int(lab.sum()), "n_unlabelled": int((~lab).sum()),
         **({} if rows.face_index is None else  # face mode: rows are face crops, each scored on its own...
-           {"n_images": len({p for p, m in zip(rows.paths, lab) if m}), "n_faces": int(lab.sum()),
+           {"n_images": len(set(paths)), "n_faces": int(lab.sum()),
             # ...and each image by the mean of its faces' out-of-fold probabilities, as predict decides
-            "per_image": per_image_metrics([p for p, m in zip(rows.paths, lab) if m], y, probs, names)}),
+            "per_image": per_image_metrics(paths, y, probs, names)}),
         "mode": "in-memory" if rows.in_memory else "streamed",
         "seconds": round(time.time() - t0, 3),
     }
     info = ModelInfo(class_names=names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
                      hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout, temperature=temperature,
                      stores=rows.stores, image_root=rows.root, params=params.to_dict(), ood=ood)
-    paths = [p for p, m in zip(rows.paths, lab) if m]
     save_model_dir(d, final, info)
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.save(d / "oof_logits.npy", logits)
