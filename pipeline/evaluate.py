@@ -10,14 +10,14 @@ import numpy as np
 from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.calibration import softmax
-from pipeline.head import HeadNet, head_logits
+from pipeline.head import Head, head_logits
 from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
                               write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.rows import open_rows
 
 
-def predict_stores(*, head: HeadNet, info: ModelInfo, stores: list[str]
+def predict_stores(*, head: Head, info: ModelInfo, stores: list[str]
                    ) -> tuple[list[str], np.ndarray, np.ndarray, str, dict[str, list]]:
     """Labelled rows of held-out store(s) -> (paths, labels in the model's class order (N,), uncalibrated
     logits (N, C), image root, face columns (face,x,y,w,h per row in face mode, else {})). Refuses stores from

@@ -20,6 +20,7 @@ from torch import nn
 from features.atomic import OutputLock, atomic_file, check_output
 from features.backbones import Backbone, resize_crop
 from features.errors import UserError
+from pipeline.mlp import TorchHead
 from pipeline.predict import load_model
 
 
@@ -59,7 +60,7 @@ def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
     meta = {"class_names": m.class_names, "backbones": m.info.backbones, "temperature": m.info.temperature,
             "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order"}
-    return Exported(embedders, configs, m.head, m.class_names).eval(), meta, m.backbones
+    return Exported(embedders, configs, TorchHead(m.head), m.class_names).eval(), meta, m.backbones
 
 
 def _is_export(fmt: str):

@@ -1,6 +1,7 @@
-"""The model directory on disk: head.pt (a plain state dict) + model.json (classes, backbone fingerprints, head
-shape, temperature, params, absolute store paths, the checksum of head.pt). Written whole or not at all by the
-train stage; every field is validated against head.pt before use, and any mismatch is one line naming the file.
+"""The model directory on disk: head.npz (the head's arrays, read with allow_pickle=False: no code, no torch) +
+model.json (classes, backbone fingerprints, head shape, temperature, params, absolute store paths, the checksum
+of head.npz). Written whole or not at all by the train stage; every field is validated against head.npz before
+use, and any mismatch is one line naming the file.
 """
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ import io
 import json
 import math
 import time
-import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from features.atomic import holds_only
 from features.errors import UserError
 from features.images import sha256_file
-from pipeline.head import HeadNet
+from pipeline.head import Head
 
-FORMAT = 2
+FORMAT = 3  # 3: head.npz; 2: head.pt (a torch state dict)
+HEAD = "head.npz"
 RETRAIN = "re-run imgsent train-head to rebuild it"
 
 
@@ -43,27 +45,34 @@ class ModelInfo:
         return len(self.class_names)
 
 
-is_model_dir = holds_only("head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv",
+is_model_dir = holds_only(HEAD, "head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv",
                           "confusion.csv", "ood.npz")  # a folder holding nothing else: ours to replace
 
 
 def card_digest(info: ModelInfo) -> bytes:
-    """What head.pt must agree with: class names in order, backbones, head shape (its `card` buffer holds this)."""
+    """What head.npz must agree with: class names in order, backbones, head shape (its `card` array holds this)."""
     card = {"class_names": info.class_names, "backbones": info.backbones, "dim": info.dim, "hidden": list(info.hidden)}
     return hashlib.sha256(json.dumps(card, sort_keys=True).encode()).digest()
 
 
-def save_model_dir(d: Path, head: HeadNet, info: ModelInfo) -> None:
-    """Write head.pt and model.json into `d` (a temp folder the caller publishes atomically)."""
-    head.card.copy_(torch.tensor(list(card_digest(info)), dtype=torch.uint8))
+def head_arrays(head: Head) -> dict[str, np.ndarray]:
+    """The arrays of head.npz: w0, b0, w1, b1, ... per Linear layer, mean, scale, temperature."""
+    out = {"mean": head.mean, "scale": head.scale, "temperature": np.array(head.temperature, np.float32)}
+    for i, (w, b) in enumerate(head.layers):
+        out[f"w{i}"], out[f"b{i}"] = w, b
+    return out
+
+
+def save_model_dir(d: Path, head: Head, info: ModelInfo) -> None:
+    """Write head.npz and model.json into `d` (a temp folder the caller publishes atomically)."""
     buf = io.BytesIO()
-    torch.save(head.state_dict(), buf)  # via bytes: a failed write is then an OSError, like every other file
-    (d / "head.pt").write_bytes(buf.getvalue())
+    np.savez(buf, **head_arrays(head), card=np.frombuffer(card_digest(info), np.uint8))
+    (d / HEAD).write_bytes(buf.getvalue())  # via bytes: a failed write is then an OSError, like every other file
     meta = {"format": FORMAT, "class_names": info.class_names, "backbones": info.backbones,
             "backbone_weights": info.backbone_weights,
             "head": {"dim": info.dim, "hidden": list(info.hidden), "n_classes": info.n_classes, "dropout": info.dropout},
             "temperature": info.temperature, "params": info.params, "stores": info.stores,
-            "image_root": info.image_root, "head_sha256": sha256_file(d / "head.pt"), "ood": info.ood,
+            "image_root": info.image_root, "head_sha256": sha256_file(d / HEAD), "ood": info.ood,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (d / "model.json").write_text(json.dumps(meta, indent=2))
 
@@ -83,8 +92,8 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{f}: not valid JSON; {RETRAIN}") from None
     _need(isinstance(meta, dict), f, "expected a JSON object")
-    _need(meta.get("format") in (1, FORMAT), f, f"unknown format {meta.get('format')!r}")
-    _need(meta.get("format") == FORMAT, f, "made by an older imgsent (format 1)")
+    _need(meta.get("format") in (1, 2, FORMAT), f, f"unknown format {meta.get('format')!r}")
+    _need(meta.get("format") == FORMAT, f, f"made by an older imgsent (format {meta.get('format')})")
     missing = [k for k in ("class_names", "backbones", "head", "temperature", "stores", "head_sha256") if k not in meta]
     _need(not missing, f, f"missing key {missing[0] if missing else ''!r}")
     names, bbs, h, t = meta["class_names"], meta["backbones"], meta["head"], meta["temperature"]
@@ -115,34 +124,34 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     return info, str(meta["head_sha256"])
 
 
-def load_model_dir(model_dir: str | Path) -> tuple[HeadNet, ModelInfo]:
-    """Validated head (fitted, eval mode) and its model.json. Every failure is one line naming the file."""
+def load_model_dir(model_dir: str | Path) -> tuple[Head, ModelInfo]:
+    """Validated head and its model.json. Every failure is one line naming the file."""
     d = Path(model_dir)
-    if not (d / "model.json").is_file() or not (d / "head.pt").is_file():
-        raise UserError(f"{d}: not a model directory (needs head.pt and model.json); create it with imgsent train-head")
+    if not (d / "model.json").is_file() or not (d / HEAD).is_file():
+        raise UserError(f"{d}: not a model directory (needs {HEAD} and model.json); create it with imgsent train-head")
     info, want_sha = _parse_info(d / "model.json")
-    pt = d / "head.pt"
-    _need(pt.stat().st_size > 0, pt, "empty file (0 bytes)")
-    _need(sha256_file(pt) == want_sha, pt, "does not belong with model.json (checksum differs)")
+    f = d / HEAD
+    _need(f.stat().st_size > 0, f, "empty file (0 bytes)")
+    _need(sha256_file(f) == want_sha, f, "does not belong with model.json (checksum differs)")
     try:
-        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
-            warnings.simplefilter("ignore")
-            sd = torch.load(pt, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:  # noqa: BLE001 - any failure is the file's fault; the message names none of torch's hints
-        raise UserError(f"{pt}: not a state dict imgsent can load ({e.__class__.__name__}); {RETRAIN}") from None
-    head = HeadNet(info.dim, info.hidden, info.n_classes, info.dropout)
-    want = head.state_dict()
-    _need(isinstance(sd, dict) and set(sd) == set(want), pt,
-          f"tensors {sorted(set(sd) ^ set(want))[:3] if isinstance(sd, dict) else ''} do not match model.json's head")
-    for k, v in sd.items():
-        _need(torch.is_tensor(v) and v.shape == want[k].shape, pt, f"tensor {k} has shape "
-              f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}, model.json says {tuple(want[k].shape)}")
-        _need(not v.is_floating_point() or bool(torch.isfinite(v).all()), pt, f"tensor {k} holds non-finite values")
-    _need(bool((sd["scale"] > 0).all()), pt, "standardisation scale must be positive")
-    _need(bytes(sd["card"].tolist()) == card_digest(info), pt, "was trained for other class names, class order, "
+        with np.load(f, allow_pickle=False) as z:  # arrays only: never unpickles anything
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{f}: not an array archive imgsent can load ({e.__class__.__name__}); {RETRAIN}") from None
+    widths = [info.dim, *info.hidden, info.n_classes]
+    want = {"mean": (info.dim,), "scale": (info.dim,), "temperature": (), "card": (32,)}
+    for i in range(len(widths) - 1):
+        want[f"w{i}"], want[f"b{i}"] = (widths[i + 1], widths[i]), (widths[i + 1],)
+    _need(set(arrays) == set(want), f, f"arrays {sorted(set(arrays) ^ set(want))[:3]} do not match model.json's head")
+    for k, shape in want.items():
+        v, kind = arrays[k], np.uint8 if k == "card" else np.float32
+        _need(v.dtype == kind and v.shape == shape, f, f"array {k} is {v.dtype} {v.shape}, model.json says "
+              f"{np.dtype(kind)} {shape}")
+        _need(k == "card" or bool(np.isfinite(v).all()), f, f"array {k} holds non-finite values")
+    _need(bool((arrays["scale"] > 0).all()), f, "standardisation scale must be positive")
+    _need(arrays["card"].tobytes() == card_digest(info), f, "was trained for other class names, class order, "
           "backbones or head shape than model.json lists")
-    _need(abs(float(sd["temperature"]) - info.temperature) < 1e-4 * info.temperature, pt,
-          f"temperature {float(sd['temperature']):.4g} != model.json's {info.temperature:.4g}")
-    head.load_state_dict(sd)
-    head.fitted = True
-    return head.eval(), info
+    _need(abs(float(arrays["temperature"]) - info.temperature) < 1e-4 * info.temperature, f,
+          f"temperature {float(arrays['temperature']):.4g} != model.json's {info.temperature:.4g}")
+    layers = [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(len(widths) - 1)]
+    return Head(layers, arrays["mean"], arrays["scale"], float(arrays["temperature"])), info

@@ -34,10 +34,12 @@ def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude_self: bo
     k = max(1, min(k, len(ref) - int(exclude_self)))
     out = np.empty(len(q), np.float32)
     r = ref.astype(np.float32)
+    if exclude_self:  # q is ref: one symmetric product (BLAS syrk, half the work), R <= MAX_REF so (R, R) is bounded
+        sim = r @ r.T  # (R, R)
+        np.fill_diagonal(sim, -np.inf)
+        return (1.0 - np.partition(sim, -k, axis=1)[:, -k:].mean(1)).astype(np.float32)
     for i in range(0, len(q), 1024):
         sim = q[i:i + 1024] @ r.T  # (b, R)
-        if exclude_self:
-            sim[np.arange(len(sim)), np.arange(i, i + len(sim))] = -np.inf
         top = np.partition(sim, -k, axis=1)[:, -k:]  # (b, k)
         out[i:i + 1024] = 1.0 - top.mean(1)
     return out

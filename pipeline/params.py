@@ -57,7 +57,8 @@ class HeadParams:
     patience: int = _f(lo=1)  # validation checks without improvement (one per epoch, or per 50 steps)
     tol: float = _f(lo=0.0, hi=1.0)  # ...or with less than this relative gain of the best val loss: converged
     val_fraction: float = _f(lo=0.0, hi=0.5)  # early-stopping slice carved from each training fold
-    min_val_images: int = _f(lo=1)  # smaller slices: no early stopping, train all `epochs`
+    min_val_images: int = _f(lo=1)  # smaller slices: no slice, stop on convergence of the training loss
+    min_val_per_class: int = _f(lo=0)  # ...nor when some class would put fewer images than this into the slice
     class_weight: str = _f(choices=("balanced", "none"))
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from features.atomic import OutputLock, atomic_file, check_output
 from features.backbones import Backbone, load_backbone
@@ -23,7 +22,7 @@ from features.errors import UserError
 from features.faces import spec_of, without_faces
 from features.sources import unsupported, walk_images
 from features.store import describe_mismatch, safe_text
-from pipeline.head import HeadNet
+from pipeline.head import Head
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
 
@@ -81,7 +80,7 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path, *, device: str = "auto"):
         self.dir = Path(model_dir)
-        self.head: HeadNet
+        self.head: Head
         self.info: ModelInfo
         self.head, self.info = load_model_dir(self.dir)
         self.class_names: list[str] = self.info.class_names
@@ -151,8 +150,7 @@ class Predictor:
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Raw features (N, D) -> calibrated probabilities (N, C)."""
-        with torch.no_grad():
-            return self.head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
+        return self.head(features)
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
                 workers: int = 0, progress: bool = False, engine: str = "auto",
@@ -174,7 +172,7 @@ class Predictor:
         thr = None
         if self.ood is not None:
             if len(feats):
-                row_scores = knn_distance(normalise(feats, self.head.mean.numpy(), self.head.scale.numpy()),
+                row_scores = knn_distance(normalise(feats, self.head.mean, self.head.scale),
                                           self.ood[0]).astype(np.float32)
             thr = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else float("inf")
         # per image: the mean over its rows (one row unless in face mode)

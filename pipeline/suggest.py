@@ -59,7 +59,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
         raise UserError(f"{stores[0]}: every image is labelled; extract a folder without class sub-folders (or a "
                         "CSV without a label column) to get suggestions")
     probs = softmax(head_logits(head, rows, todo), info.temperature)  # (M, C)
-    unit = normalise(rows.take(todo), head.mean.numpy(), head.scale.numpy())  # (M, D)
+    unit = normalise(rows.take(todo), head.mean, head.scale)  # (M, D)
     ood = knn_distance(unit, load_ood(Path(model_dir), info.ood, info.dim)[0]) if info.ood else \
         np.full(len(unit), np.nan)  # (M,)
     paths = [p for p, t in zip(rows.paths, todo) if t]

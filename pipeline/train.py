@@ -69,7 +69,7 @@ def prepare(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, n
 
 
 def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
-    """The train stage: CV, calibration, final fit; writes head.pt, model.json, metrics.json, oof_logits.npy,
+    """The train stage: CV, calibration, final fit; writes head.npz, model.json, metrics.json, oof_logits.npy,
     oof_predictions.csv and confusion.csv into `out`. Returns metrics.json's content."""
     t0 = time.time()
     out_dir = check_model_out(out)
@@ -96,8 +96,8 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     paths = [p for p, m in zip(rows.paths, lab) if m]
     temperature = fit_temperature(logits, y)
-    final.temperature.fill_(temperature)
-    ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean.numpy(), final.scale.numpy())
+    final.temperature = temperature
+    ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean, final.scale)
     ood = save_ood(d, ref, loo)
     probs_raw, probs = softmax(logits), softmax(logits, temperature)
     pred = probs.argmax(1)

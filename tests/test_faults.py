@@ -174,13 +174,13 @@ def _edit_model(world, tmp_path, edit):
 @pytest.mark.parametrize("case,needle", [
     ("extra_class", "model.json: head has 3 outputs but 4 class_names"),
     ("missing_class", "model.json: head has 3 outputs but 2 class_names"),
-    ("reordered", "head.pt: was trained for other class names, class order"),
+    ("reordered", "head.npz: was trained for other class names, class order"),
     ("json_list", "model.json: expected a JSON object"),
     ("missing_key", "model.json: missing key 'temperature'"),
     ("temperature_text", "model.json: temperature 'hot' is not a number"),
-    ("empty_head", "head.pt: empty file"),
-    ("pickle_head", "head.pt: does not belong with model.json"),
-    ("pickle_head_matching_sha", "head.pt: not a state dict imgsent can load"),
+    ("empty_head", "head.npz: empty file"),
+    ("pickle_head", "head.npz: does not belong with model.json"),
+    ("pickle_head_matching_sha", "head.npz: not an array archive imgsent can load"),
     ("not_json", "model.json: not valid JSON"),
 ])
 def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
@@ -199,12 +199,12 @@ def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
         elif case == "temperature_text":
             meta["temperature"] = "hot"
         elif case == "empty_head":
-            (m / "head.pt").write_bytes(b"")
+            (m / "head.npz").write_bytes(b"")
         elif case.startswith("pickle_head"):
-            (m / "head.pt").write_bytes(pickle.dumps({"x": os.getcwd}))
+            (m / "head.npz").write_bytes(pickle.dumps({"x": os.getcwd}))
             if case.endswith("sha"):
                 import hashlib
-                meta["head_sha256"] = hashlib.sha256((m / "head.pt").read_bytes()).hexdigest()
+                meta["head_sha256"] = hashlib.sha256((m / "head.npz").read_bytes()).hexdigest()
         if case == "not_json":
             (m / "model.json").write_text("{oops")
         else:

@@ -9,11 +9,12 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from features.synthetic import synthetic_store
 from pipeline.calibration import fit_temperature, softmax
 from pipeline.head import fit_head, head_logits, split_validation
-from pipeline.optim import Adam, lbfgs
+from pipeline.mlp import Adam
+from pipeline.optim import Plain, lbfgs
 from pipeline.metrics import classification_metrics
 from pipeline.rows import open_rows
 from pipeline.train import train_head
-from tests.conftest import params
+from tests.conftest import ROOT, params
 
 
 def test_linear_head_is_the_logistic_regression_sklearn_fits(tmp_path):
@@ -62,13 +63,11 @@ def test_linear_head_early_stopping_keeps_the_best_validation_point(tmp_path):
 
 def test_lbfgs_finds_the_minimum_of_rosenbrock():
     def f(x):
-        x = x.double()
         v = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
-        g = torch.stack([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
-        return float(v), g.float()
+        return float(v), np.array([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
 
-    x = lbfgs(f, torch.tensor([-1.2, 1.0]), max_iter=500, gtol=1e-6, ftol=0.0)
-    assert torch.allclose(x, torch.tensor([1.0, 1.0]), atol=1e-3), x
+    x = lbfgs(Plain(f), np.array([-1.2, 1.0]), max_iter=500, gtol=1e-6, ftol=0.0)
+    assert np.allclose(x, [1.0, 1.0], atol=1e-3), x
 
 
 def test_our_adam_matches_torch_adam():
@@ -106,3 +105,52 @@ def test_metrics_equal_sklearns():
         assert np.allclose([m["per_class"][str(i)]["precision"] for i in range(c)], pr)
         assert np.allclose([m["per_class"][str(i)]["recall"] for i in range(c)], rc)
         assert m["accuracy"] == pytest.approx((y == pred).mean())
+
+
+def test_linear_train_head_never_imports_torch(tmp_path):
+    """The linear head is numpy from fit to head.npz: train-head with hidden: [] pays nothing for torch's import
+    (1.7 s, half of a 100-class run); the model it writes loads and predicts without torch too."""
+    import subprocess
+    import sys
+    store = synthetic_store(tmp_path / "s.h5", n=300, dim=16, classes=3, separation=0.5)
+    code = (
+        "import sys, dataclasses\n"
+        "from pipeline.params import load_params\n"
+        "from pipeline.train import train_head\n"
+        "from pipeline.modeldir import load_model_dir\n"
+        "import numpy as np\n"
+        f"p = load_params({str(ROOT / 'params.yaml')!r})\n"
+        "p = dataclasses.replace(p, head=dataclasses.replace(p.head, hidden=()))\n"
+        f"train_head(stores=[{store!r}], out={str(tmp_path / 'm')!r}, params=p, progress=lambda s: None)\n"
+        f"head, info = load_model_dir({str(tmp_path / 'm')!r})\n"
+        "assert head(np.zeros((2, 16), np.float32)).shape == (2, 3)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_slice_when_a_class_would_put_too_few_images_in_it():
+    """100 classes x 80 images: a 10% slice holds 800 images (over min_val_images) but 8 a class, fewer than
+    min_val_per_class: no slice, every image trains. 7 classes x 4000: the slice is carved, stratified."""
+    p = params().head
+    assert p.min_val_per_class == 20 and p.min_val_images == 200
+    few = np.repeat(np.arange(100), 80)
+    fit, val = split_validation(labels=few, train=np.ones(len(few), bool), params=p, random_state=0)
+    assert fit.all() and not val.any()
+    many = np.repeat(np.arange(7), 4000)
+    fit, val = split_validation(labels=many, train=np.ones(len(many), bool), params=p, random_state=0)
+    assert val.sum() == 2800 and (np.bincount(many[val]) == 400).all() and not (fit & val).any()
+
+
+def test_mlp_without_a_slice_stops_once_its_training_loss_converges(tmp_path, monkeypatch):
+    """No validation slice: the hidden-layer head stops when an epoch's mean training loss improves by less than
+    `tol` over `patience` epochs, long before a huge `epochs` budget."""
+    import pipeline.mlp as mlp
+    epochs = []
+    real = mlp._epoch
+    monkeypatch.setattr(mlp, "_epoch", lambda *a, **k: (epochs.append(1), real(*a, **k))[1])
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=400, dim=16, classes=3, separation=0.5)])
+    p = params(head={"hidden": [32], "epochs": 100000, "val_fraction": 0.0}).head
+    train = np.ones(len(rows), bool)
+    head = fit_head(rows=rows, train=train, val=~train, n_classes=3, params=p, random_state=0)
+    assert 3 < len(epochs) < 2000, len(epochs)
+    assert (head_logits(head, rows).argmax(1) == rows.labels).mean() > 0.6  # chance: 0.33
