@@ -54,18 +54,31 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 def write_predictions(path: Path, *, paths: list[str], labels: list[str] | None, probs: np.ndarray,
                       class_names: list[str], extra: dict[str, list] | None = None) -> None:
-    """path,label,predicted,confidence,p_<class>... (label column only when known)."""
+    """path,label,predicted,confidence,<extra>...,p_<class>... (label column only when known), as csv.writer writes
+    it. The numbers of BLOCK rows are formatted by one % (a csv.writer row at a time cost 33 us a row)."""
     pred = probs.argmax(1) if len(probs) else np.zeros(0, int)
+    names = [_field(c) for c in class_names]
+    head = ["path"] + (["label"] if labels is not None else []) + ["predicted", "confidence"]
+    head += list(extra or {}) + [f"p_{c}" for c in class_names]
+    cols = list((extra or {}).values())
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        head = ["path"] + (["label"] if labels is not None else []) + ["predicted", "confidence"]
-        head += list(extra or {}) + [f"p_{c}" for c in class_names]
-        w.writerow(head)
-        prob_fmt = ",".join(["%.6f"] * len(class_names))  # one % per row: 3x faster than a format per number
-        for i, p in enumerate(paths):
-            row = [p] + ([labels[i]] if labels is not None else []) + [class_names[pred[i]], f"{probs[i].max():.6f}"]
-            row += [v[i] for v in (extra or {}).values()]
-            w.writerow(row + (prob_fmt % tuple(probs[i].tolist())).split(","))
+        f.write(",".join(_field(h) for h in head) + "\r\n")
+        fmt = ",".join(["%.6f"] * len(class_names)) + "\n"
+        for s in range(0, len(paths), BLOCK):
+            e = min(len(paths), s + BLOCK)
+            conf = ("%.6f\n" * (e - s) % tuple(probs[s:e].max(1).tolist())).split("\n")
+            nums = (fmt * (e - s) % tuple(probs[s:e].ravel().tolist())).split("\n")  # (e - s) rows of p_<class>
+            f.writelines(",".join([_field(paths[i])] + ([_field(labels[i])] if labels is not None else [])
+                                  + [names[pred[i]], conf[i - s]] + [_field(str(v[i])) for v in cols]
+                                  + [nums[i - s]]) + "\r\n" for i in range(s, e))
+
+
+BLOCK = 4096
+
+
+def _field(s: str) -> str:
+    """A CSV field as csv.writer's QUOTE_MINIMAL writes it: quoted when it holds a comma, quote or line break."""
+    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\r\n') else s
 
 
 def face_columns(face_index: np.ndarray | None, face_boxes: np.ndarray | None, mask: np.ndarray) -> dict[str, list]:

@@ -154,3 +154,27 @@ def test_mlp_without_a_slice_stops_once_its_training_loss_converges(tmp_path, mo
     head = fit_head(rows=rows, train=train, val=~train, n_classes=3, params=p, random_state=0)
     assert 3 < len(epochs) < 2000, len(epochs)
     assert (head_logits(head, rows).argmax(1) == rows.labels).mean() > 0.6  # chance: 0.33
+
+
+def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
+    """write_predictions formats its numbers in blocks; the file must read back as csv.writer's would, odd path
+    names (commas, quotes, line breaks, non-ASCII) and class names included."""
+    import csv
+    from pipeline.metrics import write_predictions
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), 5000).astype(np.float32)
+    names = ["a", "b,c", 'd"e', "ü"]
+    paths = [f"img/{i}.png" for i in range(5000)]
+    paths[1], paths[4097] = 'we,ird "x"\nname.png', "ünï cödé.jpg"
+    labels = [names[i % 4] for i in range(5000)]
+    write_predictions(tmp_path / "p.csv", paths=paths, labels=labels, probs=probs, class_names=names,
+                      extra={"fold": [i % 3 for i in range(5000)]})
+    with open(tmp_path / "ref.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "predicted", "confidence", "fold"] + [f"p_{c}" for c in names])
+        for i in range(5000):
+            w.writerow([paths[i], labels[i], names[probs[i].argmax()], f"{probs[i].max():.6f}", i % 3]
+                       + [f"{v:.6f}" for v in probs[i]])
+    assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+    back = list(csv.DictReader(open(tmp_path / "p.csv", newline="")))
+    assert back[1]["path"] == paths[1] and back[4097]["p_b,c"] == f"{probs[4097][1]:.6f}"
