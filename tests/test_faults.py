@@ -182,6 +182,8 @@ def _edit_model(world, tmp_path, edit):
     ("pickle_head", "head.npz: does not belong with model.json"),
     ("pickle_head_matching_sha", "head.npz: not an array archive imgsent can load"),
     ("not_json", "model.json: not valid JSON"),
+    ("older_format", "model.json: made by an older imgsent (format 2); re-run imgsent train-head"),
+    ("float64_head", "head.npz: array w0 is float64"),
 ])
 def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
     def edit(m):
@@ -205,6 +207,14 @@ def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
             if case.endswith("sha"):
                 import hashlib
                 meta["head_sha256"] = hashlib.sha256((m / "head.npz").read_bytes()).hexdigest()
+        elif case == "older_format":
+            meta["format"] = 2
+        elif case == "float64_head":
+            import hashlib
+            with np.load(m / "head.npz") as z:
+                arrays = {k: z[k].astype(np.float64) if k == "w0" else z[k] for k in z.files}
+            np.savez(m / "head.npz", **arrays)
+            meta["head_sha256"] = hashlib.sha256((m / "head.npz").read_bytes()).hexdigest()
         if case == "not_json":
             (m / "model.json").write_text("{oops")
         else:
