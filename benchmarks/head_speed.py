@@ -13,7 +13,7 @@ LogisticRegression(max_iter=1000) on the same features and the same 5 folds:
               the store, runs 5-fold CV on the same folds and a final fit (no calibration: flattering to LR)
   LR CV     = the 5 CV fits alone, timed inside that process (no start-up, no read, no final fit)
 
-    python benchmarks/head_speed.py [--regimes easy fer-hard many] [--dims 1280 2560]
+    python benchmarks/head_speed.py [--regimes easy fer-hard many] [--dims 1280 2560] [--seeds 0 1 2] [--linear-only]
 """
 from __future__ import annotations
 
@@ -59,15 +59,15 @@ def fer_hard_store(path: Path, dim: int, seed: int = 0) -> None:
                 class_names=[f"c{i}" for i in range(c)], fingerprint=fp)
 
 
-def make(regime: str, dim: int, work: Path) -> Path:
-    path = work / f"{regime}_{dim}.h5"
+def make(regime: str, dim: int, work: Path, seed: int) -> Path:
+    path = work / (f"{regime}_{dim}.h5" if seed == 0 else f"{regime}_{dim}_s{seed}.h5")
     if not path.exists():
         if regime == "fer-hard":
-            fer_hard_store(path, dim)
+            fer_hard_store(path, dim, seed)
         elif regime == "easy":
-            synthetic_store(path, n=35_887, dim=dim, classes=7, separation=0.08, dtype="float16")
+            synthetic_store(path, n=35_887, dim=dim, classes=7, separation=0.08, dtype="float16", random_state=seed)
         else:
-            synthetic_store(path, n=10_000, dim=dim, classes=100, separation=0.15)
+            synthetic_store(path, n=10_000, dim=dim, classes=100, separation=0.15, random_state=seed)
     return path
 
 
@@ -108,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--regimes", nargs="+", default=["easy", "fer-hard", "many"])
     ap.add_argument("--dims", nargs="+", type=int, default=[1280, 2560])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="data seeds: each draws another store")
+    ap.add_argument("--linear-only", action="store_true", help="skip the [256] head (its column shows -)")
     ap.add_argument("--lr", help=argparse.SUPPRESS)  # internal: the LR process
     args = ap.parse_args()
     if args.lr:
@@ -118,16 +120,18 @@ def main() -> None:
     (work / "mlp.yaml").write_text(text)
     (work / "linear.yaml").write_text(text.replace("hidden: [256] ", "hidden: [] "))
     print(f"{os.cpu_count()} CPUs; 5-fold CV; times in seconds, wall, each process started fresh")
-    print(f"{'regime':9s} {'dim':>5s} {'[256]':>6s} {'[]':>6s} {'LR proc':>8s} {'LR CV':>6s} "
-          f"{'LRproc/[]':>9s} {'LRCV/[]':>8s} {'F1 [256]':>8s} {'F1 []':>6s} {'F1 LR':>6s}")
+    print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256]':>6s} {'[]':>6s} {'LR proc':>8s} {'LR CV':>6s} "
+          f"{'LRproc/[]':>9s} {'LRCV/[]':>8s} {'F1 [256]':>8s} {'F1 []':>7s} {'F1 LR':>7s}")
     for regime in args.regimes:
         for dim in args.dims:
-            store = make(regime, dim, work)
-            t_mlp, f1_mlp = ours(store, work / "mlp.yaml", work / f"model_{regime}_{dim}")
-            t_lin, f1_lin = ours(store, work / "linear.yaml", work / f"linear_{regime}_{dim}")
-            t_lr, t_cv, f1_lr = lr_process(store)
-            print(f"{regime:9s} {dim:5d} {t_mlp:6.1f} {t_lin:6.1f} {t_lr:8.1f} {t_cv:6.1f} {t_lr / t_lin:8.1f}x "
-                  f"{t_cv / t_lin:7.1f}x {f1_mlp:8.3f} {f1_lin:6.3f} {f1_lr:6.3f}", flush=True)
+            for seed in args.seeds:
+                store = make(regime, dim, work, seed)
+                t_mlp, f1_mlp = (float("nan"),) * 2 if args.linear_only else \
+                    ours(store, work / "mlp.yaml", work / f"model_{regime}_{dim}")
+                t_lin, f1_lin = ours(store, work / "linear.yaml", work / f"linear_{regime}_{dim}")
+                t_lr, t_cv, f1_lr = lr_process(store)
+                print(f"{regime:9s} {dim:5d} {seed:4d} {t_mlp:6.1f} {t_lin:6.1f} {t_lr:8.1f} {t_cv:6.1f} "
+                      f"{t_lr / t_lin:8.1f}x {t_cv / t_lin:7.1f}x {f1_mlp:8.3f} {f1_lin:7.4f} {f1_lr:7.4f}", flush=True)
 
 
 if __name__ == "__main__":

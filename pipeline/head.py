@@ -200,9 +200,13 @@ class _Softmax:
         self.dZ = [x @ dW.T + db for x, _ in self.data]
         ww, wd, dd = (float(np.dot(a.ravel(), b.ravel())) for a, b in ((W, W), (W, dW), (dW, dW)))
 
-        def phi(t: float) -> float:  # the loss at theta + t d: O(N C), no pass over X
-            ce = sum(_weighted_ce(z + t * dz, y, self.weight, grad=False) for z, dz, y in zip(self.Z, self.dZ, self.ys))
-            return ce / self.total + 0.5 * self.lam * (ww + 2 * t * wd + t * t * dd)
+        def phi(t: float) -> tuple[float, float]:  # loss and slope at theta + t d: O(N C), no pass over X
+            ce, slope = 0.0, 0.0
+            for z, dz, y in zip(self.Z, self.dZ, self.ys):
+                s, g = _weighted_ce(z + t * dz, y, self.weight)
+                ce, slope = ce + s, slope + float(np.vdot(g, dz))
+            return (ce / self.total + 0.5 * self.lam * (ww + 2 * t * wd + t * t * dd),
+                    slope / self.total + self.lam * (wd + t * dd))
         return phi
 
     def accept(self, t: float):

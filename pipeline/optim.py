@@ -8,10 +8,10 @@ import numpy as np
 
 def lbfgs(problem, x: np.ndarray, *, max_iter: int, callback=None, history: int = 10, gtol: float = 1e-5,
           ftol: float = 1e-9) -> np.ndarray:
-    """Minimise by L-BFGS (Nocedal & Wright alg. 7.4/7.5) with Armijo backtracking. `problem` has
-    start(x) -> (loss, grad), along(d) -> phi with phi(t) = loss at x + t d, and accept(t) -> (loss, grad) at the
-    new point x + t d. The split lets a problem pay for a direction once and for each line-search trial little
-    (the linear head: logits are linear in t). Stops when max |grad| <= gtol, when the loss changes by less than
+    """Minimise by L-BFGS (Nocedal & Wright alg. 7.4/7.5) with a strong-Wolfe line search. `problem` has
+    start(x) -> (loss, grad), along(d) -> phi with phi(t) = (loss, slope d.grad) at x + t d, and accept(t) ->
+    (loss, grad) at the new point x + t d. The split lets a problem pay for a direction once and for each
+    line-search trial little (the linear head: logits are linear in t). Stops when max |grad| <= gtol, when the loss changes by less than
     ftol (relative), after max_iter iterations, or when callback(x, iteration) returns True."""
     loss, g = problem.start(x)
     S: list[np.ndarray] = []
@@ -33,12 +33,7 @@ def lbfgs(problem, x: np.ndarray, *, max_iter: int, callback=None, history: int 
             S.clear(), Y.clear()
             norm = max(1.0, float(np.sqrt(g @ g)))
             d, gtd = -g / norm, -float(g @ g) / norm
-        phi, t = problem.along(d), 1.0
-        while True:
-            new_loss = phi(t)
-            if new_loss <= loss + 1e-4 * t * gtd or t < 1e-8:
-                break
-            t *= 0.5
+        t = wolfe(problem.along(d), loss, gtd)
         new_loss, new_g = problem.accept(t)
         s, y = t * d, new_g - g
         if float(y @ s) > 1e-10:  # curvature pair kept only when it keeps H positive definite
@@ -50,6 +45,46 @@ def lbfgs(problem, x: np.ndarray, *, max_iter: int, callback=None, history: int 
         if converged or (callback is not None and callback(x, it)):
             break
     return x
+
+
+def wolfe(phi, f0: float, g0: float, *, c1: float = 1e-3, c2: float = 0.9, max_evals: int = 30) -> float:
+    """A step t along a descent direction (slope g0 < 0 at t = 0) meeting the strong Wolfe conditions, sufficient
+    decrease (c1) and |slope| <= c2 |g0| (Nocedal & Wright alg. 3.5/3.6; c1, c2 and the 4x extrapolation as scipy's
+    L-BFGS-B). Unlike backtracking from t = 1 it also steps further: the first direction is steepest descent scaled
+    to unit length, usually far too short. phi(t) -> (loss, slope). Returns 0 when no step lowers the loss."""
+    prev, t, evals = (0.0, f0, g0), 1.0, 0
+    while evals < max_evals:  # bracket: extrapolate until the loss rises or the slope turns
+        f, g = phi(t)
+        evals += 1
+        if f > f0 + c1 * t * g0 or (prev[0] > 0 and f >= prev[1]):
+            lo, hi = prev, (t, f, g)
+            break
+        if abs(g) <= -c2 * g0:
+            return t
+        if g >= 0:
+            lo, hi = (t, f, g), prev
+            break
+        prev, t = (t, f, g), 4.0 * t
+    else:
+        return prev[0]
+    while evals < max_evals:  # zoom: lo meets sufficient decrease, a point meeting both lies between lo and hi
+        (tl, fl, gl), (th, fh, _) = lo, hi
+        a, b = min(tl, th), max(tl, th)
+        denom = 2.0 * (fh - fl - gl * (th - tl))
+        t = tl - gl * (th - tl) ** 2 / denom if denom > 0 else (a + b) / 2  # the quadratic's minimiser...
+        if not a + 0.1 * (b - a) <= t <= b - 0.1 * (b - a):
+            t = (a + b) / 2  # ...or bisection when it falls near an end
+        f, g = phi(t)
+        evals += 1
+        if f > f0 + c1 * t * g0 or f >= fl:
+            hi = (t, f, g)
+        else:
+            if abs(g) <= -c2 * g0:
+                return t
+            if g * (th - tl) >= 0:
+                hi = lo
+            lo = (t, f, g)
+    return lo[0]
 
 
 class Plain:
@@ -64,7 +99,11 @@ class Plain:
 
     def along(self, d: np.ndarray):
         self.d = d
-        return lambda t: self.f(self.x + t * d)[0]
+
+        def phi(t: float) -> tuple[float, float]:
+            loss, g = self.f(self.x + t * d)
+            return loss, float(g @ d)
+        return phi
 
     def accept(self, t: float):
         self.x = self.x + t * self.d

@@ -178,3 +178,37 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
     back = list(csv.DictReader(open(tmp_path / "p.csv", newline="")))
     assert back[1]["path"] == paths[1] and back[4097]["p_b,c"] == f"{probs[4097][1]:.6f}"
+
+
+def test_wolfe_step_extrapolates_to_a_far_minimum_and_meets_both_conditions():
+    """f(t) = (t - 100)^2 from t = 0: backtracking from t = 1 would stop at 1; the strong-Wolfe search goes out
+    and returns a step with sufficient decrease and a flat enough slope."""
+    from pipeline.optim import wolfe
+    phi = lambda t: ((t - 100.0) ** 2, 2 * (t - 100.0))  # noqa: E731
+    f0, g0 = phi(0.0)
+    t = wolfe(phi, f0, g0)
+    f, g = phi(t)
+    assert f <= f0 + 1e-3 * t * g0 and abs(g) <= 0.9 * abs(g0) and 10 < t < 190, t
+    assert wolfe(lambda t: (1.0 + t, 1.0), 1.0, -1.0) == 0.0  # the loss rises everywhere: no step
+
+
+def test_linear_objective_line_shortcut_matches_a_full_evaluation(tmp_path):
+    """The linear head's line search evaluates loss and slope from cached logits (Z + t dZ); they must equal the
+    loss of a full pass at theta + t d and the directional derivative from its gradient."""
+    from pipeline.head import Standardised, _Softmax, class_weights
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=500, dim=12, classes=4, separation=0.4)])
+    train = np.ones(len(rows), bool)
+    data = Standardised(rows, train)
+    w = class_weights(rows.labels, 4, "balanced")
+    rng = np.random.default_rng(0)
+    theta, d = (rng.normal(size=4 * 13).astype(np.float32) * s for s in (0.3, 0.5))
+    prob = _Softmax(data, w, 1e-2, 4, 12)
+    prob.start(theta)
+    phi = prob.along(d)
+    for t in (0.0, 0.4, 2.0):
+        loss, slope = phi(t)
+        full, grad = _Softmax(data, w, 1e-2, 4, 12).start(theta + t * d)
+        assert abs(loss - full) < 1e-5 * max(1, abs(full)) and abs(slope - float(grad @ d)) < 1e-4 * max(1, abs(slope))
+    loss, grad = prob.accept(0.4)
+    full, grad_full = _Softmax(data, w, 1e-2, 4, 12).start(theta + 0.4 * d)
+    assert abs(loss - full) < 1e-5 and np.allclose(grad, grad_full, atol=1e-5)
