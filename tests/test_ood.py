@@ -89,3 +89,17 @@ def test_a_model_from_before_the_check_still_predicts(model, tmp_path):
     (model / "ood.npz").unlink()
     p = load_model(model, device="cpu").predict([str(make_images(tmp_path / "new", per_class=2, seed=3))])
     assert p.ood_scores is None and "unsure" not in p.labels
+
+
+@pytest.mark.parametrize("shape,k", [((300, 4096), 10), ((64, 3001), 10), ((20, 700), 10), ((9, 129), 3), ((4, 12), 10)])
+def test_top_k_equals_a_full_partition(shape, k):
+    """The chunked top-k gives the same k largest values per row as np.partition, ties and -inf included."""
+    from pipeline.ood import top_k
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=shape).astype(np.float32)
+    sim[0] = 1.0  # a row of ties
+    sim[1, : shape[1] // 2] = -np.inf
+    k = min(k, shape[1])
+    ours = np.sort(top_k(sim, k), 1)
+    assert ours.shape == (shape[0], k)
+    assert np.array_equal(ours, np.sort(np.partition(sim, shape[1] - k, axis=1)[:, shape[1] - k:], 1))
