@@ -183,6 +183,7 @@ def _edit_model(world, tmp_path, edit):
     ("pickle_head_matching_sha", "head.npz: not an array archive imgsent can load"),
     ("not_json", "model.json: not valid JSON"),
     ("older_format", "model.json: made by an older imgsent (format 2); re-run imgsent train-head"),
+    ("older_dir", "model.json: made by an older imgsent (format 2); re-run imgsent train-head"),
     ("float64_head", "head.npz: array w0 is float64"),
 ])
 def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
@@ -207,8 +208,10 @@ def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
             if case.endswith("sha"):
                 import hashlib
                 meta["head_sha256"] = hashlib.sha256((m / "head.npz").read_bytes()).hexdigest()
-        elif case == "older_format":
+        elif case.startswith("older"):
             meta["format"] = 2
+            if case == "older_dir":  # the layout imgsent wrote before head.npz
+                (m / "head.npz").rename(m / "head.pt")
         elif case == "float64_head":
             import hashlib
             with np.load(m / "head.npz") as z:
