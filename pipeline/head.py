@@ -100,7 +100,7 @@ def _stats(rows: Rows, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             continue
         nb, mean_b = len(xb), xb.mean(0, dtype=np.float64)
         var_b = xb.var(0, dtype=np.float64)
-        delta, tot = mean_b - mean, n + len(xb)
+        delta, tot = mean_b - mean, n + nb
         mean, m2, n = mean + delta * nb / tot, m2 + var_b * nb + delta ** 2 * n * nb / tot, tot
     return mean.astype(np.float32), robust_scale(np.sqrt(m2 / max(n, 1)))
 
@@ -194,9 +194,10 @@ class _Softmax:
     def start(self, theta: np.ndarray):
         self.theta = theta
         W, b = self.split(theta)
-        zero = not theta.any()  # the usual start: logits are the bias (0), no pass over X
-        self.Z = [np.zeros((len(y), self.C), np.float32) if zero else x @ W.T + b
-                  for (x, _), y in zip(self.data, self.ys)]  # (n, C) per block
+        if theta.any():
+            self.Z = [x @ W.T + b for x, _ in self.data]  # (n, C) per block
+        else:  # the usual start: the logits are the bias, 0; no pass over X
+            self.Z = [np.zeros((len(y), self.C), np.float32) for y in self.ys]
         return self._loss_grad()
 
     def along(self, d: np.ndarray):

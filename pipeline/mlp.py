@@ -1,6 +1,6 @@
 """The head with hidden layers, trained in torch: Adam in mini-batches, one loop for in-memory and streamed rows,
 early stopping on the validation slice. Imported only when `hidden` is not empty (torch's import is 1.7 s);
-`to_module` turns any fitted Head into a torch module for export."""
+`TorchHead` wraps any fitted Head as a torch module for export."""
 from __future__ import annotations
 
 import math

@@ -126,13 +126,13 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
 
 def load_model_dir(model_dir: str | Path) -> tuple[Head, ModelInfo]:
     """Validated head and its model.json. Every failure is one line naming the file."""
-    d = Path(model_dir)
+    d, f = Path(model_dir), Path(model_dir) / HEAD
+    not_ours = f"{d}: not a model directory (needs {HEAD} and model.json); create it with imgsent train-head"
     if not (d / "model.json").is_file():
-        raise UserError(f"{d}: not a model directory (needs {HEAD} and model.json); create it with imgsent train-head")
+        raise UserError(not_ours)
     info, want_sha = _parse_info(d / "model.json")  # first: an older model directory (head.pt) is named as such
-    if not (d / HEAD).is_file():
-        raise UserError(f"{d}: not a model directory (needs {HEAD} and model.json); create it with imgsent train-head")
-    f = d / HEAD
+    if not f.is_file():
+        raise UserError(not_ours)
     _need(f.stat().st_size > 0, f, "empty file (0 bytes)")
     _need(sha256_file(f) == want_sha, f, "does not belong with model.json (checksum differs)")
     try:

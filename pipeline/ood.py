@@ -32,12 +32,13 @@ def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude_self: bo
     """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D); with exclude_self, q is
     ref and each row's match with itself is left out (leave-one-out)."""
     k = max(1, min(k, len(ref) - int(exclude_self)))
-    out = np.empty(len(q), np.float32)
-    r = ref.astype(np.float32)
     if exclude_self:  # q is ref: one symmetric product (BLAS syrk), R <= MAX_REF so (R, R) is bounded
+        r = np.asarray(q, np.float32)
         sim = r @ r.T  # (R, R)
         np.fill_diagonal(sim, -np.inf)
         return (1.0 - top_k(sim, k).mean(1)).astype(np.float32)
+    out = np.empty(len(q), np.float32)
+    r = ref.astype(np.float32)
     for i in range(0, len(q), 1024):
         out[i:i + 1024] = 1.0 - top_k(q[i:i + 1024] @ r.T, k).mean(1)  # (b, R) similarities -> (b,)
     return out
