@@ -55,7 +55,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 def write_predictions(path: Path, *, paths: list[str], labels: list[str] | None, probs: np.ndarray,
                       class_names: list[str], extra: dict[str, list] | None = None) -> None:
     """path,label,predicted,confidence,<extra>...,p_<class>... (label column only when known), as csv.writer writes
-    it. The numbers of BLOCK rows are formatted by one % (a csv.writer row at a time cost 33 us a row)."""
+    it. The numbers are formatted by fixed_6 a block of BLOCK rows at a time (a csv.writer row at a time cost 33 us
+    a row; '%.6f' a number at a time 0.2 s for 10,000 x 100)."""
     pred = probs.argmax(1) if len(probs) else np.zeros(0, int)
     names = [_field(c) for c in class_names]
     head = ["path"] + (["label"] if labels is not None else []) + ["predicted", "confidence"]
@@ -63,17 +64,50 @@ def write_predictions(path: Path, *, paths: list[str], labels: list[str] | None,
     cols = list((extra or {}).values())
     with open(path, "w", newline="") as f:
         f.write(",".join(_field(h) for h in head) + "\r\n")
-        fmt = ",".join(["%.6f"] * len(class_names)) + "\n"
         for s in range(0, len(paths), BLOCK):
             e = min(len(paths), s + BLOCK)
-            conf = ("%.6f\n" * (e - s) % tuple(probs[s:e].max(1).tolist())).split("\n")
-            nums = (fmt * (e - s) % tuple(probs[s:e].ravel().tolist())).split("\n")  # (e - s) rows of p_<class>
+            conf, nums = fixed_6(probs[s:e].max(1)[:, None]), fixed_6(probs[s:e])  # (e - s) rows each
             f.writelines(",".join([_field(paths[i])] + ([_field(labels[i])] if labels is not None else [])
                                   + [names[pred[i]], conf[i - s]] + [_field(str(v[i])) for v in cols]
                                   + [nums[i - s]]) + "\r\n" for i in range(s, e))
 
 
 BLOCK = 4096
+
+
+def fixed_6(p: np.ndarray) -> list[str]:
+    """Each row of p (n, C) as ','.join(f'{v:.6f}' for v in row), the same characters. Values in [0, 1] (every
+    probability) are rounded and spelt out by numpy, 10x faster than '%' per value. A row holding another value, or
+    (float64) one within 1e-7 of a rounding tie, where v * 1e6 might round otherwise than '%.6f' on the exact value,
+    goes through '%' (float32 values cannot: v * 1e6 is exact in float64, and both round ties to even)."""
+    n, c = p.shape
+    v = np.asarray(p, np.float64) * 1e6  # (n, C)
+    odd = ~(np.isfinite(v) & (v >= 0) & (v <= 1e6)).all(1)  # (n,) rows for '%'
+    v = np.where(odd[:, None], 0, v)
+    if p.dtype != np.float32:
+        odd |= (np.abs(v - np.floor(v) - 0.5) < 1e-7).any(1)
+    q = np.rint(v).astype(np.int64)
+    frac = q % 1_000_000
+    words = (q // 1_000_000 + _POINT) | _HIGH3[frac // 1000] | _LOW3[frac % 1000]  # (n, C) uint64 'd.dddddd'
+    chars = np.empty((n, c, 9), np.uint8)
+    chars[..., :8] = words.astype("<u8").view(np.uint8).reshape(n, c, 8)
+    chars[..., 8] = ord(",")
+    if c:
+        chars[:, -1, 8] = ord("\n")
+    rows = chars.tobytes().decode("ascii").split("\n")[:n] if c else [""] * n
+    if odd.any():
+        fmt = ",".join(["%.6f"] * c)
+        for i in np.flatnonzero(odd):
+            rows[i] = fmt % tuple(p[i].tolist())
+    return rows
+
+
+# 'd.dddddd' as a little-endian uint64: byte 0 the units digit ('0' + q // 10^6 added to _POINT), byte 1 '.',
+# bytes 2-4 and 5-7 the fraction's two halves, each looked up among 1,000
+_POINT = np.int64(48 + (ord(".") << 8))
+_HIGH3 = np.array([sum((48 + int(ch)) << (8 * (2 + j)) for j, ch in enumerate(f"{i:03d}")) for i in range(1000)],
+                  np.int64)
+_LOW3 = _HIGH3 << 24
 
 
 def _field(s: str) -> str:

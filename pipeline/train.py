@@ -17,7 +17,7 @@ from features.atomic import atomic_dir, check_output
 from features.errors import UserError
 from pipeline.folds import assign_folds
 from pipeline.calibration import fit_temperature, softmax
-from pipeline.head import fit_head, head_logits, split_validation
+from pipeline.head import Pool, fit_head, head_logits, split_validation
 from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
                               write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
@@ -30,24 +30,31 @@ def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
 
 
-def fit_split(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None):
+def fit_split(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None,
+              pool: Pool | None = None):
     """One head on the rows where `train` is True, as every CV fold and the final fit train it: the
     early-stopping slice carved out by train-head's rule (none below min_val_images)."""
     fit, val = split_validation(labels=rows.labels, train=train, params=params.head, random_state=random_state,
                                 max_rows=max_val)
     return fit_head(rows=rows, train=fit, val=val, n_classes=len(rows.class_names), params=params.head,
-                    random_state=random_state)
+                    random_state=random_state, pool=pool)
+
+
+def make_pool(rows: Rows, fold: np.ndarray, params: Params) -> Pool | None:
+    """The labelled rows standardised once and grouped by fold, shared by a linear head's fits (in memory only;
+    another copy of the labelled rows: at most the memory budget again)."""
+    return Pool(rows, rows.labels >= 0, fold) if rows.in_memory and not params.head.hidden else None
 
 
 def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None,
-                   on_fold=lambda: None) -> tuple[np.ndarray, list[dict]]:
+                   on_fold=lambda: None, pool: Pool | None = None) -> tuple[np.ndarray, list[dict]]:
     """Out-of-fold logits (N, C) (rows of unlabelled images stay 0) and per-fold metrics for one head config."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     oof = np.zeros((len(rows), len(names)), dtype=np.float32)
     per_fold = []
     for j in range(int(fold.max()) + 1):
-        head = fit_split(rows, lab & (fold != j), params, seed + j, max_val)
+        head = fit_split(rows, lab & (fold != j), params, seed + j, max_val, pool)
         te = fold == j
         oof[te] = head_logits(head, rows, te)
         m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
@@ -74,9 +81,10 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     t0 = time.time()
     out_dir = check_model_out(out)
     rows, fold, max_val = prepare(stores, params, intersect)
-    oof, per_fold = cross_validate(rows, fold, params, max_val)
+    pool = make_pool(rows, fold, params)
+    oof, per_fold = cross_validate(rows, fold, params, max_val, pool=pool)
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0)
+        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, pool)
     c = metrics["cv"]
     faces = (f" ({metrics['n_faces']} face crops; per image, mean of its faces: macro-F1 "
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
@@ -88,11 +96,11 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
 
 
 def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], params: Params,
-           max_val: int | None, d: Path, t0: float) -> dict:
+           max_val: int | None, d: Path, t0: float, pool: Pool | None = None) -> dict:
     """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`."""
     lab = rows.labels >= 0
     names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
-    final = fit_split(rows, lab, params, seed, max_val)
+    final = fit_split(rows, lab, params, seed, max_val, pool)
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     paths = [p for p, m in zip(rows.paths, lab) if m]
     temperature = fit_temperature(logits, y)

@@ -180,6 +180,19 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     assert back[1]["path"] == paths[1] and back[4097]["p_b,c"] == f"{probs[4097][1]:.6f}"
 
 
+def test_fixed_6_spells_numbers_as_percent_format():
+    """fixed_6 builds '%.6f' text in numpy: it must give the same characters for float32 and float64, values
+    0 and 1, exact and near rounding ties (x.xxxxxx5), and fall back for values outside [0, 1] or not finite."""
+    from pipeline.metrics import fixed_6
+    rng = np.random.default_rng(1)
+    ties = (rng.integers(0, 10 ** 6, 300) + 0.5) / 1e6  # float64 near-ties, the hard case for rounding
+    for p in (rng.dirichlet(np.ones(50), 400).astype(np.float32), rng.dirichlet(np.ones(50), 400),
+              ties.reshape(30, 10), np.float32([[0.0, 1.0, 0.5e-6, 1.5e-6, 2.5e-6]]),
+              np.array([[0.25, np.nan, -0.0], [1.5, -1e-9, np.inf], [1e-7, 5e-7, 0.9999995]])):
+        assert fixed_6(p) == [",".join(f"{v:.6f}" for v in row) for row in p], p.dtype
+    assert fixed_6(np.zeros((0, 3))) == [] and fixed_6(np.zeros((2, 0))) == ["", ""]
+
+
 def test_wolfe_step_extrapolates_to_a_far_minimum_and_meets_both_conditions():
     """f(t) = (t - 100)^2 from t = 0: backtracking from t = 1 would stop at 1; the strong-Wolfe search goes out
     and returns a step with sufficient decrease and a flat enough slope."""
