@@ -21,7 +21,7 @@ from tqdm import tqdm
 from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
-from pipeline.train import cross_validate, finish, prepare
+from pipeline.train import cross_validate, finish, make_pool, prepare
 
 MAX_CONFIGS = 1000  # a grid is multiplied out: refuse a typo that asks for days of work
 
@@ -87,7 +87,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     configs = parse_grid(grid, params)  # every argument checked before any work
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = prepare(stores, params, intersect)
-    results, best, done = [], None, {}
+    results, best, done, pool = [], None, {}, None
     with tqdm(total=len(configs) * params.cv.folds, desc="sweep", unit="fit", disable=not bar, file=sys.stderr,
               dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
@@ -97,7 +97,9 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 oof, per_fold = None, done[key]  # equal scores never replace the best, so no logits are needed
                 pbar.update(params.cv.folds)
             else:
-                oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
+                # The linear configs share one Pool; it is dropped while a hidden-layer config copies its rows.
+                pool = None if p.head.hidden else pool or make_pool(rows, fold, p)
+                oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1), pool=pool)
                 done[key] = per_fold
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
@@ -108,11 +110,12 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             if best is None or (r["macro_f1_mean"], -r["macro_f1_std"]) > (best[0]["macro_f1_mean"],
                                                                            -best[0]["macro_f1_std"]):
                 best = (r, p, oof, per_fold)  # only the best config's out-of-fold logits are kept: (N, C)
-    results.sort(key=lambda r: (-r["macro_f1_mean"], r["macro_f1_std"], r["_i"]))
     r, p, oof, per_fold = best
+    pool = None if p.head.hidden else pool or make_pool(rows, fold, p)  # for the best config's final fit
+    results.sort(key=lambda r: (-r["macro_f1_mean"], r["macro_f1_std"], r["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
-        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0)
+        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0, pool)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])

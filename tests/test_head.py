@@ -180,6 +180,35 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     assert back[1]["path"] == paths[1] and back[4097]["p_b,c"] == f"{probs[4097][1]:.6f}"
 
 
+def test_pool_rows_give_the_fit_the_same_standardisation_loss_and_gradient(tmp_path):
+    """A linear fit on a Pool (rows standardised once, grouped by fold; the fit's own standardisation folded into
+    the weights; its early-stopping slice left in place with weight 0) must see what a fit on its own copy
+    (Standardised) sees: the same mean and scale, loss and gradient at any weights, and the same head."""
+    from pipeline.head import Pool, Standardised, _Softmax, class_weights
+    from pipeline.params import HeadParams
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=600, dim=12, classes=4, separation=0.4)])
+    rows.features[:, 3] = rows.features[:, 3] * 40 + 7  # a dimension far from unit scale
+    rng = np.random.default_rng(0)
+    fold = rng.integers(0, 3, len(rows))
+    labelled = rng.random(len(rows)) > 0.05  # a few unlabelled rows stay out of the pool
+    pool = Pool(rows, labelled, fold)
+    val = labelled & (fold != 1) & (rng.random(len(rows)) < 0.15)
+    none = np.zeros(len(rows), bool)
+    for train, held in ((labelled & (fold != 1) & ~val, val), (labelled, none)):  # a CV fold minus its slice; final
+        ours, ref = pool.rows_of(train, held), Standardised(rows, train)
+        assert np.allclose(ours.mean, ref.mean, rtol=1e-5, atol=1e-5) and np.allclose(ours.scale, ref.scale,
+                                                                                       rtol=1e-5)
+        w = class_weights(rows.labels[train], 4, "balanced")
+        theta = rng.normal(size=4 * 13).astype(np.float32) * 0.3
+        (la, ga), (lb, gb) = (_Softmax(d, w, 1e-2, 4, 12).start(theta) for d in (ours, ref))
+        assert abs(la - lb) < 1e-5 * max(1, abs(lb)) and np.allclose(ga, gb, atol=2e-5), (la, lb)
+    p = params(head={"hidden": [], "min_val_images": 10, "min_val_per_class": 1}).head
+    fit = labelled & (fold != 1) & ~val
+    a = fit_head(rows=rows, train=fit, val=val, n_classes=4, params=p, random_state=0, pool=pool)
+    b = fit_head(rows=rows, train=fit, val=val, n_classes=4, params=p, random_state=0)
+    assert np.allclose(head_logits(a, rows), head_logits(b, rows), atol=1e-3)
+
+
 def test_fixed_6_spells_numbers_as_percent_format():
     """fixed_6 builds '%.6f' text in numpy: it must give the same characters for float32 and float64, values
     0 and 1, exact and near rounding ties (x.xxxxxx5), and fall back for values outside [0, 1] or not finite."""
