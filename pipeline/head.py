@@ -161,6 +161,16 @@ class Pool:
     def rows_of(self, train: np.ndarray, val: np.ndarray) -> "PoolRows":
         return PoolRows(self, train, val)
 
+    def logits(self, head: Head, mask: np.ndarray) -> np.ndarray | None:
+        """A linear head's logits (sum(mask), C) of the rows in `mask` when they are one run of the pool (a CV
+        fold's test rows): no copy, the head's standardisation folded into its weights. None otherwise."""
+        pos = self.pos[mask]
+        if len(head.layers) != 1 or not len(pos) or pos[0] < 0 or not (np.diff(pos) == 1).all():
+            return None
+        (w, b), = head.layers
+        a = w * (self.scale / head.scale)  # (C, D): ((x * scale + mean) - head.mean) / head.scale = x * ratio + shift
+        return self.x[pos[0]:pos[-1] + 1] @ a.T + (b + a @ ((self.mean - head.mean) / self.scale))
+
 
 class PoolRows:
     """A fit's rows (`train`) as views of a Pool: blocks (x (r, D), y (r,)) with y = -1 on rows that are not the

@@ -56,7 +56,8 @@ def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | 
     for j in range(int(fold.max()) + 1):
         head = fit_split(rows, lab & (fold != j), params, seed + j, max_val, pool)
         te = fold == j
-        oof[te] = head_logits(head, rows, te)
+        z = pool.logits(head, te) if pool is not None else None  # (n_te, C) in place, or from the raw rows
+        oof[te] = z if z is not None else head_logits(head, rows, te)
         m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
         per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
         on_fold()

@@ -207,6 +207,9 @@ def test_pool_rows_give_the_fit_the_same_standardisation_loss_and_gradient(tmp_p
     a = fit_head(rows=rows, train=fit, val=val, n_classes=4, params=p, random_state=0, pool=pool)
     b = fit_head(rows=rows, train=fit, val=val, n_classes=4, params=p, random_state=0)
     assert np.allclose(head_logits(a, rows), head_logits(b, rows), atol=1e-3)
+    test = labelled & (fold == 1)  # one run of the pool: its logits are read in place
+    assert np.allclose(pool.logits(a, test), head_logits(a, rows, test), atol=1e-4)
+    assert pool.logits(a, labelled & (fold != 1)) is None and pool.logits(a, ~labelled) is None  # two runs; none
 
 
 def test_fixed_6_spells_numbers_as_percent_format():
