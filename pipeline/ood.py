@@ -5,8 +5,8 @@ cosine distance, in the head's standardised feature space, to a reference sample
     score(x) = 1 - mean of the K largest cosines between std(x) and the reference rows      (0 = a known image)
 
 Flagged when above the `quantile` of the reference rows' own leave-one-out scores (0.99: 1% of training-like
-images flagged). Stored in the model directory as ood.npz (ref (R, D) float16, loo (R,) sorted), checksummed in
-model.json. Mahalanobis distance per class was measured against it (benchmarks/ood.py, BENCHMARKS.md).
+images flagged), computed for a random MAX_LOO of them. Stored in the model directory as ood.npz (ref (R, D)
+float16, loo (Q,) sorted, Q <= R), checksummed in model.json. Mahalanobis distance per class was measured against it (benchmarks/ood.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -19,28 +19,29 @@ from features.images import sha256_file
 
 K = 10
 MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
+MAX_LOO = 2048  # reference rows scored leave-one-out for the threshold: half the (R, R) product of all of them
 DEFAULT_QUANTILE = 0.99
 
 
 def normalise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Raw features (N, D) -> standardised, unit-length rows (N, D) float32."""
-    z = (np.asarray(x, np.float32) - mean) / scale
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    """Raw features (N, D) -> standardised, unit-length rows (N, D) float32 (one new array, then in place)."""
+    z = np.subtract(x, mean, dtype=np.float32)
+    z /= scale
+    z /= np.maximum(np.sqrt(np.einsum("ij,ij->i", z, z)), 1e-12)[:, None]
+    return z
 
 
-def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude_self: bool = False) -> np.ndarray:
-    """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D); with exclude_self, q is
-    ref and each row's match with itself is left out (leave-one-out)."""
-    k = max(1, min(k, len(ref) - int(exclude_self)))
-    if exclude_self:  # q is ref: one symmetric product (BLAS syrk), R <= MAX_REF so (R, R) is bounded
-        r = np.asarray(q, np.float32)
-        sim = r @ r.T  # (R, R)
-        np.fill_diagonal(sim, -np.inf)
-        return (1.0 - top_k(sim, k).mean(1)).astype(np.float32)
+def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndarray | None = None) -> np.ndarray:
+    """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D). `exclude` (M,): q[i] is
+    ref[exclude[i]], whose match with itself is left out (leave-one-out)."""
+    k = max(1, min(k, len(ref) - int(exclude is not None)))
     out = np.empty(len(q), np.float32)
     r = ref.astype(np.float32)
     for i in range(0, len(q), 1024):
-        out[i:i + 1024] = 1.0 - top_k(q[i:i + 1024] @ r.T, k).mean(1)  # (b, R) similarities -> (b,)
+        sim = q[i:i + 1024] @ r.T  # (b, R) similarities
+        if exclude is not None:
+            sim[np.arange(len(sim)), exclude[i:i + 1024]] = -np.inf
+        out[i:i + 1024] = 1.0 - top_k(sim, k).mean(1)  # (b,)
     return out
 
 
@@ -59,11 +60,15 @@ def top_k(sim: np.ndarray, k: int, width: int = 64) -> np.ndarray:
     return np.partition(cand, k * width - k, axis=1)[:, k * width - k:]
 
 
-def fit_ood(sample: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, and their sorted
-    leave-one-out scores (R,)."""
+def fit_ood(sample: np.ndarray, mean: np.ndarray, scale: np.ndarray, random_state: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, and the sorted
+    leave-one-out scores (Q,) of a seeded random MAX_LOO of them against all the others: a quantile near 0.99 is
+    estimated from 2,048 of them about as well (the score of a training-like image is a sample either way)."""
     ref = normalise(sample, mean, scale).astype(np.float16)
-    return ref, np.sort(knn_distance(ref.astype(np.float32), ref, exclude_self=True))
+    r = ref.astype(np.float32)  # scored as predict scores: against the stored float16 rows
+    idx = np.sort(np.random.default_rng(random_state).choice(len(r), min(len(r), MAX_LOO), replace=False))
+    return ref, np.sort(knn_distance(r[idx], ref, exclude=idx))
 
 
 def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
@@ -97,6 +102,7 @@ def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
             ref, loo = z["ref"], z["loo"]
     except (OSError, ValueError, KeyError):
         raise UserError(f"{f}: unreadable; {fix}") from None
-    if ref.ndim != 2 or ref.shape[1] != dim or loo.shape != (len(ref),) or not np.isfinite(loo).all():
+    if ref.ndim != 2 or ref.shape[1] != dim or loo.ndim != 1 or not 0 < len(loo) <= len(ref) or \
+            not np.isfinite(loo).all():
         raise UserError(f"{f}: shapes {ref.shape} / {loo.shape} do not match a {dim}-wide head; {fix}")
     return ref, loo

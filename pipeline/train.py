@@ -106,7 +106,7 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
     paths = [p for p, m in zip(rows.paths, lab) if m]
     temperature = fit_temperature(logits, y)
     final.temperature = temperature
-    ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean, final.scale)
+    ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean, final.scale, seed)
     ood = save_ood(d, ref, loo)
     probs_raw, probs = softmax(logits), softmax(logits, temperature)
     pred = probs.argmax(1)

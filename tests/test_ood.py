@@ -18,7 +18,7 @@ from tests.conftest import TINY, make_images, params, run_cli
 def test_knn_distance_leaves_each_row_out_of_its_own_neighbours():
     ref = np.eye(4, dtype=np.float32)
     assert np.allclose(knn_distance(ref, ref, k=1), 0.0)  # each row finds itself
-    assert np.allclose(knn_distance(ref, ref, k=1, exclude_self=True), 1.0)  # orthogonal to every other
+    assert np.allclose(knn_distance(ref, ref, k=1, exclude=np.arange(4)), 1.0)  # orthogonal to every other
     q = np.array([[1, 1, 0, 0]], np.float32) / np.sqrt(2)
     assert np.allclose(knn_distance(q, ref, k=2), 1 - 1 / np.sqrt(2))
 
