@@ -36,7 +36,7 @@ def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndar
     ref[exclude[i]], whose match with itself is left out (leave-one-out)."""
     k = max(1, min(k, len(ref) - int(exclude is not None)))
     out = np.empty(len(q), np.float32)
-    r = ref.astype(np.float32)
+    r = np.asarray(ref, np.float32)
     for i in range(0, len(q), 1024):
         sim = q[i:i + 1024] @ r.T  # (b, R) similarities
         if exclude is not None:
@@ -68,7 +68,7 @@ def fit_ood(sample: np.ndarray, mean: np.ndarray, scale: np.ndarray, random_stat
     ref = normalise(sample, mean, scale).astype(np.float16)
     r = ref.astype(np.float32)  # scored as predict scores: against the stored float16 rows
     idx = np.sort(np.random.default_rng(random_state).choice(len(r), min(len(r), MAX_LOO), replace=False))
-    return ref, np.sort(knn_distance(r[idx], ref, exclude=idx))
+    return ref, np.sort(knn_distance(r[idx], r, exclude=idx))
 
 
 def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
