@@ -203,9 +203,10 @@ class PoolRows:
 
 
 def fit_head(*, rows: Rows, train: np.ndarray, val: np.ndarray, n_classes: int, params: HeadParams,
-             random_state: int, pool: Pool | None = None) -> Head:
+             random_state: int, pool: Pool | None = None, init: Head | None = None) -> Head:
     """Train one head on the rows where `train` is True (labels in [0, C)), early-stopping on the rows where `val`
-    is True. Deterministic given random_state. `pool`: the labelled rows standardised once, for linear heads."""
+    is True. Deterministic given random_state. `pool`: the labelled rows standardised once, for linear heads;
+    `init`: a linear head to start a linear fit from (mean_linear_head)."""
     data = pool.rows_of(train, val) if pool is not None and not params.hidden else Standardised(rows, train)
     xv = (rows.take(val) - data.mean) / data.scale if val.any() else None  # (V, D)
     yv = np.maximum(rows.labels[val], 0)
@@ -215,7 +216,7 @@ def fit_head(*, rows: Rows, train: np.ndarray, val: np.ndarray, n_classes: int, 
         layers = fit_mlp(data=data, xv=xv, yv=yv, weight=weight, n_classes=n_classes, params=params,
                          random_state=random_state)
     else:  # logistic regression: full-batch L-BFGS converges in tens of passes, Adam in hundreds
-        layers = [_fit_linear(data, xv, yv, weight, n_classes, params)]
+        layers = [_fit_linear(data, xv, yv, weight, n_classes, params, init)]
     return Head(layers, data.mean, data.scale)
 
 
@@ -306,12 +307,17 @@ class _Softmax:
 
 
 def _fit_linear(data: Standardised | PoolRows, xv: np.ndarray | None, yv: np.ndarray, weight: np.ndarray, n_cls: int,
-                params: HeadParams) -> tuple[np.ndarray, np.ndarray]:
+                params: HeadParams, init: Head | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression by full-batch L-BFGS (as scikit-learn's LogisticRegression): objective
     mean weighted cross-entropy + weight_decay / 2 * |W|^2. Stops at convergence (GTOL), after `epochs` iterations
     (each about two passes over X), or early on the validation loss, checked after every iteration; the best point
-    is kept. -> (W (C, D), b (C,))."""
+    is kept. Starts at 0, or at the linear head `init` (the same map of raw features, on this fit's standardisation).
+    -> (W (C, D), b (C,))."""
     problem = _Softmax(data, weight, params.weight_decay, n_cls, data.mean.shape[0])
+    theta = np.zeros(n_cls * (problem.D + 1), np.float32)
+    if init is not None:
+        a, c = raw_map(init)  # ((x - mean) / scale) W^T + b = x a^T + c  =>  W = a * scale, b = c + a mean
+        theta = np.concatenate([(a * data.scale).ravel(), c + a @ data.mean]).astype(np.float32)
     stopper, best = _Stopper(params.patience, params.tol), {"loss": float("inf"), "theta": None}
 
     def check(theta: np.ndarray, it: int) -> bool:
@@ -322,10 +328,27 @@ def _fit_linear(data: Standardised | PoolRows, xv: np.ndarray | None, yv: np.nda
         stopper.update(v)
         return stopper.stop
 
-    theta = lbfgs(problem, np.zeros(n_cls * (problem.D + 1), np.float32), max_iter=params.epochs, gtol=GTOL,
-                  callback=check if xv is not None else None)
+    theta = lbfgs(problem, theta, max_iter=params.epochs, gtol=GTOL, callback=check if xv is not None else None)
     W, b = problem.split(best["theta"] if best["theta"] is not None else theta)
     return W.copy(), b.copy()
+
+
+def raw_map(head: Head) -> tuple[np.ndarray, np.ndarray]:
+    """A linear head as one affine map of raw features: logits = x a^T + c, a (C, D), c (C,), float64."""
+    (w, b), = head.layers
+    a = w.astype(np.float64) / head.scale
+    return a, b - a @ head.mean
+
+
+def mean_linear_head(heads: list[Head]) -> Head | None:
+    """The average of linear heads' maps of raw features, as a Head (mean 0, scale 1): where the final fit starts
+    from when the CV heads converged without an early-stopping slice. None for heads with hidden layers."""
+    if not heads or any(h.hidden for h in heads):
+        return None
+    maps = [raw_map(h) for h in heads]
+    a, c = (np.mean([m[i] for m in maps], axis=0) for i in (0, 1))
+    dim = a.shape[1]
+    return Head([(a.astype(np.float32), c.astype(np.float32))], np.zeros(dim, np.float32), np.ones(dim, np.float32))
 
 
 class _Stopper:

@@ -94,12 +94,13 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                oof, per_fold = None, done[key]  # equal scores never replace the best, so no logits are needed
+                oof, per_fold, start = None, done[key], None  # equal scores never replace the best: no logits needed
                 pbar.update(params.cv.folds)
             else:
                 # The linear configs share one Pool; it is dropped while a hidden-layer config copies its rows.
                 pool = None if p.head.hidden else pool or make_pool(rows, fold, p)
-                oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1), pool=pool)
+                oof, per_fold, start = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1),
+                                                      pool=pool)
                 done[key] = per_fold
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
@@ -109,13 +110,13 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             results.append(r)
             if best is None or (r["macro_f1_mean"], -r["macro_f1_std"]) > (best[0]["macro_f1_mean"],
                                                                            -best[0]["macro_f1_std"]):
-                best = (r, p, oof, per_fold)  # only the best config's out-of-fold logits are kept: (N, C)
-    r, p, oof, per_fold = best
+                best = (r, p, oof, per_fold, start)  # only the best config's out-of-fold logits are kept: (N, C)
+    r, p, oof, per_fold, start = best
     pool = None if p.head.hidden else pool or make_pool(rows, fold, p)  # for the best config's final fit
     results.sort(key=lambda r: (-r["macro_f1_mean"], r["macro_f1_std"], r["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
-        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0, pool)
+        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0, pool, start)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])

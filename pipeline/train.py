@@ -17,7 +17,7 @@ from features.atomic import atomic_dir, check_output
 from features.errors import UserError
 from pipeline.folds import assign_folds
 from pipeline.calibration import fit_temperature, softmax
-from pipeline.head import Pool, fit_head, head_logits, split_validation
+from pipeline.head import Head, Pool, fit_head, head_logits, mean_linear_head, split_validation
 from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
                               write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
@@ -31,13 +31,14 @@ def check_model_out(out: str | Path) -> Path:
 
 
 def fit_split(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None,
-              pool: Pool | None = None):
+              pool: Pool | None = None, init: Head | None = None):
     """One head on the rows where `train` is True, as every CV fold and the final fit train it: the
-    early-stopping slice carved out by train-head's rule (none below min_val_images)."""
+    early-stopping slice carved out by train-head's rule (none below min_val_images). `init` (a linear head)
+    is where a fit without a slice starts: it converges to the same optimum, in fewer iterations."""
     fit, val = split_validation(labels=rows.labels, train=train, params=params.head, random_state=random_state,
                                 max_rows=max_val)
     return fit_head(rows=rows, train=fit, val=val, n_classes=len(rows.class_names), params=params.head,
-                    random_state=random_state, pool=pool)
+                    random_state=random_state, pool=pool, init=None if val.any() else init)
 
 
 def make_pool(rows: Rows, fold: np.ndarray, params: Params) -> Pool | None:
@@ -47,12 +48,13 @@ def make_pool(rows: Rows, fold: np.ndarray, params: Params) -> Pool | None:
 
 
 def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None,
-                   on_fold=lambda: None, pool: Pool | None = None) -> tuple[np.ndarray, list[dict]]:
-    """Out-of-fold logits (N, C) (rows of unlabelled images stay 0) and per-fold metrics for one head config."""
+                   on_fold=lambda: None, pool: Pool | None = None) -> tuple[np.ndarray, list[dict], Head | None]:
+    """Out-of-fold logits (N, C) (rows of unlabelled images stay 0), per-fold metrics for one head config, and
+    the folds' linear heads averaged (mean_linear_head: the final fit's start)."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     oof = np.zeros((len(rows), len(names)), dtype=np.float32)
-    per_fold = []
+    per_fold, heads = [], []
     for j in range(int(fold.max()) + 1):
         head = fit_split(rows, lab & (fold != j), params, seed + j, max_val, pool)
         te = fold == j
@@ -60,8 +62,9 @@ def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | 
         oof[te] = z if z is not None else head_logits(head, rows, te)
         m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
         per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+        heads.append(head)
         on_fold()
-    return oof, per_fold
+    return oof, per_fold, mean_linear_head(heads)
 
 
 def prepare(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
@@ -83,9 +86,9 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     out_dir = check_model_out(out)
     rows, fold, max_val = prepare(stores, params, intersect)
     pool = make_pool(rows, fold, params)
-    oof, per_fold = cross_validate(rows, fold, params, max_val, pool=pool)
+    oof, per_fold, start = cross_validate(rows, fold, params, max_val, pool=pool)
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, pool)
+        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, pool, start)
     c = metrics["cv"]
     faces = (f" ({metrics['n_faces']} face crops; per image, mean of its faces: macro-F1 "
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
@@ -97,11 +100,11 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
 
 
 def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], params: Params,
-           max_val: int | None, d: Path, t0: float, pool: Pool | None = None) -> dict:
+           max_val: int | None, d: Path, t0: float, pool: Pool | None = None, start: Head | None = None) -> dict:
     """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`."""
     lab = rows.labels >= 0
     names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
-    final = fit_split(rows, lab, params, seed, max_val, pool)
+    final = fit_split(rows, lab, params, seed, max_val, pool, start)
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     paths = [p for p, m in zip(rows.paths, lab) if m]
     temperature = fit_temperature(logits, y)

@@ -212,6 +212,31 @@ def test_pool_rows_give_the_fit_the_same_standardisation_loss_and_gradient(tmp_p
     assert pool.logits(a, labelled & (fold != 1)) is None and pool.logits(a, ~labelled) is None  # two runs; none
 
 
+def test_final_fit_from_the_folds_average_reaches_the_same_head(tmp_path, monkeypatch):
+    """Without an early-stopping slice the final linear fit starts from the CV heads' average map (fewer
+    iterations); the objective is strictly convex, so it must end where a fit from 0 ends."""
+    from pipeline.head import _Softmax, mean_linear_head, raw_map
+    steps, accept = [], _Softmax.accept
+    monkeypatch.setattr(_Softmax, "accept", lambda self, t: steps.append(t) or accept(self, t))
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=900, dim=16, classes=5, separation=0.3)])
+    p = params(head={"hidden": [], "val_fraction": 0}).head
+    fold = np.arange(len(rows)) % 3
+    none = np.zeros(len(rows), bool)
+    heads = [fit_head(rows=rows, train=fold != j, val=none, n_classes=5, params=p, random_state=j) for j in range(3)]
+    start = mean_linear_head(heads)
+    a, c = raw_map(start)
+    assert np.allclose(head_logits(start, rows), rows.features @ a.T + c, atol=1e-4)  # the average, as a Head
+    all_rows = np.ones(len(rows), bool)
+    steps.clear()
+    warm = fit_head(rows=rows, train=all_rows, val=none, n_classes=5, params=p, random_state=0, init=start)
+    n_warm = len(steps)
+    cold = fit_head(rows=rows, train=all_rows, val=none, n_classes=5, params=p, random_state=0)
+    assert n_warm < len(steps) - n_warm, (n_warm, len(steps) - n_warm)  # the start was mapped right: it is close
+    zw, zc = head_logits(warm, rows), head_logits(cold, rows)
+    assert np.abs(zw - zc).max() < 0.02 * np.abs(zc).max() and (zw.argmax(1) == zc.argmax(1)).mean() > 0.995
+    assert mean_linear_head([]) is None
+
+
 def test_fixed_6_spells_numbers_as_percent_format():
     """fixed_6 builds '%.6f' text in numpy: it must give the same characters for float32 and float64, values
     0 and 1, exact and near rounding ties (x.xxxxxx5), and fall back for values outside [0, 1] or not finite."""
