@@ -314,10 +314,7 @@ def _fit_linear(data: Standardised | PoolRows, xv: np.ndarray | None, yv: np.nda
     is kept. Starts at 0, or at the linear head `init` (the same map of raw features, on this fit's standardisation).
     -> (W (C, D), b (C,))."""
     problem = _Softmax(data, weight, params.weight_decay, n_cls, data.mean.shape[0])
-    theta = np.zeros(n_cls * (problem.D + 1), np.float32)
-    if init is not None:
-        a, c = raw_map(init)  # ((x - mean) / scale) W^T + b = x a^T + c  =>  W = a * scale, b = c + a mean
-        theta = np.concatenate([(a * data.scale).ravel(), c + a @ data.mean]).astype(np.float32)
+    theta = np.zeros(n_cls * (problem.D + 1), np.float32) if init is None else on_standardised(init, data)
     stopper, best = _Stopper(params.patience, params.tol), {"loss": float("inf"), "theta": None}
 
     def check(theta: np.ndarray, it: int) -> bool:
@@ -338,6 +335,13 @@ def raw_map(head: Head) -> tuple[np.ndarray, np.ndarray]:
     (w, b), = head.layers
     a = w.astype(np.float64) / head.scale
     return a, b - a @ head.mean
+
+
+def on_standardised(head: Head, data: Standardised | PoolRows) -> np.ndarray:
+    """A linear head's map of raw features as the theta [W, b] of a fit on `data`'s standardisation:
+    ((x - mean) / scale) W^T + b = x a^T + c  =>  W = a * scale, b = c + a mean."""
+    a, c = raw_map(head)
+    return np.concatenate([(a * data.scale).ravel(), c + a @ data.mean]).astype(np.float32)
 
 
 def mean_linear_head(heads: list[Head]) -> Head | None:

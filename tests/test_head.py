@@ -215,7 +215,7 @@ def test_pool_rows_give_the_fit_the_same_standardisation_loss_and_gradient(tmp_p
 def test_final_fit_from_the_folds_average_reaches_the_same_head(tmp_path, monkeypatch):
     """Without an early-stopping slice the final linear fit starts from the CV heads' average map (fewer
     iterations); the objective is strictly convex, so it must end where a fit from 0 ends."""
-    from pipeline.head import _Softmax, mean_linear_head, raw_map
+    from pipeline.head import Standardised, _Softmax, mean_linear_head, on_standardised, raw_map
     steps, accept = [], _Softmax.accept
     monkeypatch.setattr(_Softmax, "accept", lambda self, t: steps.append(t) or accept(self, t))
     rows = open_rows([synthetic_store(tmp_path / "s.h5", n=900, dim=16, classes=5, separation=0.3)])
@@ -226,6 +226,10 @@ def test_final_fit_from_the_folds_average_reaches_the_same_head(tmp_path, monkey
     start = mean_linear_head(heads)
     a, c = raw_map(start)
     assert np.allclose(head_logits(start, rows), rows.features @ a.T + c, atol=1e-4)  # the average, as a Head
+    data = Standardised(rows, np.ones(len(rows), bool))
+    theta = on_standardised(start, data)
+    z = (rows.features - data.mean) / data.scale @ theta[:-5].reshape(5, 16).T + theta[-5:]
+    assert np.allclose(z, head_logits(start, rows), atol=1e-4)  # the same map on the fit's standardisation
     all_rows = np.ones(len(rows), bool)
     steps.clear()
     warm = fit_head(rows=rows, train=all_rows, val=none, n_classes=5, params=p, random_state=0, init=start)
