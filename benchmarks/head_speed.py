@@ -12,6 +12,9 @@ LogisticRegression(max_iter=1000) on the same features and the same 5 folds:
   LR proc   = the same for StandardScaler + LogisticRegression: a fresh process that imports scikit-learn, reads
               the store, runs 5-fold CV on the same folds and a final fit (no calibration: flattering to LR)
   LR CV     = the 5 CV fits alone, timed inside that process (no start-up, no read, no final fit)
+  paired    = ours ([]) vs LR on the same out-of-fold images: right where LR is wrong / wrong where LR is right,
+              McNemar's exact p, and the 95% paired-bootstrap interval of (our - LR) macro-F1 over the pooled
+              out-of-fold predictions (1,000 resamples): an interval holding 0 is a tie the data cannot break
 
     python benchmarks/head_speed.py [--regimes easy fer-hard many] [--dims 1280 2560] [--seeds 0 1 2] [--linear-only]
 """
@@ -71,32 +74,60 @@ def make(regime: str, dim: int, work: Path, seed: int) -> Path:
     return path
 
 
-def logistic_regression(store: Path, folds: int, seed: int) -> None:
-    """Runs in the fresh process of `--lr STORE`: prints 'cv_seconds macro_f1' (then fits on every row)."""
+def logistic_regression(store: Path, folds: int, seed: int, pred_out: Path) -> None:
+    """Runs in the fresh process of `--lr STORE`: prints 'cv_seconds macro_f1' (then fits on every row); the
+    out-of-fold predictions (N,) go to pred_out (.npy) after the timed part."""
     rows = open_rows([str(store)])
     x, y = rows.features, rows.labels
     fold = assign_folds(labels=y, groups=None, sha256=rows.sha256, k=folds, class_names=rows.class_names,
                         random_state=seed)
     t = time.time()
-    f1s = []
+    f1s, pred = [], np.zeros(len(y), np.int64)
     for k in range(folds):
         tr, te = fold != k, fold == k
         sc = StandardScaler().fit(x[tr])
         lr = LogisticRegression(max_iter=1000).fit(sc.transform(x[tr]), y[tr])
-        f1s.append(f1_score(y[te], lr.predict(sc.transform(x[te])), average="macro"))
+        pred[te] = lr.predict(sc.transform(x[te]))
+        f1s.append(f1_score(y[te], pred[te], average="macro"))
     cv = time.time() - t
     LogisticRegression(max_iter=1000).fit(StandardScaler().fit_transform(x), y)  # the model a user would keep
     print(cv, float(np.mean(f1s)))
+    np.save(pred_out, pred)
 
 
-def lr_process(store: Path) -> tuple[float, float, float]:
+def lr_process(store: Path, pred_out: Path) -> tuple[float, float, float]:
     t = time.time()
-    out = subprocess.run([sys.executable, __file__, "--lr", str(store)], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--lr", str(store), "--pred-out", str(pred_out)], check=True,
+                         capture_output=True, text=True)
+    wall = time.time() - t
     cv, f1 = (float(v) for v in out.stdout.split())
-    return time.time() - t, cv, f1
+    return wall, cv, f1
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, c: int) -> float:
+    cm = np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros(c), where=support + predicted > 0)
+    return float(f1.mean())
+
+
+def paired(y: np.ndarray, ours: np.ndarray, lr: np.ndarray, seed: int = 0) -> str:
+    """'b/c p=.. [lo, hi]': images only ours / only LR got right, McNemar's exact p, and the 95% bootstrap
+    interval of our macro-F1 minus LR's on the pooled out-of-fold predictions."""
+    from scipy.stats import binomtest
+    b, c = int(((ours == y) & (lr != y)).sum()), int(((ours != y) & (lr == y)).sum())
+    p = binomtest(min(b, c), b + c).pvalue if b + c else 1.0
+    rng, k = np.random.default_rng(seed), int(y.max()) + 1
+    diffs = []
+    for _ in range(1000):
+        i = rng.integers(0, len(y), len(y))
+        diffs.append(macro_f1(y[i], ours[i], k) - macro_f1(y[i], lr[i], k))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return f"{b}/{c} p={p:.2f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def ours(store: Path, params: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, CV macro-F1) of a fresh `imgsent train-head` process."""
     t = time.time()
     subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "train-head", str(store),
                     "--out", str(out), "--params", str(params)], check=True, stdout=subprocess.DEVNULL,
@@ -111,9 +142,10 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="data seeds: each draws another store")
     ap.add_argument("--linear-only", action="store_true", help="skip the [256] head (its column shows -)")
     ap.add_argument("--lr", help=argparse.SUPPRESS)  # internal: the LR process
+    ap.add_argument("--pred-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lr:
-        return logistic_regression(Path(args.lr), 5, 0)
+        return logistic_regression(Path(args.lr), 5, 0, Path(args.pred_out))
     work = ROOT / "out" / "bench" / "head_speed"
     work.mkdir(parents=True, exist_ok=True)
     text = (ROOT / "params.yaml").read_text().replace("folds: 3 ", "folds: 5 ")
@@ -121,7 +153,7 @@ def main() -> None:
     (work / "linear.yaml").write_text(text.replace("hidden: [256] ", "hidden: [] "))
     print(f"{os.cpu_count()} CPUs; 5-fold CV; times in seconds, wall, each process started fresh")
     print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256]':>6s} {'[]':>6s} {'LR proc':>8s} {'LR CV':>6s} "
-          f"{'LRproc/[]':>9s} {'LRCV/[]':>8s} {'F1 [256]':>8s} {'F1 []':>7s} {'F1 LR':>7s}")
+          f"{'LRproc/[]':>9s} {'LRCV/[]':>8s} {'F1 [256]':>8s} {'F1 []':>7s} {'F1 LR':>7s}  paired [] vs LR")
     for regime in args.regimes:
         for dim in args.dims:
             for seed in args.seeds:
@@ -129,9 +161,12 @@ def main() -> None:
                 t_mlp, f1_mlp = (float("nan"),) * 2 if args.linear_only else \
                     ours(store, work / "mlp.yaml", work / f"model_{regime}_{dim}")
                 t_lin, f1_lin = ours(store, work / "linear.yaml", work / f"linear_{regime}_{dim}")
-                t_lr, t_cv, f1_lr = lr_process(store)
+                t_lr, t_cv, f1_lr = lr_process(store, work / "lr_pred.npy")
+                y = open_rows([str(store)]).labels
+                ours_pred = np.load(work / f"linear_{regime}_{dim}" / "oof_logits.npy").argmax(1)
                 print(f"{regime:9s} {dim:5d} {seed:4d} {t_mlp:6.1f} {t_lin:6.1f} {t_lr:8.1f} {t_cv:6.1f} "
-                      f"{t_lr / t_lin:8.1f}x {t_cv / t_lin:7.1f}x {f1_mlp:8.3f} {f1_lin:7.4f} {f1_lr:7.4f}", flush=True)
+                      f"{t_lr / t_lin:8.1f}x {t_cv / t_lin:7.1f}x {f1_mlp:8.3f} {f1_lin:7.4f} {f1_lr:7.4f}  "
+                      f"{paired(y, ours_pred, np.load(work / 'lr_pred.npy'))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -240,7 +240,8 @@ class _Softmax:
     """The linear head's objective for lbfgs: mean weighted cross-entropy of softmax(X W^T + b) + lam/2 |W|^2 (bias
     not penalised), theta = [W (C*D), b (C)]. Logits are linear in the step, Z(t) = Z + t dZ: a direction costs
     one pass over X (dZ = X dW^T), each line-search trial O(N C), the gradient at the accepted point one more pass
-    (G^T X). Two passes per iteration however many trials. Holds Z and dZ: 8 N C bytes. Blocks of a PoolRows are
+    (G^T X). Two passes per iteration however many trials; the accepted trial's loss and d/dlogits are reused.
+    Holds Z, dZ and the last trial's logits and d/dlogits: 16 N C bytes. Blocks of a PoolRows are
     in another standardisation, (x - shift) / ratio in the fit's: the weights are mapped onto it (`_on_blocks`)."""
 
     def __init__(self, data, weight: np.ndarray, lam: float, n_cls: int, dim: int):
@@ -248,6 +249,7 @@ class _Softmax:
         self.weight = np.append(weight, np.float32(0))  # (C + 1,): label -1 (a row to ignore) weighs 0
         self.shift, self.ratio = data.shift, data.ratio  # (D,) each, or None
         self.ys = [y for _, y in data]  # labels per block (a streamed store is read once for them)
+        self.trial: tuple = (None, [], [])  # the last line-search trial: t, logits and (loss, d/dlogits) per block
         self.total = float(sum(self.weight[y].sum(dtype=np.float64) for y in self.ys))
 
     def split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -261,11 +263,12 @@ class _Softmax:
         a = W / self.ratio  # (C, D)
         return a, b - a @ self.shift
 
-    def _loss_grad(self):
+    def _loss_grad(self, ce: list | None = None):
+        """Loss and gradient at self.theta; `ce`: each block's (loss, d/dlogits) there, when already known."""
         W, _ = self.split(self.theta)
         loss, gw, gb = 0.0, np.zeros_like(W), np.zeros(self.C, np.float32)
-        for (x, y), z in zip(self.data, self.Z):
-            s, g = _weighted_ce(z, y, self.weight)  # g: (n, C)
+        for i, ((x, y), z) in enumerate(zip(self.data, self.Z)):
+            s, g = ce[i] if ce is not None else _weighted_ce(z, y, self.weight)  # g: (n, C)
             loss += s
             gw += g.T @ x  # (C, n) @ (n, D)
             gb += g.sum(0)
@@ -291,19 +294,26 @@ class _Softmax:
         ww, wd, dd = (float(np.dot(a.ravel(), b.ravel())) for a, b in ((W, W), (W, dW), (dW, dW)))
 
         def phi(t: float) -> tuple[float, float]:  # loss and slope at theta + t d: O(N C), no pass over X
-            ce, slope = 0.0, 0.0
+            ce, slope, self.trial = 0.0, 0.0, (t, [], [])
             for z, dz, y in zip(self.Z, self.dZ, self.ys):
-                s, g = _weighted_ce(z + t * dz, y, self.weight)
+                zt = z + t * dz
+                s, g = _weighted_ce(zt, y, self.weight)
                 ce, slope = ce + s, slope + float(np.vdot(g, dz))
+                self.trial[1].append(zt), self.trial[2].append((s, g))
             return (ce / self.total + 0.5 * self.lam * (ww + 2 * t * wd + t * t * dd),
                     slope / self.total + self.lam * (wd + t * dd))
         return phi
 
     def accept(self, t: float):
         self.theta = self.theta + t * self.d
-        for z, dz in zip(self.Z, self.dZ):
-            z += t * dz
-        return self._loss_grad()
+        if self.trial[0] == t:  # the last trial is the step taken (the usual case): its logits and d/dlogits
+            self.Z, ce = self.trial[1], self.trial[2]
+        else:
+            ce = None
+            for z, dz in zip(self.Z, self.dZ):
+                z += t * dz
+        self.trial = (None, [], [])
+        return self._loss_grad(ce)
 
 
 def _fit_linear(data: Standardised | PoolRows, xv: np.ndarray | None, yv: np.ndarray, weight: np.ndarray, n_cls: int,

@@ -283,6 +283,10 @@ def test_linear_objective_line_shortcut_matches_a_full_evaluation(tmp_path):
         loss, slope = phi(t)
         full, grad = _Softmax(data, w, 1e-2, 4, 12).start(theta + t * d)
         assert abs(loss - full) < 1e-5 * max(1, abs(full)) and abs(slope - float(grad @ d)) < 1e-4 * max(1, abs(slope))
-    loss, grad = prob.accept(0.4)
+    loss, grad = prob.accept(0.4)  # not the last trial: the logits are moved
     full, grad_full = _Softmax(data, w, 1e-2, 4, 12).start(theta + 0.4 * d)
+    assert abs(loss - full) < 1e-5 and np.allclose(grad, grad_full, atol=1e-5)
+    prob.along(d)(0.7)  # the last trial is the step taken: its logits and d/dlogits are reused
+    loss, grad = prob.accept(0.7)
+    full, grad_full = _Softmax(data, w, 1e-2, 4, 12).start(theta + 1.1 * d)
     assert abs(loss - full) < 1e-5 and np.allclose(grad, grad_full, atol=1e-5)
