@@ -167,9 +167,8 @@ class Pool:
         pos = self.pos[mask]
         if len(head.layers) != 1 or not len(pos) or pos[0] < 0 or not (np.diff(pos) == 1).all():
             return None
-        (w, b), = head.layers
-        a = w * (self.scale / head.scale)  # (C, D): ((x * scale + mean) - head.mean) / head.scale = x * ratio + shift
-        return self.x[pos[0]:pos[-1] + 1] @ a.T + (b + a @ ((self.mean - head.mean) / self.scale))
+        w, b = on_standardised(head, self)  # the head's map written on the pool's standardised rows
+        return self.x[pos[0]:pos[-1] + 1] @ w.T + b
 
 
 class PoolRows:
@@ -324,7 +323,8 @@ def _fit_linear(data: Standardised | PoolRows, xv: np.ndarray | None, yv: np.nda
     is kept. Starts at 0, or at the linear head `init` (the same map of raw features, on this fit's standardisation).
     -> (W (C, D), b (C,))."""
     problem = _Softmax(data, weight, params.weight_decay, n_cls, data.mean.shape[0])
-    theta = np.zeros(n_cls * (problem.D + 1), np.float32) if init is None else on_standardised(init, data)
+    theta = np.zeros(n_cls * (problem.D + 1), np.float32) if init is None else \
+        np.concatenate([v.ravel() for v in on_standardised(init, data)])
     stopper, best = _Stopper(params.patience, params.tol), {"loss": float("inf"), "theta": None}
 
     def check(theta: np.ndarray, it: int) -> bool:
@@ -347,11 +347,11 @@ def raw_map(head: Head) -> tuple[np.ndarray, np.ndarray]:
     return a, b - a @ head.mean
 
 
-def on_standardised(head: Head, data: Standardised | PoolRows) -> np.ndarray:
-    """A linear head's map of raw features as the theta [W, b] of a fit on `data`'s standardisation:
-    ((x - mean) / scale) W^T + b = x a^T + c  =>  W = a * scale, b = c + a mean."""
+def on_standardised(head: Head, space: Standardised | PoolRows | Pool) -> tuple[np.ndarray, np.ndarray]:
+    """A linear head's map of raw features written on the standardisation (mean, scale) of `space`, float32:
+    ((x - mean) / scale) W^T + b = x a^T + c  =>  W = a * scale (C, D), b = c + a mean (C,)."""
     a, c = raw_map(head)
-    return np.concatenate([(a * data.scale).ravel(), c + a @ data.mean]).astype(np.float32)
+    return (a * space.scale).astype(np.float32), (c + a @ space.mean).astype(np.float32)
 
 
 def mean_linear_head(heads: list[Head]) -> Head | None:

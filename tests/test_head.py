@@ -227,8 +227,8 @@ def test_final_fit_from_the_folds_average_reaches_the_same_head(tmp_path, monkey
     a, c = raw_map(start)
     assert np.allclose(head_logits(start, rows), rows.features @ a.T + c, atol=1e-4)  # the average, as a Head
     data = Standardised(rows, np.ones(len(rows), bool))
-    theta = on_standardised(start, data)
-    z = (rows.features - data.mean) / data.scale @ theta[:-5].reshape(5, 16).T + theta[-5:]
+    w, b = on_standardised(start, data)
+    z = (rows.features - data.mean) / data.scale @ w.T + b
     assert np.allclose(z, head_logits(start, rows), atol=1e-4)  # the same map on the fit's standardisation
     all_rows = np.ones(len(rows), bool)
     steps.clear()
