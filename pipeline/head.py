@@ -105,6 +105,15 @@ def _stats(rows: Rows, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), robust_scale(np.sqrt(m2 / max(n, 1)))
 
 
+def standardise_in_place(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise the rows x (n, D) float32 in place by their own mean and robust scale; returns both (D,)."""
+    mean = x.mean(0, dtype=np.float64).astype(np.float32)
+    x -= mean
+    scale = robust_scale(np.sqrt(np.einsum("ij,ij->j", x, x, dtype=np.float64) / max(len(x), 1)))
+    x /= scale
+    return mean, scale
+
+
 class Standardised:
     """The training rows as standardised (x (n, D) float32, y (n,)) blocks, re-iterable: one block in memory,
     the store's blocks (read again on every pass) when streamed."""
@@ -115,10 +124,7 @@ class Standardised:
         y_all = np.maximum(rows.labels, 0)
         if rows.in_memory:  # one copy of the training rows: stats from it, then standardised in place
             xt = rows.features[train]  # (T, D)
-            self.mean = xt.mean(0, dtype=np.float64).astype(np.float32)
-            xt -= self.mean
-            self.scale = robust_scale(np.sqrt(np.einsum("ij,ij->j", xt, xt, dtype=np.float64) / max(len(xt), 1)))
-            xt /= self.scale
+            self.mean, self.scale = standardise_in_place(xt)
             self.cached: list | None = [(xt, y_all[train])]
         else:
             self.mean, self.scale = _stats(rows, train)
@@ -150,10 +156,7 @@ class Pool:
         self.pos = np.full(len(rows), -1)  # (N,) each row's place in the pool, -1: not in it
         self.pos[order] = np.arange(len(order))
         x = rows.features[order]  # (n, D) a copy
-        self.mean = x.mean(0, dtype=np.float64).astype(np.float32)  # (D,) raw units
-        x -= self.mean
-        self.scale = robust_scale(np.sqrt(np.einsum("ij,ij->j", x, x, dtype=np.float64) / max(len(x), 1)))
-        x /= self.scale
+        self.mean, self.scale = standardise_in_place(x)  # (D,) each, raw units
         self.x, self.y = x, np.maximum(rows.labels[order], 0)  # (n, D), (n,)
         self.s1 = x.sum(0, dtype=np.float64)  # (D,) sums of the standardised rows and of their squares, from
         self.s2 = np.einsum("ij,ij->j", x, x, dtype=np.float64)  # which any subset's stats follow by subtraction

@@ -6,7 +6,8 @@ cosine distance, in the head's standardised feature space, to a reference sample
 
 Flagged when above the `quantile` of the reference rows' own leave-one-out scores (0.99: 1% of training-like
 images flagged), computed for a random MAX_LOO of them. Stored in the model directory as ood.npz (ref (R, D)
-float16, loo (Q,) sorted, Q <= R), checksummed in model.json. Mahalanobis distance per class was measured against it (benchmarks/ood.py, BENCHMARKS.md).
+float16, loo (Q,) sorted, Q <= R), checksummed in model.json. Mahalanobis distance per class was measured against
+it (benchmarks/ood.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ def lbfgs(problem, x: np.ndarray, *, max_iter: int, callback=None, history: int 
     """Minimise by L-BFGS (Nocedal & Wright alg. 7.4/7.5) with a strong-Wolfe line search. `problem` has
     start(x) -> (loss, grad), along(d) -> phi with phi(t) = (loss, slope d.grad) at x + t d, and accept(t) ->
     (loss, grad) at the new point x + t d. The split lets a problem pay for a direction once and for each
-    line-search trial little (the linear head: logits are linear in t). Stops when max |grad| <= gtol, when the loss changes by less than
-    ftol (relative), after max_iter iterations, or when callback(x, iteration) returns True."""
+    line-search trial little (the linear head: logits are linear in t). Stops when max |grad| <= gtol, when the
+    loss changes by less than ftol (relative), after max_iter iterations, or when callback(x, iteration) returns
+    True."""
     loss, g = problem.start(x)
     S: list[np.ndarray] = []
     Y: list[np.ndarray] = []
