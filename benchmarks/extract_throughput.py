@@ -1,21 +1,27 @@
-"""Extraction throughput, side by side in one run on the same images:
+"""`imgsent extract` with default flags against this machine's own ceiling, and against another checkout (e.g.
+main before issue #22), side by side in one run on the same photos:
 
-  (a) ceiling: the backbone's forward pass alone on ready uint8 tensors, per engine: onnxruntime (extract's
-      default on CPU) and torch channels_last + jit.freeze; and their features' min cosine
-  (b) `imgsent extract` end to end (hash, decode, resize, forward, HDF5 write), fresh store, per engine
-  (c) naive reference: PIL + torchvision transforms, eager fp32 NCHW, no DataLoader workers, list of features
+  (a) decode + resize alone: the product's loader (features/images.py + resize) on every available core
+  (b) forward alone: the default CPU engine on a ready uint8 batch (32 images)
+  (c) ceiling = 1 / (1/a + 1/b): decode and forward share the cores, so their times per image add up
+  (d) `imgsent extract` with default flags: img/s of its embedding phase (its summary line) and of the whole
+      process (imports, hashing and writing the store included)
+  (e) the same for --baseline TREE (a git worktree of an older commit), in alternating runs (d e d e ...)
 
-Images: the emoji of ../shared/data (128 px PNG) plus generated 640x480 photo-like JPEGs.
+Photos: photo-like JPEGs (real sample photos, random crops, sensor noise) in three sizes: half 800x600, a
+quarter 1600x1200, a quarter 4000x3000 (12 MP camera originals).
 
-    python benchmarks/extract_throughput.py [--photos 300] [--emoji 600] [--workers 1]
+    git worktree add /tmp/main-before 3b65338
+    python benchmarks/extract_throughput.py [--photos 80] [--repeat 2] [--baseline /tmp/main-before]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,104 +31,99 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from features.backbones import load_backbone  # noqa: E402
-from features.engine import onnx_embedder, torch_model  # noqa: E402
+from features.backbones import load_backbone, prepare  # noqa: E402
+from features.engine import forward_engine  # noqa: E402
+from features.images import decode_tensor  # noqa: E402
+from features.prefetch import available_cores, ordered_map  # noqa: E402
+
+SIZES = [(800, 600), (800, 600), (1600, 1200), (4000, 3000)]  # cycled: 1/2, 1/4, 1/4
 
 
-def photos(folder: Path, n: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:480, 0:640]
+def make_photos(folder: Path, n: int) -> list[str]:
+    from skimage import data
+    srcs = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    paths = []
     for i in range(n):
-        if (folder / f"p{i:05d}.jpg").exists():
+        path = folder / f"c{i % 2}" / f"p{i:04d}.jpg"
+        paths.append(str(path))
+        if path.exists():
             continue
-        c = rng.uniform(0, 255, 3)
-        a = (c + 60 * np.sin(xx[..., None] / rng.uniform(20, 90) + yy[..., None] / rng.uniform(20, 90) + rng.uniform(0, 6, 3))
-             + rng.normal(0, 12, (480, 640, 3)))
-        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(folder / f"p{i:05d}.jpg", quality=90)
+        rng = np.random.default_rng(i)
+        w, h = SIZES[i % len(SIZES)]
+        src = srcs[i % len(srcs)]
+        y, x = rng.integers(0, src.shape[0] // 4), rng.integers(0, src.shape[1] // 4)  # a random crop
+        a = np.asarray(Image.fromarray(src[y:, x:]).resize((w, h), Image.BICUBIC), np.float32)
+        a += rng.normal(0, 6, a.shape)  # sensor noise: photo-like entropy
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return paths
 
 
-def naive(paths: list[str]) -> float:
-    import torchvision.transforms as T
-    bb = load_backbone("efficientnet_lite0")
-    net = bb.embedder.net.eval()
-    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                    T.Normalize((0.5,) * 3, (0.5,) * 3)])
-    feats = []
-    t = time.time()
-    with torch.inference_mode():
-        for i in range(0, len(paths), 32):
-            x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[i:i + 32]])
-            feats.extend(net(x).numpy())
-    return len(paths) / (time.time() - t)
+def decode_rate(paths: list[str]) -> float:
+    pre = load_backbone("efficientnet_lite0").pre
+    cores = available_cores()
+    t = time.perf_counter()
+    for _ in ordered_map(lambda p: prepare(decode_tensor(p), pre), paths, workers=cores, window=4 * cores,
+                         initializer=lambda: torch.set_num_threads(1)):
+        pass
+    return len(paths) / (time.perf_counter() - t)
 
 
-def ceilings(n: int, batch: int = 32) -> tuple[dict[str, float], float]:
-    """img/s of the forward pass per engine, in alternating blocks of n/4 images (ABABABAB, so machine drift hits
-    both alike and neither engine's idle threads overlap the other's run), and the min cosine between their
-    features."""
-    bb = load_backbone("efficientnet_lite0")
-    models = {"onnxruntime": onnx_embedder(bb), "torch": torch_model(bb, "cpu", batch)}
-    if models["onnxruntime"] is None:
-        del models["onnxruntime"]
+def forward_rate(batch: int = 32, repeat: int = 6) -> float:
+    model = forward_engine(load_backbone("efficientnet_lite0"), "cpu", batch)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    secs = dict.fromkeys(models, 0.0)
-    per_block = max(1, n // 4 // batch)
     with torch.inference_mode():
-        outs = {k: m(x) for k, m in models.items()}
-        for _ in range(4):
-            for k, m in models.items():
-                t = time.time()
-                for _ in range(per_block):
-                    m(x)
-                secs[k] += time.time() - t
-    done = 4 * per_block * batch
-    cos = float(torch.nn.functional.cosine_similarity(*outs.values(), dim=1).min()) if len(outs) == 2 else 1.0
-    return {k: done / s for k, s in secs.items()}, cos
+        model(x)
+        t = time.perf_counter()
+        for _ in range(repeat):
+            model(x)
+    return repeat * batch / (time.perf_counter() - t)
+
+
+def run_extract(tree: Path, images: Path, store: Path) -> tuple[float, float]:
+    """(embedding img/s from the summary line, whole-process img/s) of a fresh `imgsent extract`."""
+    store.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "extract", str(images),
+                        "--out", str(store), "--no-progress"], capture_output=True, text=True, env=env, cwd=tree)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        raise SystemExit(f"extract in {tree} failed:\n{r.stderr[-1500:]}")
+    n = int(re.search(r"(\d+) extracted", r.stdout).group(1))
+    return float(re.search(r"([\d.]+) img/s embedding", r.stdout).group(1)), n / wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--photos", type=int, default=1000)
-    ap.add_argument("--emoji", type=int, default=1500)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--photos", type=int, default=80)
+    ap.add_argument("--repeat", type=int, default=2, help="alternating runs of each extract")
+    ap.add_argument("--baseline", default=None, help="a checkout to compare with, e.g. a worktree of main")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "imgsent-bench-throughput"))
     args = ap.parse_args()
-    work = ROOT / "out" / "bench" / "throughput"
-    imgs = work / "images"
-    photos(imgs / "photo", args.photos)
-    emoji = sorted((ROOT.parent / "shared" / "data").glob("*/*/*/*.png"))[: args.emoji]
-    (imgs / "emoji").mkdir(parents=True, exist_ok=True)
-    for i, p in enumerate(emoji):
-        dst = imgs / "emoji" / f"e{i:05d}.png"
-        if not dst.exists():
-            shutil.copy(p, dst)
-    paths = sorted(str(p) for p in imgs.rglob("*.*"))
-    n = len(paths)
-    print(f"{n} images ({args.photos} 640x480 JPEG, {len(emoji)} 128px PNG), torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, ISA {torch.backends.cpu.get_cpu_capability()}")
-
-    ceiling, cos = ceilings(n)
-    ours = {}
-    for engine in ceiling:
-        for w in args.workers:
-            store = work / f"store-{engine}-w{w}.h5"
-            store.unlink(missing_ok=True)
-            # a child process per run, so peak RSS (ru_maxrss) is this extraction's own
-            code = (f"import time,resource,sys; sys.path.insert(0,{str(ROOT)!r}); from features.extract import extract; "
-                    f"t=time.time(); s=extract(images={str(imgs)!r}, out={str(store)!r}, workers={w}, progress=False, "
-                    f"engine={'onnx' if engine == 'onnxruntime' else 'torch'!r}); "
-                    f"print(s.extracted/(time.time()-t), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-            ours[engine, w] = (float(out[-2]), int(out[-1]) / 1024)
-    r_naive = naive(paths)
-    best = max(ceiling.values())
-    for engine, r in ceiling.items():
-        print(f"(a) ceiling, forward only, {engine:12s}: {r:6.1f} img/s ({r / ceiling['torch']:.2f}x torch)")
-    print(f"    features onnxruntime vs torch: min cosine {cos:.6f}")
-    for (engine, w), (r, rss) in ours.items():
-        print(f"(b) imgsent extract, {engine:12s} workers={w}: {r:6.1f} img/s = {r / best:.0%} of the best (a) "
-              f"[target >= 85%], {r / r_naive:.2f}x (c) [target >= 2.5x], peak RSS {rss:.0f} MiB")
-    print(f"(c) naive PIL + eager fp32 NCHW loop: {r_naive:6.1f} img/s")
+    work = Path(args.work)
+    paths = make_photos(work / "photos", args.photos)
+    print(f"{len(paths)} photos (1/2 800x600, 1/4 1600x1200, 1/4 4000x3000), {available_cores()} cores, "
+          f"torch {torch.__version__}", flush=True)
+    trees = {"this checkout": ROOT} | ({"baseline": Path(args.baseline).resolve()} if args.baseline else {})
+    warm = work / "warm"
+    make_photos(warm, 2)
+    for name, tree in trees.items():  # ONNX export and first-run caches out of the timings
+        run_extract(tree, warm, work / f"warm-{name.replace(' ', '_')}.h5")
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in trees}
+    for _ in range(args.repeat):
+        for name, tree in trees.items():
+            runs[name].append(run_extract(tree, work / "photos", work / f"s-{name.replace(' ', '_')}.h5"))
+    a, b = decode_rate(paths), forward_rate()
+    c = 1 / (1 / a + 1 / b)
+    print(f"(a) decode + resize alone, {available_cores()} threads: {a:6.1f} img/s")
+    print(f"(b) forward alone, CPU engine:                {b:6.1f} img/s")
+    print(f"(c) ceiling 1/(1/a + 1/b):                    {c:6.1f} img/s")
+    best = {k: (max(e for e, _ in v), max(w for _, w in v)) for k, v in runs.items()}
+    for name, (emb, wall) in best.items():
+        vs = f", {emb / best['baseline'][0]:.2f}x the baseline's" if "baseline" in best and name != "baseline" else ""
+        print(f"(d) imgsent extract, default flags, {name}: {emb:6.1f} img/s embedding = {emb / c:.0%} of (c){vs}; "
+              f"{wall:6.1f} img/s whole process; runs {[round(e, 1) for e, _ in runs[name]]}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""The forward engine for extract and predict. On CPU: the frozen backbone exported once to ONNX and run by
-onnxruntime (1.36x torch channels_last + jit.freeze on Lite0 here, benchmarks/extract_throughput.py), cached
-per backbone fingerprint, accepted only if its features match torch fp32 (min cosine >= 0.9999 on a parity
-batch), so the engine is not part of the store fingerprint. Torch (channels_last + jit.freeze) on CUDA, when
-onnxruntime or onnxscript is missing, or when export or parity fails.
+"""The forward engine for extract and predict, one per device, each held to torch fp32's features on the CPU
+(min cosine >= 0.9999 on a parity batch) so that the device is not part of the store fingerprint: a store
+extended on a GPU box and on a laptop holds one kind of feature.
+
+  CPU:  the frozen backbone exported once to ONNX and run by onnxruntime (1.36x torch channels_last +
+        jit.freeze on Lite0 here, benchmarks/extract_throughput.py), cached per backbone fingerprint; torch
+        (channels_last + jit.freeze) when onnxruntime or onnxscript is missing, or export or parity fails.
+  CUDA: eager channels_last in fp32 with TF32 off (bf16 autocast gave min cosine 0.9976 to the CPU's features
+        on the shared emoji, issue #22); refused in one line if it still misses parity.
 
     model = forward_engine(backbone, device, batch_size, engine="auto")   # model(x uint8 (B, C, S, S)) -> (B, D)
-    model = cached_engine(store_fingerprint)   # the same export, without building the network (or None)
+    model = cached_engine(store_fingerprint)   # the CPU export, without building the network (or None)
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -68,15 +73,39 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _parity(backbone: Backbone, model: OrtEmbedder) -> float:
-    """Min cosine between torch fp32 and onnxruntime features on 4 fixed pseudo-random images."""
+def _parity_batch(backbone: Backbone) -> torch.Tensor:
+    """4 fixed pseudo-random images (4, C, S, S) uint8."""
     c = 1 if backbone.pre.grayscale else 3
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (4, c, backbone.pre.size, backbone.pre.size), dtype=torch.uint8, generator=g)
+    return torch.randint(0, 256, (4, c, backbone.pre.size, backbone.pre.size), dtype=torch.uint8, generator=g)
+
+
+def _parity(backbone: Backbone, model, device: str = "cpu") -> float:
+    """Min cosine between torch fp32 features on the CPU and `model`'s on `device`, on the parity batch."""
+    x = _parity_batch(backbone)
+    reference = backbone.embedder if device == "cpu" else copy.deepcopy(backbone.embedder).cpu()
     with torch.inference_mode():
-        ref = backbone.embedder.cpu()(x).float()
-    got = model(x).float()
+        ref = reference(x).float()
+        got = model(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
     return float(torch.nn.functional.cosine_similarity(ref, got, dim=1).min())
+
+
+def _ieee_fp32_on_cuda() -> None:
+    """fp32 convolutions and matmuls in full fp32: cuDNN's default TF32 rounds inputs to 10 mantissa bits."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def cuda_model(backbone: Backbone) -> torch.nn.Module:
+    """Eager channels_last fp32 on the GPU, parity-checked against the CPU. No TorchScript: its profiling
+    executor re-specialises per batch shape, which made `predict` on CUDA slower to start than on CPU."""
+    _ieee_fp32_on_cuda()
+    model = backbone.embedder.to("cuda").to(memory_format=torch.channels_last)
+    cos = _parity(backbone, model, "cuda")
+    if cos < PARITY_MIN_COS:
+        raise UserError(f"--device cuda: {backbone.name} computes other features on this GPU than on the CPU "
+                        f"(min cosine {cos:.5f} < {PARITY_MIN_COS}); use --device cpu, or report the GPU and driver")
+    return model
 
 
 def _cache_path(fingerprint: dict, ort_version: str) -> Path:
@@ -172,6 +201,8 @@ def forward_engine(backbone: Backbone, device: str, batch_size: int, engine: str
                             "(missing onnxruntime/onnxscript, export failed, or parity < 0.9999); use --engine auto")
     elif engine == "onnx":
         raise UserError("--engine onnx runs on CPU only; use --device cpu or --engine auto")
+    if device == "cuda":
+        return cuda_model(backbone)
     return torch_model(backbone, device, batch_size)
 
 

@@ -32,6 +32,7 @@ from features.errors import UserError
 from features.faces import NO_FACE, FaceSpec, with_faces, without_faces
 from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
+from features.prefetch import resolve_workers
 from features.sources import Source, discover
 from features.store import (Store, damaged_rows, describe_mismatch, is_store, read_store, store_fingerprint,
                             unchanged, write_store)
@@ -92,7 +93,7 @@ def check_store_out(out: str | Path) -> Path:
 
 
 def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weights: str | None = None,
-            batch_size: int = 32, workers: int = 1, device: str = "auto", dtype: str = "float32",
+            batch_size: int = 32, workers: int | str = "auto", device: str = "auto", dtype: str = "float32",
             force: bool = False, classes: list[str] | None = None, allow_outside: bool = False,
             commit_every: int = 256, num_shards: int = 1, shard_index: int = 0, progress: bool = True,
             stop_after: int | None = None, engine: str = "auto", faces: str = "off",
@@ -101,9 +102,10 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     `faces`: off | largest | all (features/faces.py); `faces_fallback`: skip | whole, for images without one."""
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype {dtype}: expected float32 or float16")
-    if batch_size < 1 or workers < 0 or commit_every < 1:
-        raise UserError(f"--batch-size {batch_size} / --workers {workers} / --commit-every {commit_every}: "
-                        "need batch-size >= 1, workers >= 0, commit-every >= 1")
+    if batch_size < 1 or commit_every < 1:
+        raise UserError(f"--batch-size {batch_size} / --commit-every {commit_every}: "
+                        "need batch-size >= 1, commit-every >= 1")
+    workers = resolve_workers(workers)
     if engine not in ENGINES:
         raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if not 0 <= shard_index < num_shards:

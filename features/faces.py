@@ -1,16 +1,16 @@
 """Face mode: find faces in a decoded photo and cut the crops the backbone embeds instead of the whole scene.
 
 Expression experts such as the FER-2013 CNN were trained on face crops; on a whole photo they see a room.
-The detector is OpenCV's Haar cascade `haarcascade_frontalface_alt2`, whose weights ship inside the
-`opencv-python-headless` 4.x wheel (cv2.data): offline, CPU-only, 40-65 ms a photo (BENCHMARKS.md compares it
-with MTCNN). Its settings, the cascade file's sha256 and OpenCV's version are part of a store's fingerprint,
-so stores and models made with other settings are refused, never mixed.
+The detector is MTCNN (features/mtcnn.py, weights shipped in features/weights): offline, CPU-only, no OpenCV,
+so the same detector runs whatever OpenCV a machine has. It replaced OpenCV's Haar cascade (BENCHMARKS.md
+compares them: MTCNN finds more faces at no more false ones). Its settings and the weights file's sha256 are
+part of a store's fingerprint, so stores and models made with other settings are refused, never mixed.
 
     spec = FaceSpec.make("all")
     boxes = face_boxes(rgb, spec)           # [(x, y, w, h), ...] crop boxes in the upright image, may be []
     crop = rgb[y:y + h, x:x + w]            # what the backbone sees
 
-Memory bound: detection runs on a grey copy whose longer side is at most `max_side` (1024) px, and at most
+Memory bound: detection runs on a copy whose longer side is at most `max_side` (1024) px, and at most
 `max_faces` (32) crops are taken from one image (the largest ones), so a crowd photo costs at most 32
 network inputs.
 """
@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from features.errors import UserError
 from features.images import sha256_file
+from features.mtcnn import MTCNN, WEIGHTS
 
 MODES = ("off", "largest", "all")
 FALLBACKS = ("skip", "whole")
 NO_FACE = "no face found"
-CASCADE = "haarcascade_frontalface_alt2.xml"
 
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels of the upright decoded image
 
@@ -38,28 +38,22 @@ class FaceSpec:
     mode: str  # largest: one crop per image | all: one row per face
     fallback: str  # skip: an image without a face is recorded as skipped | whole: embed the whole image
     detector: str
-    cascade_sha256: str
-    opencv: str
-    scale_factor: float = 1.1  # Haar pyramid step
-    min_neighbors: int = 5  # overlapping detections needed to accept a face (higher: fewer false faces)
+    weights_sha256: str
     min_face: float = 0.1  # smallest face side, as a fraction of the image's shorter side (and >= 20 px)
     max_side: int = 1024  # detection runs on a copy at most this long (cost ~ pixels)
     margin: float = 0.2  # the crop adds this fraction of the face's side on every side (chin, brow, hair)
     max_faces: int = 32
 
     @classmethod
-    def make(cls, mode: str, fallback: str = "skip", cascade: str = CASCADE) -> "FaceSpec | None":
-        """The spec for --faces MODE --faces-fallback FALLBACK (None for off); checks both names. `cascade`:
-        another of OpenCV's bundled cascade files (benchmarks compare them)."""
+    def make(cls, mode: str, fallback: str = "skip") -> "FaceSpec | None":
+        """The spec for --faces MODE --faces-fallback FALLBACK (None for off); checks both names."""
         if mode not in MODES:
             raise UserError(f"--faces {mode}: expected one of {', '.join(MODES)}")
         if fallback not in FALLBACKS:
             raise UserError(f"--faces-fallback {fallback}: expected one of {', '.join(FALLBACKS)}")
         if mode == "off":
             return None
-        cv2 = _cv2()
-        return cls(mode=mode, fallback=fallback, detector=f"opencv-haar:{cascade}",
-                   cascade_sha256=_cascade_sha256(cv2, cascade), opencv=cv2.__version__)
+        return cls(mode=mode, fallback=fallback, detector="mtcnn", weights_sha256=_weights_sha256())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,52 +63,43 @@ class FaceSpec:
         try:
             return cls(**d)
         except TypeError:
-            raise UserError(f"face settings {sorted(d)} are not ones this imgsent knows (made by another version?); "
-                            "re-extract the stores and retrain") from None
+            raise UserError(f"face settings {sorted(d)} are not ones this imgsent knows (made by another version, "
+                            "e.g. with the earlier OpenCV Haar detector?); re-extract the stores and retrain") from None
 
 
-def _cascade_sha256(cv2, name: str) -> str:
-    path = Path(cv2.data.haarcascades) / name
+@functools.lru_cache(maxsize=1)
+def _weights_sha256() -> str:
     try:
-        return sha256_file(str(path))
+        return sha256_file(str(WEIGHTS))
     except OSError:
-        raise UserError(f"{path}: OpenCV's face cascade is missing (OpenCV 5 no longer ships it); "
-                        "pip install 'opencv-python-headless>=4.8,<5'") from None
+        raise UserError(f"{WEIGHTS}: the face detector's weights are missing; reinstall imgsent") from None
 
 
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise UserError("face mode needs OpenCV: pip install opencv-python-headless") from None
-    return cv2
-
-
-@functools.lru_cache(maxsize=4)
-def _cascade(detector: str, sha256: str):
-    """The cascade, loaded once per process, after checking it is the file the fingerprint names."""
-    cv2 = _cv2()
-    path = Path(cv2.data.haarcascades) / detector.split(":", 1)[1]
-    if _cascade_sha256(cv2, path.name) != sha256:  # a missing file is one line too, never a traceback
-        raise UserError(f"{path}: this OpenCV's face cascade differs from the one the store or model was made with; "
-                        "install the same opencv-python-headless version, or re-extract")
-    cv2.setNumThreads(1)  # one image per call; DataLoader workers give the parallelism
-    return cv2.CascadeClassifier(str(path))
+@functools.lru_cache(maxsize=2)
+def _detector(sha256: str) -> MTCNN:
+    """The detector, loaded once per process, after checking it is the file the fingerprint names."""
+    if _weights_sha256() != sha256:  # a missing file is one line too, never a traceback
+        raise UserError(f"{WEIGHTS}: these face-detector weights differ from the ones the store or model was made "
+                        "with; install the same imgsent version, or re-extract")
+    return MTCNN.load()
 
 
 def detect(rgb: np.ndarray, spec: FaceSpec) -> list[Box]:
     """Faces in an RGB uint8 image (H, W, 3) as tight boxes, largest first."""
-    cv2 = _cv2()
     h, w = rgb.shape[:2]
     scale = min(1.0, spec.max_side / max(h, w))
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)  # (H, W)
-    if scale < 1.0:
-        grey = cv2.resize(grey, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    grey = cv2.equalizeHist(grey)
-    side = max(20, int(spec.min_face * min(grey.shape)))
-    found = _cascade(spec.detector, spec.cascade_sha256).detectMultiScale(grey, scaleFactor=spec.scale_factor,
-                                                           minNeighbors=spec.min_neighbors, minSize=(side, side))
-    boxes = [tuple(int(round(v / scale)) for v in b) for b in np.asarray(found).reshape(-1, 4)]
+    small = rgb
+    if scale < 1.0:  # (h', w', 3), box-filtered
+        small = np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                       Image.BOX))
+    side = max(20.0, spec.min_face * min(small.shape[:2]))
+    found, _ = _detector(spec.weights_sha256).detect(small, min_face=side)  # (K, 4) x0 y0 x1 y1
+    boxes = []
+    for x0, y0, x1, y1 in found / scale:
+        x, y = int(round(x0)), int(round(y0))
+        bw, bh = int(round(x1)) - x, int(round(y1)) - y
+        if bw > 0 and bh > 0:
+            boxes.append((x, y, bw, bh))
     return sorted(boxes, key=lambda b: (-b[2] * b[3], b[0], b[1]))
 
 

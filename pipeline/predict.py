@@ -17,6 +17,7 @@ import numpy as np
 from features.atomic import OutputLock, atomic_file, check_output
 from features.backbones import Backbone, load_backbone
 from features.embed import iter_embeddings, iter_face_embeddings, resolve_device
+from features.prefetch import resolve_workers
 from features.engine import ENGINES
 from features.errors import UserError
 from features.faces import spec_of, without_faces
@@ -103,7 +104,7 @@ class Predictor:
             self._backbones = loaded
         return self._backbones
 
-    def embed(self, paths: list[str], *, batch_size: int = 32, workers: int = 0, progress: bool = False,
+    def embed(self, paths: list[str], *, batch_size: int = 32, workers: int | str = "auto", progress: bool = False,
               engine: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
         """(features (R, sum D), (image index, face index) per row (R, 2), crop boxes (R, 4) or None, error per
         image): one row per image that worked, or in face mode one per face (a whole-image backbone's row is
@@ -153,7 +154,7 @@ class Predictor:
         return self.head(features)
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
-                workers: int = 0, progress: bool = False, engine: str = "auto",
+                workers: int | str = "auto", progress: bool = False, engine: str = "auto",
                 ood_quantile: float = DEFAULT_QUANTILE) -> Predictions:
         check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
                            ood_quantile=ood_quantile, engine=engine)
@@ -199,11 +200,12 @@ class Predictor:
                            scores if self.ood is not None else None, thr, faces)
 
 
-def check_predict_args(*, batch_size: int, workers: int, min_confidence: float, ood_quantile: float,
+def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: float, ood_quantile: float,
                        engine: str) -> None:
     """The predict options, checked before any model is loaded (the CLI) or any image read (the API)."""
-    if batch_size < 1 or workers < 0:
-        raise UserError(f"--batch-size {batch_size} / --workers {workers}: need batch-size >= 1 and workers >= 0")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: need batch-size >= 1")
+    resolve_workers(workers)
     if not 0.0 <= min_confidence <= 1.0:
         raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
     if not 0.0 < ood_quantile <= 1.0:

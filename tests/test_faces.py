@@ -90,7 +90,7 @@ def test_two_face_canvas_gives_two_rows_with_their_boxes(tmp_path):
         assert iou(tuple(got), exp) >= 0.5, (got, exp)
     assert s.skipped == [("people/flower.png", NO_FACE)]  # recorded with its reason, never silently dropped
     assert s.sha256[0] == s.sha256[1] and not np.allclose(s.features[0], s.features[1])
-    assert s.fingerprint["faces"]["mode"] == "all" and s.fingerprint["faces"]["detector"].startswith("opencv-haar")
+    assert s.fingerprint["faces"]["mode"] == "all" and s.fingerprint["faces"]["detector"] == "mtcnn"
     # largest: one row, Grace's (the larger face); fallback whole: the flower photo embedded whole
     extract(images=str(tmp_path / "imgs"), out=str(tmp_path / "largest.h5"), backbone=FER, faces="largest",
             faces_fallback="whole", progress=False)
