@@ -122,10 +122,49 @@ def nvjpeg_rate(paths: list[str], bb) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+def embed_rates(paths: list[str], threads: int) -> dict[str, float]:
+    """img/s of iter_embeddings (decode threads + forward, no store) with an eager forward against the CUDA
+    graph, at Python's default GIL switch interval (5 ms) and at 0.5 ms."""
+    from features.embed import iter_embeddings
+    bb = load_backbone("efficientnet_lite0", device="cuda")
+    out = {}
+    for batch in (32, 256):
+        models = {"eager": bb.embedder.to(memory_format=torch.channels_last),
+                  "CUDA graph": forward_engine(bb, "cuda", batch)}
+        for name, model in models.items():
+            for interval in (0.005, 0.0005):
+                sys.setswitchinterval(interval)
+                t = time.perf_counter()
+                for _ in iter_embeddings(bb, paths, batch_size=batch, workers=threads, device="cuda",
+                                         progress=False, model=model):
+                    pass
+                out[f"embed loop, {name} ({type(model).__name__}), batch {batch}, GIL switch {interval * 1000:g} ms"] = \
+                    len(paths) / (time.perf_counter() - t)
+    sys.setswitchinterval(0.005)
+    return out
+
+
+def nvjpeg_parity(paths: list[str]) -> tuple[float, float]:
+    """min / mean cosine between features of CPU-decoded inputs (the product's recipe) and nvJPEG-decoded ones
+    resized on the GPU, both through the same fp32 forward: would a GPU decoder keep one fingerprint?"""
+    from torchvision.io import decode_jpeg
+    from features.backbones import resize_crop
+    bb = load_backbone("efficientnet_lite0", device="cuda")
+    model, p = bb.embedder, bb.pre
+    cpu = torch.stack([prepare(decode_tensor(q), p) for q in paths]).cuda()
+    datas = [torch.frombuffer(bytearray(Path(q).read_bytes()), dtype=torch.uint8) for q in paths]
+    gpu = torch.stack([resize_crop(im[None], p.resize, p.size, p.interpolation == "bicubic", p.grayscale)[0]
+                       for im in decode_jpeg(datas, device="cuda")])
+    with torch.inference_mode():
+        a, b = model(cpu).double(), model(gpu).double()
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    return float(cos.min()), float(cos.mean())
+
+
 def imgsent(*args: str, env: dict | None = None) -> tuple[str, float]:
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", *args], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                       text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env or {})})
     if r.returncode:
         raise SystemExit(f"imgsent {' '.join(args)} failed:\n{r.stderr[-2000:]}")
     return r.stdout + r.stderr, time.perf_counter() - t
@@ -159,7 +198,7 @@ def predict_check(work: Path, images: Path, store: Path) -> dict[str, float]:
     imgsent("train-head", "--params", str(work / "params.yaml"), "--out", str(work / "model"))
     out = {}
     probs = {}
-    for dev in (["cuda"] if CUDA else []) + ["cpu"]:
+    for dev in (["cuda", "auto"] if CUDA else []) + ["cpu"]:
         csv_path = work / f"pred-{dev}.csv"
         _, out[f"predict wall s, {dev}"] = imgsent("predict", str(work / "model"), str(images), "--out", str(csv_path),
                                                    "--device", dev, "--no-progress")
@@ -169,6 +208,18 @@ def predict_check(work: Path, images: Path, store: Path) -> dict[str, float]:
     if CUDA:
         out["predict max |dp| cuda vs cpu"] = float(np.abs(probs["cuda"] - probs["cpu"]).max())
     return out
+
+
+class Table(dict):
+    """Rows printed as they are measured: a run cut short still shows what it measured."""
+
+    def __setitem__(self, key: str, value: float) -> None:
+        super().__setitem__(key, value)
+        print(f"{key:72s} {value:10.4f}" if value < 10 else f"{key:72s} {value:10.1f}", flush=True)
+
+    def update(self, other: dict) -> None:
+        for k, v in other.items():
+            self[k] = v
 
 
 def main() -> None:
@@ -188,7 +239,8 @@ def main() -> None:
     paths = make_photos(work / "photos", n, available_cores())
     print(f"{n} photos made in {time.time() - t0:.0f} s", flush=True)
     bb = load_backbone("efficientnet_lite0")
-    rows = forward_rates(load_backbone("efficientnet_lite0", device="cuda") if CUDA else bb)
+    rows = Table()
+    rows.update(forward_rates(load_backbone("efficientnet_lite0", device="cuda") if CUDA else bb))
     few = paths[:200]
     rows["decode+resize, PIL + float resize (before), 1 thread"] = rate(lambda p: old_decode(p, bb.pre), few, 1)
     rows[f"decode+resize, PIL + float resize (before), {t} threads"] = rate(lambda p: old_decode(p, bb.pre), paths, t)
@@ -197,6 +249,9 @@ def main() -> None:
         lambda p: prepare(decode_tensor(p), bb.pre), paths, t)
     if CUDA:
         rows["decode+resize, nvJPEG batched 256 + GPU resize (record only)"] = nvjpeg_rate(paths, bb)
+        rows["nvJPEG + GPU resize vs CPU recipe: min cosine"], rows["nvJPEG vs CPU recipe: mean cosine"] = \
+            nvjpeg_parity(paths[:256])
+        rows.update(embed_rates(paths[:1000], t))
     print(f"decode figures done at {time.time() - t0:.0f} s", flush=True)
     rows["imgsent extract, default flags"] = extract_rate(work / "photos", work / "s-default.h5")
     rows[f"imgsent extract --workers {t} --batch-size 256"] = extract_rate(
@@ -214,10 +269,7 @@ def main() -> None:
         rows["parity photos cpu vs cuda: min cosine"], rows["parity photos: mean cosine"], \
             rows["parity photos: max rel error"] = parity(work / "s-cpu.h5", work / "s-default.h5")
     rows.update(predict_check(work, emoji, stores / "efficientnet_lite0.h5"))
-    print(f"\nall done in {time.time() - t0:.0f} s; work folder {work}")
-    width = max(map(len, rows))
-    for k, v in rows.items():
-        print(f"{k:{width}s}  {v:10.4f}" if v < 10 else f"{k:{width}s}  {v:10.1f}")
+    print(f"all done in {time.time() - t0:.0f} s; work folder {work}")
     if not CUDA:
         print("no GPU: the forward, nvJPEG, parity and CUDA predict rows were skipped")
     if args.out is None:

@@ -62,9 +62,15 @@ def _load_faces(path: str, backbone: Backbone, faces: FaceSpec) -> tuple[torch.T
         return None, none, f"cannot decode: {e.__class__.__name__}: {e}"
 
 
-def resolve_device(device: str) -> str:
+AUTO_GPU_MIN_IMAGES = 1000  # below this, a GPU's start (CUDA context, cuDNN, graph capture: seconds) costs more
+# than the CPU engine needs for the whole job; both give the same features (parity-checked), so only speed differs
+
+
+def resolve_device(device: str, images: int | None = None) -> str:
+    """auto: the GPU when one is visible and the job has `images` >= AUTO_GPU_MIN_IMAGES (None: any size)."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        big = images is None or images >= AUTO_GPU_MIN_IMAGES
+        return "cuda" if big and torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU visible; use --device cpu or auto")
     if device not in ("cpu", "cuda"):

@@ -114,7 +114,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     t0 = time.time()
     target = check_store_out(out if num_shards == 1 else shard_path(out, shard_index, num_shards))
     source = discover(images, classes=classes, allow_outside=allow_outside)
-    dev = resolve_device(device)
+    dev = resolve_device(device, images=len(source.items))
     key = fingerprint_key(backbone, weights)
     if key is not None and spec is not None:
         key["faces"] = spec.to_dict()

@@ -85,7 +85,9 @@ class Predictor:
         self.info: ModelInfo
         self.head, self.info = load_model_dir(self.dir)
         self.class_names: list[str] = self.info.class_names
-        self.device = resolve_device(device)
+        resolve_device(device)  # a bad name or a missing GPU is refused now, before any image is read
+        self.requested_device = device
+        self.device = device if device != "auto" else None  # auto: decided by the first job's size (embed)
         self._backbones: list[Backbone] | None = None
         self.ood = load_ood(self.dir, self.info.ood, self.info.dim) if self.info.ood else None  # (ref, loo)
         specs = [spec_of(fp) for fp in self.info.backbones]
@@ -94,6 +96,8 @@ class Predictor:
     @property
     def backbones(self) -> list[Backbone]:
         if self._backbones is None:
+            if self.device is None:
+                self.device = resolve_device(self.requested_device)
             loaded = []
             for fp, w in zip(self.info.backbones, self.info.backbone_weights):
                 bb = load_backbone(fp["backbone"], weights=w, device=self.device)
@@ -112,6 +116,8 @@ class Predictor:
         errors = [""] * len(paths)
         whole: dict[int, np.ndarray] = {}  # backbone -> (N, D), NaN where the image failed
         crops: dict[int, dict[int, list]] = {}  # face backbone -> image -> [(box, (D,) features)] left to right
+        if self.device is None:
+            self.device = resolve_device(self.requested_device, images=len(paths))
         kw = dict(batch_size=batch_size, workers=workers, device=self.device, progress=progress, engine=engine)
         for j, bb in enumerate(self.backbones):
             if spec_of(self.info.backbones[j]) is None:

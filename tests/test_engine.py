@@ -53,7 +53,7 @@ def test_stores_from_either_engine_agree(images, tmp_path, tiny_weights):
     stores = {}
     for name in ("onnx", "torch"):
         extract(images=str(images), out=str(tmp_path / f"{name}.h5"), backbone=TINY, weights=tiny_weights,
-                progress=False, workers=0, engine=name)
+                progress=False, workers=0, engine=name, device="cpu")  # the CPU's engines, even beside a GPU
         stores[name] = read_store(tmp_path / f"{name}.h5")
     a, b = (torch.from_numpy(stores[n].features) for n in ("onnx", "torch"))
     assert stores["onnx"].fingerprint == stores["torch"].fingerprint  # the engine is not part of the fingerprint
