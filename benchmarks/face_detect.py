@@ -1,9 +1,9 @@
 """Face mode's detector: how many faces it finds on real photos that ship in installed packages, at what cost
-per image, side by side with MTCNN (facenet-pytorch) when that is importable, and what face mode adds to an
-extraction. Ratios and counts only; absolute times drift on shared machines.
+per image, side by side with OpenCV's Haar cascade alt2 (the detector before issue #22) where an OpenCV 4.x with
+its cascades is installed, and what face mode adds to an extraction. Ratios and counts only; absolute times
+drift on shared machines.
 
-    python benchmarks/face_detect.py                      # Haar only (MTCNN row says why not)
-    PYTHONPATH=/tmp/fnp python benchmarks/face_detect.py  # after pip install --no-deps --target /tmp/fnp facenet-pytorch
+    python benchmarks/face_detect.py      # imgsent's MTCNN; + Haar rows with pip install 'opencv-python-headless<5'
 
 Photos: scikit-image's astronaut (1 face) and camera (1 man, three-quarter view), matplotlib's grace_hopper
 (1 face), a canvas with two pasted heads, scikit-learn's china/flower and scikit-image's coffee/chelsea/rocket
@@ -50,16 +50,25 @@ def canvases(n: int = 30) -> list[np.ndarray]:
                    background=backgrounds[t % 3])[0] for name in ("astronaut", "grace") for t in range(n)]
 
 
-def mtcnn():
+def haar(cascade: str = "haarcascade_frontalface_alt2.xml", equalize: bool = True):
+    """The previous detector (OpenCV 4.x's bundled Haar cascade, settings as imgsent used them), or None."""
     try:
-        from facenet_pytorch import MTCNN
-    except ImportError:
+        import cv2
+        clf = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, cascade))
+    except (ImportError, AttributeError):
         return None
-    m = MTCNN(keep_all=True, device="cpu")
+    cv2.setNumThreads(1)
 
     def run(rgb: np.ndarray) -> list:
-        boxes, p = m.detect(Image.fromarray(rgb))
-        return [] if boxes is None else [b for b, q in zip(boxes, p) if q >= 0.9]
+        h, w = rgb.shape[:2]
+        scale = min(1.0, 1024 / max(h, w))
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        if scale < 1.0:
+            grey = cv2.resize(grey, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        if equalize:
+            grey = cv2.equalizeHist(grey)
+        side = max(20, int(0.1 * min(grey.shape)))
+        return list(np.asarray(clf.detectMultiScale(grey, 1.1, 5, minSize=(side, side))).reshape(-1, 4))
     return run
 
 
@@ -75,12 +84,11 @@ def timed(fn, images: list[np.ndarray], repeat: int = 3) -> float:
 def main() -> None:
     torch.set_num_threads(1)  # one image per worker, as extraction runs detection
     spec = FaceSpec.make("all")
-    default = FaceSpec.make("all", cascade="haarcascade_frontalface_default.xml")
-    detectors = {"opencv haar alt2 (imgsent)": lambda im: detect(im, spec),
-                 "opencv haar default": lambda im: detect(im, default)}
-    m = mtcnn()
-    if m is not None:
-        detectors["mtcnn (facenet-pytorch)"] = m
+    detectors = {"mtcnn (imgsent)": lambda im: detect(im, spec)}
+    for name, det in {"opencv haar alt2 (before)": haar(),
+                      "opencv haar alt2, no equalizeHist": haar(equalize=False)}.items():
+        if det is not None:
+            detectors[name] = det
     ph, faces, pasted = photos(), lfw(), canvases()
     big, _ = canvas([(head("astronaut"), 300, 200, 3.0), (head("grace"), 2000, 300, 2.5)], size=(3200, 2000))
     print(f"{'detector':26s} " + " ".join(f"{k[:10]:>10s}" for k in ph) + "  LFW faces  LFW non  canvases 1 face"
@@ -93,9 +101,8 @@ def main() -> None:
               + f"  {sum(hits[:100]):5d}/100  {sum(hits[100:]):4d}/100  {one:9d}/{len(pasted)}"
               + f"  {timed(fn, [astronaut(), grace()]):6.0f}"
               + f"  {timed(fn, [big], 2):12.0f}")
-    if m is None:
-        print("mtcnn (facenet-pytorch): not importable; facenet-pytorch 2.6 pins torch<2.3 and numpy<2, so it cannot "
-              "be a dependency beside imgsent's torch (install it with --no-deps into a --target to measure it)")
+    if len(detectors) == 1:
+        print("opencv haar: not measured (needs opencv-python-headless < 5, whose wheels ship the cascades)")
     extraction_cost()
 
 

@@ -40,7 +40,7 @@ class Preprocess:
     std: tuple[float, ...]
     grayscale: bool = False  # convert to one channel (ITU-R 601-2 luma, as PIL's convert('L'))
     version: int = 4  # of the decode/resize code: bump when pixels change, so old stores are refused
-    # (4: uint8 antialiased resize, within 2 levels of version 3's float one)
+    # (4: uint8 antialiased resize, within 3 levels of version 3's float one)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -68,7 +68,7 @@ def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscal
     x = x.narrow(2, (h - ch) // 2, ch).narrow(3, (w - cw) // 2, cw)  # (B, C, ch, cw)
     nh, nw = resize * ch // short, resize * cw // short
     mode = "bicubic" if bicubic else "bilinear"
-    if x.is_cuda:  # no uint8 antialiased kernel on CUDA: float, rounded (within 2 levels of the CPU's pixels)
+    if x.is_cuda:  # no uint8 antialiased kernel on CUDA: float, rounded (within 3 levels of the CPU's pixels)
         x = F.interpolate(x.float(), size=[nh, nw], mode=mode, align_corners=False,
                           antialias=True).round().clamp(0, 255).to(torch.uint8)
     else:  # uint8 in, uint8 out, fixed-point weights: 3-10x the float path (channels_last: 3.6x NCHW's speed)

@@ -4,8 +4,9 @@ Every problem with one image is a short reason (a `ValueError` from `decode`, a 
 never a crash: a bad file in a million must not stop an extraction.
 
 Memory bound: an image is decoded only when width x height <= MAX_PIXELS (40 MP); peak memory for one
-image is then below ~25 bytes per pixel (PIL's buffer, the RGB array and the float copy the resize needs),
-i.e. about 1 GiB, whatever the file claims. Aspect-ratio bombs (60000 x 2) are bounded by `resize_crop`.
+image is then below ~10 bytes per pixel (the file's bytes, the RGB pixels, PIL's buffer for non-JPEG formats,
+the resize's uint8 channels_last copy), i.e. about 400 MiB, whatever the file claims, and one such image per
+decode thread. Aspect-ratio bombs (60000 x 2) are bounded by `resize_crop`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import functools
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from features.sources import Item
@@ -85,6 +87,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+@functools.lru_cache(maxsize=1)
 def _tv_decode_jpeg():
     """torchvision's libjpeg-turbo decoder (3-5x PIL's end to end on photos here, the same pixels: tested), or
     None where this torchvision has none. Its image I/O is deprecated from 0.29 in favour of TorchCodec; PIL
@@ -96,25 +99,23 @@ def _tv_decode_jpeg():
     return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
-_DECODE_JPEG = _tv_decode_jpeg()
-
-
-def _jpeg_tensor(path: str) -> torch.Tensor:
+def _jpeg_tensor(path: str):
     """A baseline or progressive RGB/grey JPEG -> upright (3, H, W) uint8 through libjpeg-turbo. A file libjpeg
     finds damaged (truncated, zero-filled, garbled entropy data) raises ValueError instead of being embedded
     with grey or garbage filled in."""
+    import torch
     with open(path, "rb") as f:
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return _DECODE_JPEG(data)
+            return _tv_decode_jpeg()(data)
     except RuntimeError as e:  # "decode_jpeg, <source file>:<line>, <libjpeg's message>"
         raise ValueError(f"damaged JPEG ({str(e).rsplit(', ', 1)[-1].strip()})") from None
 
 
-def decode_tensor(path: str) -> torch.Tensor:
-    """File -> upright RGB uint8 tensor (3, H, W), fully decoded (no DCT-domain draft scaling: an exported
+def decode_tensor(path: str):
+    """File -> upright RGB uint8 torch tensor (3, H, W), fully decoded (no DCT-domain draft scaling: an exported
     model sees what its user decodes). JPEG through libjpeg-turbo (torchvision), every other format through PIL;
     both give identical pixels for JPEG. Raises ValueError with a short reason on any failure."""
     try:
@@ -124,7 +125,7 @@ def decode_tensor(path: str) -> torch.Tensor:
                 if im.width * im.height > MAX_PIXELS:
                     raise ValueError(f"too large: {im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS:,} "
                                      "(a decompression bomb, or downscale it first)")
-                if im.format == "JPEG" and im.mode in ("RGB", "L") and _DECODE_JPEG is not None:
+                if im.format == "JPEG" and im.mode in ("RGB", "L") and _tv_decode_jpeg() is not None:
                     fast = True
                 else:
                     fast = False
@@ -134,6 +135,7 @@ def decode_tensor(path: str) -> torch.Tensor:
                     rgb = np.array(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)  # (H, W, 3), writable
             if fast:
                 return _jpeg_tensor(path)
+            import torch  # here, not at the top: train-head imports this module and must not pay for torch
             return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W), a view
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None

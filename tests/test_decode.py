@@ -1,0 +1,181 @@
+"""Stage one's decode path (issue #22): libjpeg-turbo through torchvision gives PIL's pixels, damaged JPEGs are
+refused, decode threads keep order and a bounded window, and 'auto' resolves as documented."""
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from sklearn.datasets import load_sample_image
+
+from features import images
+from features.backbones import Preprocess, prepare
+from features.embed import AUTO_GPU_MIN_IMAGES, resolve_device
+from features.errors import UserError
+from features.images import decode, decode_tensor
+from features.prefetch import available_cores, ordered_map, resolve_workers
+
+
+def _pil_reference(path) -> np.ndarray:
+    """What PIL alone decodes: upright RGB (H, W, 3)."""
+    with Image.open(path) as im:
+        return np.array(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def _photo() -> Image.Image:
+    return Image.fromarray(load_sample_image("china.jpg"))  # (427, 640) real photo
+
+
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "grey", "444", "exif_rotated", "cmyk"])
+def test_jpeg_decodes_to_pils_pixels(tmp_path, variant):
+    im, kw = _photo(), {"quality": 90}
+    if variant == "progressive":
+        kw["progressive"] = True
+    elif variant == "grey":
+        im = im.convert("L")
+    elif variant == "444":
+        kw["subsampling"] = 0
+    elif variant == "exif_rotated":
+        exif = im.getexif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        kw["exif"] = exif
+    elif variant == "cmyk":
+        im = im.convert("CMYK")
+    path = tmp_path / f"{variant}.jpg"
+    im.save(path, "JPEG", **kw)
+    got = decode(str(path))
+    want = _pil_reference(path)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    if variant == "exif_rotated":
+        assert got.shape[:2] == (640, 427)  # upright
+
+
+def test_the_fast_decoder_is_used_for_jpeg(tmp_path, monkeypatch):
+    """The speed claim rests on JPEGs going through libjpeg-turbo, not PIL."""
+    _photo().save(tmp_path / "a.jpg", quality=90)
+    calls = []
+    real = images._jpeg_tensor
+    monkeypatch.setattr(images, "_jpeg_tensor", lambda p: calls.append(p) or real(p))
+    decode_tensor(str(tmp_path / "a.jpg"))
+    assert calls == [str(tmp_path / "a.jpg")]
+
+
+def _damaged(tmp_path, how: str):
+    raw = io.BytesIO()
+    _photo().save(raw, "JPEG", quality=90)
+    raw = raw.getvalue()
+    n = len(raw)
+    if how == "zero_tail":  # a half-finished download
+        data = raw[: int(n * 0.6)] + bytes(n - int(n * 0.6))
+    elif how == "garbled":  # 2 KB of garbage inside the entropy-coded data
+        rng = np.random.default_rng(0)
+        data = raw[: n // 2] + rng.integers(0, 256, 2048, dtype=np.uint8).tobytes() + raw[n // 2 + 2048:]
+    else:  # cut short
+        data = raw[: int(n * 0.6)]
+    path = tmp_path / f"{how}.jpg"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("how", ["zero_tail", "garbled", "truncated"])
+def test_damaged_jpegs_are_refused_not_filled_in(tmp_path, how):
+    with pytest.raises(ValueError, match="damaged JPEG|cannot decode"):
+        decode(str(_damaged(tmp_path, how)))
+
+
+def test_float_tiff_in_unit_range_is_not_black(tmp_path):
+    rgb = load_sample_image("flower.jpg")
+    grey = np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255.0  # (H, W) in [0, 1]
+    Image.fromarray(grey, "F").save(tmp_path / "f.tif")
+    got = decode(str(tmp_path / "f.tif"))[..., 0].astype(np.float64)
+    want = grey.astype(np.float64) * 255
+    assert np.abs(got - want).max() <= 1.0
+
+
+def test_resize_is_uint8_and_close_to_the_float_resize():
+    """Version 4's uint8 antialiased resize stays within 3 levels of version 3's float one (a rounding change,
+    not a different filter): on this photo 85% of values are equal and 5 of 150,528 differ by 3."""
+    pre = Preprocess(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    rgb = np.array(load_sample_image("china.jpg"))
+    x = prepare(rgb, pre)
+    assert x.dtype == torch.uint8 and x.shape == (3, 224, 224)
+    t = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    f = torch.nn.functional.interpolate(t, size=[256, 383], mode="bicubic", antialias=True).round().clamp(0, 255)
+    top, left = (256 - 224) // 2, (383 - 224) // 2
+    ref = f[0, :, top:top + 224, left:left + 224]
+    diff = (x.float() - ref).abs()
+    assert diff.max() <= 3 and float((diff > 0).float().mean()) < 0.25
+
+
+def test_ordered_map_keeps_order_and_bounds_the_window():
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def slow(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.002 * (i % 3))  # out-of-order finishing
+        with lock:
+            live[0] -= 1
+        return i * i
+
+    got = []
+    for r in ordered_map(slow, range(200), workers=4, window=8):
+        got.append(r)
+        time.sleep(0.001)  # a slow consumer: decoding must not run away from it
+    assert got == [i * i for i in range(200)]
+    assert 1 < peak[0] <= 4
+
+
+def test_ordered_map_window_limits_results_held():
+    submitted = []
+    gen = ordered_map(lambda i: submitted.append(i) or i, range(10_000), workers=2, window=16)
+    assert next(gen) == 0
+    time.sleep(0.05)
+    assert len(submitted) <= 17  # the window plus the one submitted on the first pop, never all 10,000
+    gen.close()
+
+
+def test_ordered_map_raises_the_workers_error():
+    def boom(i):
+        if i == 5:
+            raise RuntimeError("bad item")
+        return i
+    with pytest.raises(RuntimeError, match="bad item"):
+        list(ordered_map(boom, range(20), workers=3, window=4))
+
+
+def test_workers_auto_means_the_cores_and_bad_values_are_one_line():
+    assert resolve_workers("auto") == available_cores() and resolve_workers(None) == available_cores()
+    assert resolve_workers("3") == 3 and resolve_workers(0) == 0
+    for bad in (-1, "many"):
+        with pytest.raises(UserError, match="--workers"):
+            resolve_workers(bad)
+
+
+def test_auto_device_uses_a_gpu_only_for_jobs_that_pay_its_start(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", images=AUTO_GPU_MIN_IMAGES - 1) == "cpu"
+    assert resolve_device("auto", images=AUTO_GPU_MIN_IMAGES) == "cuda"
+    assert resolve_device("cpu", images=10 ** 6) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", images=10 ** 6) == "cpu"
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_cpu_stores_hold_the_same_features(tmp_path, tiny_weights):
+    from features.extract import extract
+    from features.store import read_store
+    from tests.conftest import TINY, make_images
+    imgs = make_images(tmp_path / "imgs", per_class=4)
+    for dev in ("cpu", "cuda"):
+        extract(images=str(imgs), out=str(tmp_path / f"{dev}.h5"), backbone=TINY, weights=tiny_weights,
+                progress=False, device=dev)
+    a, b = (read_store(tmp_path / f"{d}.h5") for d in ("cpu", "cuda"))
+    assert a.fingerprint == b.fingerprint and a.sha256 == b.sha256
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(a.features), torch.from_numpy(b.features))
+    assert float(cos.min()) >= 0.9999
