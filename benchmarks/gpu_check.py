@@ -86,9 +86,10 @@ def forward_rates(bb) -> dict[str, float]:
     out = {}
     x = torch.randint(0, 256, (256 if CUDA else 32, 3, 224, 224), dtype=torch.uint8)
     if CUDA:
-        model = forward_engine(bb, "cuda", 256)  # fp32, TF32 off, parity-checked
+        graphed = forward_engine(bb, "cuda", 256)  # fp32, TF32 off, CUDA graph, parity-checked
         x = x.cuda().contiguous(memory_format=torch.channels_last)
-        for name, bf16 in (("fp32 (TF32 off)", False), ("bf16 autocast", True)):
+        for name, bf16, model in (("fp32 (TF32 off), CUDA graph", False, graphed),
+                                  ("bf16 autocast, eager (the old default)", True, bb.embedder)):
             with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
                 for _ in range(3):
                     model(x)
