@@ -41,7 +41,27 @@ def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[s
     else:
         sub = _stratified(y, k, random_state)
     fold[lab] = sub
+    _check_every_fold_can_measure(sub, y, k, class_names, grouped=n_keys < len(key))
     return fold
+
+
+def _check_every_fold_can_measure(fold: np.ndarray, y: np.ndarray, k: int, class_names: list[str],
+                                  grouped: bool) -> None:
+    """Refuse folds whose score would mean nothing: a training part missing a class (the head cannot predict
+    it, so its test images count as errors) or a test part holding a single class. Groups cause both: when a
+    class lives in one group, every fold that tests that group trains without the class."""
+    why = ("its images share too few groups (a manifest's group column, or identical images); use other groups "
+           "or a manifest without the group column, or " if grouped else "")
+    for j in range(k):
+        train, test = y[fold != j], y[fold == j]
+        missing = sorted(set(np.unique(y).tolist()) - set(np.unique(train).tolist()))
+        if missing:
+            raise UserError(f"CV fold {j + 1} of {k} trains without class '{class_names[missing[0]]}' (all its "
+                            f"images are in that fold's test part), so the CV score would be meaningless: "
+                            f"{why}lower cv.folds, or add images of that class")
+        if len(np.unique(test)) < 2:
+            raise UserError(f"CV fold {j + 1} of {k} tests only class '{class_names[int(test[0])]}', so its score "
+                            f"would be meaningless: {why}lower cv.folds")
 
 
 def _stratified(y: np.ndarray, k: int, random_state: int) -> np.ndarray:

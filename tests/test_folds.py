@@ -57,3 +57,22 @@ def test_same_input_same_folds_and_clear_refusals():
     with pytest.raises(UserError, match="only one class"):
         assign_folds(k=2, random_state=0, labels=np.zeros(10, int), groups=None, sha256=[f"{i}" for i in range(10)],
                      class_names=["a", "b"])
+
+
+def test_a_fold_that_trains_without_a_class_is_refused_naming_it():
+    """The newcomer's layout (issue #24): each image's group is its source photo and each class came from one
+    photo, so the fold that tests a class trains without it."""
+    labels = np.repeat([0, 1, 2], 20)
+    groups = [f"photo{c}" for c in labels]
+    with pytest.raises(UserError, match=r"CV fold \d of 3 trains without class '(happy|sad|angry)'.*lower cv.folds"):
+        assign_folds(labels=labels, groups=groups, sha256=[f"{i:064x}" for i in range(60)], k=3,
+                     class_names=["happy", "sad", "angry"], random_state=0)
+
+
+def test_a_fold_that_tests_a_single_class_is_refused():
+    """Two classes; the groups put class 1 whole into fold tests that hold nothing else."""
+    labels = np.array([0] * 10 + [1] * 10)
+    groups = ["a"] * 10 + ["b"] * 5 + ["c"] * 5  # class 0 all in group a: some fold tests only it
+    with pytest.raises(UserError, match=r"CV fold \d of 2 (tests only class|trains without class)"):
+        assign_folds(labels=labels, groups=groups, sha256=[f"{i:064x}" for i in range(20)], k=2,
+                     class_names=["x", "y"], random_state=0)
