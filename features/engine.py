@@ -35,7 +35,9 @@ ENGINES = ("auto", "onnx", "torch")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("IMGSENT_CACHE") or Path.home() / ".cache" / "imgsent") / "onnx"
+    """$IMGSENT_CACHE, else $XDG_CACHE_HOME/imgsent, else ~/.cache/imgsent; exports go in its onnx/ folder."""
+    base = os.environ.get("IMGSENT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgsent"
+    return Path(base) / "onnx"
 
 
 class OrtEmbedder:

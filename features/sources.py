@@ -14,7 +14,8 @@ from pathlib import Path
 
 from features.errors import UserError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# .jfif / .jpe: how Chrome and Windows save some JPEGs (the decoder goes by the file's bytes, not its name)
 MAX_MANIFEST_BYTES = 1 << 30  # a manifest is read whole: 1 GiB is ~10 million rows
 
 
@@ -99,6 +100,14 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
                     problems.append((_rel(p, root), f"unknown label {d.name!r} (classes: {', '.join(names)})"))
                 else:
                     items.append(Item(_rel(p, root), str(p), d.name))
+        # A class folder without images (created, not yet filled) is no class: trained on, it would be averaged
+        # into every macro score as F1 0. Dropped, and said.
+        used = {it.label for it in items}
+        for d in subdirs:
+            if d.name in names and d.name not in used:
+                problems.append((_rel(d, root) + "/", "empty class folder: no images, so no class; fill it or "
+                                                       "remove it"))
+        names = [n for n in names if n in used]
         # Loose images next to class folders are unlabelled; keep them so predict/extract see them.
         for p in sorted(root.iterdir()):
             if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS:

@@ -241,6 +241,8 @@ def _is_prediction_csv(p: Path) -> bool:
 
 def check_prediction_out(out: str | Path) -> Path:
     """Both files predict may write (the per-face one in face mode), checked before any work."""
+    if str(out) == "-":
+        raise UserError("--out -: predictions are written to a CSV file, not to standard output; give a file name")
     check_output(faces_csv(out), folder=False, is_ours=_is_faces_csv, what="per-face predictions CSV")
     return check_output(out, folder=False, is_ours=_is_prediction_csv, what="predictions CSV")
 

@@ -70,3 +70,11 @@ def test_only_a_parity_checked_export_is_served_without_the_network(tiny, tmp_pa
     assert served is not None and torch.equal(served(x), m(x))
     m.path.write_bytes(m.path.read_bytes() + b"\0")  # the file changed after its check: not served
     assert engine.cached_engine(fp) is None
+
+
+def test_cache_follows_imgsent_cache_then_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMGSENT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert engine.cache_dir() == tmp_path / "xdg" / "imgsent" / "onnx"
+    monkeypatch.setenv("IMGSENT_CACHE", str(tmp_path / "mine"))
+    assert engine.cache_dir() == tmp_path / "mine" / "onnx"

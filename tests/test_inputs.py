@@ -140,3 +140,10 @@ def test_evaluate_maps_a_store_with_fewer_classes_by_name(world, tmp_path, tiny_
     assert len(rows) == 6 and all(r["label"] == r["path"].split("/")[0] for r in rows)
     per_class = json.loads((tmp_path / "e" / "metrics.json").read_text())["per_class"]
     assert [per_class[c]["support"] for c in ("blue", "green", "red")] == [0, 3, 3]
+
+
+def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
+    from pipeline.predict import check_prediction_out
+    with pytest.raises(UserError, match="--out -: predictions are written to a CSV file"):
+        check_prediction_out("-")
+    assert not (tmp_path / "-").exists()
