@@ -79,6 +79,14 @@ def extract(
 
 
 @app.command()
+def init(folder: str = typer.Argument(".", help="where to write params.yaml"),
+         force: bool = typer.Option(False, help="overwrite an existing params.yaml")) -> None:
+    """Write a params.yaml to edit: every setting with its default and what it means (no DVC paths)."""
+    from pipeline.init import write_params
+    typer.echo(f"{write_params(folder, force=force)}: written; edit it, then run imgsent extract / train-head")
+
+
+@app.command()
 def assemble(out: str = typer.Argument(..., help="the store the shards were extracted for (--out)"),
              num_shards: int = typer.Option(..., help="K, as given to extract --num-shards")) -> None:
     """Merge finished shard stores (STORE.shard-I-of-K.h5) into STORE.h5."""
@@ -98,7 +106,7 @@ def train_head(
     from pipeline.train import train_head as run
     from pipeline.params import load_params
     p = load_params(params)
-    run(stores=stores or p.stores(p.paths.train_stores), out=out, params=p, intersect=intersect, progress=typer.echo)
+    run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=typer.echo)
 
 
 @app.command()
@@ -115,7 +123,7 @@ def sweep(
     from pipeline.params import load_params
     from pipeline.sweep import sweep as run
     p = load_params(params)
-    run(stores=stores or p.stores(p.paths.train_stores), out=out, params=p, grid=grid, intersect=intersect,
+    run(stores=stores or p.stores("train_stores"), out=out, params=p, grid=grid, intersect=intersect,
         progress=typer.echo, bar=progress)
 
 
@@ -141,7 +149,7 @@ def evaluate(model_dir: str = typer.Argument(...),
     from pipeline.params import load_params
     if not stores:
         p = load_params(params)
-        stores = p.stores(p.paths.test_stores)
+        stores = p.stores("test_stores")
     run(model_dir=model_dir, stores=stores, out=out, progress=typer.echo)
 
 
@@ -155,7 +163,7 @@ def report(model_dir: str = typer.Argument(...),
     from pipeline.report import build_report
     if not stores and params:
         p = load_params(params)
-        stores = p.stores(p.paths.test_stores)
+        stores = p.stores("test_stores")
     build_report(model_dir=model_dir, out=out, test_stores=stores or None, gallery=gallery, progress=typer.echo)
 
 

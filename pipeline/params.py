@@ -73,7 +73,7 @@ class CVParams:
 
 @dataclass(frozen=True)
 class Params:
-    paths: PathsParams
+    paths: PathsParams | None  # the DVC pipeline's paths; optional when stores are named on the command line
     extract: ExtractParams
     head: HeadParams
     cv: CVParams
@@ -81,9 +81,12 @@ class Params:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def stores(self, folder: str) -> list[str]:
-        """The store of each backbone in `folder`, in params order (the head's column order)."""
-        return [str(Path(folder) / f"{b}.h5") for b in self.extract.backbones]
+    def stores(self, key: str) -> list[str]:
+        """The store of each backbone in the folder paths.<key> names, in params order (the head's columns)."""
+        if self.paths is None:
+            raise UserError(f"params: no 'paths' section, so no paths.{key} to find the stores in; name the stores "
+                            "on the command line (e.g. imgsent train-head my.h5 --out model)")
+        return [str(Path(getattr(self.paths, key)) / f"{b}.h5") for b in self.extract.backbones]
 
 
 def _check(section: str, f: dataclasses.Field, value, hint):
@@ -153,8 +156,11 @@ def parse_params(raw: dict, where: str = "params.yaml") -> Params:
     parts = {}
     for name in sections:
         if name not in raw:
-            raise UserError(f"{where}: missing section '{name}'; see the README for the full params.yaml")
-        parts[name] = _section(hints[name], name, raw[name], where)
+            if name == "paths":  # only the DVC pipeline needs it
+                parts[name] = None
+                continue
+            raise UserError(f"{where}: missing section '{name}'; `imgsent init` writes a complete params.yaml")
+        parts[name] = _section(PathsParams if name == "paths" else hints[name], name, raw[name], where)
     return Params(**parts)
 
 
@@ -187,8 +193,8 @@ def load_params(path: str | None) -> Params:
     p = Path(path or "params.yaml")
     if not p.is_file():
         if path is None:
-            raise UserError("no params.yaml in this folder; pass --params FILE (copy params.yaml from the README)")
-        raise UserError(f"--params {p}: no such file; copy params.yaml from the README")
+            raise UserError("no params.yaml in this folder; write one with `imgsent init .` or pass --params FILE")
+        raise UserError(f"--params {p}: no such file; write one with `imgsent init DIR`")
     try:
         text = p.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
