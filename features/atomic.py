@@ -52,6 +52,9 @@ def write_failed(out: str | os.PathLike, e: OSError) -> UserError:
 def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Path], bool], what: str) -> Path:
     """Validate an output path before any work: its kind, that we may replace it, and that its folder is writable."""
     p = Path(out)
+    if p.name in ("", ".", "..") or p.resolve() == Path(p.resolve().anchor):
+        raise UserError(f"--out {out}: names a folder that holds other things (the current or a parent folder); "
+                        f"pass a new {'folder' if folder else 'file'} name, e.g. --out model")
     if folder and p.exists() and not p.is_dir():
         raise UserError(f"--out {p}: is a file; {what} is a folder, pass a new folder name")
     if not folder and p.is_dir():

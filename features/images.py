@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -119,6 +120,8 @@ def decode_tensor(path: str):
     model sees what its user decodes). JPEG through libjpeg-turbo (torchvision), every other format through PIL;
     both give identical pixels for JPEG. Raises ValueError with a short reason on any failure."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device named x.png would block or never end
+            raise ValueError("not a regular file (a pipe, device or socket)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:  # reads the header only

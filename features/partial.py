@@ -34,6 +34,9 @@ class Partial:
         self.boxes: dict[str, tuple[int, ...]] = {}  # face mode: row key -> crop box (x, y, w, h)
         self._next = 0
         meta = self.dir / "meta.json"
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"{self.dir}: a file is where extract keeps its resumable chunks; move it away or pass "
+                            "another --out")
         if self.dir.exists():
             try:
                 have = json.loads(meta.read_text())["fingerprint"]

@@ -158,7 +158,9 @@ def _from_manifest(csv_path: Path, *, classes: list[str] | None, allow_outside: 
     seen: dict[str, tuple[int, str | None]] = {}
     good: list[tuple[int, str, Path, str | None, str | None]] = []
     for line, fields in rows:
-        raw = fields[col["path"]].strip() if len(fields) > col["path"] else ""
+        raw = fields[col["path"]] if len(fields) > col["path"] else ""
+        if raw != raw.strip() and not (root / raw).exists():  # stray spaces around the name, unless the file has them
+            raw = raw.strip()
         where = raw or f"{csv_path.name}:{line}"
         if len(fields) != len(header):
             problems.append((where, f"line {line} has {len(fields)} fields, the header has {len(header)}; "
@@ -174,6 +176,10 @@ def _from_manifest(csv_path: Path, *, classes: list[str] | None, allow_outside: 
             continue
         p = Path(raw)
         full = Path(os.path.normpath(p if p.is_absolute() else root / p))
+        if "\\" in raw and os.sep == "/" and not full.exists():
+            problems.append((raw, f"no such file (line {line}); written with Windows separators? use / between "
+                                  "folders, e.g. happy/a.png"))
+            continue
         if not p.is_absolute() and root not in full.parents and not allow_outside:
             problems.append((raw, f"relative path climbs out of the manifest folder {root} with '..' (line {line}); "
                                   "write it as an absolute path or pass --allow-outside"))

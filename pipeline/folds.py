@@ -22,6 +22,10 @@ def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[s
         raise UserError(f"only one class ({class_names[present[0]] if len(present) else 'none'}) has labelled images; "
                         "a classifier needs at least two class folders")
     smallest = int(present[np.argmin(counts[present])])
+    if counts[smallest] < 2:
+        raise UserError(f"class '{class_names[smallest]}' has only {counts[smallest]} labelled image; cross-validation "
+                        "needs at least 2 per class (one to train on, one to test): add images of it, or leave it "
+                        "out (extract --classes, or remove its folder)")
     if k > counts[smallest]:
         raise UserError(f"params: cv.folds={k} exceeds the smallest class count {counts[smallest]} "
                         f"(class '{class_names[smallest]}'); lower cv.folds to at most {counts[smallest]} or add images")

@@ -10,7 +10,7 @@ from PIL import Image
 from features.extract import extract
 from features.images import decode
 from features.store import read_store
-from tests.conftest import TINY, make_images, run_cli
+from tests.conftest import ROOT, TINY, make_images, run_cli
 
 
 def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
@@ -170,3 +170,32 @@ def test_every_image_skipped_is_an_error_not_an_empty_store(tmp_path, tiny_weigh
     assert r.returncode == 2 and not (tmp_path / "s.h5").exists()
     assert "none of 4 images could be embedded (4 x not an image PIL can read" in r.stderr
     assert len(r.stderr.strip().splitlines()) <= 6  # the skip lines, the summary, the error: no traceback
+
+
+def test_odd_files_names_and_outputs_are_one_line_each(tmp_path, tiny_weights):
+    """Issue #25: a FIFO named like an image is skipped (it used to hang predict), a Windows-style manifest path
+    says why it is not found, a stray space around a manifest name is forgiven, `--out .` and a file where the
+    resumable chunks go are refused in one line, and a one-image class is told to add images (the old advice,
+    'cv.folds at most 1', was itself refused)."""
+    from features.errors import UserError
+    from pipeline.folds import assign_folds
+    root = make_images(tmp_path / "imgs", per_class=2)
+    os.mkfifo(root / "red" / "pipe.png")
+    with pytest.raises(ValueError, match="not a regular file"):
+        decode(str(root / "red" / "pipe.png"))
+    (root / "m.csv").write_text("path,label\nred\\red_00.jpg,red\n blue/blue_00.jpg ,blue\ngreen/green_00.jpg,green\n")
+    extract(images=str(root / "m.csv"), out=str(tmp_path / "m.h5"), backbone=TINY, weights=tiny_weights,
+            progress=False)
+    st = read_store(tmp_path / "m.h5")
+    assert sorted(st.paths) == ["blue/blue_00.jpg", "green/green_00.jpg"]
+    assert any("Windows separators" in why for p, why in st.skipped if p == "red\\red_00.jpg")
+    r = run_cli("train-head", str(tmp_path / "m.h5"), "--out", ".", "--params", str(ROOT / "params.yaml"),
+                cwd=tmp_path)
+    assert r.returncode == 2 and "--out .: names a folder that holds other things" in r.stderr
+    (tmp_path / "p.h5.partial").write_text("mine")
+    r = run_cli("extract", str(root), "--out", str(tmp_path / "p.h5"), "--backbone", TINY, "--weights", tiny_weights,
+                "--no-progress")
+    assert r.returncode == 2 and "a file is where extract keeps its resumable chunks" in r.stderr
+    with pytest.raises(UserError, match="class 'b' has only 1 labelled image; cross-validation needs at least 2"):
+        assign_folds(labels=np.array([0, 0, 0, 1]), groups=None, sha256=list("wxyz"), k=2, class_names=["a", "b"],
+                     random_state=0)
