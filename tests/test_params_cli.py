@@ -243,3 +243,12 @@ def test_init_template_holds_the_repository_settings(tmp_path):
     mine = load_params(str(write_params(str(tmp_path))))
     repo = load_params(str(ROOT / "params.yaml"))
     assert mine.paths is None and dataclasses.replace(repo, paths=None) == mine
+
+
+def test_import_imgsent_gives_the_api_without_importing_torch():
+    import subprocess
+    import sys
+    code = ("import sys, imgsent; assert 'torch' not in sys.modules; "
+            "assert callable(imgsent.load_params) and callable(imgsent.train_head) and callable(imgsent.extract); "
+            "assert imgsent.load_model.__module__ == 'pipeline.predict'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
