@@ -252,3 +252,16 @@ def test_import_imgsent_gives_the_api_without_importing_torch():
             "assert callable(imgsent.load_params) and callable(imgsent.train_head) and callable(imgsent.extract); "
             "assert imgsent.load_model.__module__ == 'pipeline.predict'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_params_as_dvc_exp_rewrites_them_mean_the_same():
+    """`dvc exp run -S ...` round-trips params.yaml through ruamel: `faces: "off"` loses its quotes (YAML 1.1's
+    boolean false to PyYAML) and flow lists become block lists. imgsent must read the same settings."""
+    text = re.sub(r"faces: \S+", 'faces: "off"', (ROOT / "params.yaml").read_text(), count=1)
+    rewritten = re.sub(r'faces: "off"', "faces: off", text)
+    rewritten = re.sub(r"hidden: \[(\d+)\]( *#.*)?", lambda m: "hidden:" + (m.group(2) or "") + f"\n  - {m.group(1)}",
+                       rewritten)
+    assert rewritten != text and "faces: off" in rewritten
+    a = parse_params(yaml.safe_load(text))
+    b = parse_params(yaml.safe_load(rewritten))
+    assert a == b and b.extract.faces == "off"
