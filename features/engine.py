@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
         try:
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
+                print(f"{backbone.name}: exporting to ONNX for onnxruntime, once per backbone (up to a minute; "
+                      f"cached in {path.parent})", file=sys.stderr, flush=True)
                 _export(backbone, path)
             model = OrtEmbedder(_session(path), path)
             if _parity(backbone, model) >= PARITY_MIN_COS:

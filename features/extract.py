@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -122,7 +123,10 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     # weights, whose file only timm can find): then nothing to embed means no network to build
     fp = None if force or key is None else store_fingerprint(target, key=key)
     bb = None
+    say = (lambda msg: print(f"{target}: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say(f"{len(source.items)} images found; on {dev}, {workers} decode threads")
     if fp is None:
+        say(f"loading {backbone}")
         bb = load_backbone(backbone, weights=weights, device=dev)
         fp = with_faces(bb.fingerprint, spec)
     with OutputLock(target):

@@ -85,8 +85,14 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     t0 = time.time()
     out_dir = check_model_out(out)
     rows, fold, max_val = prepare(stores, params, intersect)
+    k = int(fold.max()) + 1
+    progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
+             f"{rows.dim} features; cross-validating {k} folds")
     pool = make_pool(rows, fold, params)
-    oof, per_fold, start = cross_validate(rows, fold, params, max_val, pool=pool)
+    done = iter(range(1, k + 1))
+    oof, per_fold, start = cross_validate(rows, fold, params, max_val, pool=pool,
+                                          on_fold=lambda: progress(f"{out}: fold {next(done)} of {k} done"))
+    progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
         metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, pool, start)
     c = metrics["cv"]
