@@ -21,6 +21,23 @@ def _layout(rng, n, classes, groups, dup_rate):
     return labels, grp, sha
 
 
+def _units(labels, groups, sha) -> int:
+    """Labelled rows that must share a fold (same group or same image), counted independently of folds.py."""
+    parent = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for i, (lab, s) in enumerate(zip(labels, sha)):
+        if lab < 0:
+            continue
+        for key in ([("g", groups[i])] if groups else []) + [("s", s)]:
+            parent[find(("row", i))] = find(key)
+    return len({find(("row", i)) for i, lab in enumerate(labels) if lab >= 0})
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_groups_and_duplicates_never_straddle_folds(seed):
     rng = np.random.default_rng(seed)
@@ -31,6 +48,7 @@ def test_groups_and_duplicates_never_straddle_folds(seed):
                             random_state=seed)
     except UserError as e:  # copies shared across groups can merge them into fewer than k units: refused clearly
         assert f"cv.folds={k} exceeds the" in str(e) and "groups of images" in str(e)
+        assert _units(labels, groups, sha) < k  # ...and only then: an always-refusing rule fails here
         return
     lab = labels >= 0
     assert (fold[~lab] == -1).all() and set(fold[lab]) == set(range(k))

@@ -66,17 +66,22 @@ def test_predict_csv_has_the_score_and_the_cli_checks_the_quantile(model, tmp_pa
                 check=True)
     assert "unlike the training images (labelled unsure)" in r.stdout
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert all(float(r["ood_score"]) >= 0 for r in rows)
+    flagged = [r for r in rows if r["predicted"] == "unsure"]
+    assert flagged  # the CSV carries the score that made them unsure: above the model's threshold
+    m = load_model(model, device="cpu")
+    assert all(float(r["ood_score"]) > m.predict([r["path"]]).ood_threshold for r in flagged)
     bad = run_cli("predict", str(model), str(tmp_path / "far"), "--out", str(tmp_path / "q.csv"),
                   "--ood-quantile", "0")
     assert bad.returncode == 2 and "--ood-quantile 0.0: must be within (0, 1]" in bad.stderr
     assert not (tmp_path / "q.csv").exists()
 
 
-def test_a_damaged_or_missing_ood_file_is_one_line(model):
+def test_a_damaged_or_missing_ood_file_is_one_line(model, tmp_path):
     (model / "ood.npz").write_bytes(b"garbage")
     with pytest.raises(UserError, match="ood.npz: does not belong with model.json"):
         load_model(model, device="cpu")
+    r = run_cli("predict", str(model), str(make_images(tmp_path / "x", per_class=1)), "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "ood.npz: does not belong" in r.stderr
     (model / "ood.npz").unlink()
     with pytest.raises(UserError, match="ood.npz: missing"):
         load_model(model, device="cpu")
