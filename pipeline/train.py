@@ -142,7 +142,9 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
                      hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout, temperature=temperature,
                      stores=rows.stores, image_root=rows.root, params=params.to_dict(), ood=ood)
     save_model_dir(d, final, info)
-    (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # the run time is said on the command line, not stored: metrics.json changes only when the model does, so
+    # `dvc repro` of unchanged inputs leaves git clean and `dvc metrics diff` lists what matters
+    (d / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "seconds"}, indent=2))
     np.save(d / "oof_logits.npy", logits)
     write_predictions(d / "oof_predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
                       class_names=names, extra={"fold": list(fold[lab]),
