@@ -155,10 +155,18 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
 
 def _suggest(name: str) -> str:
+    """Close names, those that load offline (their weights ship with imgsent's dependencies) first and without
+    repeats; hub names only as a fallback, said to need their weights."""
     import timm
-    pool = LOCAL_NAMES + timm.list_models() + [f"torchvision:{n}" for n in _torchvision_names()]
+    local = difflib.get_close_matches(name, LOCAL_NAMES, n=3, cutoff=0.6)
+    if local:
+        return f"; did you mean {', '.join(local)}?"
+    pool = sorted(set(timm.list_models()) | {f"torchvision:{n}" for n in _torchvision_names()})
     close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else f"; try one of {', '.join(LOCAL_NAMES)}"
+    if close:
+        return (f"; did you mean {', '.join(close)}? (those need their weights: the hub cache, internet, or "
+                f"--weights PATH; offline: {', '.join(LOCAL_NAMES)})")
+    return f"; offline choices: {', '.join(LOCAL_NAMES)}"
 
 
 def _torchvision_names() -> list[str]:

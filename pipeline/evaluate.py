@@ -52,7 +52,13 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     probs = softmax(logits, t)
     pred = probs.argmax(1)
     m = classification_metrics(y, pred, names)
-    metrics = {"test": {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")},
+    absent = [c for c in names if m["per_class"][c]["support"] == 0]
+    test = {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")}
+    if absent:  # a class the held-out images lack would count as F1 0: average over the classes present
+        test["macro_f1_all_classes"] = m["macro_f1"]
+        m["macro_f1"] = test["macro_f1"] = float(np.mean([m["per_class"][c]["f1"] for c in names if c not in absent]))
+        test["classes_absent"] = absent
+    metrics = {"test": test,
                "per_class": m["per_class"],
                "calibration": {"ece_uncalibrated": expected_calibration_error(softmax(logits), y),
                                "ece_calibrated": expected_calibration_error(probs, y), "temperature": t}}
@@ -74,6 +80,8 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                                  **{k: [v[i] for i in wrong] for k, v in faces.items()}})
     unit = (f"images ({len(y)} face crops; per image, mean of its faces: macro-F1 "
             f"{metrics['per_image']['macro_f1']:.3f})") if faces else "images"
-    progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
-             f"{len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
+    over = (f" over the {len(names) - len(absent)} classes present ({', '.join(absent)} absent; over all "
+            f"{len(names)}: {test['macro_f1_all_classes']:.3f})") if absent else ""
+    progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
     return metrics

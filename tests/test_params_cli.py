@@ -265,3 +265,26 @@ def test_params_as_dvc_exp_rewrites_them_mean_the_same():
     a = parse_params(yaml.safe_load(text))
     b = parse_params(yaml.safe_load(rewritten))
     assert a == b and b.extract.faces == "off"
+
+
+def test_evaluate_on_a_subset_of_the_classes_averages_over_those_present(tmp_path, store, tiny_weights):
+    """Issue #25: a held-out store without some class used to average that class in as F1 0."""
+    from pipeline.evaluate import evaluate
+    from pipeline.train import train_head
+    train_head(stores=[str(store)], out=str(tmp_path / "m"), params=load_params(str(ROOT / "params.yaml")),
+               progress=lambda s: None)
+    part = make_images(tmp_path / "part", per_class=3, seed=5)
+    import shutil
+    shutil.rmtree(part / "red")
+    extract_args = ["extract", str(part), "--out", str(tmp_path / "part.h5"), "--backbone", TINY, "--weights",
+                    tiny_weights, "--no-progress"]
+    run_cli(*extract_args, "--classes", "blue,green,red", check=True)
+    lines = []
+    m = evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "part.h5")], out=str(tmp_path / "ev"),
+                 progress=lines.append)
+    t = m["test"]
+    assert t["classes_absent"] == ["red"]
+    present = [m["per_class"][c]["f1"] for c in ("blue", "green")]
+    assert t["macro_f1"] == pytest.approx(sum(present) / 2)
+    assert t["macro_f1_all_classes"] == pytest.approx(sum(present) / 3)
+    assert "over the 2 classes present (red absent; over all 3:" in lines[-1]
