@@ -9,8 +9,10 @@ Names:
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import io
 import importlib
 import json
 import warnings
@@ -196,6 +198,32 @@ def _lite(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Mod
     return net, timm.data.resolve_data_config({}, model=net)
 
 
+def _online(host: str) -> bool:
+    """Whether `host` resolves: offline, a download would spend a minute in retries before failing."""
+    import socket
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_cache_only_when_offline():
+    """With no route to the Hugging Face hub, timm reads its cache only (fails in a second, not after retries)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not _online("huggingface.co")
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _timm(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict]:
     import timm
     if not timm.is_model(name):
@@ -206,7 +234,8 @@ def _timm(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Mod
         _load_into(net, _load_state_dict(weights), weights)
     else:
         try:
-            net = timm.create_model(name, pretrained=True, **ncls)
+            with _hub_cache_only_when_offline(), contextlib.redirect_stderr(io.StringIO()):  # no stray retry lines
+                net = timm.create_model(name, pretrained=True, **ncls)
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             raise UserError(f"backbone {name}: pretrained weights not available offline ({e.__class__.__name__}); "
                             "download them once with internet, or pass --weights PATH to a local state dict") from None

@@ -58,12 +58,18 @@ class Summary:
     hashed: int = 0  # files read to hash them (the others were unchanged since the last run)
     unchanged: bool = False  # the store already held exactly this: not rewritten
     face_rows: int | None = None  # face mode: rows (one per face crop) in the store
+    face_fallback: str | None = None  # face mode: what happened to an image without a face (skip | whole)
 
     def line(self) -> str:
         rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.extracted and self.embed_seconds > 0 else ""
         dmg = f", {self.damaged} damaged rows re-embedded" if self.damaged else ""
         same = "; store unchanged, not rewritten" if self.unchanged else ""
-        faces = f" -> {self.face_rows} face crops" if self.face_rows is not None else ""
+        faces = ""
+        if self.face_rows is not None:
+            noface = sum(1 for _, why in self.skipped if why == NO_FACE)
+            faces = (f" -> {self.face_rows} rows: face crops, and the whole image where no face was found "
+                     "(--faces-fallback whole)" if self.face_fallback == "whole" else
+                     f" -> {self.face_rows} face crops ({noface} images without a face skipped)")
         return (f"{self.out}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
                 f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
                 f"{same}) in {self.seconds:.1f} s{rate}")
@@ -198,6 +204,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         partial.discard()
     summary.rows = len(set(kept_paths))
     summary.face_rows = len(keep) if spec is not None else None
+    summary.face_fallback = spec.fallback if spec is not None else None
     summary.seconds = time.time() - t0
     return summary
 

@@ -67,3 +67,22 @@ def test_prepare_grayscale_matches_pil_luma():
     ours = prepare(rgb, pre)[0].numpy()
     ref = np.asarray(Image.fromarray(rgb).convert("L"))
     assert np.abs(ours.astype(int) - ref).max() <= 1
+
+
+def test_an_offline_hub_backbone_reads_the_cache_only(monkeypatch):
+    """Issue #24: with no route to the hub, timm must not spend a minute in download retries (and print their
+    lines) before the one-line error: it is asked for its cache only."""
+    import timm
+    from huggingface_hub import constants
+
+    from features import backbones
+    seen, before = [], constants.HF_HUB_OFFLINE
+
+    def fake_create(name, pretrained=False, **kw):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise RuntimeError("not cached")
+    monkeypatch.setattr(backbones, "_online", lambda host: False)
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    with pytest.raises(UserError, match="pretrained weights not available offline"):
+        load_backbone("resnet18")
+    assert seen == [True] and constants.HF_HUB_OFFLINE == before  # cache-only during the call, restored after
