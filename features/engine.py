@@ -197,8 +197,9 @@ def onnx_embedder(backbone: Backbone) -> OrtEmbedder | None:
         try:
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                print(f"{backbone.name}: exporting to ONNX for onnxruntime, once per backbone (up to a minute; "
-                      f"cached in {path.parent})", file=sys.stderr, flush=True)
+                if sys.stderr.isatty():  # a one-off minute a person at a terminal should not wonder about
+                    print(f"{backbone.name}: exporting to ONNX for onnxruntime, once per backbone (up to a minute; "
+                          f"cached in {path.parent})", file=sys.stderr, flush=True)
                 _export(backbone, path)
             model = OrtEmbedder(_session(path), path)
             if _parity(backbone, model) >= PARITY_MIN_COS:

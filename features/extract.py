@@ -129,7 +129,10 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     # weights, whose file only timm can find): then nothing to embed means no network to build
     fp = None if force or key is None else store_fingerprint(target, key=key)
     bb = None
-    say = (lambda msg: print(f"{target}: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    # stage lines for a person at a terminal (the seconds before the bar: imports, backbone, hashing); logs and
+    # pipes get the summary line only
+    say = ((lambda msg: print(f"{target}: {msg}", file=sys.stderr, flush=True)) if progress and sys.stderr.isatty()
+           else (lambda msg: None))
     say(f"{len(source.items)} images found; on {dev}, {workers} decode threads")
     if fp is None:
         say(f"loading {backbone}")

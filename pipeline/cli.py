@@ -172,6 +172,9 @@ def export(model_dir: str = typer.Argument(...), format: str = typer.Option("tor
            out: str = typer.Option(..., "--out")) -> None:
     """One file with backbone(s) + head + preprocessing: uint8 (B, H, W, 3) RGB in, calibrated (B, C) out."""
     from pipeline.export import export as run
+    if sys.stderr.isatty():  # a person waits up to a minute for the ONNX exporter; logs get the result line only
+        typer.echo(f"{out}: exporting backbone(s) and head to {format}" + (" (up to a minute)" if format == "onnx"
+                                                                            else ""), err=True)
     typer.echo(f"{run(model_dir=model_dir, fmt=format, out=out)}: exported ({format})")
 
 

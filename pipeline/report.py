@@ -281,10 +281,13 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
                      boxes=np.array([faces[k] for k in "xywh"]).T.reshape(-1, 4) if faces else None,
                      face=np.array(faces["face"]) if faces else None)
     with atomic_dir(out_dir) as d:
+        progress(f"{out}: cross-validation section (confidence intervals, plots, gallery)")
         body, summary = _section(oof, names, d, "cv", gallery)
+        progress(f"{out}: label issues, near-duplicates, learning curve, feature map")
         extra, found = _insight_sections(info, oof, names, d, gallery)
         sections, result = [body, *extra], {"cv": summary, **found}
         if test is not None:
+            progress(f"{out}: held-out test section")
             body, result["test"] = _section(test, names, d, "test", gallery)
             sections.append(body)
         (d / "confusion.png").write_bytes((d / "confusion_cv.png").read_bytes())

@@ -179,3 +179,21 @@ def test_cuda_and_cpu_stores_hold_the_same_features(tmp_path, tiny_weights):
     assert a.fingerprint == b.fingerprint and a.sha256 == b.sha256
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(a.features), torch.from_numpy(b.features))
     assert float(cos.min()) >= 0.9999
+
+
+def test_extract_says_its_stages_to_a_person_at_a_terminal(tmp_path, tiny_weights, capsys, monkeypatch):
+    """Issue #24: the seconds before the progress bar (imports, the backbone, hashing) are not silent at a
+    terminal; logs and pipes get only the summary."""
+    import sys
+    from features.extract import extract
+    from tests.conftest import TINY, make_images
+    imgs = make_images(tmp_path / "imgs", per_class=2)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    extract(images=str(imgs), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=True,
+            workers=1)
+    err = capsys.readouterr().err
+    assert "6 images found; on cpu, 1 decode threads" in err and f"loading {TINY}" in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    extract(images=str(imgs), out=str(tmp_path / "t.h5"), backbone=TINY, weights=tiny_weights, progress=True,
+            workers=1)
+    assert "images found" not in capsys.readouterr().err
