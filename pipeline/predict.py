@@ -7,6 +7,7 @@ A model trained on face-mode stores (features/faces.py) detects faces the same w
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import time
 from dataclasses import dataclass
@@ -274,10 +275,12 @@ def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
     def num(x: float) -> str:
         return "" if np.isnan(x) else f"{x:.6f}"
 
-    with OutputLock(out):
+    # Face mode's two files are published together: both are written in full under temp names, then renamed
+    # (the main CSV first, the per-face one right after); a failed write publishes neither.
+    with OutputLock(out), contextlib.ExitStack() as both:
         if fr is not None:
             fscores = fr.ood_scores if fr.ood_scores is not None else np.full(len(fr.image), np.nan)
-            with atomic_file(faces_csv(out)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            with open(both.enter_context(atomic_file(faces_csv(out))), "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(["path", "face", "x", "y", "w", "h", "predicted", "confidence", "ood_score",
                             *[f"p_{c}" for c in names]])

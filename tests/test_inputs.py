@@ -147,3 +147,28 @@ def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
     with pytest.raises(UserError, match="--out -: predictions are written to a CSV file"):
         check_prediction_out("-")
     assert not (tmp_path / "-").exists()
+
+
+def test_face_mode_csvs_are_published_together(tmp_path):
+    """Issue #25: with the main CSV's write failing, the per-face CSV used to be replaced already."""
+    import numpy as np
+    from pipeline.predict import FaceRows, Predictions, faces_csv, write_prediction_csv
+
+    def preds(label: str, error: object = "") -> Predictions:
+        fr = FaceRows(image=np.array([0, 0]), face=np.array([0, 1]), boxes=np.zeros((2, 4), int),
+                      probs=np.full((2, 2), 0.5), labels=[label, label])
+        return Predictions(paths=["a.jpg"], labels=[label], probs=np.full((1, 2), 0.5), errors=[error],
+                           class_names=["x", "y"], faces=fr)
+
+    out = tmp_path / "p.csv"
+    write_prediction_csv(out, preds("x"))
+    before = (out.read_text(), faces_csv(out).read_text())
+
+    class Unwritable:
+        def __str__(self):
+            raise OSError(27, "File too large")
+
+    with pytest.raises(Exception):
+        write_prediction_csv(out, preds("y", error=Unwritable()))
+    assert (out.read_text(), faces_csv(out).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.faces.csv"]  # no temp or lock left
