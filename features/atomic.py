@@ -136,10 +136,17 @@ def _siblings(out: Path, tag: str) -> list[Path]:
     return list(out.parent.glob(f".{out.name}.{tag}-*"))
 
 
+def through_link(out: str | os.PathLike) -> Path:
+    """Where an output really goes: an `--out` that is a symlink (say, to a bigger disk) is written at its
+    target, and the link stays, instead of being replaced by a real file on the small disk."""
+    out = Path(out)
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
 @contextlib.contextmanager
 def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `out`; on success it replaces `out` (fsynced), on any failure it is removed."""
-    out = Path(out)
+    out = through_link(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -200,7 +207,7 @@ def recover(out: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Lock `out`, yield an empty temp folder beside it, and publish it as `out` when the block succeeds."""
-    out = Path(out)
+    out = through_link(out)
     with OutputLock(out):
         recover(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

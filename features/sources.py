@@ -56,6 +56,11 @@ def walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return found, other
 
 
+def _is_our_output(d: Path) -> bool:
+    """A model directory, an evaluation folder or a report that imgsent wrote (its marker files)."""
+    return any((d / m).is_file() for m in ("model.json", "metrics.json", "summary.json"))
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -90,6 +95,9 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
     items: list[Item] = []
     problems: list[tuple[str, str]] = []
+    for d in [d for d in subdirs if _is_our_output(d)]:  # --out model/ written next to the class folders
+        problems.append((_rel(d, root) + "/", "an imgsent output folder (model, evaluation or report), not a class"))
+        subdirs.remove(d)
     if subdirs:
         names = classes or [d.name for d in subdirs]
         for d in subdirs:

@@ -200,3 +200,21 @@ def test_odd_files_names_and_outputs_are_one_line_each(tmp_path, tiny_weights):
     with pytest.raises(UserError, match="class 'b' has only 1 labelled image; cross-validation needs at least 2"):
         assign_folds(labels=np.array([0, 0, 0, 1]), groups=None, sha256=list("wxyz"), k=2, class_names=["a", "b"],
                      random_state=0)
+
+
+def test_outputs_through_a_symlink_and_inside_the_image_folder(tmp_path, tiny_weights):
+    """Issue #25: an --out that is a symlink (to a bigger disk) is written at its target and stays a link; a
+    model or report written next to the class folders is not a new class on the next extract."""
+    root = make_images(tmp_path / "imgs", per_class=3)
+    big = tmp_path / "bigdisk"
+    big.mkdir()
+    (tmp_path / "s.h5").symlink_to(big / "s.h5")
+    extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False)
+    assert (tmp_path / "s.h5").is_symlink() and (big / "s.h5").is_file()
+    run_cli("train-head", str(tmp_path / "s.h5"), "--out", str(root / "model"), "--params", str(ROOT / "params.yaml"),
+            check=True)
+    run_cli("report", str(root / "model"), "--out", str(root / "report"), check=True)
+    extract(images=str(root), out=str(tmp_path / "t.h5"), backbone=TINY, weights=tiny_weights, progress=False)
+    st = read_store(tmp_path / "t.h5")
+    assert st.class_names == ["blue", "green", "red"]
+    assert {p for p, why in st.skipped if "imgsent output folder" in why} == {"model/", "report/"}
