@@ -35,6 +35,7 @@ from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
 from features.prefetch import resolve_workers
 from features.sources import Source, discover
+from features.statcache import read_stat_cache, write_stat_cache
 from features.store import (Store, damaged_rows, describe_mismatch, is_store, read_store, store_fingerprint,
                             unchanged, write_store)
 
@@ -142,8 +143,11 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         summary = Summary(out=str(target), skipped=list(source.problems))
         where, boxes, old = _reusable(target, fp, force, summary)
         old_paths = old.paths if old is not None else []
-        known = {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, old.file_stats, old.sha256)
-                 } if old is not None and old.file_stats is not None else {}
+        known, known_since = {}, 0  # path -> (stat, sha256) from the stat cache beside the store
+        cache = read_stat_cache(target, old.meta_sha256, len(old.paths)) if old is not None else None
+        if cache is not None:
+            known = {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, cache[0], old.sha256)}
+            known_since = cache[1]
         partial = Partial(target, fp, force=force)
         where.update(partial.where)
         boxes.update(partial.boxes)
@@ -151,7 +155,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             partial.failed.update({sha: NO_FACE for sha in old.noface})
         stat_time = time.time_ns()
         plan = _plan(source, _images_in(where) if spec else where, partial, summary, num_shards, shard_index,
-                     known, old.stat_time_ns if known else 0)
+                     known, known_since)
         t_embed = time.time()
         model = None
         if plan.todo and bb is None:  # something to embed after all
@@ -186,24 +190,22 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         summary.removed = sum(1 for p in old_paths if p not in kept_paths)
         shas = [plan.shas[i] for i in keep]
         attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
-        if key is not None:
-            attrs["fingerprint_key"] = json.dumps(key, sort_keys=True)
         if num_shards > 1:
             attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
         rows = dict(dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
                     paths=[plan.paths[i] for i in keep], sha256=shas, groups=[plan.groups[i] for i in keep],
                     class_names=source.class_names, fingerprint=fp, root=source.root,
-                    skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs,
-                    file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
+                    skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs)
         if spec is not None:
             rows.update(face_index=np.array(face_index, np.int32),
                         face_boxes=np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4),
                         noface=sorted({s for s in plan.shas if partial.failed.get(s) == NO_FACE}))
-        summary.unchanged = (old is not None and not summary.extracted and not summary.damaged and not plan.racy
+        summary.unchanged = (old is not None and not summary.extracted and not summary.damaged
                              and unchanged(target, **rows))
-        if not summary.unchanged:
-            write_store(target, blocks=gather_blocks(keys, where, fp["dim"]), dim=fp["dim"], stat_time_ns=stat_time,
-                        **rows)
+        digest = old.meta_sha256 if summary.unchanged else \
+            write_store(target, blocks=gather_blocks(keys, where, fp["dim"]), dim=fp["dim"], **rows)
+        write_stat_cache(target, meta_sha256=digest, stat_time_ns=stat_time, fingerprint_key=key,
+                         file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
         partial.discard()
     summary.rows = len(set(kept_paths))
     summary.face_rows = len(keep) if spec is not None else None

@@ -8,18 +8,19 @@ A complete store is one plain HDF5 file anyone can read with h5py:
     face mode only (fingerprint["faces"], features/faces.py): one row per face crop, so an image may have several
     face_index (N,) int32 0.. within the image            face_boxes (N, 4) int32 crop x, y, w, h (upright pixels)
     noface_sha256 (F,) S64: images where these face settings found no face (not searched again on a re-run)
-    attrs: class_names (JSON), backbone, weights_sha256, preprocess (JSON), dim, fingerprint (JSON), root,
-           meta_sha256 (digest of labels, paths, sha256, groups, class names, fingerprint), schema_version=2,
-           complete=1, created
+    attrs: class_names (JSON), backbone, weights_sha256, preprocess (JSON), dim, fingerprint (JSON), root
+           (relative to the store's folder when it can be), meta_sha256 (digest of labels, paths, sha256, groups,
+           class names, fingerprint), schema_version=2, complete=1
 It only ever appears by rename of a finished temporary file, so readers never see half of one. A flipped
-byte in the features fails its chunk's checksum; one in the metadata fails `meta_sha256`.
+byte in the features fails its chunk's checksum; one in the metadata fails `meta_sha256`. Nothing in it
+depends on the machine, the checkout's location, file times or the clock (no HDF5 object times either): the
+same images and settings give the same bytes. Extract's stat cache lives beside it (features/statcache.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -66,8 +67,7 @@ class Store:
     weights_path: str | None = None  # local --weights file, if any: predict needs it to rebuild the backbone
     dim: int = 0
     schema_version: int = SCHEMA_VERSION
-    file_stats: np.ndarray | None = None  # (N, 3) int64 size, mtime_ns, inode when hashed (extract's cache)
-    stat_time_ns: int = 0  # when that hashing pass started
+    meta_sha256: str = ""  # the digest of its metadata: what the stat cache beside it must name
     face_index: np.ndarray | None = None  # (N,) int32, face mode only: which face of its image a row is
     face_boxes: np.ndarray | None = None  # (N, 4) int32, face mode only: the crop (x, y, w, h) the row embeds
     noface: list[str] = field(default_factory=list)  # face mode: sha256 of images with no face found
@@ -178,18 +178,15 @@ def _read(f: h5py.File, p: Path, features: bool) -> Store:
         if not np.isfinite(feats).all():
             bad = int(np.flatnonzero(~np.isfinite(feats).all(1))[0])
             raise _damaged(p, f"non-finite features, first at row {bad}")
-    stats = None
-    if "file_stat" in f and f["file_stat"].shape == (n, 3):
-        try:
-            stats = f["file_stat"][:].astype(np.int64)
-        except OSError:  # fails its checksum: only a cache, extract hashes every file again
-            stats = None
+    root = str(f.attrs.get("root", ""))
+    if root and not os.path.isabs(root):  # relative to the store's folder
+        root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(p)), root))
     return Store(path=str(p), features=feats, labels=labels, paths=paths, sha256=sha, groups=groups,
-                 class_names=class_names, fingerprint=fingerprint, root=str(f.attrs.get("root", "")),
+                 class_names=class_names, fingerprint=fingerprint, root=root,
                  skipped=_records(f, "skipped"), conflicts=_records(f, "conflict"),
                  shard=json.loads(f.attrs["shard"]) if "shard" in f.attrs else None,
                  weights_path=str(f.attrs.get("weights_path", "")) or None, dim=d, schema_version=version,
-                 file_stats=stats, stat_time_ns=int(f.attrs.get("stat_time_ns", 0)) if stats is not None else 0,
+                 meta_sha256=str(f.attrs.get("meta_sha256", "")),
                  face_index=face_index, face_boxes=face_boxes,
                  noface=[s.decode("ascii", "replace") for s in f["noface_sha256"][:]] if "noface_sha256" in f else [])
 
@@ -224,8 +221,11 @@ def store_fingerprint(path: str | os.PathLike, *, key: dict | None = None) -> di
         with h5py.File(path, "r") as f:
             if int(f.attrs.get("complete", 0)) != 1:
                 return None
-            if key is not None and f.attrs.get("fingerprint_key") != json.dumps(key, sort_keys=True):
-                return None
+            if key is not None:
+                from features.statcache import read_stat_cache
+                cache = read_stat_cache(path, str(f.attrs.get("meta_sha256", "")), f["features"].shape[0])
+                if cache is None or cache[2] != key:
+                    return None
             return json.loads(f.attrs["fingerprint"])
     except (OSError, KeyError, ValueError):
         return None
@@ -247,8 +247,8 @@ def describe_mismatch(want: dict, have: dict) -> str:
 def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: list[str], sha256: list[str],
               groups: list[str | None] | None, class_names: list[str], fingerprint: dict, root: str = "",
               skipped: list[tuple[str, str]] = (), conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
-              file_stats: np.ndarray | None = None, face_index: np.ndarray | None = None,
-              face_boxes: np.ndarray | None = None, noface: list[str] = ()) -> bool:
+              face_index: np.ndarray | None = None, face_boxes: np.ndarray | None = None,
+              noface: list[str] = ()) -> bool:
     """Does the complete store at `out` already hold what write_store would write from these arguments and its
     own feature rows? Then extract leaves it alone: same bytes, same mtime, nothing for DVC to re-hash."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -262,7 +262,7 @@ def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: 
                     and ds.dtype == np.dtype(dtype) and ds.shape[0] == len(paths)
                     and f.attrs.get("meta_sha256") == meta_digest(labels, paths, list(sha256), grp, class_names, fp,
                                                                   face_index, face_boxes)
-                    and json.loads(f.attrs["fingerprint"]) == fp and str(f.attrs.get("root", "")) == root
+                    and json.loads(f.attrs["fingerprint"]) == fp and str(f.attrs.get("root", "")) == _rel_root(root, out)
                     and _records(f, "skipped") == [(safe_text(p), r) for p, r in skipped]
                     and _records(f, "conflict") == [(safe_text(p), r) for p, r in conflicts]
                     and all(k in f.attrs and f.attrs[k] == v for k, v in (attrs or {}).items())
@@ -270,8 +270,6 @@ def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: 
             if same:
                 same = [s.decode() for s in f["noface_sha256"][:]] == list(noface) if "noface_sha256" in f \
                     else not noface
-            if same and file_stats is not None:
-                same = "file_stat" in f and np.array_equal(f["file_stat"][:], np.asarray(file_stats).reshape(-1, 3))
             return bool(same)
     except (OSError, KeyError, ValueError, TypeError):
         return False
@@ -281,36 +279,34 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
                 paths: list[str], sha256: list[str], groups: list[str | None] | None, class_names: list[str],
                 fingerprint: dict, root: str = "", skipped: list[tuple[str, str]] = (),
                 conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
-                file_stats: np.ndarray | None = None, stat_time_ns: int = 0, face_index: np.ndarray | None = None,
-                face_boxes: np.ndarray | None = None, noface: list[str] = ()) -> None:
+                face_index: np.ndarray | None = None, face_boxes: np.ndarray | None = None,
+                noface: list[str] = ()) -> str:
     """The one writer of the schema. `blocks` yields feature rows (b, D) in row order, so memory stays O(block);
-    the file is built under a temp name and renamed into place when complete. `file_stats` (N, 3): the size,
-    mtime_ns and inode of each row's file when the pass starting at `stat_time_ns` hashed it."""
+    the file is built under a temp name and renamed into place when complete. Returns its meta_sha256."""
     n = len(paths)
     labels = np.asarray(labels, dtype=np.int64)
     paths = [safe_text(p) for p in paths]
     grp = [g or "" for g in groups] if groups is not None and any(g is not None for g in groups) else None
     chunk_rows = max(1, min(n, (1 << 20) // (max(dim, 1) * 4)))
+    # no object times in the file (track_times): the same rows give the same bytes
     with atomic_file(out) as tmp, h5py.File(tmp, "w") as f:
-        ck = dict(fletcher32=True, chunks=True) if n else {}
+        ck = dict(fletcher32=True, chunks=True, track_times=False) if n else dict(track_times=False)
         feats = f.create_dataset("features", shape=(n, dim), dtype=dtype, fletcher32=bool(n),
-                                 chunks=(chunk_rows, dim) if n else None)
+                                 chunks=(chunk_rows, dim) if n else None, track_times=False)
         f.create_dataset("labels", data=labels, **ck)
-        f.create_dataset("paths", data=paths, dtype=STR)
+        f.create_dataset("paths", data=paths, dtype=STR, track_times=False)
         f.create_dataset("sha256", data=np.array(sha256, dtype="S64"), **ck)
         if grp is not None:
-            f.create_dataset("groups", data=grp, dtype=STR)
+            f.create_dataset("groups", data=grp, dtype=STR, track_times=False)
         if face_index is not None:
             f.create_dataset("face_index", data=np.asarray(face_index, np.int32).reshape(n), **ck)
             f.create_dataset("face_boxes", data=np.asarray(face_boxes, np.int32).reshape(n, 4), **ck)
         if noface:
-            f.create_dataset("noface_sha256", data=np.array(list(noface), dtype="S64"), fletcher32=True, chunks=True)
-        if file_stats is not None:
-            f.create_dataset("file_stat", data=np.asarray(file_stats, np.int64).reshape(n, 3), **ck)
-            f.attrs["stat_time_ns"] = int(stat_time_ns)
+            f.create_dataset("noface_sha256", data=np.array(list(noface), dtype="S64"), fletcher32=True, chunks=True,
+                             track_times=False)
         for name, recs in (("skipped", skipped), ("conflict", conflicts)):
-            f.create_dataset(f"{name}_paths", data=[safe_text(p) for p, _ in recs], dtype=STR)
-            f.create_dataset(f"{name}_reasons", data=[r for _, r in recs], dtype=STR)
+            f.create_dataset(f"{name}_paths", data=[safe_text(p) for p, _ in recs], dtype=STR, track_times=False)
+            f.create_dataset(f"{name}_reasons", data=[r for _, r in recs], dtype=STR, track_times=False)
         i0 = 0
         for x in blocks:  # (b, D)
             if not np.isfinite(x).all():
@@ -322,11 +318,22 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
         fingerprint = {**fingerprint, "dim": dim}
         for k, v in (attrs or {}).items():
             f.attrs[k] = v
+        digest = meta_digest(labels, paths, list(sha256), grp, class_names, fingerprint, face_index, face_boxes)
         f.attrs.update({"class_names": json.dumps(class_names), "fingerprint": json.dumps(fingerprint),
-                        "backbone": str(fingerprint.get("backbone", "")), "dim": dim, "root": root,
+                        "backbone": str(fingerprint.get("backbone", "")), "dim": dim, "root": _rel_root(root, out),
                         "weights_sha256": str(fingerprint.get("weights_sha256", "")),
                         "preprocess": json.dumps(fingerprint.get("preprocess", {}), sort_keys=True),
-                        "meta_sha256": meta_digest(labels, paths, list(sha256), grp, class_names, fingerprint,
-                                                   face_index, face_boxes),
-                        "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                        "meta_sha256": digest, "schema_version": SCHEMA_VERSION})
         f.attrs["complete"] = 1  # last: a store without it is never read
+    return digest
+
+
+def _rel_root(root: str, store: str | os.PathLike) -> str:
+    """The image root as the store records it: relative to the store's folder (the same in every checkout of a
+    project), absolute only where no relative path exists (another drive)."""
+    if not root:
+        return ""
+    try:
+        return os.path.relpath(root, os.path.dirname(os.path.abspath(store)))
+    except ValueError:
+        return root

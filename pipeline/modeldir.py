@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import math
-import time
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +71,25 @@ def save_model_dir(d: Path, head: Head, info: ModelInfo) -> None:
     meta = {"format": FORMAT, "class_names": info.class_names, "backbones": info.backbones,
             "backbone_weights": info.backbone_weights,
             "head": {"dim": info.dim, "hidden": list(info.hidden), "n_classes": info.n_classes, "dropout": info.dropout},
-            "temperature": info.temperature, "params": info.params, "stores": info.stores,
-            "image_root": info.image_root, "head_sha256": sha256_file(d / HEAD), "ood": info.ood,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "temperature": info.temperature, "params": info.params,
+            # relative to the model directory: model.json is then the same file in every checkout of a project
+            "stores": [_relative(s, d) for s in info.stores], "image_root": _relative(info.image_root, d),
+            "head_sha256": sha256_file(d / HEAD), "ood": info.ood}
     (d / "model.json").write_text(json.dumps(meta, indent=2))
+
+
+def _relative(path: str, d: Path) -> str:
+    """`path` relative to the model directory `d` (whose parent is the published folder's), else as given."""
+    if not path:
+        return path
+    try:
+        return os.path.relpath(path, os.path.abspath(d))
+    except ValueError:  # another drive
+        return path
+
+
+def _absolute(path: str, d: Path) -> str:
+    return os.path.normpath(os.path.join(os.path.abspath(d), path)) if path and not os.path.isabs(path) else path
 
 
 def _need(ok: bool, f: Path, what: str) -> None:
@@ -119,8 +134,10 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     _need(ood is None or isinstance(ood, dict) and isinstance(ood.get("sha256"), str), f,
           "ood must be null or a record with the sha256 of ood.npz")
     info = ModelInfo(class_names=names, backbones=bbs, backbone_weights=weights, hidden=tuple(h["hidden"]),
-                     dim=h["dim"], dropout=float(h["dropout"]), temperature=float(t), stores=stores,
-                     image_root=str(meta.get("image_root", "")), params=meta.get("params") or {}, ood=ood)
+                     dim=h["dim"], dropout=float(h["dropout"]), temperature=float(t),
+                     stores=[_absolute(s, f.parent) for s in stores],
+                     image_root=_absolute(str(meta.get("image_root", "")), f.parent), params=meta.get("params") or {},
+                     ood=ood)
     return info, str(meta["head_sha256"])
 
 

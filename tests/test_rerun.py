@@ -4,11 +4,11 @@ import hashlib
 import os
 import time
 
-import h5py
 import numpy as np
 from PIL import Image
 
 from features.extract import extract
+from features.statcache import stat_path, write_stat_cache
 from features.store import read_store
 from tests.conftest import TINY
 
@@ -79,7 +79,8 @@ def test_files_modified_just_before_a_pass_are_hashed_once_more(images, tmp_path
     run(images, out, tiny_weights)
     time.sleep(1.2)  # the second pass starts > 2 s after the modification (a slower machine only waits longer)
     second = run(images, out, tiny_weights)
-    assert second.hashed == 24 and second.extracted == 0 and not second.unchanged  # rewritten with a later pass time
+    # hashed again; the store's bytes stay (the stat cache beside it records the later pass)
+    assert second.hashed == 24 and second.extracted == 0 and second.unchanged
     third = run(images, out, tiny_weights)
     assert third.hashed == 0 and third.unchanged
 
@@ -88,11 +89,31 @@ def test_a_damaged_stat_cache_only_costs_hashing(images, tmp_path, tiny_weights)
     age(images)
     out = tmp_path / "s.h5"
     run(images, out, tiny_weights)
-    with h5py.File(out, "r+") as f:  # rewrite the cache with wrong stats: nothing matches any more
-        f["file_stat"][:] = np.zeros_like(f["file_stat"][:])
+    store = read_store(out, features=False)
+    write_stat_cache(out, meta_sha256=store.meta_sha256, file_stats=np.zeros((24, 3), np.int64), stat_time_ns=0,
+                     fingerprint_key=None)  # wrong stats: nothing matches any more
     s = run(images, out, tiny_weights)
     assert s.hashed == 24 and s.extracted == 0 and s.rows == 24
     assert run(images, out, tiny_weights).hashed == 0
+    stat_path(out).write_bytes(b"garbage")  # unreadable: no cache at all
+    assert run(images, out, tiny_weights).hashed == 24
+    stat_path(out).unlink()  # gone: the same
+    assert run(images, out, tiny_weights).hashed == 24 and run(images, out, tiny_weights).hashed == 0
+
+
+def test_the_same_images_give_the_same_store_bytes_wherever_they_are(images, tmp_path, tiny_weights):
+    """Issue #24: a store holds nothing of the machine, the checkout's place, file times or the clock, so a
+    fresh clone's `dvc repro` writes the bytes dvc.lock recorded."""
+    import shutil
+    age(images)
+    run(images, tmp_path / "a" / "s.h5", tiny_weights)
+    copy = tmp_path / "elsewhere" / "deeper" / "imgs"
+    shutil.copytree(images, copy)  # other inodes, other mtimes, another absolute path
+    (tmp_path / "elsewhere" / "deeper" / "a").mkdir()
+    time.sleep(0.01)
+    run(copy, tmp_path / "elsewhere" / "deeper" / "a" / "s.h5", tiny_weights)
+    assert (tmp_path / "a" / "s.h5").read_bytes() == (tmp_path / "elsewhere" / "deeper" / "a" / "s.h5").read_bytes()
+    assert read_store(tmp_path / "elsewhere" / "deeper" / "a" / "s.h5").root == str(copy)
 
 
 def test_a_no_op_rerun_never_builds_the_network(images, tmp_path, tiny_weights, monkeypatch):
