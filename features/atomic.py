@@ -103,6 +103,7 @@ class OutputLock:
                 raise write_failed(self.path, e) from None
             with os.fdopen(fd, "w") as f:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
+            self._remove_dead_temp_files()
             return self
         raise UserError(f"{self.out}: could not take the lock {self.path}; delete it if no imgsent is writing there")
 
@@ -127,6 +128,15 @@ class OutputLock:
         except (PermissionError, ValueError, TypeError):
             return True
         return True
+
+    def _remove_dead_temp_files(self) -> None:
+        """Files `.OUT.tmp-PID` a killed run left half-written: with the lock held, no live run owns one of ours,
+        and one whose PID is gone on this host is rubbish (folders are recovered by `recover`)."""
+        for tmp in _siblings(self.out, "tmp"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid() and \
+                    not self._alive({"pid": pid, "host": socket.gethostname()}):
+                tmp.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)

@@ -218,3 +218,18 @@ def test_outputs_through_a_symlink_and_inside_the_image_folder(tmp_path, tiny_we
     st = read_store(tmp_path / "t.h5")
     assert st.class_names == ["blue", "green", "red"]
     assert {p for p, why in st.skipped if "imgsent output folder" in why} == {"model/", "report/"}
+
+
+def test_a_killed_runs_temp_file_is_removed_by_the_next_run(tmp_path, tiny_weights):
+    """Issue #25: SIGKILL while the store is written leaves `.s.h5.tmp-PID`; the next run cleans it (a live
+    process's temp file is left alone)."""
+    import subprocess
+    import sys
+    root = make_images(tmp_path / "imgs", per_class=2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".s.h5.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"half a store")
+    live = tmp_path / f".s.h5.tmp-{os.getppid()}"
+    live.write_bytes(b"someone else's")
+    extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False)
+    assert not stale.exists() and live.exists()

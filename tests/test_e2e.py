@@ -89,3 +89,33 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
         listed = json.loads(r.stdout or "{}")
         for stage in stages:
             assert any(k.startswith(stage) for k in listed), (rel, stage, listed)
+
+
+@pytest.mark.slow
+def test_fresh_clone_repro_is_clean_and_experiments_compare(tmp_path):
+    """Issue #24: on a fresh clone of the committed project, `dvc repro` writes exactly what dvc.lock records
+    (stores and model files hold nothing of the machine, the checkout's place or the clock), so `git status`
+    stays clean; an experiment's metrics then show in `dvc exp show`, and `dvc metrics diff` compares them."""
+    bindir = str(Path(sys.executable).parent)
+    dvc = shutil.which("dvc", path=bindir) or shutil.which("dvc")
+    if dvc is None:
+        pytest.skip("dvc not installed")
+    work = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(work)}
+    run = lambda *args: subprocess.run(list(args), cwd=work, capture_output=True, text=True, env=env,  # noqa: E731
+                                       timeout=900)
+    r = run(dvc, "repro")
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = run("git", "status", "--porcelain").stdout
+    assert status == "", f"dvc repro changed tracked files (is dvc.lock up to date with the code?):\n{status}"
+    r = run(dvc, "exp", "run", "-S", "head.lr=0.003")
+    assert r.returncode == 0, r.stdout + r.stderr
+    shown = json.loads(run(dvc, "exp", "show", "--json").stdout)
+    exps = [e for rev in shown for e in (rev.get("experiments") or [])]
+    assert exps, shown
+    for e in exps:
+        data = e["revs"][0]["data"]
+        assert "out/model/metrics.json" in json.dumps(data["metrics"]) and "cv" in json.dumps(data["metrics"])
+    r = run(dvc, "metrics", "diff")
+    assert r.returncode == 0 and "failed" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
