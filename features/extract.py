@@ -36,8 +36,8 @@ from features.partial import Partial, Where, gather_blocks
 from features.prefetch import resolve_workers
 from features.sources import Source, discover
 from features.statcache import read_stat_cache, write_stat_cache
-from features.store import (Store, damaged_rows, describe_mismatch, is_store, read_store, store_fingerprint,
-                            unchanged, write_store)
+from features.store import (Store, damaged_rows, describe_mismatch, is_store, read_store, safe_text,
+                            store_fingerprint, unchanged, write_store)
 
 
 class Interrupted(Exception):
@@ -186,7 +186,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                     and spec.fallback == "skip" and any(r == NO_FACE for r, _ in why) else "")
             raise UserError(f"{images}: none of {len(set(plan.paths))} images could be embedded "
                             f"({'; '.join(f'{n} x {r}' for r, n in why)}){hint}")
-        kept_paths = {plan.paths[i] for i in keep}
+        kept_paths = {safe_text(plan.paths[i]) for i in keep}  # as the store spells them
         summary.removed = sum(1 for p in old_paths if p not in kept_paths)
         shas = [plan.shas[i] for i in keep]
         attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from features.sources import Item
+from features.store import safe_text
 
 MAX_PIXELS = 40_000_000
 
@@ -47,7 +48,7 @@ def _hash_one(item: Item, known: dict[str, tuple[Stat, str]], trusted_before_ns:
         stat = (st.st_size, st.st_mtime_ns, st.st_ino)
         if st.st_size == 0:
             return None, "empty file (0 bytes)", None, "error"
-        hit = known.get(item.path)
+        hit = known.get(safe_text(item.path))  # the store spells a non-UTF-8 name with \x escapes
         if hit is not None and hit[0] == stat:
             if stat[1] < trusted_before_ns:
                 return hit[1], None, stat, "cached"  # unchanged since it was hashed: not read again

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import UserError
+from features.store import safe_text
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # .jfif / .jpe: how Chrome and Windows save some JPEGs (the decoder goes by the file's bytes, not its name)
@@ -99,20 +100,22 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
         problems.append((_rel(d, root) + "/", "an imgsent output folder (model, evaluation or report), not a class"))
         subdirs.remove(d)
     if subdirs:
-        names = classes or [d.name for d in subdirs]
+        # a class is named as it is stored: a folder name that is not UTF-8 (an old zip) gets \x escapes
+        names = classes or [safe_text(d.name) for d in subdirs]
         for d in subdirs:
             found, other = walk_images(d)
             problems += [(_rel(p, root), unsupported(p)) for p in other]
+            label = safe_text(d.name)
             for p in found:
-                if d.name not in names:
-                    problems.append((_rel(p, root), f"unknown label {d.name!r} (classes: {', '.join(names)})"))
+                if label not in names:
+                    problems.append((_rel(p, root), f"unknown label {label!r} (classes: {', '.join(names)})"))
                 else:
-                    items.append(Item(_rel(p, root), str(p), d.name))
+                    items.append(Item(_rel(p, root), str(p), label))
         # A class folder without images (created, not yet filled) is no class: trained on, it would be averaged
         # into every macro score as F1 0. Dropped, and said.
         used = {it.label for it in items}
         for d in subdirs:
-            if d.name in names and d.name not in used:
+            if safe_text(d.name) in names and safe_text(d.name) not in used:
                 problems.append((_rel(d, root) + "/", "empty class folder: no images, so no class; fill it or "
                                                        "remove it"))
         names = [n for n in names if n in used]

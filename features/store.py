@@ -263,8 +263,8 @@ def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: 
                     and f.attrs.get("meta_sha256") == meta_digest(labels, paths, list(sha256), grp, class_names, fp,
                                                                   face_index, face_boxes)
                     and json.loads(f.attrs["fingerprint"]) == fp and str(f.attrs.get("root", "")) == _rel_root(root, out)
-                    and _records(f, "skipped") == [(safe_text(p), r) for p, r in skipped]
-                    and _records(f, "conflict") == [(safe_text(p), r) for p, r in conflicts]
+                    and _records(f, "skipped") == [(safe_text(p), safe_text(r)) for p, r in skipped]
+                    and _records(f, "conflict") == [(safe_text(p), safe_text(r)) for p, r in conflicts]
                     and all(k in f.attrs and f.attrs[k] == v for k, v in (attrs or {}).items())
                     and ("shard" in f.attrs) == ("shard" in (attrs or {})))
             if same:
@@ -306,7 +306,8 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
                              track_times=False)
         for name, recs in (("skipped", skipped), ("conflict", conflicts)):
             f.create_dataset(f"{name}_paths", data=[safe_text(p) for p, _ in recs], dtype=STR, track_times=False)
-            f.create_dataset(f"{name}_reasons", data=[r for _, r in recs], dtype=STR, track_times=False)
+            f.create_dataset(f"{name}_reasons", data=[safe_text(r) for _, r in recs], dtype=STR,
+                             track_times=False)  # a reason may quote a path
         i0 = 0
         for x in blocks:  # (b, D)
             if not np.isfinite(x).all():

@@ -64,15 +64,16 @@ def extract(
             s = run(num_shards=num_shards or 1, shard_index=shard_index or 0, **kw)
     except Interrupted as e:
         _fail(str(e), 130)
+    from features.store import safe_text  # a non-UTF-8 file name is printed with \x escapes, as stored
     for path, why in s.skipped[:20]:
-        typer.echo(f"skipped {path}: {why}", err=True)
+        typer.echo(safe_text(f"skipped {path}: {why}"), err=True)
     if len(s.skipped) > 20:
         typer.echo(f"... {len(s.skipped) - 20} more skipped; the store lists them all (skipped_paths)", err=True)
     if s.skipped:
         why = Counter(r.split(" (")[0].split(":")[0] for _, r in s.skipped).most_common()
         typer.echo(f"skipped {len(s.skipped)}: " + "; ".join(f"{n} x {r}" for r, n in why), err=True)
     for path, why in s.conflicts[:20]:
-        typer.echo(f"label conflict {path}: {why}", err=True)
+        typer.echo(safe_text(f"label conflict {path}: {why}"), err=True)
     typer.echo(s.line())
     if strict and s.skipped:
         raise typer.Exit(1)

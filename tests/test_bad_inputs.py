@@ -233,3 +233,32 @@ def test_a_killed_runs_temp_file_is_removed_by_the_next_run(tmp_path, tiny_weigh
     live.write_bytes(b"someone else's")
     extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False)
     assert not stale.exists() and live.exists()
+
+
+def test_non_utf8_names_rerun_train_and_conflict_cleanly(tmp_path, tiny_weights):
+    """Issue #25: file and class-folder names from an old zip (Latin-1 bytes): a re-run with nothing changed
+    removes and re-hashes nothing, train-head and predict work, and a label conflict naming them is one line."""
+    root = os.fsencode(str(tmp_path / "imgs"))
+    rng = np.random.default_rng(0)
+    for cls, rgb in ((b"caf\xe9", (30, 30, 200)), (b"plain", (200, 30, 30))):
+        os.makedirs(root + b"/" + cls)
+        for i in range(6):
+            a = rng.integers(0, 256, (40, 40, 3)) * 0.3 + np.array(rgb) * 0.7
+            name = root + b"/" + cls + f"/x{i}\xe9.png".encode("latin-1")
+            Image.fromarray(a.astype(np.uint8)).save(name)
+            os.utime(name, (1e9, 1e9))  # long before the first pass: a re-run may trust their stats
+    imgs, out = str(tmp_path / "imgs"), str(tmp_path / "s.h5")
+    kw = dict(backbone=TINY, weights=tiny_weights, progress=False)
+    first = extract(images=imgs, out=out, **kw)
+    again = extract(images=imgs, out=out, **kw)
+    assert first.rows == again.rows == 12 and again.removed == 0 and again.hashed == 0 and again.unchanged
+    assert read_store(out).class_names == ["caf\\xe9", "plain"]
+    run_cli("train-head", out, "--out", str(tmp_path / "m"), "--params", str(ROOT / "params.yaml"), check=True)
+    run_cli("predict", str(tmp_path / "m"), imgs, "--out", str(tmp_path / "p.csv"), "--no-progress", check=True)
+    with open(root + b"/plain/x0\xe9.png", "rb") as f:  # the same bytes under the other class: a conflict
+        data = f.read()
+    with open(root + b"/caf\xe9/dup\xe9.png", "wb") as f:
+        f.write(data)
+    r = run_cli("extract", imgs, "--out", out, "--backbone", TINY, "--weights", tiny_weights, "--no-progress")
+    assert r.returncode == 0 and "1 label conflicts" in r.stdout and "unexpected" not in r.stderr
+    assert not os.path.exists(out + ".partial")
