@@ -34,16 +34,21 @@ def test_demo_through_the_cli(tmp_path):
     assert len(rows) == 18 and sum(r["predicted"] == "happy" for r in rows) >= 12
 
 
-@pytest.mark.slow
-def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
-    """`dvc repro` on a fresh copy runs every stage offline and ends with test metrics; a head-only
-    param change re-runs train and evaluate only."""
+def _clone_with_dvc(work: Path) -> tuple[str, str, Path]:
+    """(dvc executable, its bin folder, a fresh git clone of the committed project at `work`), or skip."""
     bindir = str(Path(sys.executable).parent)
     dvc = shutil.which("dvc", path=bindir) or shutil.which("dvc")
     if dvc is None:
         pytest.skip("dvc not installed")
-    work = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+    return dvc, bindir, work
+
+
+@pytest.mark.slow
+def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
+    """`dvc repro` on a fresh copy runs every stage offline and ends with test metrics; a head-only
+    param change re-runs train and evaluate only."""
+    dvc, bindir, work = _clone_with_dvc(tmp_path / "repo")
     for rel in ("features", "pipeline", "params.yaml", "dvc.yaml", "data"):  # the working tree, committed or not
         src, dst = ROOT / rel, work / rel
         if src.is_dir():
@@ -96,12 +101,7 @@ def test_fresh_clone_repro_is_clean_and_experiments_compare(tmp_path):
     """Issue #24: on a fresh clone of the committed project, `dvc repro` writes exactly what dvc.lock records
     (stores and model files hold nothing of the machine, the checkout's place or the clock), so `git status`
     stays clean; an experiment's metrics then show in `dvc exp show`, and `dvc metrics diff` compares them."""
-    bindir = str(Path(sys.executable).parent)
-    dvc = shutil.which("dvc", path=bindir) or shutil.which("dvc")
-    if dvc is None:
-        pytest.skip("dvc not installed")
-    work = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+    dvc, bindir, work = _clone_with_dvc(tmp_path / "clone")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(work)}
     run = lambda *args: subprocess.run(list(args), cwd=work, capture_output=True, text=True, env=env,  # noqa: E731
                                        timeout=900)
