@@ -203,7 +203,8 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
                                               if bad else "")
     rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""
     far = "" if pred.ood_scores is None else \
-        f", {int((pred.ood_scores > pred.ood_threshold).sum())} unlike the training images (labelled unsure)"
+        f", {int((pred.ood_scores > pred.ood_threshold).sum())} unlike the training images (labelled unsure)" + \
+        (f" [{pred.ood_note}]" if pred.ood_note else "")
     faces = "" if pred.faces is None else f", {len(pred.faces.image)} faces (one row each in {faces_csv(out)})"
     typer.echo(f"{out}: {len(pred.paths)} images{faces}, {failed}{far} in {pred.seconds:.1f} s{rate}")
 

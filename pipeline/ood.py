@@ -80,8 +80,24 @@ def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
     return mask
 
 
-def threshold(loo: np.ndarray, quantile: float) -> float:
-    return float(np.quantile(loo, quantile))
+MIN_JUDGE = 20  # fewer training images than this: no threshold, images are not flagged (and predict says so)
+
+
+def threshold(loo: np.ndarray, quantile: float) -> tuple[float, str]:
+    """(the score above which an image is unlike the training ones, how it was set). The empirical quantile needs
+    about 1/(1 - quantile) scores to mean anything (100 for 0.99): from fewer it is just their maximum, and
+    a model of 18 images flagged no photo at all. Then a normal tail fitted to the scores stands in
+    (mean + z * std); under MIN_JUDGE scores there is no threshold (inf) and the note says why."""
+    n = len(loo)
+    if n < MIN_JUDGE:
+        return float("inf"), f"OOD check off: {n} training images are too few to judge (needs {MIN_JUDGE})"
+    if n >= 1.0 / (1.0 - quantile):
+        return float(np.quantile(loo, quantile)), ""
+    from statistics import NormalDist
+    z = NormalDist().inv_cdf(quantile)
+    return (float(np.mean(loo) + z * np.std(loo, ddof=1)),
+            f"OOD threshold from {n} training images (a normal fit: {1.0 / (1.0 - quantile):.0f} are needed for the "
+            "quantile itself)")
 
 
 def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:

@@ -51,6 +51,7 @@ class Predictions:
     ood_scores: np.ndarray | None = None  # (N,) k-NN distance to the training images (pipeline/ood.py); NaN on
     ood_threshold: float | None = None  # failures; None for a model directory without ood.npz
     faces: FaceRows | None = None  # face mode: every face; then probs / ood_scores are the means over an image's faces
+    ood_note: str = ""  # how the threshold was set when the training set was small (pipeline/ood.py threshold)
 
 
 def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
@@ -177,12 +178,12 @@ class Predictor:
         n, c = len(paths), len(self.class_names)
         row_probs = self.predict_features(feats) if len(feats) else np.zeros((0, c), np.float32)  # (R, C)
         row_scores = np.full(len(feats), np.nan, dtype=np.float32)
-        thr = None
+        thr, note = None, ""
         if self.ood is not None:
             if len(feats):
                 row_scores = knn_distance(normalise(feats, self.head.mean, self.head.scale),
                                           self.ood[0]).astype(np.float32)
-            thr = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else float("inf")
+            thr, note = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else (float("inf"), "")
         # per image: the mean over its rows (one row unless in face mode)
         count = np.bincount(owner, minlength=n)[:, None]  # (N, 1)
         with np.errstate(invalid="ignore"):
@@ -204,7 +205,7 @@ class Predictor:
                              labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
                              ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
-                           scores if self.ood is not None else None, thr, faces)
+                           scores if self.ood is not None else None, thr, faces, note)
 
 
 def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: float, ood_quantile: float,

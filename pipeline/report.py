@@ -132,8 +132,9 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
                  f"<img class=plot alt='reliability diagram' src='reliability_{slug}.png'>")
     off = [(int(cm[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j and cm[i, j]]
     off.sort(reverse=True)
-    parts.append("<h3>Most-confused pairs</h3><ol>" + "".join(
-        f"<li>{e(a)} → {e(b)}: {n} images</li>" for n, a, b in off[:8]) + "</ol>")
+    parts.append("<h3>Most-confused pairs</h3>" + ("<ol>" + "".join(
+        f"<li>{e(a)} → {e(b)}: {n} images</li>" for n, a, b in off[:8]) + "</ol>" if off
+        else "<p>None: every image was given its own class.</p>"))
     wrong = np.flatnonzero(pred != split.y)
     wrong = wrong[np.argsort(-loss[wrong])][:gallery]
     parts.append(f"<h3>Misclassified, worst first ({len(np.flatnonzero(pred != split.y))} in all)</h3>"

@@ -108,3 +108,30 @@ def test_top_k_equals_a_full_partition(shape, k):
     ours = np.sort(top_k(sim, k), 1)
     assert ours.shape == (shape[0], k)
     assert np.array_equal(ours, np.sort(np.partition(sim, shape[1] - k, axis=1)[:, shape[1] - k:], 1))
+
+
+def test_threshold_holds_on_small_training_sets_and_says_how_it_was_set():
+    """Issue #25: from 18 leave-one-out scores the 0.99 quantile is just their maximum, and a model of 18 images
+    flagged no photo. Under 1/(1 - q) scores a normal tail stands in; under MIN_JUDGE there is no threshold."""
+    from pipeline.ood import MIN_JUDGE, threshold
+    rng = np.random.default_rng(0)
+    big = np.sort(rng.normal(0.3, 0.05, 5000))
+    thr, note = threshold(big, 0.99)
+    assert note == "" and thr == pytest.approx(np.quantile(big, 0.99))
+    small = np.sort(rng.normal(0.3, 0.05, 40))
+    thr, note = threshold(small, 0.99)
+    assert "normal fit" in note and thr == pytest.approx(small.mean() + 2.3263 * small.std(ddof=1), rel=1e-3)
+    assert abs(thr - np.quantile(big, 0.99)) < abs(small.max() - np.quantile(big, 0.99)) + 0.02
+    thr, note = threshold(small[:MIN_JUDGE - 1], 0.99)
+    assert thr == float("inf") and "too few to judge" in note
+
+
+def test_a_tiny_model_does_not_flag_and_says_why(tmp_path, tiny_weights):
+    imgs = make_images(tmp_path / "imgs", per_class=5)  # 15 training images
+    extract(images=str(imgs), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False)
+    train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / "m"), params=params(cv={"folds": 3}),
+               progress=lambda s: None)
+    _strangers(tmp_path / "far")
+    r = run_cli("predict", str(tmp_path / "m"), str(tmp_path / "far"), "--out", str(tmp_path / "p.csv"),
+                "--no-progress", check=True)
+    assert "OOD check off: 15 training images are too few to judge" in r.stdout
