@@ -84,7 +84,6 @@ class Plan:
     groups: list[str | None]
     stats: list[tuple[int, int, int]]  # (size, mtime_ns, inode) of each row's file when hashed
     todo: dict[str, str]  # sha -> abspath of images to embed (first path wins for identical images)
-    racy: int = 0  # files re-hashed only because they were modified just before the last pass
 
 
 def shard_of(sha: str, num_shards: int) -> int:
@@ -265,7 +264,6 @@ def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_
     for item, (sha, err, stat, how) in zip(source.items, hash_items(source.items, known=known,
                                                                     stat_time_ns=stat_time_ns)):
         summary.hashed += how in ("hashed", "racy")
-        plan.racy += how == "racy"
         if err:
             summary.skipped.append((item.path, err))
             continue
