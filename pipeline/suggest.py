@@ -44,6 +44,14 @@ def pick(*, probs: np.ndarray, features: np.ndarray, n: int, max_similarity: flo
     return np.array(chosen, dtype=np.int64)
 
 
+def sure_note(confidence: np.ndarray, sure: float = 0.99) -> str:
+    """When even the least confident pick is near certain, "most uncertain first" would mislead: say so."""
+    if len(confidence) and float(confidence.min()) >= sure:
+        return (f"; but the head is at least {float(confidence.min()):.4f} sure of every one of them, so labelling "
+                "them teaches it little (ood_score says which are unlike the training images)")
+    return ""
+
+
 def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_similarity: float = 0.95,
             progress=print) -> list[str]:
     """Write the `n` unlabelled images most worth labelling to `out`; returns their paths."""
@@ -77,5 +85,6 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
                         f"{top2[i, 1] - top2[i, 0]:.6f}", "" if np.isnan(ood[i]) else f"{ood[i]:.6f}",
                         *[f"{q:.6f}" for q in probs[i]]])
     progress(f"{out}: {len(chosen)} of {len(paths)} unlabelled images to label next, most uncertain first"
-             f"{'' if len(chosen) == n else f' (the others are near-duplicates of these at cosine >= {max_similarity})'}")
+             f"{'' if len(chosen) == n else f' (the others are near-duplicates of these at cosine >= {max_similarity})'}"
+             f"{sure_note(probs[chosen].max(1))}")
     return [paths[i] for i in chosen]

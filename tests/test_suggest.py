@@ -61,3 +61,11 @@ def test_suggest_refuses_what_it_cannot_use(setup):
     (setup / "mine.csv").write_text("my notes\n")
     r = run_cli("suggest", str(setup / "m"), str(setup / "pool.h5"), "--out", str(setup / "mine.csv"))
     assert r.returncode == 2 and (setup / "mine.csv").read_text() == "my notes\n"
+
+
+def test_suggest_says_when_nothing_is_uncertain():
+    """Issue #24: 'most uncertain first' over picks the head is 0.9999 sure of said nothing about it."""
+    from pipeline.suggest import sure_note
+    assert sure_note(np.array([0.55, 0.9999])) == ""
+    note = sure_note(np.array([0.9951, 0.9999]))
+    assert "at least 0.9951 sure of every one of them" in note and "teaches it little" in note
