@@ -5,8 +5,9 @@ extended on a GPU box and on a laptop holds one kind of feature.
   CPU:  the frozen backbone exported once to ONNX and run by onnxruntime (1.36x torch channels_last +
         jit.freeze on Lite0 here, benchmarks/extract_throughput.py), cached per backbone fingerprint; torch
         (channels_last + jit.freeze) when onnxruntime or onnxscript is missing, or export or parity fails.
-  CUDA: eager channels_last in fp32 with TF32 off (bf16 autocast gave min cosine 0.9976 to the CPU's features
-        on the shared emoji, issue #22); refused in one line if it still misses parity.
+  CUDA: channels_last in fp32 with TF32 off (bf16 autocast gave min cosine 0.9976 to the CPU's features on
+        the shared emoji, issue #22), captured as a CUDA graph (eager where capture fails); refused in one line
+        if it still misses parity.
 
     model = forward_engine(backbone, device, batch_size, engine="auto")   # model(x uint8 (B, C, S, S)) -> (B, D)
     model = cached_engine(store_fingerprint)   # the CPU export, without building the network (or None)

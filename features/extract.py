@@ -29,7 +29,7 @@ from features.atomic import OutputLock, check_output
 from features.backbones import Backbone, Preprocess, fingerprint_key, load_backbone
 from features.embed import iter_embeddings, iter_face_embeddings, resolve_device
 from features.engine import ENGINES, cached_engine
-from features.errors import UserError
+from features.errors import UserError, short_reason
 from features.faces import NO_FACE, FaceSpec, with_faces, without_faces
 from features.images import hash_items
 from features.partial import Partial, Where, gather_blocks
@@ -180,7 +180,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         # one row per image, or (face mode) one per face crop of the image, in image order
         keep, keys, face_index = _rows(plan, where, partial, spec)
         if not keep and plan.shas and num_shards == 1:  # a 0-row store would only fail later, further from the cause
-            why = Counter(r.split(" (")[0].split(":")[0] for _, r in summary.skipped).most_common(3)
+            why = Counter(short_reason(r) for _, r in summary.skipped).most_common(3)
             hint = ("; use --faces-fallback whole to embed them whole, or --faces off" if spec is not None
                     and spec.fallback == "skip" and any(r == NO_FACE for r, _ in why) else "")
             raise UserError(f"{images}: none of {len(set(plan.paths))} images could be embedded "

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from features.errors import UserError
+from features.errors import UserError, short_reason
 from features.store import safe_text
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -82,7 +82,7 @@ def discover(images: str | os.PathLike, *, classes: list[str] | None = None, all
         source = _from_folder(src, classes=classes)
     if not source.items:
         if source.problems:
-            why = Counter(r.split(" (")[0].split(":")[0] for _, r in source.problems).most_common(3)
+            why = Counter(short_reason(r) for _, r in source.problems).most_common(3)
             raise UserError(f"{src}: no usable images: {len(source.problems)} refused "
                             f"({'; '.join(f'{n} x {r}' for r, n in why)}); first: {source.problems[0][0]}: "
                             f"{source.problems[0][1]}")

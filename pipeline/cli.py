@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from features.errors import UserError
+from features.errors import UserError, short_reason
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image sentiment / emotion classifiers by transfer learning on cached CNN features.")
@@ -70,7 +70,7 @@ def extract(
     if len(s.skipped) > 20:
         typer.echo(f"... {len(s.skipped) - 20} more skipped; the store lists them all (skipped_paths)", err=True)
     if s.skipped:
-        why = Counter(r.split(" (")[0].split(":")[0] for _, r in s.skipped).most_common()
+        why = Counter(short_reason(r) for _, r in s.skipped).most_common()
         typer.echo(f"skipped {len(s.skipped)}: " + "; ".join(f"{n} x {r}" for r, n in why), err=True)
     for path, why in s.conflicts[:20]:
         typer.echo(safe_text(f"label conflict {path}: {why}"), err=True)
@@ -198,7 +198,7 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
                                                         workers=workers, progress=progress, engine=engine,
                                                         ood_quantile=ood_quantile)
     write_prediction_csv(out, pred)
-    bad = Counter(e.split(" (")[0].split(":")[0] for e in pred.errors if e)  # short reasons; the CSV has them all
+    bad = Counter(short_reason(e) for e in pred.errors if e)  # short reasons; the CSV has them all
     failed = f"{sum(bad.values())} failed" + (" (" + "; ".join(f"{n} x {why}" for why, n in bad.most_common(3)) + ")"
                                               if bad else "")
     rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""
