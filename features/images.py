@@ -16,8 +16,6 @@ import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import functools
-
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -89,37 +87,39 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-@functools.lru_cache(maxsize=1)
-def _tv_decode_jpeg():
-    """torchvision's libjpeg-turbo decoder (3-5x PIL's end to end on photos here, the same pixels: tested), or
-    None where this torchvision has none. Its image I/O is deprecated from 0.29 in favour of TorchCodec; PIL
-    gives the same pixels, so losing it costs speed, never a different store."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except Exception:  # noqa: BLE001 - a torchvision without its image extension
-        return None
-    return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+# libjpeg warnings that lose no pixel data (stray bytes between markers, odd but harmless headers): decoded anyway.
+# Every other warning (premature end of data, a bad Huffman code, a missing restart marker) means libjpeg filled
+# part of the picture with guessed values, so the file is refused.
+_HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameters for sequential JPEG",
+                           "Unknown JFIF revision", "Warning: unknown JFIF revision")
+
+# EXIF orientation -> the numpy view that shows the picture upright (PIL's ImageOps.exif_transpose, tested equal).
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
 
 
-def _jpeg_tensor(path: str):
-    """A baseline or progressive RGB/grey JPEG -> upright (3, H, W) uint8 through libjpeg-turbo. A file libjpeg
-    finds damaged (truncated, zero-filled, garbled entropy data) raises ValueError instead of being embedded
-    with grey or garbage filled in."""
-    import torch
+def _jpeg_array(path: str, orientation: int) -> np.ndarray:
+    """A baseline or progressive RGB/grey JPEG -> upright (H, W, 3) uint8 through libjpeg-turbo (simplejpeg: the
+    same pixels as PIL, releases the GIL). Decoded strictly: a file libjpeg finds damaged (cut short, with or
+    without an end marker appended, zero-filled, garbled entropy data) raises ValueError instead of being
+    embedded with grey or garbage filled in."""
+    import simplejpeg
     with open(path, "rb") as f:
-        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        data = f.read()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return _tv_decode_jpeg()(data)
-    except RuntimeError as e:  # "decode_jpeg, <source file>:<line>, <libjpeg's message>"
-        raise ValueError(f"damaged JPEG ({str(e).rsplit(', ', 1)[-1].strip()})") from None
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError as e:
+        if not any(w in str(e) for w in _HARMLESS_JPEG_WARNINGS):
+            raise ValueError(f"damaged JPEG ({str(e).strip()})") from None
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+    return _ORIENT.get(orientation, lambda a: a)(rgb)  # (H, W, 3), maybe a strided view
 
 
 def decode_tensor(path: str):
     """File -> upright RGB uint8 torch tensor (3, H, W), fully decoded (no DCT-domain draft scaling: an exported
-    model sees what its user decodes). JPEG through libjpeg-turbo (torchvision), every other format through PIL;
-    both give identical pixels for JPEG. Raises ValueError with a short reason on any failure."""
+    model sees what its user decodes). RGB and grey JPEG through libjpeg-turbo (simplejpeg), strictly; every
+    other format through PIL; both give identical pixels for JPEG. Raises ValueError with a short reason on any failure."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device named x.png would block or never end
             raise ValueError("not a regular file (a pipe, device or socket)")
@@ -129,18 +129,18 @@ def decode_tensor(path: str):
                 if im.width * im.height > MAX_PIXELS:
                     raise ValueError(f"too large: {im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS:,} "
                                      "(a decompression bomb, or downscale it first)")
-                if im.format == "JPEG" and im.mode in ("RGB", "L") and _tv_decode_jpeg() is not None:
-                    fast = True
+                if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    orientation = im.getexif().get(0x0112, 1)
+                    rgb = None
                 else:
-                    fast = False
                     if getattr(im, "n_frames", 1) > 1:
                         im.seek(0)  # animated: first frame
                     im.load()
                     rgb = np.array(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)  # (H, W, 3), writable
-            if fast:
-                return _jpeg_tensor(path)
+            if rgb is None:
+                rgb = _jpeg_array(path, orientation)
             import torch  # here, not at the top: train-head imports this module and must not pay for torch
-            return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W), a view
+            return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W), a view
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:

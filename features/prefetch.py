@@ -1,6 +1,6 @@
 """Ordered, bounded map over a thread pool: the decode stage of extract and predict.
 
-Decoding runs in threads, not processes: libjpeg-turbo (through torchvision or PIL) and torch's resize release
+Decoding runs in threads, not processes: libjpeg-turbo (through simplejpeg or PIL) and torch's resize release
 the GIL, and a thread hands its (C, S, S) uint8 tensor to the forward pass without the inter-process copy a
 DataLoader worker needs (that copy alone halved a 14-worker DataLoader against 14 plain threads, issue #22).
 
