@@ -60,6 +60,7 @@ class Summary:
     unchanged: bool = False  # the store already held exactly this: not rewritten
     face_rows: int | None = None  # face mode: rows (one per face crop) in the store
     face_fallback: str | None = None  # face mode: what happened to an image without a face (skip | whole)
+    seen: int | None = None  # files and unread folders found under the root: rows + skipped + label conflicts
 
     def line(self) -> str:
         rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.extracted and self.embed_seconds > 0 else ""
@@ -73,7 +74,7 @@ class Summary:
                      f" -> {self.face_rows} face crops ({noface} images without a face skipped)")
         return (f"{self.out}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
                 f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
-                f"{same}) in {self.seconds:.1f} s{rate}")
+                f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else ""))
 
 
 @dataclass
@@ -139,7 +140,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         bb = load_backbone(backbone, weights=weights, device=dev)
         fp = with_faces(bb.fingerprint, spec)
     with OutputLock(target):
-        summary = Summary(out=str(target), skipped=list(source.problems))
+        summary = Summary(out=str(target), skipped=list(source.problems),
+                          seen=len(source.items) + len(source.problems) if num_shards == 1 else None)
         where, boxes, old = _reusable(target, fp, force, summary)
         old_paths = old.paths if old is not None else []
         known, known_since = {}, 0  # path -> (stat, sha256) from the stat cache beside the store

@@ -45,16 +45,32 @@ def unsupported(path: Path) -> str:
     return f"unsupported file type {ext} (imgsent decodes {', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG"
 
 
-def walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) below `folder`, sorted; hidden files and folders skipped, folder links not followed."""
-    found, other = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+def walk_images(folder: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """(image files, other files, (folder, reason) for folders not read) below `folder`, sorted. Hidden files and
+    folders are skipped; folder links are followed, each real folder read once (a link loop is reported); a
+    folder that cannot be listed (permission, a path over PATH_MAX) is reported, not silently left out."""
+    found, other, unread = [], [], []
+    seen = {os.path.realpath(folder)}
+
+    def cannot_list(e: OSError) -> None:
+        unread.append((Path(e.filename), f"cannot list folder: {e.strerror or e}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list, followlinks=True):
+        keep = []
+        for d in sorted(x for x in dirnames if not _is_hidden(x)):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen:
+                unread.append((Path(dirpath) / d, f"folder link to {real}, which is already read (a loop or a "
+                                                  "second link): not read again"))
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if not _is_hidden(name):
                 p = Path(dirpath) / name
                 (found if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
-    return found, other
+    return found, other, sorted(unread)
 
 
 def _is_our_output(d: Path) -> bool:
@@ -103,8 +119,9 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
         # a class is named as it is stored: a folder name that is not UTF-8 (an old zip) gets \x escapes
         names = classes or [safe_text(d.name) for d in subdirs]
         for d in subdirs:
-            found, other = walk_images(d)
+            found, other, unread = walk_images(d)
             problems += [(_rel(p, root), unsupported(p)) for p in other]
+            problems += [(_rel(p, root) + "/", why) for p, why in unread]
             label = safe_text(d.name)
             for p in found:
                 if label not in names:
@@ -125,9 +142,10 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
                 items.append(Item(_rel(p, root), str(p), None))
     else:
         names = list(classes or [])
-        found, other = walk_images(root)
+        found, other, unread = walk_images(root)
         items = [Item(_rel(p, root), str(p), None) for p in found]
         problems += [(_rel(p, root), unsupported(p)) for p in other]
+        problems += [(_rel(p, root) + "/", why) for p, why in unread]
     return Source(str(root), items, list(names), problems)
 
 

@@ -62,12 +62,13 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
     for p in inputs:
         path = Path(p)
         if path.is_dir():
-            found, other = walk_images(path)
-            if not found and not other:
+            found, other, unread = walk_images(path)
+            if not found and not other and not unread:
                 raise UserError(f"{path}: folder holds no files; pass image files or folders of images")
-            for q, supported in sorted([(q, True) for q in found] + [(q, False) for q in other]):
-                if not supported:
-                    errors[len(out)] = unsupported(q)
+            why = {q: unsupported(q) for q in other} | {q: reason for q, reason in unread}
+            for q in sorted(found + list(why)):
+                if q in why:
+                    errors[len(out)] = why[q]
                 out.append(str(q))
         elif path.exists() or path.is_symlink():
             out.append(str(path))  # unreadable or odd files surface as per-row errors, not a crash

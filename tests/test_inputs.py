@@ -96,6 +96,41 @@ def test_unsupported_files_in_class_folders_are_recorded(tmp_path, tiny_weights)
     assert s.rows == 6
 
 
+def _deep_folder(top, depth_chars: int = 4200):
+    """A chain of 200-character folder names whose full path exceeds PATH_MAX (4096), made with relative mkdirs
+    (an absolute path that long cannot be passed to the kernel). Returns the deepest folder's path as a string."""
+    here = os.getcwd()
+    path = str(top)
+    try:
+        os.chdir(top)
+        while len(path) < depth_chars:
+            os.mkdir("d" * 200)
+            os.chdir("d" * 200)
+            path += "/" + "d" * 200
+        Image.new("RGB", (40, 40), (9, 9, 9)).save("deep.png")
+    finally:
+        os.chdir(here)
+    return path
+
+
+def test_every_file_under_the_root_is_a_row_or_a_skip(tmp_path, tiny_weights):
+    """Extract's summary accounts for every file: a linked sub-folder is read, a link loop and a folder beyond
+    PATH_MAX are reported, and rows + skipped + label conflicts = files seen."""
+    root = make_images(tmp_path / "imgs", per_class=2)  # red/, green/, blue/: 6 images
+    elsewhere = make_images(tmp_path / "elsewhere", per_class=3)
+    os.symlink(elsewhere / "red", root / "red" / "more")  # 3 more red images, through a folder link
+    os.symlink(root / "green", root / "green" / "loop")  # a loop back to its own class folder
+    _deep_folder(root / "blue")
+    s = extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
+                workers=0)
+    why = dict(s.skipped)
+    assert s.rows == 6 + 3
+    assert "already read" in why["green/loop/"]
+    assert any("File name too long" in r for r in why.values()), why
+    assert s.rows + len(s.skipped) + len(s.conflicts) == s.seen
+    assert f"; {s.seen} files seen" in s.line()
+
+
 # --------------------------------------------------------------------------- memory per image
 
 @pytest.mark.parametrize("size", [(60000, 2), (2, 60000)])
