@@ -55,6 +55,9 @@ def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Pat
     if p.name in ("", ".", "..") or p.resolve() == Path(p.resolve().anchor):
         raise UserError(f"--out {out}: names a folder that holds other things (the current or a parent folder); "
                         f"pass a new {'folder' if folder else 'file'} name, e.g. --out model")
+    if p.exists() and not p.is_dir() and not p.is_file():  # followed through links: /dev/full, /proc/self/fd/1
+        raise UserError(f"--out {p}: is a pipe, device or socket; imgsent writes whole {'folder' if folder else 'file'}s"
+                        f" only (temp + rename), pass a new {'folder' if folder else 'file'} name")
     if folder and p.exists() and not p.is_dir():
         raise UserError(f"--out {p}: is a file; {what} is a folder, pass a new folder name")
     if not folder and p.is_dir():

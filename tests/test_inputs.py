@@ -3,6 +3,7 @@ reason; memory per image bounded (aspect-ratio bombs)."""
 import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -175,6 +176,35 @@ def test_evaluate_maps_a_store_with_fewer_classes_by_name(world, tmp_path, tiny_
     assert len(rows) == 6 and all(r["label"] == r["path"].split("/")[0] for r in rows)
     per_class = json.loads((tmp_path / "e" / "metrics.json").read_text())["per_class"]
     assert [per_class[c]["support"] for c in ("blue", "green", "red")] == [0, 3, 3]
+
+
+def _full_device(path):
+    """A character device that fails every write with ENOSPC: mknod'd /dev/full where we may, else a link to it."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except PermissionError:
+        os.symlink("/dev/full", path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["pipe", "full_device"])
+def test_out_at_a_pipe_or_device_is_refused_at_once(world, tmp_path, tiny_weights, target):  # noqa: F811
+    """`--out` a FIFO (or a link to /proc/self/fd/1 with stdout a pipe) used to hang predict; a full device gave
+    `unexpected MemoryError`. Each is one line before any work, for every command, within the timeout."""
+    if target == "pipe":  # through a link, as /proc/self/fd/1 is
+        os.mkfifo(tmp_path / "fifo")
+        out = tmp_path / "p.csv"
+        os.symlink(tmp_path / "fifo", out)
+    else:
+        out = _full_device(tmp_path / "full")
+    for o in (out,):
+        for args in (["predict", str(world / "model"), str(world / "test"), "--no-progress"],
+                     ["extract", str(world / "imgs"), "--backbone", TINY, "--weights", tiny_weights, "--no-progress"],
+                     ["train-head", str(world / "s.h5"), "--params", str(ROOT / "params.yaml")],
+                     ["export", str(world / "model"), "--format", "torchscript"]):
+            r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--out", str(o)], capture_output=True,
+                               text=True, timeout=120, cwd=ROOT)
+            one_line_error(r, str(o), "pipe, device or socket")
 
 
 def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
