@@ -8,6 +8,7 @@ after block, in the order given (in memory only). Face-mode stores (one row per 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,8 @@ class Rows:
     block_rows: int = 8192
     face_index: np.ndarray | None = None  # (N,) face mode: which face of its image each row is
     face_boxes: np.ndarray | None = None  # (N, 4) face mode: crop x, y, w, h
+    file: h5py.File | None = None  # streamed: the store, held open from the first read, so that an extract
+    # replacing it meanwhile (temp + rename) cannot change what later passes read: they see one snapshot
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,16 +54,15 @@ class Rows:
             return
         path = self.stores[0]
         try:
-            with h5py.File(path, "r") as f:
-                ds = f["features"]
-                for start in range(0, len(self), self.block_rows):
-                    if mask is not None and not mask[start:start + self.block_rows].any():
-                        continue
-                    x = ds[start:start + self.block_rows].astype(np.float32)  # (r, D); checksums verified here
-                    if not np.isfinite(x).all():
-                        raise UserError(f"{path}: damaged store (non-finite features near row {start}); "
-                                        "re-run imgsent extract to re-embed it")
-                    yield start, x
+            ds = self.file["features"]
+            for start in range(0, len(self), self.block_rows):
+                if mask is not None and not mask[start:start + self.block_rows].any():
+                    continue
+                x = ds[start:start + self.block_rows].astype(np.float32)  # (r, D); checksums verified here
+                if not np.isfinite(x).all():
+                    raise UserError(f"{path}: damaged store (non-finite features near row {start}); "
+                                    "re-run imgsent extract to re-embed it")
+                yield start, x
         except OSError as e:
             raise UserError(f"{path}: damaged store ({str(e).splitlines()[0][:80]}); "
                             "re-run imgsent extract to re-embed it") from None
@@ -102,6 +104,24 @@ def _feature_bytes(path: str) -> int:
         return 0  # read_store names the problem
 
 
+def _hold(path: str) -> h5py.File | None:
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return None  # read_store names the problem
+
+
+def _inode(f: h5py.File) -> int:
+    return os.fstat(f.id.get_vfd_handle()).st_ino
+
+
+def _path_inode(path: str) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return -1
+
+
 def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool = False,
               expect: list[dict] | None = None) -> Rows:
     """Read and join stores. `expect`: fingerprints a trained head needs, in order; a mismatch is refused.
@@ -113,7 +133,11 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
     if len(stores) > 1 and sum(_feature_bytes(s) for s in stores) > budget:
         raise UserError(f"{stores[0]}: fusing stores larger than the memory budget ({budget >> 20} MiB) is not "
                         "supported; raise cv.memory_budget_mb or use one store")
+    held = _hold(stores[0]) if big else None
     parts: list[Store] = [read_store(s, features=not big) for s in stores]
+    if held is not None and _inode(held) != _path_inode(stores[0]):
+        raise UserError(f"{stores[0]}: replaced while being opened (an extract writing it?); re-run when it has "
+                        "finished")
     for s in parts:
         if s.schema_version < 2:
             raise UserError(f"{s.path}: made by an older imgsent (store schema 1, no checksums); re-run imgsent "
@@ -137,7 +161,7 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
     if len(parts) == 1:
         block = max(256, budget // (16 * 4 * max(base.dim, 1)))  # a few blocks in flight stay within budget
         return Rows(base.labels, base.paths, base.sha256, base.groups, dim=base.dim, features=base.features,
-                    block_rows=block, face_index=base.face_index, face_boxes=base.face_boxes, **common)
+                    block_rows=block, face_index=base.face_index, face_boxes=base.face_boxes, file=held, **common)
     faced = [s for s in parts if s.face_index is not None]
     for s in faced[1:]:
         if s.fingerprint["faces"] != faced[0].fingerprint["faces"]:

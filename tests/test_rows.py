@@ -76,3 +76,18 @@ print(json.dumps({{"mode": m["mode"], "grew_mb": (resource.getrusage(resource.RU
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["mode"] == "streamed"
     assert res["grew_mb"] < 100, res  # the store is 164 MB; reading it whole would exceed this
+
+
+def test_a_streamed_read_sees_one_snapshot_while_extract_replaces_the_store(tmp_path):
+    """Issue #25: extract publishes a store by temp + rename; a streamed train-head reading it meanwhile used to
+    reopen the path on every pass and crash (or mix two stores). It now reads the store it opened."""
+    store = synthetic_store(tmp_path / "s.h5", n=12000, dim=64, random_state=0)  # 3 MB of features
+    rows = open_rows([store], memory_budget_mb=1)
+    assert not rows.in_memory
+    first = rows.take(np.ones(len(rows), bool))  # (12000, 64)
+    other = synthetic_store(tmp_path / "other.h5", n=500, dim=64, random_state=1)
+    import os
+    os.replace(other, store)  # what extract's publish does
+    again = rows.take(np.ones(len(rows), bool))
+    np.testing.assert_array_equal(first, again)
+    assert len(open_rows([store])) == 500  # a new reader sees the new store
