@@ -23,7 +23,7 @@ def predict_stores(*, head: Head, info: ModelInfo, stores: list[str]
     logits (N, C), image root, face columns (face,x,y,w,h per row in face mode, else {})). Refuses stores from
     other backbones or with unknown classes."""
     names = info.class_names
-    rows = open_rows(stores, expect=info.backbones, intersect=True)
+    rows = open_rows(stores, expect=info.backbones, intersect=True, memory_budget_mb=info.memory_budget_mb)
     labels = rows.labels
     if rows.class_names != names:
         # Labels are indices into the store's class list; map them by name onto the model's.

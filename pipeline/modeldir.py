@@ -44,6 +44,11 @@ class ModelInfo:
     def n_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def memory_budget_mb(self) -> int:
+        """The training run's cv.memory_budget_mb: evaluate, report and suggest hold to it too."""
+        return int(self.params.get("cv", {}).get("memory_budget_mb", 0))
+
 
 is_model_dir = holds_only(HEAD, "head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv",
                           "confusion.csv", "ood.npz")  # a folder holding nothing else: ours to replace

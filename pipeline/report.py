@@ -166,7 +166,8 @@ code{word-break:break-all}.missing{height:96px;background:#eee}.note{color:#8a5a
 def _training_rows(info: ModelInfo, oof: Split):
     """The training store's rows and the row of each out-of-fold prediction, or (None, None, why not)."""
     try:
-        rows = open_rows(info.stores, expect=info.backbones, intersect=True)
+        rows = open_rows(info.stores, expect=info.backbones, intersect=True,
+                         memory_budget_mb=info.memory_budget_mb)
     except UserError as err:
         return None, None, f"the training store cannot be read ({err})"
     if not rows.in_memory:

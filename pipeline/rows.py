@@ -95,6 +95,38 @@ def memory_budget(budget_mb: int) -> int:
     return int(psutil.virtual_memory().available * 0.25)
 
 
+SCORE_COPIES = 6  # (N, C) float64 arrays held at once: out-of-fold logits, their labelled slice, probabilities
+# before and after calibration, softmax temporaries; evaluate, report and suggest hold fewer
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: free RAM, or less under a `ulimit -v` / `-d`."""
+    import psutil
+    free = psutil.virtual_memory().available
+    try:
+        import resource
+    except ImportError:  # Windows
+        return free
+    me = psutil.Process().memory_info()
+    for limit, used in ((resource.RLIMIT_AS, me.vms), (resource.RLIMIT_DATA, me.rss)):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY:
+            free = min(free, soft - used)
+    return max(free, 0)
+
+
+def check_score_memory(n: int, classes: int, where: str) -> None:
+    """Per-image arrays live outside cv.memory_budget_mb (which bounds the features): labels and paths, and
+    the per-class scores, SCORE_COPIES x 8 bytes x classes per image, the one that grows with the class count.
+    Refuse in one line before the work when they cannot fit, rather than fail in it with MemoryError
+    (10,000 classes x 10,000 images is 4.5 GiB)."""
+    need, free = SCORE_COPIES * n * classes * 8, available_memory()
+    if need > free:
+        raise UserError(f"{where}: {n:,} images x {classes:,} classes need ~{need >> 20:,} MiB for their per-class "
+                        f"scores, more than the {free >> 20:,} MiB this process may still allocate; merge or drop "
+                        "rare classes, or run where there is more memory")
+
+
 def _feature_bytes(path: str) -> int:
     try:
         with h5py.File(path, "r") as f:
@@ -135,6 +167,7 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
                         "supported; raise cv.memory_budget_mb or use one store")
     held = _hold(stores[0]) if big else None
     parts: list[Store] = [read_store(s, features=not big) for s in stores]
+    check_score_memory(len(parts[0]), len(parts[0].class_names), stores[0])
     if held is not None and _inode(held) != _path_inode(stores[0]):
         raise UserError(f"{stores[0]}: replaced while being opened (an extract writing it?); re-run when it has "
                         "finished")

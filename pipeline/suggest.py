@@ -61,7 +61,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
         raise UserError(f"--max-similarity {max_similarity}: must be within (0, 1]")
     check_output(out, folder=False, is_ours=_is_suggestion_csv, what="suggestions CSV")
     head, info = load_model_dir(model_dir)
-    rows = open_rows(stores, expect=info.backbones, intersect=True)
+    rows = open_rows(stores, expect=info.backbones, intersect=True, memory_budget_mb=info.memory_budget_mb)
     todo = rows.labels < 0
     if not todo.any():
         raise UserError(f"{stores[0]}: every image is labelled; extract a folder without class sub-folders (or a "

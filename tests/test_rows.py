@@ -91,3 +91,19 @@ def test_a_streamed_read_sees_one_snapshot_while_extract_replaces_the_store(tmp_
     again = rows.take(np.ones(len(rows), bool))
     np.testing.assert_array_equal(first, again)
     assert len(open_rows([store])) == 500  # a new reader sees the new store
+
+
+def test_ten_thousand_classes_beyond_memory_are_refused_in_one_line(tmp_path):
+    """Issue #25: under a memory limit, 10,000 classes gave `unexpected MemoryError` after the work had started:
+    the (images x classes) score arrays are outside the features' budget. Now one line, before it."""
+    import resource
+    from tests.test_faults import one_line_error
+    store = synthetic_store(tmp_path / "s.h5", n=20000, dim=8, classes=10000)  # scores: ~9 GiB
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-head", store, "--out", str(tmp_path / "m"),
+                        "--params", str(ROOT / "params.yaml")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, preexec_fn=limit)
+    one_line_error(r, "20,000 images x 10,000 classes", "MiB this process may still allocate")
+    assert not (tmp_path / "m").exists()
