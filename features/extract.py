@@ -60,6 +60,8 @@ class Summary:
     unchanged: bool = False  # the store already held exactly this: not rewritten
     face_rows: int | None = None  # face mode: rows (one per face crop) in the store
     face_fallback: str | None = None  # face mode: what happened to an image without a face (skip | whole)
+    face_capped: int = 0  # face mode `all`: images with FaceSpec.max_faces crops (more faces may be there)
+    max_faces: int = 0
     seen: int | None = None  # files and unread folders found under the root: rows + skipped + label conflicts
 
     def line(self) -> str:
@@ -72,6 +74,9 @@ class Summary:
             faces = (f" -> {self.face_rows} rows: face crops, and the whole image where no face was found "
                      "(--faces-fallback whole)" if self.face_fallback == "whole" else
                      f" -> {self.face_rows} face crops ({noface} images without a face skipped)")
+            if self.face_capped:
+                faces += (f" [{self.face_capped} images reached the limit of {self.max_faces} faces: their "
+                          f"{self.max_faces} largest were kept]")
         return (f"{self.out}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
                 f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
                 f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else ""))
@@ -211,6 +216,9 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     summary.rows = len(set(kept_paths))
     summary.face_rows = len(keep) if spec is not None else None
     summary.face_fallback = spec.fallback if spec is not None else None
+    if spec is not None and spec.mode == "all":
+        summary.max_faces = spec.max_faces
+        summary.face_capped = sum(1 for n in Counter(plan.paths[i] for i in keep).values() if n >= spec.max_faces)
     summary.seconds = time.time() - t0
     return summary
 

@@ -103,6 +103,19 @@ def test_two_face_canvas_gives_two_rows_with_their_boxes(tmp_path):
                 progress=False)
 
 
+def test_images_at_the_face_limit_are_said_not_silently_cut(tmp_path, monkeypatch):
+    """Issue #25: `--faces all` keeps at most max_faces crops per image (the largest); a crowd photo lost its
+    other faces without a word. With the limit at 1, the two-face canvas keeps one row and the summary says so."""
+    import dataclasses
+    make = FaceSpec.make.__func__
+    monkeypatch.setattr(FaceSpec, "make", classmethod(lambda cls, *a: dataclasses.replace(make(cls, *a), max_faces=1)))
+    _save(two_faces()[0], tmp_path / "imgs" / "people" / "two.png")
+    s = extract(images=str(tmp_path / "imgs"), out=str(tmp_path / "all.h5"), backbone=FER, faces="all",
+                progress=False)
+    assert s.face_rows == 1 and s.face_capped == 1
+    assert "1 images reached the limit of 1 faces: their 1 largest were kept" in s.line()
+
+
 def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, people, monkeypatch):
     out = tmp_path / "s.h5"
     with pytest.raises(Interrupted):
