@@ -110,9 +110,11 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             force: bool = False, classes: list[str] | None = None, allow_outside: bool = False,
             commit_every: int = 256, num_shards: int = 1, shard_index: int = 0, progress: bool = True,
             stop_after: int | None = None, engine: str = "auto", faces: str = "off",
-            faces_fallback: str = "skip") -> Summary:
+            faces_fallback: str = "skip", verify: bool = False) -> Summary:
     """Bring the store at `out` up to date with `images`. Returns the summary (skips included).
-    `faces`: off | largest | all (features/faces.py); `faces_fallback`: skip | whole, for images without one."""
+    `faces`: off | largest | all (features/faces.py); `faces_fallback`: skip | whole, for images without one.
+    `verify`: read and hash every file instead of trusting the stat cache (size, mtime, inode), which cannot
+    see a file rewritten in place with its mtime restored."""
     if dtype not in ("float32", "float16"):
         raise UserError(f"--dtype {dtype}: expected float32 or float16")
     if batch_size < 1 or commit_every < 1:
@@ -151,7 +153,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         old_paths = old.paths if old is not None else []
         known, known_since = {}, 0  # path -> (stat, sha256) from the stat cache beside the store
         cache = read_stat_cache(target, old.meta_sha256, len(old.paths)) if old is not None else None
-        if cache is not None:
+        if cache is not None and not verify:
             known = {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, cache[0], old.sha256)}
             known_since = cache[1]
         partial = Partial(target, fp, force=force)

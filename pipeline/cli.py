@@ -44,6 +44,8 @@ def extract(
     faces: str = typer.Option("off", help="photos of people: off | largest (the largest face's crop) | all (one "
                               "row per face)"),
     faces_fallback: str = typer.Option("skip", help="an image without a face: skip (recorded as skipped) | whole"),
+    verify: bool = typer.Option(False, help="read and hash every file again instead of trusting size, mtime and "
+                                "inode (catches a file rewritten in place with its old mtime)"),
 ) -> None:
     """Embed every image once with a frozen backbone into an HDF5 store (incremental, resumable)."""
     from features.extract import Interrupted
@@ -56,7 +58,7 @@ def extract(
     kw = dict(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
               device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
               allow_outside=allow_outside, commit_every=commit_every, progress=progress, engine=engine,
-              faces=faces, faces_fallback=faces_fallback)
+              faces=faces, faces_fallback=faces_fallback, verify=verify)
     try:
         if num_shards is None and world > 1:
             s = extract_distributed(rank=rank, world=world, echo=typer.echo, **kw)

@@ -69,6 +69,29 @@ def test_every_kind_of_change_is_still_seen(images, tmp_path, tiny_weights):
     assert run(images, out, tiny_weights).hashed == 0  # and now it is recorded
 
 
+def test_verify_sees_a_file_rewritten_in_place_with_its_mtime_restored(images, tmp_path, tiny_weights):
+    """The stat cache's documented blind spot (same size, same inode, mtime put back) and its remedy, --verify."""
+    age(images)
+    out = tmp_path / "s.h5"
+    run(images, out, tiny_weights)
+    a = sorted(images.rglob("*.png"))[0]
+    st = a.stat()
+    with open(a, "r+b") as f:  # in place: same inode; a byte of the zlib data flipped keeps the size
+        data = bytearray(f.read())
+        Image.new("RGB", (40, 40), (250, 0, 250)).save(tmp_path / "other.png")
+        other = (tmp_path / "other.png").read_bytes()
+        f.seek(0), f.truncate(), f.write((other + b"\0" * len(data))[:max(len(data), len(other))])
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (a.stat().st_ino, a.stat().st_size, a.stat().st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    blind = run(images, out, tiny_weights)
+    assert blind.hashed == 0 and blind.extracted == 0  # the blind spot: nothing looked changed
+    seen = extract(images=str(images), out=str(out), backbone=TINY, weights=tiny_weights, progress=False,
+                   workers=0, verify=True)
+    assert seen.hashed == 24 and seen.extracted == 1
+    store = read_store(out, features=False)
+    assert store.sha256[store.paths.index(str(a.relative_to(images)))] == hashlib.sha256(a.read_bytes()).hexdigest()
+
+
 def test_files_modified_just_before_a_pass_are_hashed_once_more(images, tmp_path, tiny_weights):
     """mtimes come in ticks of several ms: a file written in the same tick as it was hashed can change without
     its stat changing, so the next run re-hashes files modified < 2 s before the pass (git's racy-clean rule)."""
