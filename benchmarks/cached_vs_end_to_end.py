@@ -24,7 +24,7 @@ from features.engine import forward_engine  # noqa: E402
 from features.extract import extract  # noqa: E402
 from features.sources import discover  # noqa: E402
 from pipeline.train import train_head  # noqa: E402
-from pipeline.mlp import HeadNet  # noqa: E402
+from pipeline.heads.mlp import HeadNet  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 
 

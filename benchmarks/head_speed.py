@@ -17,6 +17,7 @@ LogisticRegression(max_iter=1000) on the same features and the same 5 folds:
               out-of-fold predictions (1,000 resamples): an interval holding 0 is a tie the data cannot break
 
     python benchmarks/head_speed.py [--regimes easy fer-hard many] [--dims 1280 2560] [--seeds 0 1 2] [--linear-only]
+    python benchmarks/head_speed.py --baseline /tmp/before    # an older checkout's heads vs this one's, and auto
 """
 from __future__ import annotations
 
@@ -126,13 +127,33 @@ def paired(y: np.ndarray, ours: np.ndarray, lr: np.ndarray, seed: int = 0) -> st
     return f"{b}/{c} p={p:.2f} [{lo:+.4f}, {hi:+.4f}]"
 
 
-def ours(store: Path, params: Path, out: Path) -> tuple[float, float]:
-    """(wall seconds, CV macro-F1) of a fresh `imgsent train-head` process."""
+def ours(store: Path, params: Path, out: Path, tree: Path = ROOT) -> tuple[float, float]:
+    """(wall seconds, CV macro-F1) of a fresh `imgsent train-head` process of the code in `tree`."""
     t = time.time()
     subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "train-head", str(store),
                     "--out", str(out), "--params", str(params)], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                   env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
     return time.time() - t, json.loads((out / "metrics.json").read_text())["cv"]["macro_f1_mean"]
+
+
+def against_baseline(args, work: Path) -> None:
+    """--baseline DIR: the [256] and [] heads of an older checkout and of this one, and this one's `auto`, on the
+    same stores, side by side (no scikit-learn columns)."""
+    base = Path(args.baseline).resolve()
+    print(f"{os.cpu_count()} CPUs; 5-fold CV; wall seconds of fresh processes; before = {base}")
+    print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256] before':>12s} {'after':>6s} {'[] before':>9s} {'after':>6s} "
+          f"{'auto':>6s} {'F1 [256] before':>15s} {'after':>6s} {'F1 [] before':>12s} {'after':>6s} {'F1 auto':>7s}")
+    for regime in args.regimes:
+        for dim in args.dims:
+            for seed in args.seeds:
+                store = make(regime, dim, work, seed)
+                runs = [ours(store, work / cfg, work / f"{name}_{regime}_{dim}", tree)
+                        for cfg, name, tree in (("mlp.yaml", "mlp_before", base), ("mlp.yaml", "mlp", ROOT),
+                                                ("linear.yaml", "linear_before", base), ("linear.yaml", "linear", ROOT),
+                                                ("auto.yaml", "auto", ROOT))]
+                (a, fa), (b, fb), (c, fc), (d, fd), (e, fe) = runs
+                print(f"{regime:9s} {dim:5d} {seed:4d} {a:12.1f} {b:6.1f} {c:9.1f} {d:6.1f} {e:6.1f} {fa:15.4f} "
+                      f"{fb:6.4f} {fc:12.4f} {fd:6.4f} {fe:7.4f}", flush=True)
 
 
 def main() -> None:
@@ -141,6 +162,7 @@ def main() -> None:
     ap.add_argument("--dims", nargs="+", type=int, default=[1280, 2560])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="data seeds: each draws another store")
     ap.add_argument("--linear-only", action="store_true", help="skip the [256] head (its column shows -)")
+    ap.add_argument("--baseline", help="an older checkout: time its heads against this one's (no LR columns)")
     ap.add_argument("--lr", help=argparse.SUPPRESS)  # internal: the LR process
     ap.add_argument("--pred-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -149,8 +171,12 @@ def main() -> None:
     work = ROOT / "out" / "bench" / "head_speed"
     work.mkdir(parents=True, exist_ok=True)
     text = (ROOT / "params.yaml").read_text().replace("folds: 3 ", "folds: 5 ")
-    (work / "mlp.yaml").write_text(text)
-    (work / "linear.yaml").write_text(text.replace("hidden: [256] ", "hidden: [] "))
+    assert "hidden: auto " in text, "params.yaml's head is expected to be hidden: auto"
+    (work / "auto.yaml").write_text(text)
+    (work / "mlp.yaml").write_text(text.replace("hidden: auto ", "hidden: [256] "))
+    (work / "linear.yaml").write_text(text.replace("hidden: auto ", "hidden: [] "))
+    if args.baseline:
+        return against_baseline(args, work)
     print(f"{os.cpu_count()} CPUs; 5-fold CV; times in seconds, wall, each process started fresh")
     print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256]':>6s} {'[]':>6s} {'LR proc':>8s} {'LR CV':>6s} "
           f"{'LRproc/[]':>9s} {'LRCV/[]':>8s} {'F1 [256]':>8s} {'F1 []':>7s} {'F1 LR':>7s}  paired [] vs LR")

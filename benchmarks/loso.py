@@ -22,7 +22,8 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from features.extract import extract  # noqa: E402
-from pipeline.head import fit_head, head_logits, split_validation  # noqa: E402
+from pipeline.heads.fitting import fit_rows  # noqa: E402
+from pipeline.heads.head import head_logits  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.rows import open_rows  # noqa: E402
 
@@ -69,9 +70,7 @@ def main() -> None:
             tr, te = groups != s, groups == s
             x, y = data.features, data.labels
             for v, hp in variants.items():
-                fit, val = split_validation(labels=y, train=tr, params=hp, random_state=0)
-                head = fit_head(rows=data, train=fit, val=val, n_classes=len(data.class_names), params=hp,
-                                random_state=0)
+                head = fit_rows(data, tr, hp, random_state=0)
                 res[v].append(f1_score(y[te], head_logits(head, data, te).argmax(1), average="macro"))
             sc = StandardScaler().fit(x[tr])
             lr = LogisticRegression(max_iter=1000).fit(sc.transform(x[tr]), y[tr])

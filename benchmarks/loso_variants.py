@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.loso import manifest  # noqa: E402
 from features.extract import extract  # noqa: E402
-from pipeline.head import fit_head, head_logits, split_validation  # noqa: E402
+from pipeline.heads.fitting import fit_rows  # noqa: E402
+from pipeline.heads.head import head_logits  # noqa: E402
 from pipeline.metrics import classification_metrics  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.rows import open_rows  # noqa: E402
@@ -45,9 +46,7 @@ def loso(feats: np.ndarray, rows, params) -> tuple[float, list[float]]:
     f1 = []
     for s in sorted(set(groups)):
         tr, te = groups != s, groups == s
-        fit, val = split_validation(labels=rows.labels, train=tr, params=params.head, random_state=0)
-        head = fit_head(rows=data, train=fit, val=val, n_classes=len(rows.class_names), params=params.head,
-                        random_state=0)
+        head = fit_rows(data, tr, params.head, random_state=0)
         f1.append(classification_metrics(rows.labels[te], head_logits(head, data, te).argmax(1),
                                          rows.class_names)["macro_f1"])
     return float(np.mean(f1)), f1

@@ -10,7 +10,7 @@ import numpy as np
 from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.calibration import softmax
-from pipeline.head import Head, head_logits
+from pipeline.heads.head import Head, head_logits
 from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
                               write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, load_model_dir

@@ -20,8 +20,27 @@ from torch import nn
 from features.atomic import OutputLock, atomic_file, check_output
 from features.backbones import Backbone, resize_crop
 from features.errors import UserError
-from pipeline.mlp import TorchHead
+from pipeline.heads.head import Head
+from pipeline.heads.mlp import HeadNet
 from pipeline.predict import load_model
+
+
+class TorchHead(nn.Module):
+    """A fitted Head as a torch module: raw features (B, D) -> calibrated probabilities (B, C)."""
+
+    def __init__(self, head: Head):
+        super().__init__()
+        self.net = HeadNet(len(head.mean), head.hidden, head.n_classes, 0.0).net
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for m, (w, b) in zip(linears, head.layers):
+                m.weight.copy_(torch.from_numpy(w)), m.bias.copy_(torch.from_numpy(b))
+        self.register_buffer("mean", torch.from_numpy(head.mean.copy()))  # (D,)
+        self.register_buffer("scale", torch.from_numpy(head.scale.copy()))  # (D,)
+        self.register_buffer("temperature", torch.tensor(float(head.temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net((x - self.mean) / self.scale) / self.temperature, dim=1)
 
 
 class Exported(nn.Module):
@@ -49,7 +68,7 @@ def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
     m = load_model(model_dir, device="cpu")
     if m.faces is not None:
         raise UserError(f"{model_dir}: trained on face crops (--faces {m.faces.mode}); an exported model cannot "
-                        "carry OpenCV's face detector, so export refuses it: use `imgsent predict` or the Python API")
+                        "carry the face detector, so export refuses it: use `imgsent predict` or the Python API")
     embedders, configs = [], []
     for bb in m.backbones:
         c = 1 if bb.pre.grayscale else 3

@@ -21,7 +21,7 @@ extract:
   faces: "off"                        # off | largest | all: embed face crops of photos of people (README)
   faces_fallback: skip                # skip | whole: an image where no face is found
 head:
-  hidden: [256]                       # [] = multinomial logistic regression by L-BFGS (README: two heads)
+  hidden: auto                        # auto: CV picks [] (logistic regression, L-BFGS) or [256] (Adam); or set one
   dropout: 0.3
   lr: 0.001
   weight_decay: 0.0001

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.head import head_logits
+from pipeline.heads.head import head_logits
 from pipeline.metrics import classification_metrics
 from pipeline.params import Params
 from pipeline.rows import Rows
-from pipeline.train import fit_split
+from pipeline.heads.fitting import fit_rows
 
 SIZES = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -67,7 +67,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
                     members = np.flatnonzero(train & (rows.labels == c))
                     keep[rng.choice(members, min(n, len(members)), replace=False)] = True
                 train = keep
-            head = fit_split(rows, train, params, params.cv.seed + j, max_val)
+            head = fit_rows(rows, train, params.head, params.cv.seed + j, max_val)
             te = fold == j
             pred = head_logits(head, rows, te).argmax(1)
             f1.append(classification_metrics(rows.labels[te], pred, rows.class_names)["macro_f1"])

@@ -19,7 +19,7 @@ import numpy as np
 from features.atomic import holds_only
 from features.errors import UserError
 from features.images import sha256_file
-from pipeline.head import Head
+from pipeline.heads.head import Head
 
 FORMAT = 3  # 3: head.npz; 2: head.pt (a torch state dict)
 HEAD = "head.npz"

@@ -50,7 +50,7 @@ class ExtractParams:
 
 @dataclass(frozen=True)
 class HeadParams:
-    hidden: tuple[int, ...]  # () = multinomial logistic regression
+    hidden: tuple[int, ...] | str = _f(auto=True)  # () = multinomial logistic regression; auto = CV picks () or (256,)
     dropout: float = _f(lo=0.0, hi=0.95)
     lr: float = _f(lo=0.0, lo_open=True, hi=10.0)
     weight_decay: float = _f(lo=0.0, hi=10.0)
@@ -94,7 +94,7 @@ def _check(section: str, f: dataclasses.Field, value, hint):
     if f.metadata.get("auto"):
         if value == "auto":
             return value
-        hint = int  # the only numeric kind such a key takes
+        hint = next(a for a in typing.get_args(hint) if a is not str)  # what else the key takes: int, a list
     origin = typing.get_origin(hint)
     if origin is tuple:
         inner = typing.get_args(hint)[0]

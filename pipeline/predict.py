@@ -24,7 +24,7 @@ from features.errors import UserError
 from features.faces import spec_of, without_faces
 from features.sources import unsupported, walk_images
 from features.store import describe_mismatch, safe_text
-from pipeline.head import Head
+from pipeline.heads.head import Head
 from pipeline.modeldir import ModelInfo, load_model_dir
 from pipeline.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -52,26 +52,50 @@ class Rows:
         if self.features is not None:
             yield 0, self.features
             return
+        for start in range(0, len(self), self.block_rows):
+            if mask is None or mask[start:start + self.block_rows].any():
+                yield start, self.read_block(start)
+
+    def read_block(self, start: int) -> np.ndarray:
+        """Streamed: rows [start, start + block_rows) of the store held open, (r, D) float32, checksums verified."""
         path = self.stores[0]
         try:
-            ds = self.file["features"]
-            for start in range(0, len(self), self.block_rows):
-                if mask is not None and not mask[start:start + self.block_rows].any():
-                    continue
-                x = ds[start:start + self.block_rows].astype(np.float32)  # (r, D); checksums verified here
-                if not np.isfinite(x).all():
-                    raise UserError(f"{path}: damaged store (non-finite features near row {start}); "
-                                    "re-run imgsent extract to re-embed it")
-                yield start, x
+            x = self.file["features"][start:start + self.block_rows].astype(np.float32)
         except OSError as e:
             raise UserError(f"{path}: damaged store ({str(e).splitlines()[0][:80]}); "
                             "re-run imgsent extract to re-embed it") from None
+        if not np.isfinite(x).all():
+            raise UserError(f"{path}: damaged store (non-finite features near row {start}); "
+                            "re-run imgsent extract to re-embed it")
+        return x
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         """Features of the rows where `mask` is True, in row order: (sum(mask), D) float32, a copy."""
         if self.features is not None:
             return self.features[mask]
         return np.concatenate([x[mask[s:s + len(x)]] for s, x in self.blocks(mask)] or [np.zeros((0, self.dim), np.float32)])
+
+    def features_of(self, mask: np.ndarray) -> "np.ndarray | RowBlocks":
+        """A head's input X for the rows in `mask`: a copy (sum(mask), D) in memory, else blocks read on access."""
+        return self.features[mask] if self.features is not None else RowBlocks(self, mask)
+
+
+class RowBlocks(Sequence):
+    """The features of a streamed store's rows in `mask`, as blocks in row order, each read from the store when
+    accessed: block i (r_i, D) float32. len() and the block sizes need no read."""
+
+    def __init__(self, rows: Rows, mask: np.ndarray):
+        step = rows.block_rows
+        self.rows, self.mask = rows, mask
+        self.starts = [s for s in range(0, len(rows), step) if mask[s:s + step].any()]
+        self.sizes = [int(mask[s:s + step].sum()) for s in self.starts]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        s = self.starts[i]
+        return self.rows.read_block(s)[self.mask[s:s + self.rows.block_rows]]
 
 
 def image_means(paths: list[str], *values: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -85,6 +109,9 @@ def image_means(paths: list[str], *values: np.ndarray) -> tuple[np.ndarray, list
         np.add.at(total, owner, v)
         means.append(total / count)
     return first, means
+
+
+IN_MEMORY_COPIES = 2  # the rows in memory, plus one fit's copy of its training rows (heads/fitting.py)
 
 
 def memory_budget(budget_mb: int) -> int:
@@ -161,8 +188,9 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
     if not stores:
         raise UserError("no store given; pass at least one STORE.h5 made by imgsent extract")
     budget = memory_budget(memory_budget_mb)
-    big = len(stores) == 1 and _feature_bytes(stores[0]) > budget
-    if len(stores) > 1 and sum(_feature_bytes(s) for s in stores) > budget:
+    # In memory when the features fit the budget twice: the rows, and the one copy a fit standardises in place.
+    big = len(stores) == 1 and IN_MEMORY_COPIES * _feature_bytes(stores[0]) > budget
+    if len(stores) > 1 and IN_MEMORY_COPIES * sum(_feature_bytes(s) for s in stores) > budget:
         raise UserError(f"{stores[0]}: fusing stores larger than the memory budget ({budget >> 20} MiB) is not "
                         "supported; raise cv.memory_budget_mb or use one store")
     held = _hold(stores[0]) if big else None

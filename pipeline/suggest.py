@@ -15,7 +15,7 @@ from features.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
 from features.store import safe_text
 from pipeline.calibration import softmax
-from pipeline.head import head_logits
+from pipeline.heads.head import head_logits
 from pipeline.modeldir import load_model_dir
 from pipeline.ood import knn_distance, load_ood, normalise
 from pipeline.rows import image_means, open_rows

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from features.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
-from pipeline.train import cross_validate, finish, make_pool, prepare
+from pipeline.train import choose_head, finish, prepare
 
 MAX_CONFIGS = 1000  # a grid is multiplied out: refuse a typo that asks for days of work
 
@@ -76,7 +76,7 @@ def parse_grid(specs: list[str], base: Params) -> list[tuple[dict, Params]]:
 def _effective(h: HeadParams) -> HeadParams:
     """The settings that change the fits: the linear head (hidden: []) is trained by L-BFGS on the full batch, so
     lr, dropout and batch_size do not apply to it."""
-    return dataclasses.replace(h, lr=1.0, dropout=0.0, batch_size=1) if not h.hidden else h
+    return dataclasses.replace(h, lr=1.0, dropout=0.0, batch_size=1) if h.hidden == () else h
 
 
 def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], intersect: bool = False,
@@ -87,21 +87,18 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     configs = parse_grid(grid, params)  # every argument checked before any work
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = prepare(stores, params, intersect)
-    results, best, done, pool = [], None, {}, None
-    with tqdm(total=len(configs) * params.cv.folds, desc="sweep", unit="fit", disable=not bar, file=sys.stderr,
-              dynamic_ncols=True) as pbar:
+    results, best, done = [], None, {}
+    fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
+    with tqdm(total=fits, desc="sweep", unit="fit", disable=not bar, file=sys.stderr, dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                oof, per_fold, start = None, done[key], None  # equal scores never replace the best: no logits needed
-                pbar.update(params.cv.folds)
+                p, oof, per_fold, choice = done[key][0], None, done[key][1], done[key][2]  # equal scores never
+                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replace the best: no logits
             else:
-                # The linear configs share one Pool; it is dropped while a hidden-layer config copies its rows.
-                pool = None if p.head.hidden else pool or make_pool(rows, fold, p)
-                oof, per_fold, start = cross_validate(rows, fold, p, max_val, on_fold=lambda: pbar.update(1),
-                                                      pool=pool)
-                done[key] = per_fold
+                p, oof, per_fold, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
+                done[key] = (p, per_fold, choice)
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**values, "macro_f1_mean": float(f1.mean()),
@@ -110,13 +107,12 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             results.append(r)
             if best is None or (r["macro_f1_mean"], -r["macro_f1_std"]) > (best[0]["macro_f1_mean"],
                                                                            -best[0]["macro_f1_std"]):
-                best = (r, p, oof, per_fold, start)  # only the best config's out-of-fold logits are kept: (N, C)
-    r, p, oof, per_fold, start = best
-    pool = None if p.head.hidden else pool or make_pool(rows, fold, p)  # for the best config's final fit
+                best = (r, p, oof, per_fold, choice)  # only the best config's out-of-fold logits are kept: (N, C)
+    r, p, oof, per_fold, choice = best
     results.sort(key=lambda r: (-r["macro_f1_mean"], r["macro_f1_std"], r["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
-        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0, pool, start)
+        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0, choice)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])

@@ -3,10 +3,12 @@ the out-of-fold logits, a final fit on every labelled row, and the model directo
 
     rows = open_rows(stores)           in memory, or read in blocks past cv.memory_budget_mb
     fold = assign_folds(...)           one rule for every size: stratified, groups and identical images kept whole
-    fit_head(rows, train, val, ...)    one loop, one early-stopping rule
+    choose_head(rows, fold, params)    CV of the head (hidden: auto tries two), fit_rows per fold
+    finish(...)                        calibration, final fit, out-of-distribution reference, the model directory
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,7 +19,8 @@ from features.atomic import atomic_dir, check_output
 from features.errors import UserError
 from pipeline.folds import assign_folds
 from pipeline.calibration import fit_temperature, softmax
-from pipeline.head import Head, Pool, fit_head, head_logits, mean_linear_head, split_validation
+from pipeline.heads.fitting import AUTO_CANDIDATES, fit_rows
+from pipeline.heads.head import head_logits
 from pipeline.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
                               write_confusion, write_predictions)
 from pipeline.modeldir import ModelInfo, is_model_dir, save_model_dir
@@ -30,41 +33,44 @@ def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
 
 
-def fit_split(rows: Rows, train: np.ndarray, params: Params, random_state: int, max_val: int | None,
-              pool: Pool | None = None, init: Head | None = None):
-    """One head on the rows where `train` is True, as every CV fold and the final fit train it: the
-    early-stopping slice carved out by train-head's rule (none below min_val_images). `init` (a linear head)
-    is where a fit without a slice starts: it converges to the same optimum, in fewer iterations."""
-    fit, val = split_validation(labels=rows.labels, train=train, params=params.head, random_state=random_state,
-                                max_rows=max_val)
-    return fit_head(rows=rows, train=fit, val=val, n_classes=len(rows.class_names), params=params.head,
-                    random_state=random_state, pool=pool, init=None if val.any() else init)
-
-
-def make_pool(rows: Rows, fold: np.ndarray, params: Params) -> Pool | None:
-    """The labelled rows standardised once and grouped by fold, shared by a linear head's fits (in memory only;
-    another copy of the labelled rows: at most the memory budget again)."""
-    return Pool(rows, rows.labels >= 0, fold) if rows.in_memory and not params.head.hidden else None
-
-
 def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None,
-                   on_fold=lambda: None, pool: Pool | None = None) -> tuple[np.ndarray, list[dict], Head | None]:
-    """Out-of-fold logits (N, C) (rows of unlabelled images stay 0), per-fold metrics for one head config, and
-    the folds' linear heads averaged (mean_linear_head: the final fit's start)."""
+                   on_fold=lambda: None) -> tuple[np.ndarray, list[dict]]:
+    """Out-of-fold logits (N, C) (rows of unlabelled images stay 0) and per-fold metrics for one head config."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     oof = np.zeros((len(rows), len(names)), dtype=np.float32)
-    per_fold, heads = [], []
+    per_fold = []
     for j in range(int(fold.max()) + 1):
-        head = fit_split(rows, lab & (fold != j), params, seed + j, max_val, pool)
+        head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val)
         te = fold == j
-        z = pool.logits(head, te) if pool is not None else None  # (n_te, C) in place, or from the raw rows
-        oof[te] = z if z is not None else head_logits(head, rows, te)
+        oof[te] = head_logits(head, rows, te)
         m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
         per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
-        heads.append(head)
         on_fold()
-    return oof, per_fold, mean_linear_head(heads)
+    return oof, per_fold
+
+
+def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None
+                ) -> tuple[Params, np.ndarray, list[dict], dict | None]:
+    """Cross-validate params' head; with `hidden: auto`, each of AUTO_CANDIDATES on the same folds, keeping the
+    one with the higher mean CV macro-F1 (a tie goes to the linear head: fewer parameters, faster). Returns the
+    params with `hidden` resolved, its out-of-fold logits and per-fold metrics, and the choice (None unless auto)."""
+    if params.head.hidden != "auto":
+        return (params, *cross_validate(rows, fold, params, max_val, on_fold), None)
+    tried = []
+    for hidden in AUTO_CANDIDATES:
+        p = dataclasses.replace(params, head=dataclasses.replace(params.head, hidden=hidden))
+        oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold)
+        tried.append((float(np.mean([f["macro_f1"] for f in per_fold])), p, oof, per_fold))
+    best = max(tried, key=lambda t: t[0])  # max keeps the first of equals: the linear head
+    choice = {"chosen": list(best[1].head.hidden), "cv_macro_f1": {json.dumps(list(t[1].head.hidden)): round(t[0], 4)
+                                                                   for t in tried}}
+    return best[1], best[2], best[3], choice
+
+
+def describe_choice(choice: dict) -> str:
+    scores = ", ".join(f"hidden {k}: {v:.3f}" for k, v in choice["cv_macro_f1"].items())
+    return f"hidden: auto chose {json.dumps(choice['chosen'])} by CV macro-F1 ({scores})"
 
 
 def prepare(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
@@ -88,13 +94,15 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     k = int(fold.max()) + 1
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
              f"{rows.dim} features; cross-validating {k} folds")
-    pool = make_pool(rows, fold, params)
-    done = iter(range(1, k + 1))
-    oof, per_fold, start = cross_validate(rows, fold, params, max_val, pool=pool,
-                                          on_fold=lambda: progress(f"{out}: fold {next(done)} of {k} done"))
+    fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1)
+    done = iter(range(1, fits + 1))
+    params, oof, per_fold, choice = choose_head(rows, fold, params, max_val,
+                                                on_fold=lambda: progress(f"{out}: fold {next(done)} of {fits} done"))
+    if choice is not None:
+        progress(f"{out}: {describe_choice(choice)}")
     progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, pool, start)
+        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, choice)
     c = metrics["cv"]
     faces = (f" ({metrics['n_faces']} face crops; per image, mean of its faces: macro-F1 "
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
@@ -106,11 +114,12 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
 
 
 def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], params: Params,
-           max_val: int | None, d: Path, t0: float, pool: Pool | None = None, start: Head | None = None) -> dict:
-    """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`."""
+           max_val: int | None, d: Path, t0: float, choice: dict | None = None) -> dict:
+    """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`.
+    `params`: with `hidden` resolved (choose_head); `choice`: what `hidden: auto` chose and why, recorded."""
     lab = rows.labels >= 0
     names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
-    final = fit_split(rows, lab, params, seed, max_val, pool, start)
+    final = fit_rows(rows, lab, params.head, seed, max_val)
     y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
     paths = [p for p, m in zip(rows.paths, lab) if m]
     temperature = fit_temperature(logits, y)
@@ -135,6 +144,7 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
            {"n_images": len(set(paths)), "n_faces": int(lab.sum()),
             # ...and each image by the mean of its faces' out-of-fold probabilities, as predict decides
             "per_image": per_image_metrics(paths, y, probs, names)}),
+        **({} if choice is None else {"head_choice": choice}),
         "mode": "in-memory" if rows.in_memory else "streamed",
         "seconds": round(time.time() - t0, 3),
     }

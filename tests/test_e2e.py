@@ -84,7 +84,7 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
     assert (work / "out" / "report" / "index.html").exists()
     # Editing any module a stage runs makes `dvc status` list that stage.
     for rel, stages in (("features/embed.py", ["extract_train@", "extract_test@", "train"]),
-                        ("pipeline/head.py", ["train", "evaluate", "report"]),
+                        ("pipeline/heads/linear.py", ["train", "evaluate", "report"]),
                         ("pipeline/evaluate.py", ["evaluate"]), ("pipeline/report.py", ["report"])):
         f = work / rel
         text = f.read_text()

@@ -1,5 +1,8 @@
-"""The head's numerics against references: the linear head (hidden: []) is the logistic regression scikit-learn
-fits, streamed or not; our L-BFGS, Adam, temperature and metrics agree with their textbook / library versions."""
+"""The heads' numerics against references: LinearHead is the logistic regression scikit-learn fits, streamed or
+not; the stateless loss's gradient is its derivative; our L-BFGS, Adam, temperature and metrics agree with their
+textbook / library versions; `hidden: auto` keeps the better head."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +11,13 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from features.synthetic import synthetic_store
 from pipeline.calibration import fit_temperature, softmax
-from pipeline.head import fit_head, head_logits, split_validation
-from pipeline.mlp import Adam
-from pipeline.optim import Plain, lbfgs
+from pipeline.heads.common import standardise
+from pipeline.heads.fitting import split_validation
+from pipeline.heads.head import head_logits
+from pipeline.heads.lbfgs import lbfgs, wolfe
+from pipeline.heads.linear import LinearHead
+from pipeline.heads.loss import linear_loss_gradient
+from pipeline.heads.mlp import Adam, MLPHead
 from pipeline.metrics import classification_metrics
 from pipeline.rows import open_rows
 from pipeline.train import train_head
@@ -21,11 +28,9 @@ def test_linear_head_is_the_logistic_regression_sklearn_fits(tmp_path):
     """No early-stopping slice, no class weights: our full-batch L-BFGS and scikit-learn's minimise the same
     objective (mean cross-entropy + wd/2 |W|^2 = sklearn's with C = 1 / (wd N)), so the probabilities agree."""
     rows = open_rows([synthetic_store(tmp_path / "s.h5", n=1500, dim=40, classes=4, separation=0.3)])
-    p = params(head={"hidden": [], "epochs": 500, "class_weight": "none", "val_fraction": 0.0,
-                     "weight_decay": 0.01}).head
-    train = np.ones(len(rows), bool)
-    head = fit_head(rows=rows, train=train, val=~train, n_classes=4, params=p, random_state=0)
-    ours = softmax(head_logits(head, rows))
+    head = LinearHead(n_classes=4, weight_decay=0.01, max_iter=500, class_weight="none")
+    ours = head.fit(rows.features, rows.labels).predict_proba(rows.features)
+    assert head.coef_.shape == (4, 40) and head.intercept_.shape == (4,) and head.n_iter_ > 0
     x = (rows.features - rows.features.mean(0)) / rows.features.std(0)
     lr = LogisticRegression(C=1 / (0.01 * len(x)), tol=1e-8, max_iter=5000).fit(x, rows.labels)
     assert np.abs(ours - lr.predict_proba(x)).max() < 2e-3
@@ -50,14 +55,15 @@ def test_linear_head_early_stopping_keeps_the_best_validation_point(tmp_path):
     train = np.ones(len(rows), bool)
     base = {"hidden": [], "weight_decay": 0.0, "min_val_images": 50, "val_fraction": 0.25, "class_weight": "none"}
     fit, val = split_validation(labels=rows.labels, train=train, params=params(head=base).head, random_state=0)
-    y = torch.from_numpy(rows.labels[val])
+    x, y = rows.features, rows.labels
+    yv = torch.from_numpy(y[val])
 
-    def val_loss(stop_on: np.ndarray, **head):
-        h = fit_head(rows=rows, train=fit, val=stop_on, n_classes=3, params=params(head={**base, **head}).head,
-                     random_state=0)
-        return float(torch.nn.functional.cross_entropy(torch.from_numpy(head_logits(h, rows, val)), y))
+    def val_loss(early_stop: bool, max_iter: int = 60):
+        h = LinearHead(n_classes=3, weight_decay=0.0, max_iter=max_iter, class_weight="none")
+        h.fit(x[fit], y[fit], val=(x[val], y[val]) if early_stop else None)
+        return float(torch.nn.functional.cross_entropy(torch.from_numpy(h.head_.logits(x[val])), yv))
 
-    early, converged = val_loss(val), val_loss(np.zeros_like(val), epochs=1000)
+    early, converged = val_loss(True), val_loss(False, max_iter=1000)
     assert early < converged - 0.05, (early, converged)
 
 
@@ -66,8 +72,8 @@ def test_lbfgs_finds_the_minimum_of_rosenbrock():
         v = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
         return float(v), np.array([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2), 200 * (x[1] - x[0] ** 2)])
 
-    x = lbfgs(Plain(f), np.array([-1.2, 1.0]), max_iter=500, gtol=1e-6, ftol=0.0)
-    assert np.allclose(x, [1.0, 1.0], atol=1e-3), x
+    x, iterations = lbfgs(f, np.array([-1.2, 1.0]), max_iter=500, gtol=1e-6, ftol=0.0)
+    assert np.allclose(x, [1.0, 1.0], atol=1e-3) and 10 < iterations < 500, (x, iterations)
 
 
 def test_our_adam_matches_torch_adam():
@@ -144,16 +150,14 @@ def test_no_slice_when_a_class_would_put_too_few_images_in_it():
 def test_mlp_without_a_slice_stops_once_its_training_loss_converges(tmp_path, monkeypatch):
     """No validation slice: the hidden-layer head stops when an epoch's mean training loss improves by less than
     `tol` over `patience` epochs, long before a huge `epochs` budget."""
-    import pipeline.mlp as mlp
+    import pipeline.heads.mlp as mlp
     epochs = []
     real = mlp._epoch
     monkeypatch.setattr(mlp, "_epoch", lambda *a, **k: (epochs.append(1), real(*a, **k))[1])
     rows = open_rows([synthetic_store(tmp_path / "s.h5", n=400, dim=16, classes=3, separation=0.5)])
-    p = params(head={"hidden": [32], "epochs": 100000, "val_fraction": 0.0}).head
-    train = np.ones(len(rows), bool)
-    head = fit_head(rows=rows, train=train, val=~train, n_classes=3, params=p, random_state=0)
+    head = MLPHead(n_classes=3, hidden=(32,), epochs=100000).fit(rows.features, rows.labels)
     assert 3 < len(epochs) < 2000, len(epochs)
-    assert (head_logits(head, rows).argmax(1) == rows.labels).mean() > 0.6  # chance: 0.33
+    assert (head.predict_proba(rows.features).argmax(1) == rows.labels).mean() > 0.6  # chance: 0.33
 
 
 def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
@@ -180,67 +184,6 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     assert back[1]["path"] == paths[1] and back[4097]["p_b,c"] == f"{probs[4097][1]:.6f}"
 
 
-def test_pool_rows_give_the_fit_the_same_standardisation_loss_and_gradient(tmp_path):
-    """A linear fit on a Pool (rows standardised once, grouped by fold; the fit's own standardisation folded into
-    the weights; its early-stopping slice left in place with weight 0) must see what a fit on its own copy
-    (Standardised) sees: the same mean and scale, loss and gradient at any weights, and the same head."""
-    from pipeline.head import Pool, Standardised, _Softmax, class_weights
-    from pipeline.params import HeadParams
-    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=600, dim=12, classes=4, separation=0.4)])
-    rows.features[:, 3] = rows.features[:, 3] * 40 + 7  # a dimension far from unit scale
-    rng = np.random.default_rng(0)
-    fold = rng.integers(0, 3, len(rows))
-    labelled = rng.random(len(rows)) > 0.05  # a few unlabelled rows stay out of the pool
-    pool = Pool(rows, labelled, fold)
-    val = labelled & (fold != 1) & (rng.random(len(rows)) < 0.15)
-    none = np.zeros(len(rows), bool)
-    for train, held in ((labelled & (fold != 1) & ~val, val), (labelled, none)):  # a CV fold minus its slice; final
-        ours, ref = pool.rows_of(train, held), Standardised(rows, train)
-        assert np.allclose(ours.mean, ref.mean, rtol=1e-5, atol=1e-5) and np.allclose(ours.scale, ref.scale,
-                                                                                       rtol=1e-5)
-        w = class_weights(rows.labels[train], 4, "balanced")
-        theta = rng.normal(size=4 * 13).astype(np.float32) * 0.3
-        (la, ga), (lb, gb) = (_Softmax(d, w, 1e-2, 4, 12).start(theta) for d in (ours, ref))
-        assert abs(la - lb) < 1e-5 * max(1, abs(lb)) and np.allclose(ga, gb, atol=2e-5), (la, lb)
-    p = params(head={"hidden": [], "min_val_images": 10, "min_val_per_class": 1}).head
-    fit = labelled & (fold != 1) & ~val
-    a = fit_head(rows=rows, train=fit, val=val, n_classes=4, params=p, random_state=0, pool=pool)
-    b = fit_head(rows=rows, train=fit, val=val, n_classes=4, params=p, random_state=0)
-    assert np.allclose(head_logits(a, rows), head_logits(b, rows), atol=1e-3)
-    test = labelled & (fold == 1)  # one run of the pool: its logits are read in place
-    assert np.allclose(pool.logits(a, test), head_logits(a, rows, test), atol=1e-4)
-    assert pool.logits(a, labelled & (fold != 1)) is None and pool.logits(a, ~labelled) is None  # two runs; none
-
-
-def test_final_fit_from_the_folds_average_reaches_the_same_head(tmp_path, monkeypatch):
-    """Without an early-stopping slice the final linear fit starts from the CV heads' average map (fewer
-    iterations); the objective is strictly convex, so it must end where a fit from 0 ends."""
-    from pipeline.head import Standardised, _Softmax, mean_linear_head, on_standardised, raw_map
-    steps, accept = [], _Softmax.accept
-    monkeypatch.setattr(_Softmax, "accept", lambda self, t: steps.append(t) or accept(self, t))
-    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=900, dim=16, classes=5, separation=0.3)])
-    p = params(head={"hidden": [], "val_fraction": 0}).head
-    fold = np.arange(len(rows)) % 3
-    none = np.zeros(len(rows), bool)
-    heads = [fit_head(rows=rows, train=fold != j, val=none, n_classes=5, params=p, random_state=j) for j in range(3)]
-    start = mean_linear_head(heads)
-    a, c = raw_map(start)
-    assert np.allclose(head_logits(start, rows), rows.features @ a.T + c, atol=1e-4)  # the average, as a Head
-    data = Standardised(rows, np.ones(len(rows), bool))
-    w, b = on_standardised(start, data)
-    z = (rows.features - data.mean) / data.scale @ w.T + b
-    assert np.allclose(z, head_logits(start, rows), atol=1e-4)  # the same map on the fit's standardisation
-    all_rows = np.ones(len(rows), bool)
-    steps.clear()
-    warm = fit_head(rows=rows, train=all_rows, val=none, n_classes=5, params=p, random_state=0, init=start)
-    n_warm = len(steps)
-    cold = fit_head(rows=rows, train=all_rows, val=none, n_classes=5, params=p, random_state=0)
-    assert n_warm < len(steps) - n_warm, (n_warm, len(steps) - n_warm)  # the start was mapped right: it is close
-    zw, zc = head_logits(warm, rows), head_logits(cold, rows)
-    assert np.abs(zw - zc).max() < 0.02 * np.abs(zc).max() and (zw.argmax(1) == zc.argmax(1)).mean() > 0.995
-    assert mean_linear_head([]) is None
-
-
 def test_fixed_6_spells_numbers_as_percent_format():
     """fixed_6 builds '%.6f' text in numpy: it must give the same characters for float32 and float64, values
     0 and 1, exact and near rounding ties (x.xxxxxx5), and fall back for values outside [0, 1] or not finite."""
@@ -257,7 +200,6 @@ def test_fixed_6_spells_numbers_as_percent_format():
 def test_wolfe_step_extrapolates_to_a_far_minimum_and_meets_both_conditions():
     """f(t) = (t - 100)^2 from t = 0: backtracking from t = 1 would stop at 1; the strong-Wolfe search goes out
     and returns a step with sufficient decrease and a flat enough slope."""
-    from pipeline.optim import wolfe
     phi = lambda t: ((t - 100.0) ** 2, 2 * (t - 100.0))  # noqa: E731
     f0, g0 = phi(0.0)
     t = wolfe(phi, f0, g0)
@@ -266,27 +208,70 @@ def test_wolfe_step_extrapolates_to_a_far_minimum_and_meets_both_conditions():
     assert wolfe(lambda t: (1.0 + t, 1.0), 1.0, -1.0) == 0.0  # the loss rises everywhere: no step
 
 
-def test_linear_objective_line_shortcut_matches_a_full_evaluation(tmp_path):
-    """The linear head's line search evaluates loss and slope from cached logits (Z + t dZ); they must equal the
-    loss of a full pass at theta + t d and the directional derivative from its gradient."""
-    from pipeline.head import Standardised, _Softmax, class_weights
-    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=500, dim=12, classes=4, separation=0.4)])
-    train = np.ones(len(rows), bool)
-    data = Standardised(rows, train)
-    w = class_weights(rows.labels, 4, "balanced")
+def test_linear_gradient_is_the_derivative_of_its_loss():
+    """The stateless objective: its gradient against central differences, with class weights and l2."""
     rng = np.random.default_rng(0)
-    theta, d = (rng.normal(size=4 * 13).astype(np.float32) * s for s in (0.3, 0.5))
-    prob = _Softmax(data, w, 1e-2, 4, 12)
-    prob.start(theta)
-    phi = prob.along(d)
-    for t in (0.0, 0.4, 2.0):
-        loss, slope = phi(t)
-        full, grad = _Softmax(data, w, 1e-2, 4, 12).start(theta + t * d)
-        assert abs(loss - full) < 1e-5 * max(1, abs(full)) and abs(slope - float(grad @ d)) < 1e-4 * max(1, abs(slope))
-    loss, grad = prob.accept(0.4)  # not the last trial: the logits are moved
-    full, grad_full = _Softmax(data, w, 1e-2, 4, 12).start(theta + 0.4 * d)
-    assert abs(loss - full) < 1e-5 and np.allclose(grad, grad_full, atol=1e-5)
-    prob.along(d)(0.7)  # the last trial is the step taken: its logits and d/dlogits are reused
-    loss, grad = prob.accept(0.7)
-    full, grad_full = _Softmax(data, w, 1e-2, 4, 12).start(theta + 1.1 * d)
-    assert abs(loss - full) < 1e-5 and np.allclose(grad, grad_full, atol=1e-5)
+    x, y = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 3, 50)
+    w = rng.uniform(0.5, 2, 50).astype(np.float32)
+    coef = rng.normal(size=3 * 7) * 0.3
+    blocks = [x[:20], x[20:]]  # two blocks: the sum over blocks is the whole
+    loss, grad = linear_loss_gradient(coef, blocks, y, w, 0.1, 3)
+    assert abs(loss - linear_loss_gradient(coef, [x], y, w, 0.1, 3)[0]) < 1e-9
+    eps = 1e-3
+    for i in rng.choice(len(coef), 8, replace=False):
+        e = np.zeros_like(coef)
+        e[i] = eps
+        numeric = (linear_loss_gradient(coef + e, blocks, y, w, 0.1, 3)[0] -
+                   linear_loss_gradient(coef - e, blocks, y, w, 0.1, 3)[0]) / (2 * eps)
+        assert abs(numeric - grad[i]) < 1e-3, (i, numeric, grad[i])
+
+
+def test_streamed_blocks_standardise_and_fit_as_the_array_does():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(900, 8)) * [1, 5, 0.01, 1, 1, 1, 1, 30] + 3).astype(np.float32)
+    y = (x[:, 0] > 3).astype(int) + (x[:, 1] > 3)
+    (a,), mean_a, scale_a = standardise(x)
+    b, mean_b, scale_b = standardise([x[:300], x[300:700], x[700:]])
+    assert np.allclose(mean_a, mean_b, atol=1e-5) and np.allclose(scale_a, scale_b, rtol=1e-5)
+    assert np.allclose(np.concatenate(list(b)), a, atol=1e-4)
+    one = LinearHead(n_classes=3).fit(x, y)
+    three = LinearHead(n_classes=3).fit([x[:300], x[300:700], x[700:]], y)
+    assert np.allclose(one.predict_proba(x), three.predict_proba(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("Head", [LinearHead, MLPHead])
+def test_integer_sample_weights_equal_repeated_rows(Head):
+    """sample_weight=2 on a row is that row twice (the loss is a weighted mean), for both estimators' objective;
+    checked exactly for the full-batch linear head and in outcome for the MLP."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.3 * rng.normal(size=300) > 0).astype(int)
+    w = rng.integers(1, 3, 300)
+    kw = {"class_weight": "none"} if Head is LinearHead else {"class_weight": "none", "hidden": (8,), "epochs": 30}
+    a = Head(n_classes=2, **kw).fit(x, y, sample_weight=w)
+    b = Head(n_classes=2, **kw).fit(np.repeat(x, w, 0), np.repeat(y, w))
+    if Head is LinearHead:  # same objective up to the standardisation (weighted vs repeated rows' statistics)
+        assert (a.predict_proba(x).argmax(1) == b.predict_proba(x).argmax(1)).mean() > 0.97
+    unweighted = Head(n_classes=2, **kw).fit(x, y)
+    heavy = w == 2
+    assert (a.predict_proba(x[heavy]).argmax(1) == y[heavy]).mean() >= \
+        (unweighted.predict_proba(x[heavy]).argmax(1) == y[heavy]).mean() - 0.02
+
+
+def test_hidden_auto_keeps_the_better_head_and_says_so(tmp_path):
+    """`hidden: auto` cross-validates [] and [256] on the same folds and keeps the higher mean macro-F1: the
+    model's head, its CV score and metrics.json's record agree with that choice."""
+    from pipeline.modeldir import load_model_dir
+    store = synthetic_store(tmp_path / "s.h5", n=1500, dim=32, classes=20, separation=0.35)
+    lines = []
+    m = train_head(stores=[store], out=str(tmp_path / "m"), progress=lines.append,
+                   params=params(head={"hidden": "auto", "epochs": 20}, cv={"folds": 3}))
+    scores = m["head_choice"]["cv_macro_f1"]
+    assert set(scores) == {"[]", "[256]"} and scores["[]"] != scores["[256]"]
+    best = max(scores, key=scores.get)
+    assert m["head_choice"]["chosen"] == (json.loads(best))
+    assert abs(m["cv"]["macro_f1_mean"] - scores[best]) < 1e-4
+    head, info = load_model_dir(tmp_path / "m")
+    assert list(head.hidden) == list(info.hidden) == json.loads(best)
+    assert any(line.endswith(f"hidden: auto chose {best} by CV macro-F1 (hidden []: {scores['[]']:.3f}, "
+                             f"hidden [256]: {scores['[256]']:.3f})") for line in lines), lines

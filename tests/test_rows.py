@@ -1,5 +1,5 @@
 """One training path for every store size: streamed (over cv.memory_budget_mb) and in-memory runs of the same
-grouped store give the same folds and macro-F1; peak memory stays bounded; fit_head is deterministic."""
+grouped store give the same folds and macro-F1; peak memory stays bounded; a fit is deterministic."""
 import csv
 import json
 import subprocess
@@ -8,7 +8,8 @@ import sys
 import numpy as np
 
 from features.synthetic import synthetic_store
-from pipeline.head import fit_head, head_logits, split_validation
+from pipeline.heads.fitting import fit_rows, split_validation
+from pipeline.heads.head import head_logits
 from pipeline.rows import open_rows
 from pipeline.train import train_head
 from tests.conftest import ROOT, params
@@ -38,12 +39,12 @@ def test_streamed_and_in_memory_agree_on_a_grouped_store(tmp_path):
     assert info.dim == 64 and info.stores == [str((tmp_path / "s.h5").resolve())]
 
 
-def test_fit_head_is_deterministic_for_a_fixed_random_state(tmp_path):
+def test_a_fit_is_deterministic_for_a_fixed_random_state(tmp_path):
     rows = open_rows([synthetic_store(tmp_path / "s.h5", n=3000, dim=32)])
-    p = params(head={"epochs": 5, "min_val_images": 50}).head
+    p = params(head={"hidden": [256], "epochs": 5, "min_val_images": 50}).head
     train = np.ones(len(rows), bool)
     fit, val = split_validation(labels=rows.labels, train=train, params=p, random_state=3)
-    a, b, c = (fit_head(rows=rows, train=fit, val=val, n_classes=3, params=p, random_state=r) for r in (3, 3, 4))
+    a, b, c = (fit_rows(rows, train, p, random_state=r) for r in (3, 3, 4))
     la, lb, lc = (head_logits(h, rows) for h in (a, b, c))
     np.testing.assert_array_equal(la, lb)
     assert not np.array_equal(la, lc)
@@ -59,13 +60,12 @@ sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
 from features.synthetic import synthetic_store
 from pipeline.rows import open_rows
-from pipeline.head import fit_head
+from pipeline.heads.mlp import MLPHead
 from pipeline.train import train_head
 from tests.conftest import params
 # Warm up first: imports and the first training step's one-time kernel set-up are not what we measure.
 warm = open_rows([synthetic_store({str(tmp_path / 'warm.h5')!r}, n=600, dim=256)])
-fit_head(rows=warm, train=np.ones(600, bool), val=np.zeros(600, bool), n_classes=3,
-         params=params(head={{"epochs": 1, "hidden": (32,)}}).head, random_state=0)
+MLPHead(n_classes=3, hidden=(32,), epochs=1).fit(warm.features, warm.labels)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 p = params(cv={{"folds": 2, "memory_budget_mb": 16}}, head={{"epochs": 1, "hidden": (32,)}})
 m = train_head(stores=[{store!r}], out={str(tmp_path / 'm')!r}, params=p, progress=lambda s: None)

@@ -1,0 +1,39 @@
+"""The heads' objective, stateless (as scikit-learn's LinearModelLoss): class-weighted softmax cross-entropy on
+logits, and the linear head's loss and gradient in its parameters. The solvers (heads/linear.py, heads/mlp.py)
+only call these."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.heads.common import Blocks
+
+
+def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> tuple[float, np.ndarray]:
+    """sum_i w_i * -log softmax(z_i)[y_i] and its gradient in the logits: z (n, C), y (n,), w (n,) -> (float, (n, C))."""
+    z = z - z.max(1, keepdims=True)  # (n, C) <= 0: exp never overflows
+    e = np.exp(z)
+    s = e.sum(1, keepdims=True)  # (n, 1)
+    rows = np.arange(len(y))
+    loss = -float(np.dot(sample_weight.astype(np.float64), z[rows, y] - np.log(s[:, 0])))
+    p = e / s  # softmax
+    p[rows, y] -= 1
+    return loss, p * sample_weight[:, None]
+
+
+def linear_loss_gradient(coef: np.ndarray, blocks: Blocks, y: np.ndarray, sample_weight: np.ndarray,
+                         l2: float, n_classes: int) -> tuple[float, np.ndarray]:
+    """Multinomial logistic regression on standardised features: coef = [W (C*D), b (C)] (flat, float64 from
+    the solver) -> (sum_i w_i CE_i / sum_i w_i + l2/2 |W|^2 (bias not penalised), gradient like coef).
+    Two passes over the rows: logits X W^T + b, then the gradient G^T X."""
+    d = (len(coef) - n_classes) // n_classes
+    W = coef[:n_classes * d].reshape(n_classes, d).astype(np.float32)  # (C, D)
+    b = coef[n_classes * d:].astype(np.float32)  # (C,)
+    loss, gW, gb, start = 0.0, np.zeros((n_classes, d), np.float64), np.zeros(n_classes, np.float64), 0
+    for x in blocks:  # (r, D) each
+        end = start + len(x)
+        ce, g = softmax_cross_entropy(x @ W.T + b, y[start:end], sample_weight[start:end])  # g: (r, C)
+        loss, gW, gb, start = loss + ce, gW + g.T @ x, gb + g.sum(0), end
+    total = float(sample_weight.sum(dtype=np.float64))
+    Wd = W.astype(np.float64)
+    loss = loss / total + 0.5 * l2 * float(np.dot(Wd.ravel(), Wd.ravel()))
+    return loss, np.concatenate([(gW / total + l2 * Wd).ravel(), gb / total])

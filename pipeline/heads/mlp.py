@@ -1,0 +1,174 @@
+"""The head with hidden layers: [Linear + ReLU + Dropout] x len(hidden) -> Linear, trained in torch by Adam on
+mini-batches, with early stopping on a validation slice. Imported only when a head has hidden layers (torch's
+import is 1.7 s); the fitted head is numpy arrays (heads/head.py) like the linear one."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.heads.common import Blocks, EarlyStopping, block_sizes, class_weights, standardise
+from pipeline.heads.head import Head
+
+# bf16 matmuls (fp32 weights and optimizer state) where the CPU has native bf16 (AVX-512-BF16 / AMX):
+# ~1.7x faster head training (benchmarks/head_speed.py); inference stays fp32.
+BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+VAL_EVERY = 50  # steps between validation checks, at most
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a uniform-threshold mask: 2.5x faster than torch's bernoulli path on CPU here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+class HeadNet(nn.Module):
+    """Standardised features (B, D) -> logits (B, C)."""
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
+                for m in self.net if isinstance(m, nn.Linear)]
+
+
+class Adam:
+    """torch.optim.Adam's update (L2 weight decay added to the gradient, bias-corrected moments), not
+    torch.optim's: its first use imports torch._dynamo, 1.8 s of every train-head (measured, torch 2.14)."""
+
+    def __init__(self, params, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.wd, self.betas, self.eps, self.t = lr, weight_decay, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad if self.wd == 0 else p.grad.add(p, alpha=self.wd)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, v.sqrt().div_(c2).add_(self.eps), value=-self.lr / c1)
+
+
+def _epoch(blocks: Blocks, y: np.ndarray, w: np.ndarray, bs: int, rng: np.random.Generator, gen: torch.Generator,
+           window: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch as (x (n, D), y (n,), sample weights (n,), shuffled positions to batch from) per window. One block (in memory): every
+    row. Streamed: windows of `window` blocks in shuffled order; rows left over after the last full batch join
+    the next window, so every batch has exactly `bs` rows (each new batch shape makes oneDNN build new kernels)."""
+    if len(blocks) == 1:
+        yield torch.from_numpy(blocks[0]), torch.from_numpy(y), torch.from_numpy(w), torch.randperm(len(y), generator=gen)
+        return
+    ends = np.cumsum([0] + block_sizes(blocks))  # (len + 1,) row offsets
+    order = rng.permutation(len(blocks))
+    carry = None  # (x, y, w) rows left from the last window
+    for w0 in range(0, len(order), window):
+        picked = sorted(order[w0:w0 + window])
+        part = [torch.from_numpy(np.concatenate([blocks[c] for c in picked])),  # (r, D)
+                *(torch.from_numpy(np.concatenate([v[ends[c]:ends[c + 1]] for c in picked])) for v in (y, w))]
+        x, yw, ww = part if carry is None else (torch.cat([a, b]) for a, b in zip(carry, part))
+        pos = torch.from_numpy(rng.permutation(len(yw)))
+        full = len(yw) // bs * bs
+        carry = (x[pos[full:]], yw[pos[full:]], ww[pos[full:]])  # dropped at the end of the epoch
+        yield x, yw, ww, pos[:full]
+
+
+class MLPHead:
+    """fit(X, y) -> self; then predict_proba(X), and the fitted `head_` (a Head), `mean_`, `scale_`, `n_steps_`.
+    Adam on mini-batches of the standardised rows; with `val`, the head that was best on it (checked once per
+    epoch, or every VAL_EVERY steps on long epochs); without, the last one, once the mean training loss of an
+    epoch improved by less than `tol` over `patience` epochs (or after `epochs`). Deterministic given
+    random_state; torch's global RNG is left as it was."""
+
+    def __init__(self, *, n_classes: int, hidden: tuple[int, ...] = (256,), dropout: float = 0.3, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, epochs: int = 60, batch_size: int = 128, patience: int = 3,
+                 tol: float = 0.01, class_weight: str = "balanced", random_state: int = 0):
+        self.n_classes, self.hidden, self.dropout, self.lr, self.weight_decay = n_classes, hidden, dropout, lr, weight_decay
+        self.epochs, self.batch_size, self.patience, self.tol = epochs, batch_size, patience, tol
+        self.class_weight, self.random_state = class_weight, random_state
+
+    def fit(self, X: np.ndarray | Blocks, y: np.ndarray, sample_weight: np.ndarray | None = None,
+            val: tuple[np.ndarray, np.ndarray] | None = None, copy: bool = True) -> "MLPHead":
+        C, seed = self.n_classes, self.random_state
+        blocks, self.mean_, self.scale_ = standardise(X, copy=copy)
+        weight = torch.from_numpy(class_weights(y, C, self.class_weight))  # (C,)
+        sw = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+        bs = max(1, min(self.batch_size, len(y)))
+        # Validate once per epoch, or every VAL_EVERY steps when epochs are longer: on large data the best
+        # head often comes within the first epoch, and `patience` whole epochs would be mostly wasted.
+        check_every = max(1, min(-(-len(y) // bs), VAL_EVERY))
+        xv = torch.from_numpy((np.asarray(val[0], np.float32) - self.mean_) / self.scale_) \
+            if val is not None and len(val[1]) else None  # (V, D)
+        yv = torch.from_numpy(np.asarray(val[1])) if xv is not None else None
+        y_t = np.asarray(y, np.int64)
+        with torch.random.fork_rng(devices=[]):  # init and dropout use torch's RNG: fork it, never seed globally
+            torch.manual_seed(seed)
+            model = HeadNet(len(self.mean_), tuple(self.hidden), C, self.dropout)
+            loss_fn = nn.CrossEntropyLoss(weight=weight)
+
+            def batch_loss(logits: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+                if sample_weight is None:  # the class-weighted mean, as CrossEntropyLoss computes it
+                    return loss_fn(logits, yb)
+                s = weight[yb] * wb  # (bs,) class weight x sample weight
+                return (nn.functional.cross_entropy(logits, yb, reduction="none") * s).sum() / s.sum()
+            opt = Adam(model.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            stopper, best, step = EarlyStopping(self.patience, self.tol), None, 0
+            for _ in range(self.epochs):
+                epoch_loss, epoch_steps = torch.zeros(()), 0
+                for x, yb, wb, pos in _epoch(blocks, y_t, sw, bs, rng, gen):
+                    for i in range(0, len(pos), bs):
+                        b = pos[i:i + bs]
+                        model.train()
+                        opt.zero_grad()
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+                            logits = model(x.index_select(0, b))  # (bs, C)
+                        loss = batch_loss(logits.float(), yb.index_select(0, b), wb.index_select(0, b))
+                        loss.backward()
+                        opt.step()
+                        step, epoch_steps, epoch_loss = step + 1, epoch_steps + 1, epoch_loss + loss.detach()
+                        if xv is not None and step % check_every == 0:
+                            model.eval()
+                            with torch.no_grad():
+                                stopper.update(loss_fn(model(xv), yv).item())
+                            if stopper.improved:
+                                best = model.layers()
+                            if stopper.stop:
+                                break
+                    if stopper.stop:
+                        break
+                if xv is None and epoch_steps:  # no slice: stop once the training loss has converged (same rule)
+                    stopper.update(float(epoch_loss) / epoch_steps)
+                if stopper.stop:
+                    break
+        self.n_steps_ = step
+        self.head_ = Head(best if best is not None else model.layers(), self.mean_, self.scale_)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.head_(X)
+
