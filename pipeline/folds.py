@@ -29,24 +29,44 @@ def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[s
     if k > counts[smallest]:
         raise UserError(f"params: cv.folds={k} exceeds the smallest class count {counts[smallest]} "
                         f"(class '{class_names[smallest]}'); lower cv.folds to at most {counts[smallest]} or add images")
-    # Identical images share a key; with groups, a group's key also covers every copy of its images.
+    # Rows that must share a fold share a key: identical images, and with groups every row of a group (and of
+    # any group sharing an identical image with it).
     key = _group_keys(groups, sha256) if groups is not None else np.unique(sha256, return_inverse=True)[1]
     key = key[lab]
-    fold = np.full(len(labels), -1, dtype=np.int64)
     n_keys = len(np.unique(key))
-    if n_keys < len(key):
-        if k > n_keys:
-            raise UserError(f"params: cv.folds={k} exceeds the {n_keys} groups of images; lower cv.folds")
-        from sklearn.model_selection import StratifiedGroupKFold  # a second of import: only when groups exist
-        sub = np.empty(len(y), dtype=np.int64)
-        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=random_state).split(y, y, key)
-        for j, (_, test) in enumerate(splits):
-            sub[test] = j
-    else:
-        sub = _stratified(y, k, random_state)
-    fold[lab] = sub
+    if k > n_keys:
+        raise UserError(f"params: cv.folds={k} exceeds the {n_keys} groups of images; lower cv.folds")
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    fold[lab] = sub = _deal(key, y, k, len(class_names), random_state)
     _check_every_fold_can_measure(sub, y, k, class_names, grouped=n_keys < len(key))
     return fold
+
+
+def _deal(key: np.ndarray, y: np.ndarray, k: int, n_classes: int, random_state: int) -> np.ndarray:
+    """Fold per row, one rule for every layout: the keys (rows that must share a fold) are dealt one at a time,
+    largest first, then class by class in random order, each to the fold holding the fewest rows of the key's
+    majority class so far (ties: the fewest rows in all, then the lowest index). Without groups or copies every
+    key is one row: each class is dealt round-robin, continuing from class to class, so every class's count per
+    fold differs by at most 1. About 2 s per million keys on 2 cores (hashing the keys costs more)."""
+    rng = np.random.default_rng(random_state)
+    _, inv = np.unique(key, return_inverse=True)  # (n,) key index per row
+    n_keys = int(inv.max()) + 1
+    counts = np.zeros((n_keys, n_classes), np.int64)  # (K, C) rows of each class in each key
+    np.add.at(counts, (inv, y), 1)
+    sizes, major = counts.sum(1), counts.argmax(1)
+    order = np.lexsort((rng.random(n_keys), major, -sizes))  # largest first, class by class, random within
+    per_class = [[0] * n_classes for _ in range(k)]  # Python ints: this loop runs once per key
+    total = [0] * k
+    where = np.empty(n_keys, np.int64)
+    for g, c, size in zip(order.tolist(), major[order].tolist(), sizes[order].tolist()):
+        f = 0
+        for j in range(1, k):  # the fewest of class c, then the fewest in all, then the lowest index
+            if (per_class[j][c], total[j]) < (per_class[f][c], total[f]):
+                f = j
+        where[g] = f
+        per_class[f][c] += size  # the key's majority class carries its size: keys are mostly one class
+        total[f] += size
+    return where[inv]
 
 
 def _check_every_fold_can_measure(fold: np.ndarray, y: np.ndarray, k: int, class_names: list[str],
@@ -66,19 +86,6 @@ def _check_every_fold_can_measure(fold: np.ndarray, y: np.ndarray, k: int, class
         if len(np.unique(test)) < 2:
             raise UserError(f"CV fold {j + 1} of {k} tests only class '{class_names[int(test[0])]}', so its score "
                             f"would be meaningless: {why}lower cv.folds")
-
-
-def _stratified(y: np.ndarray, k: int, random_state: int) -> np.ndarray:
-    """Stratified k-fold without groups: each class shuffled and dealt round-robin, the deal continuing from
-    class to class, so every class's count per fold differs by at most 1 and fold sizes by at most 1."""
-    rng = np.random.default_rng(random_state)
-    fold = np.empty(len(y), dtype=np.int64)
-    dealt = 0
-    for c in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == c))
-        fold[members] = (dealt + np.arange(len(members))) % k
-        dealt += len(members)
-    return fold
 
 
 def _group_keys(groups: list[str], sha256: list[str]) -> np.ndarray:
