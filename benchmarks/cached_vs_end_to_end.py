@@ -18,12 +18,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from features.backbones import load_backbone  # noqa: E402
-from features.embed import iter_embeddings  # noqa: E402
-from features.engine import forward_engine  # noqa: E402
+from features.models.backbones import load_backbone  # noqa: E402
+from features.models.embed import iter_embeddings  # noqa: E402
+from features.models.engine import forward_engine  # noqa: E402
 from features.extract import extract  # noqa: E402
-from features.sources import discover  # noqa: E402
-from pipeline.train import train_head  # noqa: E402
+from features.input.sources import discover  # noqa: E402
+from pipeline.stages.train import train_head  # noqa: E402
 from pipeline.heads.mlp import HeadNet  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 

@@ -16,8 +16,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from features.backbones import Preprocess, prepare  # noqa: E402
-from features.images import decode  # noqa: E402
+from features.models.preprocess import Preprocess, prepare  # noqa: E402
+from features.input.images import decode  # noqa: E402
 
 
 def draft_decode(path: str, size: int) -> np.ndarray:

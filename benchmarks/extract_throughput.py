@@ -1,7 +1,7 @@
 """`imgsent extract` with default flags against this machine's own ceiling, and against another checkout (e.g.
 main before issue #22), side by side in one run on the same photos:
 
-  (a) decode + resize alone: the product's loader (features/images.py + resize) on every available core
+  (a) decode + resize alone: the product's loader (features/input/images.py + resize) on every available core
   (b) forward alone: the default CPU engine on a ready uint8 batch (32 images)
   (c) ceiling = 1 / (1/a + 1/b): decode and forward share the cores, so their times per image add up
   (d) `imgsent extract` with default flags: img/s of its embedding phase (its summary line) and of the whole
@@ -31,10 +31,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from features.backbones import load_backbone, prepare  # noqa: E402
-from features.engine import forward_engine  # noqa: E402
-from features.images import decode_tensor  # noqa: E402
-from features.prefetch import available_cores, ordered_map  # noqa: E402
+from features.models.backbones import load_backbone  # noqa: E402
+from features.models.preprocess import prepare
+from features.models.engine import forward_engine  # noqa: E402
+from features.input.images import decode_tensor  # noqa: E402
+from features.input.prefetch import available_cores, ordered_map  # noqa: E402
 
 SIZES = [(800, 600), (800, 600), (1600, 1200), (4000, 3000)]  # cycled: 1/2, 1/4, 1/4
 

@@ -35,11 +35,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from features.backbones import load_backbone, prepare  # noqa: E402
-from features.engine import forward_engine  # noqa: E402
-from features.images import decode_tensor  # noqa: E402
-from features.prefetch import available_cores, ordered_map  # noqa: E402
-from features.store import read_store  # noqa: E402
+from features.models.backbones import load_backbone  # noqa: E402
+from features.models.preprocess import prepare
+from features.models.engine import forward_engine  # noqa: E402
+from features.input.images import decode_tensor  # noqa: E402
+from features.input.prefetch import available_cores, ordered_map  # noqa: E402
+from features.storage.store import read_store  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -126,7 +127,7 @@ def nvjpeg_rate(paths: list[str], bb) -> float:
 def embed_rates(paths: list[str], threads: int) -> dict[str, float]:
     """img/s of iter_embeddings (decode threads + forward, no store) with an eager forward against the CUDA
     graph, at Python's default GIL switch interval (5 ms) and at 0.5 ms."""
-    from features.embed import iter_embeddings
+    from features.models.embed import iter_embeddings
     bb = load_backbone("efficientnet_lite0", device="cuda")
     out = {}
     for batch in (32, 256):
@@ -149,7 +150,7 @@ def nvjpeg_parity(paths: list[str]) -> tuple[float, float]:
     """min / mean cosine between features of CPU-decoded inputs (the product's recipe) and nvJPEG-decoded ones
     resized on the GPU, both through the same fp32 forward: would a GPU decoder keep one fingerprint?"""
     from torchvision.io import decode_jpeg
-    from features.backbones import resize_crop
+    from features.models.preprocess import resize_crop
     bb = load_backbone("efficientnet_lite0", device="cuda")
     model, p = bb.embedder, bb.pre
     cpu = torch.stack([prepare(decode_tensor(q), p) for q in paths]).cuda()

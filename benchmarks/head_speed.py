@@ -36,10 +36,10 @@ from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from features.store import write_store  # noqa: E402
+from features.storage.write import write_store  # noqa: E402
 from features.synthetic import synthetic_store  # noqa: E402
-from pipeline.folds import assign_folds  # noqa: E402
-from pipeline.rows import open_rows  # noqa: E402
+from pipeline.data.folds import assign_folds  # noqa: E402
+from pipeline.data.rows import open_rows  # noqa: E402
 
 
 def fer_hard_store(path: Path, dim: int, seed: int = 0) -> None:

@@ -25,7 +25,7 @@ from features.extract import extract  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
 from pipeline.heads.head import head_logits  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.rows import open_rows  # noqa: E402
+from pipeline.data.rows import open_rows  # noqa: E402
 
 
 def manifest(data: Path, out: Path, image=lambda p: p) -> Path:

@@ -22,9 +22,9 @@ from benchmarks.loso import manifest  # noqa: E402
 from features.extract import extract  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
 from pipeline.heads.head import head_logits  # noqa: E402
-from pipeline.metrics import classification_metrics  # noqa: E402
+from pipeline.analysis.metrics import classification_metrics  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.rows import open_rows  # noqa: E402
+from pipeline.data.rows import open_rows  # noqa: E402
 
 WORK = ROOT / "out" / "bench" / "loso_variants"
 

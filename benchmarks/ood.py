@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.extract import extract  # noqa: E402
-from pipeline.ood import MAX_REF, fit_ood, knn_distance, normalise  # noqa: E402
-from pipeline.rows import open_rows  # noqa: E402
+from pipeline.inference.ood import MAX_REF, fit_ood, knn_distance, normalise  # noqa: E402
+from pipeline.data.rows import open_rows  # noqa: E402
 
 QUANTILES = (0.95, 0.99, 0.999)
 WORK = ROOT / "out" / "bench"

@@ -5,7 +5,7 @@ process (the time a user waits), default backbone.
     python benchmarks/rerun_cost.py [--n 20000] [--backbone efficientnet_lite0]
 
 The images are 64x64 PNGs of noisy colours in 3 class folders, their mtimes set an hour back (files written
-a moment before a pass are hashed once more on the next run: see features/images.py, RACY_NS).
+a moment before a pass are hashed once more on the next run: see features/input/images.py, RACY_NS).
 """
 from __future__ import annotations
 

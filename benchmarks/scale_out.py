@@ -51,7 +51,7 @@ def streaming(work: Path) -> None:
         code = f"""
 import dataclasses, json, resource, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipeline.train import train_head
+from pipeline.stages.train import train_head
 from pipeline.params import load_params
 p = load_params({str(ROOT / "params.yaml")!r})
 p = dataclasses.replace(p, cv=dataclasses.replace(p.cv, folds=2, memory_budget_mb=32),

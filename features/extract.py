@@ -2,14 +2,14 @@
 
     plan:  discover -> hash (sha256 of bytes; a file whose size, mtime and inode the store recorded is not read
            again) -> what the old store / committed chunks already hold
-    embed: decode + resize + forward in batches (features/embed.py), committing chunks as it goes
+    embed: decode + resize + forward in batches (features/models/embed.py), committing chunks as it goes
     write: assemble every row into a new store, renamed over the old one; a store that would come out the same
            is left alone (a no-op re-run reads no image and writes nothing)
 
 Killed at any point, a re-run of the same command resumes from the last committed chunk. Rows of the old
 store whose checksum fails are embedded again, never reused.
 
-Face mode (--faces largest|all, features/faces.py): the unit of work is still the image, but an image gives
+Face mode (--faces largest|all, features/input/faces.py): the unit of work is still the image, but an image gives
 one row per face crop, keyed "<sha256>:<face index>" in the partial chunks, with its crop box; an image with no
 face is skipped with the reason "no face found" (or embedded whole under --faces-fallback whole).
 """
@@ -20,85 +20,29 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from features.atomic import OutputLock, check_output
-from features.backbones import Backbone, Preprocess, fingerprint_key, load_backbone
-from features.embed import iter_embeddings, iter_face_embeddings, resolve_device
-from features.engine import ENGINES, cached_engine
+from features.storage.atomic import OutputLock, check_output
+from features.models.backbones import Backbone, fingerprint_key, load_backbone
+from features.models.preprocess import Preprocess
+from features.models.embed import iter_embeddings, iter_face_embeddings, resolve_device
+from features.models.engine import ENGINES, cached_engine
 from features.errors import UserError, short_reason
-from features.faces import NO_FACE, FaceSpec, with_faces, without_faces
-from features.images import hash_items
-from features.partial import Partial, Where, gather_blocks
-from features.prefetch import resolve_workers
-from features.sources import Source, discover
-from features.statcache import read_stat_cache, write_stat_cache
-from features.store import (Store, damaged_rows, describe_mismatch, is_store, read_store, safe_text,
-                            store_fingerprint, unchanged, write_store)
+from features.input.faces import NO_FACE, FaceSpec, with_faces, without_faces
+from features.storage.partial import Partial, gather_blocks
+from features.input.prefetch import resolve_workers
+from features.input.sources import discover
+from features.storage.statcache import read_stat_cache, write_stat_cache
+from features.storage.store import describe_mismatch, is_store, store_fingerprint
+from features.storage.write import unchanged, write_store
+from features.plan import Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
+from features.text import safe_text
 
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; committed work is safe and the message says how to resume."""
-
-
-@dataclass
-class Summary:
-    out: str
-    reused: int = 0
-    extracted: int = 0
-    removed: int = 0
-    damaged: int = 0  # rows of the old store that failed their checksum and were embedded again
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    conflicts: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    embed_seconds: float = 0.0  # decode + forward only
-    rows: int = 0
-    hashed: int = 0  # files read to hash them (the others were unchanged since the last run)
-    unchanged: bool = False  # the store already held exactly this: not rewritten
-    face_rows: int | None = None  # face mode: rows (one per face crop) in the store
-    face_fallback: str | None = None  # face mode: what happened to an image without a face (skip | whole)
-    face_capped: int = 0  # face mode `all`: images with FaceSpec.max_faces crops (more faces may be there)
-    max_faces: int = 0
-    seen: int | None = None  # files and unread folders found under the root: rows + skipped + label conflicts
-
-    def line(self) -> str:
-        rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.extracted and self.embed_seconds > 0 else ""
-        dmg = f", {self.damaged} damaged rows re-embedded" if self.damaged else ""
-        same = "; store unchanged, not rewritten" if self.unchanged else ""
-        faces = ""
-        if self.face_rows is not None:
-            noface = sum(1 for _, why in self.skipped if why == NO_FACE)
-            faces = (f" -> {self.face_rows} rows: face crops, and the whole image where no face was found "
-                     "(--faces-fallback whole)" if self.face_fallback == "whole" else
-                     f" -> {self.face_rows} face crops ({noface} images without a face skipped)")
-            if self.face_capped:
-                faces += (f" [{self.face_capped} images reached the limit of {self.max_faces} faces: their "
-                          f"{self.max_faces} largest were kept]")
-        return (f"{self.out}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
-                f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
-                f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else ""))
-
-
-@dataclass
-class Plan:
-    shas: list[str]  # one per row, in row order
-    labels: list[int]
-    paths: list[str]
-    groups: list[str | None]
-    stats: list[tuple[int, int, int]]  # (size, mtime_ns, inode) of each row's file when hashed
-    todo: dict[str, str]  # sha -> abspath of images to embed (first path wins for identical images)
-
-
-def shard_of(sha: str, num_shards: int) -> int:
-    return int(sha[:15], 16) % num_shards
-
-
-def shard_path(out: str | Path, index: int, num_shards: int) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.shard-{index:05d}-of-{num_shards:05d}{out.suffix}")
 
 
 def check_store_out(out: str | Path) -> Path:
@@ -112,7 +56,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             stop_after: int | None = None, engine: str = "auto", faces: str = "off",
             faces_fallback: str = "skip", verify: bool = False) -> Summary:
     """Bring the store at `out` up to date with `images`. Returns the summary (skips included).
-    `faces`: off | largest | all (features/faces.py); `faces_fallback`: skip | whole, for images without one.
+    `faces`: off | largest | all (features/input/faces.py); `faces_fallback`: skip | whole, for images without one.
     `verify`: read and hash every file instead of trusting the stat cache (size, mtime, inode), which cannot
     see a file rewritten in place with its mtime restored."""
     if dtype not in ("float32", "float16"):
@@ -149,7 +93,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     with OutputLock(target):
         summary = Summary(out=str(target), skipped=list(source.problems),
                           seen=len(source.items) + len(source.problems) if num_shards == 1 else None)
-        where, boxes, old = _reusable(target, fp, force, summary)
+        where, boxes, old = reusable_rows(target, fp, force, summary)
         old_paths = old.paths if old is not None else []
         known, known_since = {}, 0  # path -> (stat, sha256) from the stat cache beside the store
         cache = read_stat_cache(target, old.meta_sha256, len(old.paths)) if old is not None else None
@@ -162,7 +106,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         if spec is not None and old is not None:  # the detector is deterministic: no face then, no face now
             partial.failed.update({sha: NO_FACE for sha in old.noface})
         stat_time = time.time_ns()
-        plan = _plan(source, _images_in(where) if spec else where, partial, summary, num_shards, shard_index,
+        plan = make_plan(source, images_in(where) if spec else where, partial, summary, num_shards, shard_index,
                      known, known_since)
         t_embed = time.time()
         model = None
@@ -187,7 +131,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         where.update(partial.where)
         boxes.update(partial.boxes)
         # one row per image, or (face mode) one per face crop of the image, in image order
-        keep, keys, face_index = _rows(plan, where, partial, spec)
+        keep, keys, face_index = store_rows(plan, where, partial, spec)
         if not keep and plan.shas and num_shards == 1:  # a 0-row store would only fail later, further from the cause
             why = Counter(short_reason(r) for _, r in summary.skipped).most_common(3)
             hint = ("; use --faces-fallback whole to embed them whole, or --faces off" if spec is not None
@@ -223,77 +167,6 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         summary.face_capped = sum(1 for n in Counter(plan.paths[i] for i in keep).values() if n >= spec.max_faces)
     summary.seconds = time.time() - t0
     return summary
-
-
-def _images_in(where: Where) -> set[str]:
-    """Face mode: the images (sha256) that have rows, from keys '<sha256>:<face index>'."""
-    return {k.rsplit(":", 1)[0] for k in where}
-
-
-def _rows(plan: Plan, where: Where, partial: Partial, spec: FaceSpec | None
-          ) -> tuple[list[int], list[str], list[int] | None]:
-    """The store's rows: (image index in the plan per row, row key, face index per row or None)."""
-    ok = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
-    if spec is None:
-        return ok, [plan.shas[i] for i in ok], None
-    count = Counter(k.rsplit(":", 1)[0] for k in where)
-    keep, keys, index = [], [], []
-    for i in ok:
-        for k in range(count[plan.shas[i]]):
-            keep.append(i), keys.append(f"{plan.shas[i]}:{k}"), index.append(k)
-    return keep, keys, index
-
-
-def _reusable(target: Path, fp: dict, force: bool, summary: Summary
-              ) -> tuple[Where, dict[str, tuple[int, ...]], Store | None]:
-    """Rows of the existing store at `target` that may be reused (same backbone, checksum intact), by row key;
-    their face boxes (face mode); and its metadata (None when there is nothing to reuse)."""
-    old_fp = store_fingerprint(target)
-    if old_fp is not None and old_fp != fp and not force:
-        raise UserError(f"{target} was made with another backbone or face setting ({describe_mismatch(fp, old_fp)}); "
-                        f"use another --out, the same settings, or --force to rebuild it")
-    if old_fp != fp:
-        return {}, {}, None
-    try:
-        old = read_store(target, features=False)
-    except UserError:
-        return {}, {}, None  # damaged beyond its features (metadata): rebuilt from the images
-    bad = damaged_rows(target)
-    summary.damaged = int(bad.sum())
-    if old.face_index is None:
-        return {sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, {}, old
-    broken = {sha for sha, b in zip(old.sha256, bad) if b}  # an image's crops are reused all together or not at all
-    keys = [f"{sha}:{k}" for sha, k in zip(old.sha256, old.face_index.tolist())]
-    return ({key: (target, i) for i, (key, sha) in enumerate(zip(keys, old.sha256)) if sha not in broken},
-            {key: tuple(int(v) for v in b) for key, b in zip(keys, old.face_boxes)}, old)
-
-
-def _plan(source: Source, where: Where, partial: Partial, summary: Summary, num_shards: int, shard_index: int,
-          known: dict, stat_time_ns: int) -> Plan:
-    plan = Plan([], [], [], [], [], {})
-    first_label: dict[str, tuple[str, str | None]] = {}
-    index = {c: i for i, c in enumerate(source.class_names)}
-    for item, (sha, err, stat, how) in zip(source.items, hash_items(source.items, known=known,
-                                                                    stat_time_ns=stat_time_ns)):
-        summary.hashed += how in ("hashed", "racy")
-        if err:
-            summary.skipped.append((item.path, err))
-            continue
-        if num_shards > 1 and shard_of(sha, num_shards) != shard_index:
-            continue
-        first = first_label.setdefault(sha, (item.path, item.label))
-        if first[1] != item.label:
-            summary.conflicts.append((item.path, f"identical to {first[0]} which is labelled {first[1]!r}, "
-                                                 f"this one {item.label!r}"))
-        plan.shas.append(sha)
-        plan.labels.append(index[item.label] if item.label is not None else -1)
-        plan.paths.append(item.path)
-        plan.groups.append(item.group)
-        plan.stats.append(stat)
-        if sha not in where and sha not in partial.failed:
-            plan.todo.setdefault(sha, item.abspath)
-    summary.reused = sum(1 for s in plan.shas if s in where)
-    return plan
 
 
 def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summary: Summary, *, batch_size: int,

@@ -12,11 +12,13 @@ import time
 import h5py
 import numpy as np
 
-from features.atomic import OutputLock
+from features.storage.atomic import OutputLock
 from features.errors import UserError
-from features.extract import Summary, check_store_out, extract, shard_path
-from features.partial import Where, gather_blocks
-from features.store import describe_mismatch, read_store, write_store
+from features.extract import check_store_out, extract
+from features.plan import Summary, shard_path
+from features.storage.partial import Where, gather_blocks
+from features.storage.store import describe_mismatch, read_store
+from features.storage.write import write_store
 
 
 def torchrun_rank() -> tuple[int, int]:

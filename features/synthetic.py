@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from features.store import write_store
+from features.storage.write import write_store
 
 
 def synthetic_store(path: str | os.PathLike, *, n: int, dim: int, classes: int = 3, separation: float = 0.25,

@@ -13,13 +13,13 @@ import importlib
 
 _WHERE = {
     "extract": "features.extract",
-    "read_store": "features.store",
+    "read_store": "features.storage.store",
     "load_params": "pipeline.params",
-    "train_head": "pipeline.train",
-    "evaluate": "pipeline.evaluate",
-    "load_model": "pipeline.predict",
-    "Predictor": "pipeline.predict",
-    "Predictions": "pipeline.predict",
+    "train_head": "pipeline.stages.train",
+    "evaluate": "pipeline.stages.evaluate",
+    "load_model": "pipeline.inference.predict",
+    "Predictor": "pipeline.inference.predict",
+    "Predictions": "pipeline.inference.predictions",
     "UserError": "features.errors",
 }
 __all__ = sorted(_WHERE)

@@ -9,6 +9,6 @@ __all__ = ["Predictor", "Predictions", "load_model"]
 def __getattr__(name: str):
     # Lazy: `imgsent train-head` imports pipeline.* but must not pay for importing timm/torchvision.
     if name in __all__:
-        from pipeline import predict
+        from pipeline.inference import predict
         return getattr(predict, name)
     raise AttributeError(name)

@@ -66,7 +66,7 @@ def extract(
             s = run(num_shards=num_shards or 1, shard_index=shard_index or 0, **kw)
     except Interrupted as e:
         _fail(str(e), 130)
-    from features.store import safe_text  # a non-UTF-8 file name is printed with \x escapes, as stored
+    from features.text import safe_text  # a non-UTF-8 file name is printed with \x escapes, as stored
     for path, why in s.skipped[:20]:
         typer.echo(safe_text(f"skipped {path}: {why}"), err=True)
     if len(s.skipped) > 20:
@@ -85,7 +85,7 @@ def extract(
 def init(folder: str = typer.Argument(".", help="where to write params.yaml"),
          force: bool = typer.Option(False, help="overwrite an existing params.yaml")) -> None:
     """Write a params.yaml to edit: every setting with its default and what it means (no DVC paths)."""
-    from pipeline.init import write_params
+    from pipeline.stages.init import write_params
     typer.echo(f"{write_params(folder, force=force)}: written; edit it, then run imgsent extract / train-head")
 
 
@@ -106,7 +106,7 @@ def train_head(
     intersect: bool = typer.Option(False, help="with several stores, use only the images they share"),
 ) -> None:
     """Cross-validate the head on cached features, calibrate it, and fit it on all images."""
-    from pipeline.train import train_head as run
+    from pipeline.stages.train import train_head as run
     from pipeline.params import load_params
     p = load_params(params)
     run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=typer.echo)
@@ -124,7 +124,7 @@ def sweep(
 ) -> None:
     """Cross-validate every combination of head settings on the same folds in one process; rank by macro-F1."""
     from pipeline.params import load_params
-    from pipeline.sweep import sweep as run
+    from pipeline.stages.sweep import sweep as run
     p = load_params(params)
     run(stores=stores or p.stores("train_stores"), out=out, params=p, grid=grid, intersect=intersect,
         progress=typer.echo, bar=progress)
@@ -138,7 +138,7 @@ def suggest(model_dir: str = typer.Argument(...),
             max_similarity: float = typer.Option(0.95, help="skip a candidate this similar (cosine) to one picked")
             ) -> None:
     """Rank unlabelled images by what labelling them would teach the head: uncertain first, no near-duplicates."""
-    from pipeline.suggest import suggest as run
+    from pipeline.stages.suggest import suggest as run
     run(model_dir=model_dir, stores=stores, out=out, n=n, max_similarity=max_similarity, progress=typer.echo)
 
 
@@ -148,7 +148,7 @@ def evaluate(model_dir: str = typer.Argument(...),
                                                           "(default: paths.test_stores/<backbone>.h5 from params)"),
              out: str = typer.Option(..., "--out"), params: Optional[str] = typer.Option(None)) -> None:
     """Metrics, confusion matrix and misclassified images on a labelled held-out store."""
-    from pipeline.evaluate import evaluate as run
+    from pipeline.stages.evaluate import evaluate as run
     from pipeline.params import load_params
     if not stores:
         p = load_params(params)
@@ -163,7 +163,7 @@ def report(model_dir: str = typer.Argument(...),
            params: Optional[str] = typer.Option(None, help="with no STORE: add paths.test_stores from this params file")) -> None:
     """Self-contained HTML error analysis: CIs, confusion, gallery, label errors, near-duplicates, learning curve, map."""
     from pipeline.params import load_params
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
     if not stores and params:
         p = load_params(params)
         stores = p.stores("test_stores")
@@ -174,7 +174,7 @@ def report(model_dir: str = typer.Argument(...),
 def export(model_dir: str = typer.Argument(...), format: str = typer.Option("torchscript", "--format", help="torchscript|onnx"),
            out: str = typer.Option(..., "--out")) -> None:
     """One file with backbone(s) + head + preprocessing: uint8 (B, H, W, 3) RGB in, calibrated (B, C) out."""
-    from pipeline.export import export as run
+    from pipeline.stages.export import export as run
     if sys.stderr.isatty():  # a person waits up to a minute for the ONNX exporter; logs get the result line only
         typer.echo(f"{out}: exporting backbone(s) and head to {format}" + (" (up to a minute)" if format == "onnx"
                                                                             else ""), err=True)
@@ -192,7 +192,8 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
             ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "
                                                "than this quantile of the training images themselves (1 = never)")) -> None:
     """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,error."""
-    from pipeline.predict import check_predict_args, check_prediction_out, faces_csv, load_model, write_prediction_csv
+    from pipeline.inference.predict import check_predict_args, load_model
+    from pipeline.inference.predictions import check_prediction_out, faces_csv, write_prediction_csv
     check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
                        ood_quantile=ood_quantile, engine=engine)
     check_prediction_out(out)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from sklearn.datasets import load_sample_image
 
-from features.backbones import Preprocess, load_backbone, prepare
+from features.models.backbones import load_backbone
+from features.models.preprocess import Preprocess, prepare
 from features.errors import UserError
 from tests.conftest import TINY
 
@@ -75,7 +76,7 @@ def test_an_offline_hub_backbone_reads_the_cache_only(monkeypatch):
     import timm
     from huggingface_hub import constants
 
-    from features import backbones
+    from features.models import backbones
     seen, before = [], constants.HF_HUB_OFFLINE
 
     def fake_create(name, pretrained=False, **kw):

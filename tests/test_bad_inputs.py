@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from features.extract import extract
-from features.images import decode
-from features.store import read_store
+from features.input.images import decode
+from features.storage.store import read_store
 from tests.conftest import ROOT, TINY, make_images, run_cli
 
 
@@ -179,7 +179,7 @@ def test_odd_files_names_and_outputs_are_one_line_each(tmp_path, tiny_weights):
     resumable chunks go are refused in one line, and a one-image class is told to add images (the old advice,
     'cv.folds at most 1', was itself refused)."""
     from features.errors import UserError
-    from pipeline.folds import assign_folds
+    from pipeline.data.folds import assign_folds
     root = make_images(tmp_path / "imgs", per_class=2)
     os.mkfifo(root / "red" / "pipe.png")
     with pytest.raises(ValueError, match="not a regular file"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from features.errors import UserError
-from features.store import partial_dir, read_store
+from features.storage.store import partial_dir, read_store
 from tests.conftest import ROOT, TINY, make_images, run_cli
 
 

@@ -10,12 +10,12 @@ import torch
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_image
 
-from features import images
-from features.backbones import Preprocess, prepare
-from features.embed import AUTO_GPU_MIN_IMAGES, resolve_device
+from features.input import images
+from features.models.preprocess import Preprocess, prepare
+from features.models.embed import AUTO_GPU_MIN_IMAGES, resolve_device
 from features.errors import UserError
-from features.images import decode, decode_tensor
-from features.prefetch import available_cores, ordered_map, resolve_workers
+from features.input.images import decode, decode_tensor
+from features.input.prefetch import available_cores, ordered_map, resolve_workers
 
 
 def _pil_reference(path) -> np.ndarray:
@@ -190,7 +190,7 @@ def test_auto_device_uses_a_gpu_only_for_jobs_that_pay_its_start(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_and_cpu_stores_hold_the_same_features(tmp_path, tiny_weights):
     from features.extract import extract
-    from features.store import read_store
+    from features.storage.store import read_store
     from tests.conftest import TINY, make_images
     imgs = make_images(tmp_path / "imgs", per_class=4)
     for dev in ("cpu", "cuda"):

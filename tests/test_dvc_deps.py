@@ -12,9 +12,9 @@ from tests.conftest import ROOT
 ENTRY = {  # what each stage's command runs: the CLI plus the stage's module
     "extract_train": ["pipeline.cli", "features.extract", "features.shards"],
     "extract_test": ["pipeline.cli", "features.extract", "features.shards"],
-    "train": ["pipeline.cli", "pipeline.train", "pipeline.params"],
-    "evaluate": ["pipeline.cli", "pipeline.evaluate", "pipeline.params"],
-    "report": ["pipeline.cli", "pipeline.report", "pipeline.params"],
+    "train": ["pipeline.cli", "pipeline.stages.train", "pipeline.params"],
+    "evaluate": ["pipeline.cli", "pipeline.stages.evaluate", "pipeline.params"],
+    "report": ["pipeline.cli", "pipeline.stages.report", "pipeline.params"],
 }
 
 

@@ -83,9 +83,9 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
     assert meta["head"]["dim"] == 1280 + 135
     assert (work / "out" / "report" / "index.html").exists()
     # Editing any module a stage runs makes `dvc status` list that stage.
-    for rel, stages in (("features/embed.py", ["extract_train@", "extract_test@", "train"]),
+    for rel, stages in (("features/models/embed.py", ["extract_train@", "extract_test@", "train"]),
                         ("pipeline/heads/linear.py", ["train", "evaluate", "report"]),
-                        ("pipeline/evaluate.py", ["evaluate"]), ("pipeline/report.py", ["report"])):
+                        ("pipeline/stages/evaluate.py", ["evaluate"]), ("pipeline/stages/report.py", ["report"])):
         f = work / rel
         text = f.read_text()
         f.write_text(text + "\n# edited\n")

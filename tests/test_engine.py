@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-import features.engine as engine
-from features.backbones import load_backbone
-from features.embed import iter_embeddings
+import features.models.engine as engine
+from features.models.backbones import load_backbone
+from features.models.embed import iter_embeddings
 from features.errors import UserError
 from features.extract import extract
-from features.store import read_store
+from features.storage.store import read_store
 from tests.conftest import TINY
 
 

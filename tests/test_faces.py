@@ -19,8 +19,8 @@ from conftest import TINY, params, run_cli
 from faces_data import ASTRONAUT_FACE, astronaut, canvas, grace, head, no_face
 from features.errors import UserError
 from features.extract import Interrupted, extract
-from features.faces import NO_FACE, FaceSpec, detect, expand, face_boxes, iou
-from features.store import read_store
+from features.input.faces import NO_FACE, FaceSpec, detect, expand, face_boxes, iou
+from features.storage.store import read_store
 
 FER = "fer_mini_xception"
 
@@ -150,8 +150,9 @@ def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, pe
 
 
 def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people):
-    from pipeline.predict import faces_csv, load_model
-    from pipeline.train import train_head
+    from pipeline.inference.predict import load_model
+    from pipeline.inference.predictions import faces_csv
+    from pipeline.stages.train import train_head
     store = tmp_path / "fer.h5"
     extract(images=str(people), out=str(store), backbone=FER, faces="all", progress=False)
     train_head(stores=[str(store)], out=str(tmp_path / "m"), progress=lambda *_: None,
@@ -188,7 +189,7 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     mean = np.mean([[float(f[k]) for k in ("p_astronaut", "p_grace")] for f in faces], axis=0)
     assert np.allclose(mean, [float(rows[0][k]) for k in ("p_astronaut", "p_grace")], atol=2e-6)
     # suggest ranks images, not faces: the two-face canvas is one candidate
-    from pipeline.suggest import suggest
+    from pipeline.stages.suggest import suggest
     for name in ("astronaut/two.png", "grace/grace_0.png", "astronaut/astronaut_1.png"):
         shutil.copy(people / name, _save(np.zeros((1, 1, 3), np.uint8), tmp_path / "unlabelled" / name.replace("/", "_")))
     extract(images=str(tmp_path / "unlabelled"), out=str(tmp_path / "u.h5"), backbone=FER, faces="all", progress=False)
@@ -197,15 +198,15 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
                      n=5, max_similarity=1.0, progress=lambda s: None)
     assert sorted(picked) == ["astronaut_astronaut_1.png", "astronaut_two.png", "grace_grace_0.png"]
     # a store of whole images is not what a face model was trained on: refused, naming why
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
     extract(images=str(people), out=str(tmp_path / "whole.h5"), backbone=FER, progress=False)
     with pytest.raises(UserError, match=r"whole.h5: features do not match the model \(--faces off != all\)"):
         evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "whole.h5")], out=str(tmp_path / "ev"))
     ev = evaluate(model_dir=str(tmp_path / "m"), stores=[str(store)], out=str(tmp_path / "ev"), progress=lambda s: None)
     assert ev["test"]["n"] == len(oof) and ev["per_image"]["n"] == len(by_image)
     # the report reads each row's crop box back from the out-of-fold CSV and draws it on the thumbnails
-    from pipeline.modeldir import load_model_dir
-    from pipeline.report import _oof_split, build_report
+    from pipeline.inference.modeldir import load_model_dir
+    from pipeline.stages.report import _oof_split, build_report
     split = _oof_split(tmp_path / "m", load_model_dir(tmp_path / "m")[1])
     two_rows = [i for i, q in enumerate(split.paths) if q == "astronaut/two.png"]
     assert split.face[two_rows].tolist() == [0, 1] and all(iou(tuple(split.boxes[i]), w) >= 0.5
@@ -219,7 +220,7 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
 
 
 def test_face_store_fuses_with_a_whole_image_store(tmp_path, people, tiny_weights):
-    from pipeline.rows import open_rows
+    from pipeline.data.rows import open_rows
     extract(images=str(people), out=str(tmp_path / "fer.h5"), backbone=FER, faces="all", progress=False)
     extract(images=str(people), out=str(tmp_path / "tiny.h5"), backbone=TINY, weights=tiny_weights, progress=False)
     stores = [str(tmp_path / "tiny.h5"), str(tmp_path / "fer.h5")]
@@ -236,7 +237,7 @@ def test_face_store_fuses_with_a_whole_image_store(tmp_path, people, tiny_weight
 
 
 def test_report_draws_the_crop_box_on_thumbnails(tmp_path):
-    from pipeline.report import _thumb
+    from pipeline.analysis.html import thumb as _thumb
     _save(np.full((200, 300, 3), 255, np.uint8), tmp_path / "white.png")
     uri = _thumb(str(tmp_path), "white.png", size=96, box=(100, 50, 100, 100))
     im = np.array(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")).astype(int)

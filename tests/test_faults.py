@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from features.atomic import OutputLock
+from features.storage.atomic import OutputLock
 from features.errors import UserError
-from features.store import read_store
+from features.storage.store import read_store
 from features.synthetic import synthetic_store
 from tests.conftest import ROOT, TINY, make_images, run_cli
 
@@ -83,7 +83,7 @@ def test_train_head_killed_at_any_moment_leaves_a_complete_model(tmp_path):
     out = tmp_path / "m"
     args = ["train-head", store, "--out", str(out), "--params", str(ROOT / "params.yaml")]
     assert _cli(*args).returncode == 0
-    from pipeline.modeldir import load_model_dir
+    from pipeline.inference.modeldir import load_model_dir
     rng = np.random.default_rng(0)
     cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
     for _ in range(6):

@@ -1,13 +1,13 @@
 """The PyTorch port of the FER-2013 mini-Xception reproduces the reference port's zero-shot accuracy."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from features.backbones import load_backbone, prepare
-from features.fer import FER_CLASSES
-from features.images import decode
+from features.models.backbones import load_backbone
+from features.models.preprocess import prepare
+from features.models.fer import FER_CLASSES
+from features.input.images import decode
 from tests.conftest import SHARED
 
 REFERENCE = {"emojione": 0.59, "twemoji": 0.45, "noto": 0.43}
@@ -36,7 +36,7 @@ def test_fer_features_are_pooled_128_plus_7_log_probs():
 
 
 def test_weights_ship_inside_the_package():
-    from features.fer import WEIGHTS
+    from features.models.fer import WEIGHTS
     import hashlib
     shared = SHARED.parent / "weights" / "fer2013_mini_xception.hdf5"
     if not shared.is_file():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from features.errors import UserError
-from pipeline.folds import assign_folds
+from pipeline.data.folds import assign_folds
 
 
 def _layout(rng, n, classes, groups, dup_rate):

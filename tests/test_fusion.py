@@ -8,7 +8,7 @@ import torch
 
 from features.errors import UserError
 from features.extract import extract
-from pipeline.rows import open_rows
+from pipeline.data.rows import open_rows
 from tests.conftest import ROOT, TINY, make_images, run_cli
 
 

@@ -10,17 +10,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from features.synthetic import synthetic_store
-from pipeline.calibration import fit_temperature, softmax
+from pipeline.inference.calibration import fit_temperature, softmax
 from pipeline.heads.common import standardise
 from pipeline.heads.fitting import split_validation
-from pipeline.heads.head import head_logits
 from pipeline.heads.lbfgs import lbfgs, wolfe
 from pipeline.heads.linear import LinearHead
 from pipeline.heads.loss import linear_loss_gradient
 from pipeline.heads.mlp import Adam, MLPHead
-from pipeline.metrics import classification_metrics
-from pipeline.rows import open_rows
-from pipeline.train import train_head
+from pipeline.analysis.metrics import classification_metrics
+from pipeline.data.rows import open_rows
+from pipeline.stages.train import train_head
 from tests.conftest import ROOT, params
 
 
@@ -122,8 +121,8 @@ def test_linear_train_head_never_imports_torch(tmp_path):
     code = (
         "import sys, dataclasses\n"
         "from pipeline.params import load_params\n"
-        "from pipeline.train import train_head\n"
-        "from pipeline.modeldir import load_model_dir\n"
+        "from pipeline.stages.train import train_head\n"
+        "from pipeline.inference.modeldir import load_model_dir\n"
         "import numpy as np\n"
         f"p = load_params({str(ROOT / 'params.yaml')!r})\n"
         "p = dataclasses.replace(p, head=dataclasses.replace(p.head, hidden=()))\n"
@@ -164,7 +163,7 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     """write_predictions formats its numbers in blocks; the file must read back as csv.writer's would, odd path
     names (commas, quotes, line breaks, non-ASCII) and class names included."""
     import csv
-    from pipeline.metrics import write_predictions
+    from pipeline.analysis.metrics import write_predictions
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), 5000).astype(np.float32)
     names = ["a", "b,c", 'd"e', "ü"]
@@ -187,7 +186,7 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
 def test_fixed_6_spells_numbers_as_percent_format():
     """fixed_6 builds '%.6f' text in numpy: it must give the same characters for float32 and float64, values
     0 and 1, exact and near rounding ties (x.xxxxxx5), and fall back for values outside [0, 1] or not finite."""
-    from pipeline.metrics import fixed_6
+    from pipeline.analysis.metrics import fixed_6
     rng = np.random.default_rng(1)
     ties = (rng.integers(0, 10 ** 6, 300) + 0.5) / 1e6  # float64 near-ties, the hard case for rounding
     for p in (rng.dirichlet(np.ones(50), 400).astype(np.float32), rng.dirichlet(np.ones(50), 400),
@@ -261,7 +260,7 @@ def test_integer_sample_weights_equal_repeated_rows(Head):
 def test_hidden_auto_keeps_the_better_head_and_says_so(tmp_path):
     """`hidden: auto` cross-validates [] and [256] on the same folds and keeps the higher mean macro-F1: the
     model's head, its CV score and metrics.json's record agree with that choice."""
-    from pipeline.modeldir import load_model_dir
+    from pipeline.inference.modeldir import load_model_dir
     store = synthetic_store(tmp_path / "s.h5", n=1500, dim=32, classes=20, separation=0.35)
     lines = []
     m = train_head(stores=[store], out=str(tmp_path / "m"), progress=lines.append,

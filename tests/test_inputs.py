@@ -12,7 +12,7 @@ from PIL import Image
 
 from features.errors import UserError
 from features.extract import extract
-from features.sources import discover
+from features.input.sources import discover
 from tests.conftest import ROOT, TINY, make_images, run_cli
 from tests.test_faults import one_line_error, world  # noqa: F401 - the module-scoped fixture
 
@@ -141,8 +141,8 @@ def test_aspect_ratio_bombs_have_bounded_memory(tmp_path, size):
     code = f"""
 import json, resource, sys
 sys.path.insert(0, {str(ROOT)!r})
-from features.backbones import Preprocess, prepare
-from features.images import decode
+from features.models.preprocess import Preprocess, prepare
+from features.input.images import decode
 pre = Preprocess(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 prepare(decode({str(ROOT / "data/demo/test/happy/1f600.png")!r}), pre)  # warm up
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -208,7 +208,7 @@ def test_out_at_a_pipe_or_device_is_refused_at_once(world, tmp_path, tiny_weight
 
 
 def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
-    from pipeline.predict import check_prediction_out
+    from pipeline.inference.predictions import check_prediction_out
     with pytest.raises(UserError, match="--out -: predictions are written to a CSV file"):
         check_prediction_out("-")
     assert not (tmp_path / "-").exists()
@@ -217,7 +217,7 @@ def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
 def test_face_mode_csvs_are_published_together(tmp_path):
     """Issue #25: with the main CSV's write failing, the per-face CSV used to be replaced already."""
     import numpy as np
-    from pipeline.predict import FaceRows, Predictions, faces_csv, write_prediction_csv
+    from pipeline.inference.predictions import FaceRows, Predictions, faces_csv, write_prediction_csv
 
     def preds(label: str, error: object = "") -> Predictions:
         fr = FaceRows(image=np.array([0, 0]), face=np.array([0, 1]), boxes=np.zeros((2, 4), int),

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from features.synthetic import synthetic_store
-from pipeline.insight import embedding_2d, label_issues, learning_curve
-from pipeline.rows import open_rows
-from pipeline.train import prepare, train_head
+from pipeline.analysis.insight import embedding_2d, label_issues, learning_curve
+from pipeline.data.rows import open_rows
+from pipeline.stages.train import prepare, train_head
 from tests.conftest import ROOT, params
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -24,7 +24,7 @@ def test_planted_label_errors_are_found_with_their_true_class(tmp_path):
     before preprocessing version 4); this is seed 0, which found 4 before and 3 after that version's uint8
     resize, so the bar is the seeds' minimum, not one seed's luck."""
     from features.extract import extract
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
     rows = [(str(p), p.parent.name) for style in sorted((SHARED / "emoji-faces7").iterdir())
             if style.is_dir() for p in sorted(style.glob("*/*.png"))]
     happy = [i for i, r in enumerate(rows) if r[1] == "happy"]

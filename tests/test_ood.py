@@ -9,9 +9,9 @@ from PIL import Image, ImageDraw
 
 from features.errors import UserError
 from features.extract import extract
-from pipeline.ood import knn_distance
-from pipeline.predict import load_model
-from pipeline.train import train_head
+from pipeline.inference.ood import knn_distance
+from pipeline.inference.predict import load_model
+from pipeline.stages.train import train_head
 from tests.conftest import TINY, make_images, params, run_cli
 
 
@@ -99,7 +99,7 @@ def test_a_model_from_before_the_check_still_predicts(model, tmp_path):
 @pytest.mark.parametrize("shape,k", [((300, 4096), 10), ((64, 3001), 10), ((20, 700), 10), ((9, 129), 3), ((4, 12), 10)])
 def test_top_k_equals_a_full_partition(shape, k):
     """The chunked top-k gives the same k largest values per row as np.partition, ties and -inf included."""
-    from pipeline.ood import top_k
+    from pipeline.inference.ood import top_k
     rng = np.random.default_rng(0)
     sim = rng.normal(size=shape).astype(np.float32)
     sim[0] = 1.0  # a row of ties
@@ -113,7 +113,7 @@ def test_top_k_equals_a_full_partition(shape, k):
 def test_threshold_holds_on_small_training_sets_and_says_how_it_was_set():
     """Issue #25: from 18 leave-one-out scores the 0.99 quantile is just their maximum, and a model of 18 images
     flagged no photo. Under 1/(1 - q) scores a normal tail stands in; under MIN_JUDGE there is no threshold."""
-    from pipeline.ood import MIN_JUDGE, threshold
+    from pipeline.inference.ood import MIN_JUDGE, threshold
     rng = np.random.default_rng(0)
     big = np.sort(rng.normal(0.3, 0.05, 5000))
     thr, note = threshold(big, 0.99)

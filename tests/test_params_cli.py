@@ -204,7 +204,7 @@ def test_train_evaluate_predict_outputs(tmp_path, store, tiny_weights):
 
 def test_python_api(tmp_path, store):
     from pipeline import load_model
-    from pipeline.train import train_head
+    from pipeline.stages.train import train_head
     p = load_params(_params_file(tmp_path, cv__folds=2, head__epochs=20))
     train_head(stores=[str(store)], out=str(tmp_path / "m"), params=p, progress=lambda s: None)
     m = load_model(tmp_path / "m", device="cpu")
@@ -239,7 +239,7 @@ def test_blank_folder_to_predictions_without_dvc(tmp_path, tiny_weights):
 
 
 def test_init_template_holds_the_repository_settings(tmp_path):
-    from pipeline.init import write_params
+    from pipeline.stages.init import write_params
     mine = load_params(str(write_params(str(tmp_path))))
     repo = load_params(str(ROOT / "params.yaml"))
     assert mine.paths is None and dataclasses.replace(repo, paths=None) == mine
@@ -250,7 +250,7 @@ def test_import_imgsent_gives_the_api_without_importing_torch():
     import sys
     code = ("import sys, imgsent; assert 'torch' not in sys.modules; "
             "assert callable(imgsent.load_params) and callable(imgsent.train_head) and callable(imgsent.extract); "
-            "assert imgsent.load_model.__module__ == 'pipeline.predict'")
+            "assert imgsent.load_model.__module__ == 'pipeline.inference.predict'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -269,8 +269,8 @@ def test_params_as_dvc_exp_rewrites_them_mean_the_same():
 
 def test_evaluate_on_a_subset_of_the_classes_averages_over_those_present(tmp_path, store, tiny_weights):
     """Issue #25: a held-out store without some class used to average that class in as F1 0."""
-    from pipeline.evaluate import evaluate
-    from pipeline.train import train_head
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.train import train_head
     train_head(stores=[str(store)], out=str(tmp_path / "m"), params=load_params(str(ROOT / "params.yaml")),
                progress=lambda s: None)
     part = make_images(tmp_path / "part", per_class=3, seed=5)

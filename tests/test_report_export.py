@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from features.extract import extract
-from features.images import decode
-from pipeline.train import train_head
-from pipeline.calibration import fit_temperature, softmax
-from pipeline.metrics import expected_calibration_error
+from features.input.images import decode
+from pipeline.stages.train import train_head
+from pipeline.inference.calibration import fit_temperature, softmax
+from pipeline.analysis.metrics import expected_calibration_error
 from tests.conftest import TINY, make_images, params
 
 
@@ -36,7 +36,7 @@ def trained(tmp_path, tiny_weights):
 def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
     import csv
     import re
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
     out = trained / "report"
     monkeypatch.chdir(trained / "imgs")  # another working directory than train-head's: same page
     res = build_report(model_dir="../model", out=str(out), test_stores=[str(trained / "test.h5")],
@@ -65,7 +65,7 @@ def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
 
 
 def test_report_says_when_a_section_is_skipped(trained):
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
     (trained / "train.h5").rename(trained / "moved.h5")
     build_report(model_dir=str(trained / "model"), out=str(trained / "r"), progress=lambda s: None)
     page = (trained / "r" / "index.html").read_text()
@@ -75,7 +75,7 @@ def test_report_says_when_a_section_is_skipped(trained):
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no headless Chromium")
 def test_report_renders_in_headless_chromium(trained):
     from PIL import Image
-    from pipeline.report import build_report
+    from pipeline.stages.report import build_report
     out = trained / "report"
     build_report(model_dir=str(trained / "model"), out=str(out), progress=lambda s: None)
     shot = trained / "shot.png"
@@ -116,7 +116,7 @@ def _photos(d) -> list[str]:
 
 def test_torchscript_export_matches_predict(trained):
     from pipeline import load_model
-    from pipeline.export import export, load_exported
+    from pipeline.stages.export import export, load_exported
     dst = export(model_dir=str(trained / "model"), fmt="torchscript", out=str(trained / "m.pt"))
     m, meta = load_exported(str(dst))
     assert meta["class_names"] == ["blue", "green", "red"]
@@ -134,7 +134,7 @@ def test_onnx_export_matches_predict(trained):
     ort = pytest.importorskip("onnxruntime")
     import onnx
     from pipeline import load_model
-    from pipeline.export import export
+    from pipeline.stages.export import export
     dst = export(model_dir=str(trained / "model"), fmt="onnx", out=str(trained / "m.onnx"))
     meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}["imgsent"])
     assert meta["class_names"] == ["blue", "green", "red"]

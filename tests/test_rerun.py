@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 
 from features.extract import extract
-from features.statcache import stat_path, write_stat_cache
-from features.store import read_store
+from features.storage.statcache import stat_path, write_stat_cache
+from features.storage.store import read_store
 from tests.conftest import TINY
 
 PAST = time.time() - 3600  # well before any hashing pass: not "racy"

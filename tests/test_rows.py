@@ -10,8 +10,8 @@ import numpy as np
 from features.synthetic import synthetic_store
 from pipeline.heads.fitting import fit_rows, split_validation
 from pipeline.heads.head import head_logits
-from pipeline.rows import open_rows
-from pipeline.train import train_head
+from pipeline.data.rows import open_rows
+from pipeline.stages.train import train_head
 from tests.conftest import ROOT, params
 
 
@@ -34,7 +34,7 @@ def test_streamed_and_in_memory_agree_on_a_grouped_store(tmp_path):
     assert all(len(f) == 1 for f in by_group.values())  # groups are honoured when streamed too
     assert abs(mem["cv"]["macro_f1_mean"] - st["cv"]["macro_f1_mean"]) < 0.01, (mem["cv"], st["cv"])
     assert st["cv"]["macro_f1_mean"] > 0.6  # learnt something real (chance = 0.33)
-    from pipeline.modeldir import load_model_dir
+    from pipeline.inference.modeldir import load_model_dir
     head, info = load_model_dir(tmp_path / "st")  # the streamed model is a normal model directory
     assert info.dim == 64 and info.stores == [str((tmp_path / "s.h5").resolve())]
 
@@ -59,9 +59,9 @@ import json, resource, sys
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
 from features.synthetic import synthetic_store
-from pipeline.rows import open_rows
+from pipeline.data.rows import open_rows
 from pipeline.heads.mlp import MLPHead
-from pipeline.train import train_head
+from pipeline.stages.train import train_head
 from tests.conftest import params
 # Warm up first: imports and the first training step's one-time kernel set-up are not what we measure.
 warm = open_rows([synthetic_store({str(tmp_path / 'warm.h5')!r}, n=600, dim=256)])

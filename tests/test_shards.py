@@ -3,7 +3,7 @@ import numpy as np
 
 from features.extract import extract, shard_path
 from features.shards import assemble_shards
-from features.store import read_store
+from features.storage.store import read_store
 from tests.conftest import TINY, make_images
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from features.errors import UserError
 from features.extract import extract
-from features.atomic import OutputLock
-from features.store import partial_dir, read_store
+from features.storage.atomic import OutputLock
+from features.storage.store import partial_dir, read_store
 from tests.conftest import TINY
 
 

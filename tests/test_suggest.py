@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from features.extract import extract
-from pipeline.suggest import pick
-from pipeline.train import train_head
+from pipeline.stages.suggest import pick
+from pipeline.stages.train import train_head
 from tests.conftest import COLOURS, TINY, make_images, params, run_cli
 
 
@@ -65,7 +65,7 @@ def test_suggest_refuses_what_it_cannot_use(setup):
 
 def test_suggest_says_when_nothing_is_uncertain():
     """Issue #24: 'most uncertain first' over picks the head is 0.9999 sure of said nothing about it."""
-    from pipeline.suggest import sure_note
+    from pipeline.stages.suggest import sure_note
     assert sure_note(np.array([0.55, 0.9999])) == ""
     note = sure_note(np.array([0.9951, 0.9999]))
     assert "at least 0.9951 sure of every one of them" in note and "teaches it little" in note

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.extract import extract, shard_path
-from features.store import read_store
+from features.extract import extract
+from features.plan import shard_path
+from features.storage.store import read_store
 from tests.conftest import ROOT, TINY, make_images
 
 

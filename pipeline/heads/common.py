@@ -1,7 +1,7 @@
 """What both estimators share: their input as blocks, standardisation, class weights and early stopping.
 
 A head's input X is either an array (N, D) of raw features (the store in memory) or a sequence of such blocks
-in row order, read from the store on access (pipeline/rows.py RowBlocks: stores beyond the memory budget).
+in row order, read from the store on access (pipeline/data/rows.py RowBlocks: stores beyond the memory budget).
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParam
 
 
 def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max_val: int | None = None) -> Head:
-    """One head on the store rows (pipeline/rows.py) where `train` is True, early-stopping on a slice of them by
+    """One head on the store rows (pipeline/data/rows.py) where `train` is True, early-stopping on a slice of them by
     split_validation's rule. Holds one copy of the fit's rows (standardised in place), or none when streamed."""
     fit, val = split_validation(labels=rows.labels, train=train, params=params, random_state=random_state,
                                 max_rows=max_val)

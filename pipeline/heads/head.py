@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.calibration import softmax
+from pipeline.inference.calibration import softmax
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Head:
     layers: list[tuple[np.ndarray, np.ndarray]]  # (W (out, in), b (out,)) float32 per Linear layer
     mean: np.ndarray  # (D,) subtracted from raw features
     scale: np.ndarray  # (D,) then divided by
-    temperature: float = 1.0  # fitted on out-of-fold logits (pipeline/calibration.py)
+    temperature: float = 1.0  # fitted on out-of-fold logits (pipeline/inference/calibration.py)
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -42,7 +42,7 @@ class Head:
 
 
 def head_logits(head: Head, rows, mask: np.ndarray | None = None, batch: int = 65536) -> np.ndarray:
-    """Uncalibrated logits (sum(mask), C) of the store rows (pipeline/rows.py) where `mask` is True (all rows
+    """Uncalibrated logits (sum(mask), C) of the store rows (pipeline/data/rows.py) where `mask` is True (all rows
     when None), in row order, read block by block when the store is streamed."""
     out = []
     for s, x in rows.blocks(mask):

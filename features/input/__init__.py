@@ -1,0 +1,1 @@
+"""Stage one's input: finding images, decoding them, decode threads, face crops."""

@@ -1,0 +1,154 @@
+"""Read images: content hashes, and robust decoding to upright RGB within a stated memory bound.
+
+Every problem with one image is a short reason (a `ValueError` from `decode`, a string from `hash_items`),
+never a crash: a bad file in a million must not stop an extraction.
+
+Memory bound: an image is decoded only when width x height <= MAX_PIXELS (40 MP); peak memory for one
+image is then below ~10 bytes per pixel (the file's bytes, the RGB pixels, PIL's buffer for non-JPEG formats,
+the resize's uint8 channels_last copy), i.e. about 400 MiB, whatever the file claims, and one such image per
+decode thread. Aspect-ratio bombs (60000 x 2) are bounded by `resize_crop`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from features.input.sources import Item
+from features.text import safe_text
+
+MAX_PIXELS = 40_000_000
+
+
+# --------------------------------------------------------------------------- hashing
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+Stat = tuple[int, int, int]  # (size, mtime_ns, inode) of a file when it was hashed
+RACY_NS = 2_000_000_000  # a file modified this close to the hashing pass may change again within one mtime tick
+
+
+def _hash_one(item: Item, known: dict[str, tuple[Stat, str]], trusted_before_ns: int
+              ) -> tuple[str | None, str | None, Stat | None, str]:
+    try:
+        st = os.stat(item.abspath)
+        stat = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if st.st_size == 0:
+            return None, "empty file (0 bytes)", None, "error"
+        hit = known.get(safe_text(item.path))  # the store spells a non-UTF-8 name with \x escapes
+        if hit is not None and hit[0] == stat:
+            if stat[1] < trusted_before_ns:
+                return hit[1], None, stat, "cached"  # unchanged since it was hashed: not read again
+            return sha256_file(item.abspath), None, stat, "racy"
+        return sha256_file(item.abspath), None, stat, "hashed"
+    except OSError as e:  # missing, permission denied, symlink loop, a folder named like an image...
+        return None, f"cannot read: {e.strerror or e}", None, "error"
+
+
+def hash_items(items: list[Item], *, known: dict[str, tuple[Stat, str]] | None = None, stat_time_ns: int = 0,
+               threads: int = 4) -> list[tuple[str | None, str | None, Stat | None, str]]:
+    """(sha256, None, stat, how) or (None, reason, None, "error") per item, in order; how = hashed | cached | racy. hashlib releases the GIL, so threads
+    help. `known` maps a stored path to the (stat, sha256) recorded by the pass that started at `stat_time_ns`:
+    a file whose size, mtime and inode are unchanged is not read again, unless it was modified within RACY_NS
+    before that pass (file systems stamp mtimes in ticks of several ms; git's "racy clean" problem)."""
+    known = known or {}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda it: _hash_one(it, known, stat_time_ns - RACY_NS), items, chunksize=64))
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert('RGB') clips 16-bit values at 255; rescale to 8 bits instead. (H, W)
+        a = np.asarray(im, dtype=np.float64)
+        top = float(np.nanmax(a)) if a.size else 0.0
+        if im.mode == "F" and top <= 1.0:
+            peak = 1.0  # float images (scientific and HDR exports) hold 0..1, not 0..255
+        else:
+            peak = 65535.0 if im.mode.startswith("I;16") or top > 255 else 255.0
+        a = np.clip(np.nan_to_num(a) * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+# libjpeg warnings that lose no pixel data (stray bytes between markers, odd but harmless headers): decoded anyway.
+# Every other warning (premature end of data, a bad Huffman code, a missing restart marker) means libjpeg filled
+# part of the picture with guessed values, so the file is refused.
+_HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameters for sequential JPEG",
+                           "Unknown JFIF revision", "Warning: unknown JFIF revision")
+
+# EXIF orientation -> the numpy view that shows the picture upright (PIL's ImageOps.exif_transpose, tested equal).
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+def _jpeg_array(path: str, orientation: int) -> np.ndarray:
+    """A baseline or progressive RGB/grey JPEG -> upright (H, W, 3) uint8 through libjpeg-turbo (simplejpeg: the
+    same pixels as PIL, releases the GIL). Decoded strictly: a file libjpeg finds damaged (cut short, with or
+    without an end marker appended, zero-filled, garbled entropy data) raises ValueError instead of being
+    embedded with grey or garbage filled in."""
+    import simplejpeg
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError as e:
+        if not any(w in str(e) for w in _HARMLESS_JPEG_WARNINGS):
+            raise ValueError(f"damaged JPEG ({str(e).strip()})") from None
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+    return _ORIENT.get(orientation, lambda a: a)(rgb)  # (H, W, 3), maybe a strided view
+
+
+def decode_tensor(path: str):
+    """File -> upright RGB uint8 torch tensor (3, H, W), fully decoded (no DCT-domain draft scaling: an exported
+    model sees what its user decodes). RGB and grey JPEG through libjpeg-turbo (simplejpeg), strictly; every
+    other format through PIL; both give identical pixels for JPEG. Raises ValueError with a short reason on any failure."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device named x.png would block or never end
+            raise ValueError("not a regular file (a pipe, device or socket)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                if im.width * im.height > MAX_PIXELS:
+                    raise ValueError(f"too large: {im.width}x{im.height} pixels exceeds the limit of {MAX_PIXELS:,} "
+                                     "(a decompression bomb, or downscale it first)")
+                if im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    orientation = im.getexif().get(0x0112, 1)
+                    rgb = None
+                else:
+                    if getattr(im, "n_frames", 1) > 1:
+                        im.seek(0)  # animated: first frame
+                    im.load()
+                    rgb = np.array(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)  # (H, W, 3), writable
+            if rgb is None:
+                rgb = _jpeg_array(path, orientation)
+            import torch  # here, not at the top: train-head imports this module and must not pay for torch
+            return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W), a view
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image PIL can read (wrong extension or corrupt file)") from None
+    except (OSError, SyntaxError, EOFError) as e:  # truncated data, unreadable file, broken headers
+        raise ValueError(f"cannot decode: {e}") from None
+
+
+def decode(path: str) -> np.ndarray:
+    """File -> upright RGB uint8 array (H, W, 3) (what `decode_tensor` decodes, for PIL and OpenCV users)."""
+    return decode_tensor(path).permute(1, 2, 0).contiguous().numpy()

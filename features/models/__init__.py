@@ -1,0 +1,1 @@
+"""Stage one's networks: backbones and their preprocessing by name, forward engines, batched embedding."""

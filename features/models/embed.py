@@ -1,0 +1,158 @@
+"""The batched forward pass shared by `extract` and `predict`: decode + resize in threads (uint8, on the CPU:
+one recipe whatever the device, so a store's pixels never depend on where it was made), then the frozen
+backbone in fp32 (features/models/engine.py: onnxruntime or torch on CPU, torch with TF32 off on CUDA).
+
+    for idx, feats, errors in iter_embeddings(backbone, paths): ...   # feats (b, D) float32
+
+Memory: at most `window` decoded inputs wait for the forward pass (2 batches or 4 per thread, whichever is
+more; 150 KB each at 224 px), plus one image being decoded per thread (features/input/images.py bounds that).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from features.models.backbones import Backbone
+from features.models.preprocess import prepare
+from features.models.engine import forward_engine
+from features.errors import UserError
+from features.input.faces import NO_FACE, FaceSpec, face_boxes
+from features.input.images import decode_tensor
+from features.input.prefetch import ordered_map, resolve_workers
+
+_TEST_DELAY = float(os.environ.get("IMGSENT_TEST_DELAY", "0") or 0)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # a decode thread's resize must not fan out into a pool of its own per thread
+
+
+def _load(path: str, backbone: Backbone) -> tuple[torch.Tensor | None, str]:
+    """One image -> (its network input (C, S, S) uint8, "") or (None, why it was skipped)."""
+    if _TEST_DELAY:
+        time.sleep(_TEST_DELAY)  # fault-injection tests slow extraction down to kill it mid-run
+    try:
+        return prepare(decode_tensor(path), backbone.pre), ""
+    except ValueError as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop a long run
+        return None, f"cannot decode: {e.__class__.__name__}: {e}"
+
+
+def _load_faces(path: str, backbone: Backbone, faces: FaceSpec) -> tuple[torch.Tensor | None, np.ndarray, str]:
+    """Face mode: one image -> its crops (k, C, S, S) uint8 and boxes (k, 4); (None, no boxes, why) if none."""
+    if _TEST_DELAY:
+        time.sleep(_TEST_DELAY)
+    none = np.zeros((0, 4), np.int64)
+    try:
+        rgb = decode_tensor(path)  # (3, H, W)
+        boxes = face_boxes(rgb.permute(1, 2, 0).contiguous().numpy(), faces)  # (H, W, 3)
+        if not boxes:
+            return None, none, NO_FACE
+        crops = [prepare(rgb[:, y:y + h, x:x + w], backbone.pre) for x, y, w, h in boxes]
+        return torch.stack(crops), np.array(boxes, np.int64).reshape(-1, 4), ""
+    except ValueError as e:
+        return None, none, str(e)
+    except Exception as e:  # noqa: BLE001 - as in _load
+        return None, none, f"cannot decode: {e.__class__.__name__}: {e}"
+
+
+AUTO_GPU_MIN_IMAGES = 1000  # below this, a GPU's start (CUDA context, cuDNN, graph capture: seconds) costs more
+# than the CPU engine needs for the whole job; both give the same features (parity-checked), so only speed differs
+
+
+def resolve_device(device: str, images: int | None = None) -> str:
+    """auto: the GPU when one is visible and the job has `images` >= AUTO_GPU_MIN_IMAGES (None: any size)."""
+    if device == "auto":
+        big = images is None or images >= AUTO_GPU_MIN_IMAGES
+        return "cuda" if big and torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU visible; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: expected auto, cpu or cuda")
+    return device
+
+
+def _batches(load, paths: list[str], batch_size: int, workers: int | str | None) -> Iterator[list]:
+    """Lists of `load(path)` results, `batch_size` at a time, in path order, decoded ahead by threads."""
+    n = resolve_workers(workers)
+    window = max(2 * batch_size, 4 * n)
+    batch: list = []
+    for result in ordered_map(load, paths, workers=n, window=window, initializer=_one_thread):
+        batch.append(result)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 32, workers: int | str = "auto",
+                    device: str = "cpu", progress: bool = True, desc: str = "extract",
+                    model=None, engine: str = "auto") -> Iterator[tuple[list[int], np.ndarray, dict[int, str]]]:
+    """Yield (indices, features (b, D) float32, {index: error}) per batch; failed images have no row.
+    `model`: a ready forward engine (features/models/engine.py); by default the fastest one for `device`."""
+    if not paths:
+        return
+    model = model or forward_engine(backbone, device, batch_size, engine)
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    start = 0
+    for batch in _batches(lambda p: _load(p, backbone), paths, batch_size, workers):
+        idx = list(range(start, start + len(batch)))
+        start += len(batch)
+        ok = [k for k, (x, _) in enumerate(batch) if x is not None]
+        errors = {idx[k]: e for k, (x, e) in enumerate(batch) if x is None}
+        x = torch.stack([batch[k][0] for k in ok]) if ok else None  # (b, C, S, S) uint8
+        feats = _forward(model, x, device, backbone.dim)  # (b, D)
+        finite = np.isfinite(feats).all(1)
+        if not finite.all():  # never store a NaN: it would poison every head trained on the store
+            errors.update({idx[ok[j]]: "the backbone gave non-finite features" for j in np.flatnonzero(~finite)})
+            ok, feats = [k for k, f in zip(ok, finite) if f], feats[finite]
+        bar.update(len(batch))
+        yield [idx[k] for k in ok], feats, errors
+    bar.close()
+
+
+def _forward(model, x: torch.Tensor | None, device: str, dim: int) -> np.ndarray:
+    """uint8 (b, C, S, S) -> features (b, D) float32 on the CPU, computed in fp32 on either device."""
+    if x is None or not len(x):
+        return np.empty((0, dim), np.float32)
+    if device == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():  # only around the forward: a context held across `yield` would leak out
+        return model(x).float().cpu().numpy()
+
+
+def iter_face_embeddings(backbone: Backbone, paths: list[str], faces: FaceSpec, *, batch_size: int = 32,
+                         workers: int | str = "auto", device: str = "cpu", progress: bool = True,
+                         desc: str = "extract", model=None, engine: str = "auto"
+                         ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, dict[int, str]]]:
+    """Face mode (features/input/faces.py): yield (image index per row, features (r, D), crop boxes (r, 4) int64,
+    {image index: error}); an image has as many rows as faces, and none with the reason NO_FACE. An image
+    whose crops are not all finite loses all of them (its row set is all or nothing)."""
+    if not paths:
+        return
+    model = model or forward_engine(backbone, device, batch_size, engine)
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    start = 0
+    for batch in _batches(lambda p: _load_faces(p, backbone, faces), paths, batch_size, workers):
+        counts = [0 if x is None else len(x) for x, _, _ in batch]
+        owner = np.repeat(np.arange(start, start + len(batch)), counts)  # (sum k,) image index per crop
+        errors = {start + k: e for k, (_, _, e) in enumerate(batch) if e}
+        start += len(batch)
+        crops = [x for x, _, _ in batch if x is not None]
+        boxes = np.concatenate([b for _, b, _ in batch])  # (sum k, 4)
+        feats = _forward(model, torch.cat(crops) if crops else None, device, backbone.dim)  # (sum k, D)
+        bad = set(owner[~np.isfinite(feats).all(1)].tolist())
+        errors.update({i: "the backbone gave non-finite features" for i in bad})
+        keep = ~np.isin(owner, list(bad))
+        bar.update(len(batch))
+        yield owner[keep].tolist(), feats[keep], boxes[keep], errors
+    bar.close()

@@ -1,0 +1,1 @@
+"""Scoring and explaining: metrics, plots, label issues and the learning curve."""

@@ -1,0 +1,1 @@
+"""Stage two's data: stores read and joined into rows, and the cross-validation folds."""

@@ -1,0 +1,1 @@
+"""Using a trained head: the model directory, calibration, the out-of-distribution check, predict."""

@@ -1,0 +1,125 @@
+"""Is an image like anything the head was trained on? Temperature scaling calibrates confidence on images like
+the training ones only: a photo of a city can get 'happy' at 0.999. The out-of-distribution score is the k-NN
+cosine distance, in the head's standardised feature space, to a reference sample of the training images:
+
+    score(x) = 1 - mean of the K largest cosines between std(x) and the reference rows      (0 = a known image)
+
+Flagged when above the `quantile` of the reference rows' own leave-one-out scores (0.99: 1% of training-like
+images flagged), computed for a random MAX_LOO of them. Stored in the model directory as ood.npz (ref (R, D)
+float16, loo (Q,) sorted, Q <= R), checksummed in model.json. Mahalanobis distance per class was measured against
+it (benchmarks/ood.py, BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import UserError
+from features.input.images import sha256_file
+
+K = 10
+MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
+MAX_LOO = 2048  # reference rows scored leave-one-out for the threshold: half the (R, R) product of all of them
+DEFAULT_QUANTILE = 0.99
+
+
+def normalise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Raw features (N, D) -> standardised, unit-length rows (N, D) float32 (one new array, then in place)."""
+    z = np.subtract(x, mean, dtype=np.float32)
+    z /= scale
+    z /= np.maximum(np.sqrt(np.einsum("ij,ij->i", z, z)), 1e-12)[:, None]
+    return z
+
+
+def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndarray | None = None) -> np.ndarray:
+    """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D). `exclude` (M,): q[i] is
+    ref[exclude[i]], whose match with itself is left out (leave-one-out)."""
+    k = max(1, min(k, len(ref) - int(exclude is not None)))
+    out = np.empty(len(q), np.float32)
+    r = np.asarray(ref, np.float32)
+    for i in range(0, len(q), 1024):
+        sim = q[i:i + 1024] @ r.T  # (b, R) similarities
+        if exclude is not None:
+            sim[np.arange(len(sim)), exclude[i:i + 1024]] = -np.inf
+        out[i:i + 1024] = 1.0 - top_k(sim, k).mean(1)  # (b,)
+    return out
+
+
+def top_k(sim: np.ndarray, k: int, width: int = 64) -> np.ndarray:
+    """The k largest values of each row of sim (M, R), in no order: (M, k). A row's k largest lie in the k
+    column chunks of `width` with the largest maxima (any other chunk's max is below k chunk maxima), so only
+    those k * width candidates are partitioned: 6x faster than np.partition over 4096 columns."""
+    m, r = sim.shape
+    if r <= 2 * k * width:
+        return np.partition(sim, r - k, axis=1)[:, r - k:]
+    pad = -r % width
+    chunks = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf).reshape(m, -1, width) if pad else \
+        sim.reshape(m, -1, width)  # (M, R / width, width)
+    best = np.argpartition(chunks.max(2), -k, axis=1)[:, -k:]  # (M, k) chunks holding the k largest
+    cand = np.take_along_axis(chunks, best[:, :, None], axis=1).reshape(m, k * width)  # (M, k * width)
+    return np.partition(cand, k * width - k, axis=1)[:, k * width - k:]
+
+
+def fit_ood(sample: np.ndarray, mean: np.ndarray, scale: np.ndarray, random_state: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, and the sorted
+    leave-one-out scores (Q,) of a seeded random MAX_LOO of them against all the others: a quantile near 0.99 is
+    estimated from 2,048 of them about as well (the score of a training-like image is a sample either way)."""
+    ref = normalise(sample, mean, scale).astype(np.float16)
+    r = ref.astype(np.float32)  # scored as predict scores: against the stored float16 rows
+    idx = np.sort(np.random.default_rng(random_state).choice(len(r), min(len(r), MAX_LOO), replace=False))
+    return ref, np.sort(knn_distance(r[idx], r, exclude=idx))
+
+
+def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
+    """Bool mask (N,) of at most MAX_REF labelled rows, a seeded random sample."""
+    idx = np.flatnonzero(labelled)
+    mask = np.zeros(len(labelled), bool)
+    mask[np.random.default_rng(random_state).choice(idx, min(MAX_REF, len(idx)), replace=False)] = True
+    return mask
+
+
+MIN_JUDGE = 20  # fewer training images than this: no threshold, images are not flagged (and predict says so)
+
+
+def threshold(loo: np.ndarray, quantile: float) -> tuple[float, str]:
+    """(the score above which an image is unlike the training ones, how it was set). The empirical quantile needs
+    about 1/(1 - quantile) scores to mean anything (100 for 0.99): from fewer it is just their maximum, and
+    a model of 18 images flagged no photo at all. Then a normal tail fitted to the scores stands in
+    (mean + z * std); under MIN_JUDGE scores there is no threshold (inf) and the note says why."""
+    n = len(loo)
+    if n < MIN_JUDGE:
+        return float("inf"), f"OOD check off: {n} training images are too few to judge (needs {MIN_JUDGE})"
+    if n >= 1.0 / (1.0 - quantile):
+        return float(np.quantile(loo, quantile)), ""
+    from statistics import NormalDist
+    z = NormalDist().inv_cdf(quantile)
+    return (float(np.mean(loo) + z * np.std(loo, ddof=1)),
+            f"OOD threshold from {n} training images (a normal fit: {1.0 / (1.0 - quantile):.0f} are needed for the "
+            "quantile itself)")
+
+
+def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:
+    """Write ood.npz into the model folder `d`; returns what model.json records about it."""
+    np.savez(d / "ood.npz", ref=ref, loo=loo)
+    return {"k": K, "n_ref": int(len(ref)), "sha256": sha256_file(str(d / "ood.npz"))}
+
+
+def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """ood.npz validated against model.json's record and the head's input width."""
+    f = d / "ood.npz"
+    fix = "re-run imgsent train-head to rebuild it"
+    if not f.is_file():
+        raise UserError(f"{f}: missing (model.json lists it); {fix}")
+    if sha256_file(str(f)) != meta.get("sha256"):
+        raise UserError(f"{f}: does not belong with model.json (checksum differs); {fix}")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            ref, loo = z["ref"], z["loo"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{f}: unreadable; {fix}") from None
+    if ref.ndim != 2 or ref.shape[1] != dim or loo.ndim != 1 or not 0 < len(loo) <= len(ref) or \
+            not np.isfinite(loo).all():
+        raise UserError(f"{f}: shapes {ref.shape} / {loo.shape} do not match a {dim}-wide head; {fix}")
+    return ref, loo

@@ -1,0 +1,182 @@
+"""Images -> labels with calibrated probabilities, through every backbone the model was trained on.
+
+    p = load_model("out/model").predict(["a.jpg", "photos/"])   # p.labels, p.probs (N, C), p.class_names
+
+A model trained on face-mode stores (features/input/faces.py) detects faces the same way, classifies every face crop
+(p.faces) and gives each image the mean of its faces' calibrated probabilities.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from features.models.backbones import Backbone, load_backbone
+from features.models.embed import iter_embeddings, iter_face_embeddings, resolve_device
+from features.input.prefetch import resolve_workers
+from features.models.engine import ENGINES
+from features.errors import UserError
+from features.input.faces import spec_of, without_faces
+from features.storage.store import describe_mismatch
+from pipeline.heads.head import Head
+from pipeline.inference.modeldir import ModelInfo, load_model_dir
+from pipeline.inference.predictions import FaceRows, Predictions, expand_paths
+from pipeline.inference.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
+
+
+class Predictor:
+    """A validated trained head plus the backbones it needs, loaded once on first use."""
+
+    def __init__(self, model_dir: str | Path, *, device: str = "auto"):
+        self.dir = Path(model_dir)
+        self.head: Head
+        self.info: ModelInfo
+        self.head, self.info = load_model_dir(self.dir)
+        self.class_names: list[str] = self.info.class_names
+        resolve_device(device)  # a bad name or a missing GPU is refused now, before any image is read
+        self.requested_device = device
+        self.device = device if device != "auto" else None  # auto: decided by the first job's size (embed)
+        self._backbones: list[Backbone] | None = None
+        self.ood = load_ood(self.dir, self.info.ood, self.info.dim) if self.info.ood else None  # (ref, loo)
+        specs = [spec_of(fp) for fp in self.info.backbones]
+        self.faces = next((sp for sp in specs if sp is not None), None)  # one face setting per model (rows.py)
+
+    @property
+    def backbones(self) -> list[Backbone]:
+        if self._backbones is None:
+            if self.device is None:
+                self.device = resolve_device(self.requested_device)
+            loaded = []
+            for fp, w in zip(self.info.backbones, self.info.backbone_weights):
+                bb = load_backbone(fp["backbone"], weights=w, device=self.device)
+                if bb.fingerprint != without_faces(fp):
+                    raise UserError(f"{self.dir}: backbone {fp['backbone']} here differs from the one the model was "
+                                    f"trained on ({describe_mismatch(fp, bb.fingerprint)}); install the same weights")
+                loaded.append(bb)
+            self._backbones = loaded
+        return self._backbones
+
+    def embed(self, paths: list[str], *, batch_size: int = 32, workers: int | str = "auto", progress: bool = False,
+              engine: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
+        """(features (R, sum D), (image index, face index) per row (R, 2), crop boxes (R, 4) or None, error per
+        image): one row per image that worked, or in face mode one per face (a whole-image backbone's row is
+        repeated for every face of its image, as in training)."""
+        errors = [""] * len(paths)
+        whole: dict[int, np.ndarray] = {}  # backbone -> (N, D), NaN where the image failed
+        crops: dict[int, dict[int, list]] = {}  # face backbone -> image -> [(box, (D,) features)] left to right
+        if self.device is None:
+            self.device = resolve_device(self.requested_device, images=len(paths))
+        kw = dict(batch_size=batch_size, workers=workers, device=self.device, progress=progress, engine=engine)
+        for j, bb in enumerate(self.backbones):
+            if spec_of(self.info.backbones[j]) is None:
+                whole[j] = np.full((len(paths), bb.dim), np.nan, dtype=np.float32)
+                batches = ((idx, f, None, e) for idx, f, e in iter_embeddings(bb, paths, desc=bb.name, **kw))
+            else:
+                crops[j] = {}
+                batches = iter_face_embeddings(bb, paths, self.faces, desc=bb.name, **kw)
+            for idx, feats, boxes, errs in batches:
+                if j in whole:
+                    whole[j][idx] = feats
+                else:
+                    for i, b, f in zip(idx, boxes.tolist(), feats):
+                        crops[j].setdefault(i, []).append((tuple(b), f))
+                for i, e in errs.items():
+                    errors[i] = errors[i] or e
+        rows: list[tuple[int, int]] = []  # (image, face)
+        boxes: list[tuple] = []
+        for i in range(len(paths)):
+            if errors[i]:
+                continue
+            if not crops:
+                rows.append((i, 0))
+                continue
+            found = [[b for b, _ in c.get(i, [])] for c in crops.values()]
+            if any(f != found[0] for f in found):  # the detector is deterministic: only a broken install gets here
+                errors[i] = "face crops differ between backbones"
+                continue
+            rows += [(i, k) for k in range(len(found[0]))]
+            boxes += found[0]
+        cols = [whole[j][[i for i, _ in rows]] if j in whole else
+                np.array([crops[j][i][k][1] for i, k in rows], np.float32).reshape(len(rows), -1)
+                for j in range(len(self.backbones))]
+        feats = np.concatenate(cols, axis=1) if rows else np.zeros((0, self.info.dim), np.float32)  # (R, D)
+        return (feats, np.array(rows, np.int64).reshape(-1, 2),
+                np.array(boxes, np.int64).reshape(-1, 4) if crops else None, errors)
+
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        """Raw features (N, D) -> calibrated probabilities (N, C)."""
+        return self.head(features)
+
+    def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
+                workers: int | str = "auto", progress: bool = False, engine: str = "auto",
+                ood_quantile: float = DEFAULT_QUANTILE) -> Predictions:
+        check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
+                           ood_quantile=ood_quantile, engine=engine)
+        t0 = time.time()
+        paths, type_errors = expand_paths(list(inputs))
+        todo = np.array([i for i in range(len(paths)) if i not in type_errors], dtype=np.int64)
+        feats, rows, boxes, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers,
+                                              progress=progress, engine=engine)
+        owner = todo[rows[:, 0]]  # (R,) index into paths
+        errors = [type_errors.get(i, "") for i in range(len(paths))]
+        for i, e in zip(todo, errs):
+            errors[i] = e
+        n, c = len(paths), len(self.class_names)
+        row_probs = self.predict_features(feats) if len(feats) else np.zeros((0, c), np.float32)  # (R, C)
+        row_scores = np.full(len(feats), np.nan, dtype=np.float32)
+        thr, note = None, ""
+        if self.ood is not None:
+            if len(feats):
+                row_scores = knn_distance(normalise(feats, self.head.mean, self.head.scale),
+                                          self.ood[0]).astype(np.float32)
+            thr, note = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else (float("inf"), "")
+        # per image: the mean over its rows (one row unless in face mode)
+        count = np.bincount(owner, minlength=n)[:, None]  # (N, 1)
+        with np.errstate(invalid="ignore"):
+            probs = _sum_rows(row_probs, owner, n) / count  # NaN rows for images that failed
+            scores = _sum_rows(row_scores[:, None], owner, n)[:, 0] / count[:, 0]
+        probs, scores = probs.astype(np.float32), scores.astype(np.float32)
+
+        def label(p: np.ndarray, score: float, err: str) -> str:
+            if err:
+                return ""
+            if p.max() < min_confidence or (thr is not None and score > thr):
+                return "unsure"
+            return self.class_names[int(p.argmax())]
+
+        labels = [label(probs[i], scores[i], errors[i]) for i in range(n)]
+        faces = None
+        if boxes is not None:
+            faces = FaceRows(image=owner, face=rows[:, 1], boxes=boxes, probs=row_probs,
+                             labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
+                             ood_scores=row_scores if self.ood is not None else None)
+        return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
+                           scores if self.ood is not None else None, thr, faces, note)
+
+
+def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: float, ood_quantile: float,
+                       engine: str) -> None:
+    """The predict options, checked before any model is loaded (the CLI) or any image read (the API)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: need batch-size >= 1")
+    resolve_workers(workers)
+    if not 0.0 <= min_confidence <= 1.0:
+        raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
+    if not 0.0 < ood_quantile <= 1.0:
+        raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+
+
+def _sum_rows(x: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Per-image sums of row values: (R, K) -> (N, K) float64 (0 for images without rows)."""
+    out = np.zeros((n, x.shape[1]), np.float64)
+    np.add.at(out, owner, x)
+    return out
+
+
+def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:
+    return Predictor(model_dir, device=device)
+
+

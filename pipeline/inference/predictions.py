@@ -1,0 +1,132 @@
+"""What predict takes and gives: image paths from files and folders, the Predictions it returns, and the CSVs
+it writes (checked before the work; written whole, the face-mode pair published together)."""
+from __future__ import annotations
+
+import contextlib
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import UserError
+from features.input.sources import unsupported, walk_images
+from features.storage.atomic import OutputLock, atomic_file, check_output
+from features.text import safe_text
+
+
+@dataclass
+class FaceRows:
+    """Face mode: one entry per face crop, in image order."""
+    image: np.ndarray  # (R,) index into Predictions.paths
+    face: np.ndarray  # (R,) 0.. within the image (left to right)
+    boxes: np.ndarray  # (R, 4) crop x, y, w, h in the upright image
+    probs: np.ndarray  # (R, C) calibrated
+    labels: list[str]  # as Predictions.labels, per face
+    ood_scores: np.ndarray | None = None  # (R,)
+
+
+@dataclass
+class Predictions:
+    paths: list[str]
+    labels: list[str]  # predicted label; "" where the image failed, "unsure" below min_confidence or out of
+    probs: np.ndarray  # (N, C) calibrated; NaN rows where the image failed             distribution
+    errors: list[str]  # "" when fine
+    class_names: list[str]
+    seconds: float = 0.0
+    ood_scores: np.ndarray | None = None  # (N,) k-NN distance to the training images (pipeline/inference/ood.py); NaN on
+    ood_threshold: float | None = None  # failures; None for a model directory without ood.npz
+    faces: FaceRows | None = None  # face mode: every face; then probs / ood_scores are the means over an image's faces
+    ood_note: str = ""  # how the threshold was set when the training set was small (pipeline/inference/ood.py threshold)
+
+
+def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
+    """Files and folders -> image paths, plus {index: error} for files we cannot decode by type.
+    A missing path or a folder without files is the user's mistake: one line, before any work."""
+    out: list[str] = []
+    errors: dict[int, str] = {}
+    for p in inputs:
+        path = Path(p)
+        if path.is_dir():
+            found, other, unread = walk_images(path)
+            if not found and not other and not unread:
+                raise UserError(f"{path}: folder holds no files; pass image files or folders of images")
+            why = {q: unsupported(q) for q in other} | {q: reason for q, reason in unread}
+            for q in sorted(found + list(why)):
+                if q in why:
+                    errors[len(out)] = why[q]
+                out.append(str(q))
+        elif path.exists() or path.is_symlink():
+            out.append(str(path))  # unreadable or odd files surface as per-row errors, not a crash
+        else:
+            raise UserError(f"{path}: no such file or folder; pass image files or folders of images")
+    if not out:
+        raise UserError("no images given; pass image files or folders of images")
+    return out, errors
+
+
+def _is_prediction_csv(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8") as f:
+            return f.readline().startswith(("path,predicted,", "path,label,confidence,"))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_prediction_out(out: str | Path) -> Path:
+    """Both files predict may write (the per-face one in face mode), checked before any work."""
+    if str(out) == "-":
+        raise UserError("--out -: predictions are written to a CSV file, not to standard output; give a file name")
+    check_output(faces_csv(out), folder=False, is_ours=_is_faces_csv, what="per-face predictions CSV")
+    return check_output(out, folder=False, is_ours=_is_prediction_csv, what="predictions CSV")
+
+
+def faces_csv(out: str | Path) -> Path:
+    """Where predict writes one row per face in face mode: predictions.csv -> predictions.faces.csv."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.faces{out.suffix or '.csv'}")
+
+
+def _is_faces_csv(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8") as f:
+            return f.readline().startswith("path,face,x,y,w,h,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
+    """path,predicted,confidence,ood_score,p_<class>...[,faces],error: one row per input, failures included; whole
+    or not at all. ood_score is empty for a model directory made before the out-of-distribution check existed.
+    Face mode adds the number of faces per image, and faces_csv(out): path,face,x,y,w,h,predicted,confidence,
+    ood_score,p_<class>... for every face crop (the image's row holds the mean of its faces' probabilities)."""
+    scores = pred.ood_scores if pred.ood_scores is not None else np.full(len(pred.paths), np.nan)
+    names = pred.class_names
+    fr = pred.faces
+    counts = np.bincount(fr.image, minlength=len(pred.paths)) if fr is not None else None
+
+    def num(x: float) -> str:
+        return "" if np.isnan(x) else f"{x:.6f}"
+
+    # Face mode's two files are published together: both are written in full under temp names, then renamed
+    # (the main CSV first, the per-face one right after); a failed write publishes neither.
+    with OutputLock(out), contextlib.ExitStack() as both:
+        if fr is not None:
+            fscores = fr.ood_scores if fr.ood_scores is not None else np.full(len(fr.image), np.nan)
+            with open(both.enter_context(atomic_file(faces_csv(out))), "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "face", "x", "y", "w", "h", "predicted", "confidence", "ood_score",
+                            *[f"p_{c}" for c in names]])
+                for i, k, b, pr, lab, sc in zip(fr.image, fr.face, fr.boxes, fr.probs, fr.labels, fscores):
+                    w.writerow([safe_text(pred.paths[i]), int(k), *[int(v) for v in b], lab, f"{pr.max():.6f}",
+                                num(sc), *[f"{q:.6f}" for q in pr]])
+        with atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "predicted", "confidence", "ood_score", *[f"p_{c}" for c in names],
+                        *(["faces"] if fr is not None else []), "error"])
+            for i, (p, lab, pr, err, sc) in enumerate(zip(pred.paths, pred.labels, pred.probs, pred.errors, scores)):
+                nf = [int(counts[i])] if fr is not None else []
+                if err:
+                    w.writerow([safe_text(p), "", "", "", *[""] * len(names), *nf, err])
+                else:
+                    w.writerow([safe_text(p), lab, f"{pr.max():.6f}", num(sc), *[f"{q:.6f}" for q in pr], *nf, ""])

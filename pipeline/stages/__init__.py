@@ -1,0 +1,1 @@
+"""Stage two's commands: train-head, sweep, evaluate, report, suggest, export, init."""

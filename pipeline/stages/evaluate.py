@@ -1,0 +1,87 @@
+"""Evaluate a trained head on a labelled held-out store (never seen in CV): metrics.json, confusion.csv,
+predictions.csv and misclassified.csv (sorted by loss, worst first), written whole or not at all."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from features.storage.atomic import atomic_dir, check_output, holds_only
+from features.errors import UserError
+from pipeline.inference.calibration import softmax
+from pipeline.heads.head import Head, head_logits
+from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
+                              write_confusion, write_predictions)
+from pipeline.inference.modeldir import ModelInfo, load_model_dir
+from pipeline.data.rows import open_rows
+
+
+def predict_stores(*, head: Head, info: ModelInfo, stores: list[str]
+                   ) -> tuple[list[str], np.ndarray, np.ndarray, str, dict[str, list]]:
+    """Labelled rows of held-out store(s) -> (paths, labels in the model's class order (N,), uncalibrated
+    logits (N, C), image root, face columns (face,x,y,w,h per row in face mode, else {})). Refuses stores from
+    other backbones or with unknown classes."""
+    names = info.class_names
+    rows = open_rows(stores, expect=info.backbones, intersect=True, memory_budget_mb=info.memory_budget_mb)
+    labels = rows.labels
+    if rows.class_names != names:
+        # Labels are indices into the store's class list; map them by name onto the model's.
+        unknown = sorted(set(rows.class_names) - set(names))
+        if unknown:
+            raise UserError(f"{stores[0]}: class {unknown[0]!r} is not one the model knows ({', '.join(names)}); "
+                            "evaluate on images of the trained classes")
+        remap = np.array([names.index(c) for c in rows.class_names] + [-1])
+        labels = remap[labels]  # -1 stays -1 via the last entry
+    lab = labels >= 0
+    if not lab.any():
+        raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
+    logits = head_logits(head, rows, lab)
+    return ([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root,
+            face_columns(rows.face_index, rows.face_boxes, lab))
+
+
+def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
+    out_dir = check_output(out, folder=True, is_ours=holds_only("metrics.json", "logits.npy", "confusion.csv",
+                                                                   "predictions.csv", "misclassified.csv"),
+                           what="evaluation folder")
+    head, info = load_model_dir(model_dir)
+    names = info.class_names
+    paths, y, logits, _, faces = predict_stores(head=head, info=info, stores=stores)
+    t = info.temperature
+    probs = softmax(logits, t)
+    pred = probs.argmax(1)
+    m = classification_metrics(y, pred, names)
+    absent = [c for c in names if m["per_class"][c]["support"] == 0]
+    test = {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")}
+    if absent:  # a class the held-out images lack would count as F1 0: average over the classes present
+        test["macro_f1_all_classes"] = m["macro_f1"]
+        m["macro_f1"] = test["macro_f1"] = float(np.mean([m["per_class"][c]["f1"] for c in names if c not in absent]))
+        test["classes_absent"] = absent
+    metrics = {"test": test,
+               "per_class": m["per_class"],
+               "calibration": {"ece_uncalibrated": expected_calibration_error(softmax(logits), y),
+                               "ece_calibrated": expected_calibration_error(probs, y), "temperature": t}}
+    if faces:  # face mode: the rows above are face crops; an image's verdict is the mean of its faces (predict's)
+        metrics["per_image"] = per_image_metrics(paths, y, probs, names)
+    loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-loss[wrong])]
+    with atomic_dir(out_dir) as d:
+        (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        np.save(d / "logits.npy", logits)
+        write_confusion(d / "confusion.csv", y, pred, names)
+        write_predictions(d / "predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
+                          class_names=names, extra=faces)
+        write_predictions(d / "misclassified.csv", paths=[paths[i] for i in wrong],
+                          labels=[names[y[i]] for i in wrong], probs=probs[wrong], class_names=names,
+                          extra={"p_true": [f"{probs[i, y[i]]:.6f}" for i in wrong],
+                                 "loss": [f"{loss[i]:.4f}" for i in wrong],
+                                 **{k: [v[i] for i in wrong] for k, v in faces.items()}})
+    unit = (f"images ({len(y)} face crops; per image, mean of its faces: macro-F1 "
+            f"{metrics['per_image']['macro_f1']:.3f})") if faces else "images"
+    over = (f" over the {len(names) - len(absent)} classes present ({', '.join(absent)} absent; over all "
+            f"{len(names)}: {test['macro_f1_all_classes']:.3f})") if absent else ""
+    progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
+    return metrics

@@ -1,0 +1,245 @@
+"""Error-analysis report: one self-contained HTML page (thumbnails inlined, no server, no network) plus
+confusion.png, reliability.png and the CSVs DVC plots read. The same page from any working directory:
+store paths and the image root come from model.json, absolute; a section that cannot be built says why.
+
+Sections: headline metrics with bootstrap 95% CIs, per-class table, confusion matrix (counts and
+row-normalised), most-confused pairs, misclassified gallery sorted by loss; then, for the training data,
+suspected label errors with a suggested label (label_issues.csv), near-duplicates that fell into different CV
+folds, a learning curve (learning_curve.csv) and a 2-D map of the features (embedding_2d.csv). Built from the
+out-of-fold predictions of the training store and, when a test store is given, from the model's predictions.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from features.storage.atomic import atomic_dir, check_output, holds_only
+from features.errors import UserError
+from pipeline.stages.evaluate import predict_stores
+from pipeline.inference.calibration import softmax
+from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
+from pipeline.inference.modeldir import ModelInfo, load_model_dir
+from pipeline.analysis.html import CSS, Split, bootstrap_ci, card
+from pipeline.analysis.insight import embedding_2d, label_issues, learning_curve, near_duplicates
+from pipeline.params import parse_params
+from pipeline.analysis.plots import plot_confusion, plot_embedding, plot_learning_curve, plot_reliability
+from pipeline.data.rows import open_rows
+
+
+def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
+    """Out-of-fold predictions: logits from oof_logits.npy (calibrated with the model's temperature), paths,
+    true labels and folds from oof_predictions.csv; both checked against each other."""
+    names = info.class_names
+    f, z = model_dir / "oof_predictions.csv", model_dir / "oof_logits.npy"
+    if not f.is_file() or not z.is_file():
+        raise UserError(f"{model_dir}: no oof_predictions.csv / oof_logits.npy; re-run imgsent train-head")
+    try:
+        with open(f, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        logits = np.load(z, allow_pickle=False)
+        y = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
+        fold = np.array([int(r["fold"]) for r in rows])
+        faced = bool(rows) and "face" in rows[0]
+        face = np.array([int(r["face"]) for r in rows], dtype=np.int64) if faced else None
+        boxes = np.array([[int(r[k]) for k in "xywh"] for r in rows], dtype=np.int64).reshape(-1, 4) if faced else None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{f}: damaged (unreadable rows, unknown labels or no fold column); re-run imgsent train-head") from None
+    if logits.shape != (len(rows), len(names)) or not np.isfinite(logits).all():
+        raise UserError(f"{z}: shape {logits.shape} does not match {len(rows)} rows x {len(names)} classes; "
+                        "re-run imgsent train-head")
+    return Split("cross-validation (out-of-fold)", [r["path"] for r in rows], y, softmax(logits, info.temperature),
+                 info.image_root, fold, boxes, face)
+
+
+def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int) -> tuple[str, dict]:
+    e = html.escape
+    pred = split.probs.argmax(1)
+    m = classification_metrics(split.y, pred, names)
+    ci = bootstrap_ci(split.y, pred, len(names))
+    cm = np.zeros((len(names), len(names)), dtype=np.int64)
+    np.add.at(cm, (split.y, pred), 1)
+    plot_confusion(cm, names, out / f"confusion_{slug}.png")
+    plot_reliability(split.probs, split.y, out / f"reliability_{slug}.png")
+    write_confusion(out / f"confusion_{slug}.csv", split.y, pred, names)
+    p_true = split.probs[np.arange(len(split.y)), split.y]
+    loss = -np.log(np.clip(p_true, 1e-12, 1))
+    parts = [f"<h2>{e(split.name)}</h2>",
+             f"<p class=headline>accuracy <b>{m['accuracy']:.3f}</b> (95% CI {ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f})"
+             f" · macro-F1 <b>{m['macro_f1']:.3f}</b> (95% CI {ci['macro_f1'][0]:.3f}–{ci['macro_f1'][1]:.3f})"
+             f" · balanced accuracy {m['balanced_accuracy']:.3f} · {m['n']} images · ECE "
+             f"{expected_calibration_error(split.probs, split.y):.3f}</p>",
+             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"]
+    if split.face is not None:  # face mode: the rows above are face crops; predict judges an image by their mean
+        im = per_image_metrics(split.paths, split.y, split.probs, names)
+        parts.insert(2, f"<p class=per-image>Rows are face crops. Per image (the mean of its faces' probabilities, as "
+                        f"predict decides): accuracy <b>{im['accuracy']:.3f}</b> · macro-F1 <b>{im['macro_f1']:.3f}</b>"
+                        f" · {im['n']} images</p>")
+    for c, v in m["per_class"].items():
+        parts.append(f"<tr><td>{e(c)}</td><td>{v['precision']:.2f}</td><td>{v['recall']:.2f}</td>"
+                     f"<td>{v['f1']:.2f}</td><td>{v['support']}</td></tr>")
+    parts.append("</table>")
+    parts.append(f"<img class=plot id=confusion-{slug} alt='confusion matrix' src='confusion_{slug}.png'>"
+                 f"<img class=plot alt='reliability diagram' src='reliability_{slug}.png'>")
+    off = [(int(cm[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j and cm[i, j]]
+    off.sort(reverse=True)
+    parts.append("<h3>Most-confused pairs</h3>" + ("<ol>" + "".join(
+        f"<li>{e(a)} → {e(b)}: {n} images</li>" for n, a, b in off[:8]) + "</ol>" if off
+        else "<p>None: every image was given its own class.</p>"))
+    wrong = np.flatnonzero(pred != split.y)
+    wrong = wrong[np.argsort(-loss[wrong])][:gallery]
+    parts.append(f"<h3>Misclassified, worst first ({len(np.flatnonzero(pred != split.y))} in all)</h3>"
+                 f"<div class=gallery id=gallery-{slug}>")
+    for i in wrong:
+        parts.append(card(split, names, i, pred[i], p_true[i]))
+    parts.append("</div>")
+    summary = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": ci["accuracy"],
+               "macro_f1_ci95": ci["macro_f1"], "n": m["n"], "misclassified": int((pred != split.y).sum())}
+    return "\n".join(parts), summary
+
+
+def _training_rows(info: ModelInfo, oof: Split):
+    """The training store's rows and the row of each out-of-fold prediction, or (None, None, why not)."""
+    try:
+        rows = open_rows(info.stores, expect=info.backbones, intersect=True,
+                         memory_budget_mb=info.memory_budget_mb)
+    except UserError as err:
+        return None, None, f"the training store cannot be read ({err})"
+    if not rows.in_memory:
+        return None, None, "the training features exceed the memory budget; these checks need them in memory"
+    face = rows.face_index if rows.face_index is not None else np.zeros(len(rows), np.int64)
+    idx = {(p, int(k)): i for i, (p, k) in enumerate(zip(rows.paths, face))}
+    at = [idx.get((p, int(k))) for p, k in zip(oof.paths, oof.face if oof.face is not None else [0] * len(oof.paths))]
+    if any(i is None for i in at) or rows.class_names != info.class_names:
+        return None, None, ("the training store no longer holds the images and classes the model was trained on "
+                            "(re-extracted since?); re-run train-head")
+    return rows, np.array(at), ""
+
+
+def _label_issue_section(oof: Split, names: list[str], d: Path, gallery: int) -> tuple[str, np.ndarray]:
+    idx, suggested, score = label_issues(labels=oof.y, probs=oof.probs)
+    with open(d / "label_issues.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "suggested", "score"])
+        w.writerows([oof.paths[i], names[oof.y[i]], names[s], f"{p:.6f}"] for i, s, p in zip(idx, suggested, score))
+    parts = [f"<h3>Suspected label errors ({len(idx)})</h3><p>Confident learning (cleanlab) on the out-of-fold "
+             "probabilities: images whose label disagrees with what the model learnt from all the others, worst "
+             "first, with the label it suggests. Check these first; all of them are in <code>label_issues.csv"
+             "</code>.</p><div class=gallery id=label-issues>"]
+    for i, s in list(zip(idx, suggested))[:gallery]:
+        parts.append(card(oof, names, i, int(s), float(oof.probs[i, oof.y[i]]), word="suggested"))
+    return "\n".join(parts + ["</div>"]), idx
+
+
+def _near_duplicate_section(rows, at, oof: Split) -> tuple[str, int, list[tuple[int, int]]]:
+    e = html.escape
+    title = "<h3>Near-duplicates in different folds</h3>"
+    found = near_duplicates(rows.features[at], oof.fold)
+    if not found:
+        return f"{title}<p>None found (cosine &ge; 0.97).</p>", 0, []
+    return (f"{title}<p>Pairs of images whose features have cosine similarity &ge; 0.97 but that sat on both sides "
+            "of a CV split: they inflate CV scores. Put them in one <code>group</code> in the manifest.</p>"
+            "<ol id=near-duplicates>" + "".join(f"<li><code>{e(oof.paths[i])}</code> ~ <code>{e(oof.paths[j])}"
+                                              f"</code> ({s:.3f})</li>" for i, j, s in found) + "</ol>",
+            len(found), [(i, j) for i, j, _ in found])
+
+
+def _learning_curve_section(rows, at, oof: Split, info: ModelInfo, d: Path) -> tuple[str, list[dict]]:
+    fold = np.full(len(rows), -1)
+    fold[at] = oof.fold
+    labels = np.full(len(rows), -1)
+    labels[at] = oof.y  # only the images the model was trained on
+    points = learning_curve(rows=dataclasses.replace(rows, labels=labels), fold=fold,
+                            params=parse_params(info.params, "model.json params"), max_val=None)
+    with open(d / "learning_curve.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["per_class", "macro_f1", "lo", "hi"])
+        w.writerows([p["per_class"], f"{p['macro_f1']:.4f}", f"{p['lo']:.4f}", f"{p['hi']:.4f}"] for p in points)
+    plot_learning_curve(points, d / "learning_curve.png")
+    gain = points[-1]["macro_f1"] - points[-2]["macro_f1"] if len(points) > 1 else 0.0
+    verdict = ("still rising: more labelled images per class should help" if gain > 0.02 else
+               "flat at the end: more images of the same kind will help little; look at the label errors and "
+               "the most-confused pairs instead")
+    return ("<h3>Learning curve</h3><p>Macro-F1 under the same cross-validation with every class cut to at most "
+            f"N training images (95% interval over folds). From the last step to all images: {gain:+.3f}, "
+            f"{verdict}.</p><img class=plot alt='learning curve' src='learning_curve.png'>"), points
+
+
+def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarray, pairs, d: Path) -> str:
+    xy = embedding_2d(rows.features[at])
+    pred = oof.probs.argmax(1)
+    flagged = np.zeros(len(at), bool)
+    flagged[issues] = True
+    with open(d / "embedding_2d.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "x", "y", "label", "predicted", "label_issue"])
+        w.writerows([p, f"{a:.5f}", f"{b:.5f}", names[t], names[q], int(g)]
+                    for p, (a, b), t, q, g in zip(oof.paths, xy, oof.y, pred, flagged))
+    plot_embedding(xy, oof.y, names, pred != oof.y, issues, pairs, d / "embedding.png")
+    return ("<h3>Map of the training features</h3><p>The first two principal components of the standardised "
+            "features (embedding_2d.csv): colour = label, x = misclassified out of fold, ring = suspected label "
+            "error, grey line = near-duplicates split across folds. Classes that overlap here are the ones the "
+            "head confuses.</p><img class=plot alt='embedding map' src='embedding.png'>")
+
+
+def _insight_sections(info: ModelInfo, oof: Split, names: list[str], d: Path, gallery: int) -> tuple[list[str], dict]:
+    body, issues = _label_issue_section(oof, names, d, gallery)
+    sections, result = [body], {"label_issues": int(len(issues))}
+    rows, at, why = _training_rows(info, oof)
+    if rows is None:
+        return sections + [f"<h3>Near-duplicates, learning curve, feature map</h3><p class=note>Skipped: "
+                           f"{html.escape(why)}.</p>"], result
+    body, result["near_duplicates_across_folds"], pairs = _near_duplicate_section(rows, at, oof)
+    sections.append(body)
+    body, result["learning_curve"] = _learning_curve_section(rows, at, oof, info, d)
+    sections += [body, _embedding_section(rows, at, oof, names, issues, pairs, d)]
+    return sections, result
+
+
+def check_report_out(out: str) -> Path:
+    return check_output(out, folder=True, is_ours=holds_only(
+        "index.html", "summary.json", "confusion*.png", "confusion_*.csv", "reliability_*.png", "label_issues.csv",
+        "learning_curve.*", "embedding_2d.csv", "embedding.png"), what="report folder")
+
+
+def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = None, gallery: int = 60,
+                 progress=print) -> dict:
+    if gallery < 0:
+        raise UserError(f"--gallery {gallery}: must be >= 0 (images shown per gallery)")
+    out_dir = check_report_out(out)
+    md = Path(model_dir)
+    head, info = load_model_dir(md)
+    names = info.class_names
+    oof = _oof_split(md, info)
+    test = None
+    if test_stores:
+        paths, y, logits, troot, faces = predict_stores(head=head, info=info, stores=test_stores)
+        test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot,
+                     boxes=np.array([faces[k] for k in "xywh"]).T.reshape(-1, 4) if faces else None,
+                     face=np.array(faces["face"]) if faces else None)
+    with atomic_dir(out_dir) as d:
+        progress(f"{out}: cross-validation section (confidence intervals, plots, gallery)")
+        body, summary = _section(oof, names, d, "cv", gallery)
+        progress(f"{out}: label issues, near-duplicates, learning curve, feature map")
+        extra, found = _insight_sections(info, oof, names, d, gallery)
+        sections, result = [body, *extra], {"cv": summary, **found}
+        if test is not None:
+            progress(f"{out}: held-out test section")
+            body, result["test"] = _section(test, names, d, "test", gallery)
+            sections.append(body)
+        (d / "confusion.png").write_bytes((d / "confusion_cv.png").read_bytes())
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>imgsent report</title><style>{CSS}</style>"
+                f"</head><body><h1>imgsent report: {html.escape(md.resolve().name)}</h1><p>classes: "
+                f"{html.escape(', '.join(names))} · backbones: "
+                f"{html.escape(', '.join(b['backbone'] for b in info.backbones))}</p>" + "\n".join(sections)
+                + "</body></html>")
+        (d / "index.html").write_text(page, encoding="utf-8")
+        (d / "summary.json").write_text(json.dumps(result, indent=2))
+    progress(f"{Path(out) / 'index.html'}: CV macro-F1 {result['cv']['macro_f1']:.3f} "
+             f"[{result['cv']['macro_f1_ci95'][0]:.3f}, {result['cv']['macro_f1_ci95'][1]:.3f}]"
+             + (f", test macro-F1 {result['test']['macro_f1']:.3f}" if "test" in result else ""))
+    return result
