@@ -207,6 +207,19 @@ def test_out_at_a_pipe_or_device_is_refused_at_once(world, tmp_path, tiny_weight
             one_line_error(r, str(o), "pipe, device or socket")
 
 
+def test_predict_on_a_folder_with_a_fifo_named_like_an_image_does_not_hang(world, tmp_path):  # noqa: F811
+    """Issue #25: predict opened a FIFO named x.png and waited forever for a writer."""
+    folder = make_images(tmp_path / "imgs", per_class=1)
+    os.mkfifo(folder / "red" / "x.png")
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(world / "model"), str(folder),
+                        "--out", str(tmp_path / "p.csv"), "--no-progress"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = {row["path"]: row for row in csv.DictReader(open(tmp_path / "p.csv"))}
+    assert rows[str(folder / "red" / "x.png")]["error"].startswith("not a regular file")
+    assert sum(1 for row in rows.values() if not row["error"]) == 3
+
+
 def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
     from pipeline.inference.predictions import check_prediction_out
     with pytest.raises(UserError, match="--out -: predictions are written to a CSV file"):

@@ -98,17 +98,24 @@ class RowBlocks(Sequence):
         return self.rows.read_block(s)[self.mask[s:s + self.rows.block_rows]]
 
 
+def means_by_owner(owner: np.ndarray, n: int, *values: np.ndarray) -> list[np.ndarray]:
+    """Each of `values` (R, K) averaged over the rows of each owner: owner (R,) in [0, n) -> (n, K) float64,
+    NaN for an owner without rows (an image that failed)."""
+    count = np.bincount(owner, minlength=n)[:, None]  # (n, 1)
+    means = []
+    for v in values:
+        total = np.zeros((n, v.shape[1]))
+        np.add.at(total, owner, v)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means.append(total / count)
+    return means
+
+
 def image_means(paths: list[str], *values: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Face mode (`all`): rows -> images. The index of each image's first row (I,), and each of `values`
     (R, K) averaged over the rows of its image -> (I, K) float64; images in path order."""
     _, first, owner = np.unique(np.asarray(paths, dtype=str), return_index=True, return_inverse=True)
-    count = np.bincount(owner)[:, None]  # (I, 1)
-    means = []
-    for v in values:
-        total = np.zeros((len(first), v.shape[1]))
-        np.add.at(total, owner, v)
-        means.append(total / count)
-    return first, means
+    return first, means_by_owner(owner, len(first), *values)
 
 
 IN_MEMORY_COPIES = 2  # the rows in memory, plus one fit's copy of its training rows (heads/fitting.py)

@@ -20,6 +20,7 @@ from features.errors import UserError
 from features.input.faces import spec_of, without_faces
 from features.storage.store import describe_mismatch
 from pipeline.heads.head import Head
+from pipeline.data.rows import means_by_owner
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.inference.predictions import FaceRows, Predictions, expand_paths
 from pipeline.inference.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
@@ -132,11 +133,8 @@ class Predictor:
                                           self.ood[0]).astype(np.float32)
             thr, note = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else (float("inf"), "")
         # per image: the mean over its rows (one row unless in face mode)
-        count = np.bincount(owner, minlength=n)[:, None]  # (N, 1)
-        with np.errstate(invalid="ignore"):
-            probs = _sum_rows(row_probs, owner, n) / count  # NaN rows for images that failed
-            scores = _sum_rows(row_scores[:, None], owner, n)[:, 0] / count[:, 0]
-        probs, scores = probs.astype(np.float32), scores.astype(np.float32)
+        probs, scores = means_by_owner(owner, n, row_probs, row_scores[:, None])  # NaN for images that failed
+        probs, scores = probs.astype(np.float32), scores[:, 0].astype(np.float32)
 
         def label(p: np.ndarray, score: float, err: str) -> str:
             if err:
@@ -167,13 +165,6 @@ def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: f
         raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
     if engine not in ENGINES:
         raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
-
-
-def _sum_rows(x: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Per-image sums of row values: (R, K) -> (N, K) float64 (0 for images without rows)."""
-    out = np.zeros((n, x.shape[1]), np.float64)
-    np.add.at(out, owner, x)
-    return out
 
 
 def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:

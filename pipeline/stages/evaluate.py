@@ -8,37 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output, holds_only
-from features.errors import UserError
+from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
+                                       write_confusion, write_predictions)
 from pipeline.inference.calibration import softmax
-from pipeline.heads.head import Head, head_logits
-from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
-                              write_confusion, write_predictions)
-from pipeline.inference.modeldir import ModelInfo, load_model_dir
-from pipeline.data.rows import open_rows
-
-
-def predict_stores(*, head: Head, info: ModelInfo, stores: list[str]
-                   ) -> tuple[list[str], np.ndarray, np.ndarray, str, dict[str, list]]:
-    """Labelled rows of held-out store(s) -> (paths, labels in the model's class order (N,), uncalibrated
-    logits (N, C), image root, face columns (face,x,y,w,h per row in face mode, else {})). Refuses stores from
-    other backbones or with unknown classes."""
-    names = info.class_names
-    rows = open_rows(stores, expect=info.backbones, intersect=True, memory_budget_mb=info.memory_budget_mb)
-    labels = rows.labels
-    if rows.class_names != names:
-        # Labels are indices into the store's class list; map them by name onto the model's.
-        unknown = sorted(set(rows.class_names) - set(names))
-        if unknown:
-            raise UserError(f"{stores[0]}: class {unknown[0]!r} is not one the model knows ({', '.join(names)}); "
-                            "evaluate on images of the trained classes")
-        remap = np.array([names.index(c) for c in rows.class_names] + [-1])
-        labels = remap[labels]  # -1 stays -1 via the last entry
-    lab = labels >= 0
-    if not lab.any():
-        raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
-    logits = head_logits(head, rows, lab)
-    return ([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root,
-            face_columns(rows.face_index, rows.face_boxes, lab))
+from pipeline.inference.heldout import heldout_logits
+from pipeline.inference.modeldir import load_model_dir
 
 
 def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
@@ -47,7 +21,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)
     names = info.class_names
-    paths, y, logits, _, faces = predict_stores(head=head, info=info, stores=stores)
+    paths, y, logits, _, faces = heldout_logits(head=head, info=info, stores=stores)
     t = info.temperature
     probs = softmax(logits, t)
     pred = probs.argmax(1)

@@ -20,7 +20,7 @@ import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
-from pipeline.stages.evaluate import predict_stores
+from pipeline.inference.heldout import heldout_logits
 from pipeline.inference.calibration import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
@@ -217,7 +217,7 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
     oof = _oof_split(md, info)
     test = None
     if test_stores:
-        paths, y, logits, troot, faces = predict_stores(head=head, info=info, stores=test_stores)
+        paths, y, logits, troot, faces = heldout_logits(head=head, info=info, stores=test_stores)
         test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot,
                      boxes=np.array([faces[k] for k in "xywh"]).T.reshape(-1, 4) if faces else None,
                      face=np.array(faces["face"]) if faces else None)
