@@ -12,9 +12,10 @@ from features.storage.write import write_store
 
 def synthetic_store(path: str | os.PathLike, *, n: int, dim: int, classes: int = 3, separation: float = 0.25,
                     groups: int | None = None, dtype: str = "float32", random_state: int = 0,
-                    block: int = 8192) -> str:
-    """Features = class mean (separation x N(0, 1) per class) + unit noise; labels uniform over `classes`;
-    `groups` > 0 adds a group column (a group also shifts its images a little, like a style or a camera)."""
+                    block: int = 8192, unlabelled: bool = False) -> str:
+    """Features = class mean (separation x N(0, 1) per class) + unit noise; labels uniform over `classes`
+    (stored as -1 with `unlabelled`: a store to `suggest` from); `groups` > 0 adds a group column (a group also
+    shifts its images a little, like a style or a camera)."""
     rng = np.random.default_rng(random_state)
     y = rng.integers(0, classes, n)
     means = rng.normal(size=(classes, dim)) * separation
@@ -31,7 +32,7 @@ def synthetic_store(path: str | os.PathLike, *, n: int, dim: int, classes: int =
 
     sha = [hashlib.sha256(f"{random_state}:{i}".encode()).hexdigest() for i in range(n)]
     fp = {"backbone": "synthetic", "weights_sha256": "0" * 64, "preprocess": {}, "dim": dim}
-    write_store(path, blocks=blocks(), dim=dim, dtype=dtype, labels=y, paths=[f"x/{i}.png" for i in range(n)],
+    write_store(path, blocks=blocks(), dim=dim, dtype=dtype, labels=np.full(n, -1) if unlabelled else y, paths=[f"x/{i}.png" for i in range(n)],
                 sha256=sha, groups=[f"g{v}" for v in g] if g is not None else None,
                 class_names=[f"c{i}" for i in range(classes)], fingerprint=fp)
     return str(path)

@@ -8,7 +8,7 @@ import pytest
 from features.synthetic import synthetic_store
 from pipeline.analysis.insight import embedding_2d, label_issues, learning_curve
 from pipeline.data.rows import open_rows
-from pipeline.stages.train import prepare, train_head
+from pipeline.stages.train import load_rows, train_head
 from tests.conftest import ROOT, params
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -65,7 +65,7 @@ def test_label_issues_rank_flipped_labels_first():
 def test_learning_curve_rises_and_ends_at_the_full_cv(tmp_path):
     rows = open_rows([synthetic_store(tmp_path / "s.h5", n=3000, dim=32, classes=3, separation=0.25)])
     p = params(cv={"folds": 3}, head={"hidden": [], "min_val_images": 50})
-    _, fold, _ = prepare([str(tmp_path / "s.h5")], p, False)
+    _, fold, _ = load_rows([str(tmp_path / "s.h5")], p, False)
     points = learning_curve(rows=rows, fold=fold, params=p, max_val=None)
     assert [q["per_class"] for q in points][:-1] == [2, 5, 10, 20, 50, 100, 200, 500]
     assert points[-1]["all"] and 600 < points[-1]["per_class"] < 720  # ~2/3 of ~1000 per class train per fold

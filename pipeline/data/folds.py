@@ -31,7 +31,8 @@ def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[s
                         f"(class '{class_names[smallest]}'); lower cv.folds to at most {counts[smallest]} or add images")
     # Rows that must share a fold share a key: identical images, and with groups every row of a group (and of
     # any group sharing an identical image with it).
-    key = _group_keys(groups, sha256) if groups is not None else np.unique(sha256, return_inverse=True)[1]
+    key = _group_keys(groups, sha256) if groups is not None else \
+        np.unique(np.asarray(sha256, dtype="S64"), return_inverse=True)[1]  # bytes: a quarter of str's memory
     key = key[lab]
     n_keys = len(np.unique(key))
     if k > n_keys:

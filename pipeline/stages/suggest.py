@@ -15,7 +15,6 @@ from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
 from features.text import safe_text
 from pipeline.inference.calibration import softmax
-from pipeline.heads.head import head_logits
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.inference.ood import knn_distance, load_ood, normalise
 from pipeline.data.rows import image_means, open_rows
@@ -29,18 +28,24 @@ def _is_suggestion_csv(p) -> bool:
         return False
 
 
-def pick(*, probs: np.ndarray, features: np.ndarray, n: int, max_similarity: float = 0.95) -> np.ndarray:
+def pick(*, probs: np.ndarray, features, n: int, max_similarity: float = 0.95, chunk: int = 1024) -> np.ndarray:
     """Row indices to label, in order: by margin (p1 - p2) ascending, skipping near-duplicates of earlier picks.
-    probs (N, C) calibrated, features (N, D) unit rows."""
+    probs (N, C) calibrated; features: unit rows (N, D), or a function giving the unit rows of some indices in
+    their order (a streamed store: only the candidates looked at are read, `chunk` at a time)."""
+    unit_of = features if callable(features) else (lambda idx: features[idx])
     top2 = np.sort(probs, axis=1)[:, -2:]  # (N, 2)
     order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
     chosen: list[int] = []
-    for i in order:
-        if len(chosen) == n:
-            break
-        if chosen and float((features[chosen] @ features[i]).max()) >= max_similarity:
-            continue
-        chosen.append(int(i))
+    kept: list[np.ndarray] = []  # the chosen rows' unit features (D,)
+    for c in range(0, len(order), chunk):
+        idx = order[c:c + chunk]
+        for i, f in zip(idx, unit_of(idx)):
+            if len(chosen) == n:
+                return np.array(chosen, dtype=np.int64)
+            if kept and float((np.stack(kept) @ f).max()) >= max_similarity:
+                continue
+            chosen.append(int(i))
+            kept.append(f)
     return np.array(chosen, dtype=np.int64)
 
 
@@ -66,15 +71,29 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
     if not todo.any():
         raise UserError(f"{stores[0]}: every image is labelled; extract a folder without class sub-folders (or a "
                         "CSV without a label column) to get suggestions")
-    probs = softmax(head_logits(head, rows, todo), info.temperature)  # (M, C)
-    unit = normalise(rows.take(todo), head.mean, head.scale)  # (M, D)
-    ood = knn_distance(unit, load_ood(Path(model_dir), info.ood, info.dim)[0]) if info.ood else \
-        np.full(len(unit), np.nan)  # (M,)
+    ref = load_ood(Path(model_dir), info.ood, info.dim)[0] if info.ood else None
+    probs, ood = [], []  # per block of the store: calibrated probabilities (b, C), out-of-distribution score (b,)
+    for start, x in rows.blocks(todo):
+        xs = x[todo[start:start + len(x)]]  # (b, D) the unlabelled rows
+        probs.append(softmax(head.logits(xs), info.temperature))
+        ood.append(knn_distance(normalise(xs, head.mean, head.scale), ref) if ref is not None else
+                   np.full(len(xs), np.nan, np.float32))
+    probs, ood = np.concatenate(probs), np.concatenate(ood)  # (M, C), (M,)
     paths = [p for p, t in zip(rows.paths, todo) if t]
+    where = np.flatnonzero(todo)  # (M,) store row of each unlabelled row
+
+    def unit_of(idx: np.ndarray) -> np.ndarray:  # unit features of unlabelled rows idx, in idx's order
+        mask = np.zeros(len(rows), bool)
+        mask[where[idx]] = True
+        x = normalise(rows.take(mask), head.mean, head.scale)  # in row order
+        return x[np.argsort(np.argsort(where[idx]))]
+
+    features = unit_of
     if rows.face_index is not None:  # face mode: one row per face; a user labels images, so rank images
+        unit = unit_of(np.arange(len(paths)))  # (M, D): face-mode stores are read whole here
         first, (probs, unit, ood) = image_means(paths, probs, unit, ood[:, None])
-        unit, ood, paths = unit / np.linalg.norm(unit, axis=1, keepdims=True), ood[:, 0], [paths[i] for i in first]
-    chosen = pick(probs=probs, features=unit, n=n, max_similarity=max_similarity)
+        features, ood, paths = unit / np.linalg.norm(unit, axis=1, keepdims=True), ood[:, 0], [paths[i] for i in first]
+    chosen = pick(probs=probs, features=features, n=n, max_similarity=max_similarity)
     top2 = np.sort(probs, axis=1)[:, -2:]
     with OutputLock(out), atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

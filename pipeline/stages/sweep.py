@@ -21,7 +21,7 @@ from tqdm import tqdm
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
-from pipeline.stages.train import choose_head, finish, prepare
+from pipeline.stages.train import choose_head, finish, load_rows
 
 MAX_CONFIGS = 1000  # a grid is multiplied out: refuse a typo that asks for days of work
 
@@ -86,7 +86,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     t0 = time.time()
     configs = parse_grid(grid, params)  # every argument checked before any work
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
-    rows, fold, max_val = prepare(stores, params, intersect)
+    rows, fold, max_val = load_rows(stores, params, intersect)
     results, best, done = [], None, {}
     fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
     with tqdm(total=fits, desc="sweep", unit="fit", disable=not bar, file=sys.stderr, dynamic_ncols=True) as pbar:

@@ -73,7 +73,7 @@ def describe_choice(choice: dict) -> str:
     return f"hidden: auto chose {json.dumps(choice['chosen'])} by CV macro-F1 ({scores})"
 
 
-def prepare(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
+def load_rows(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
     """Rows, fold per row and the early-stopping slice's row cap (streamed stores) for `params.cv`."""
     rows = open_rows(stores, memory_budget_mb=params.cv.memory_budget_mb, intersect=intersect)
     if not (rows.labels >= 0).any():
@@ -90,7 +90,7 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     oof_predictions.csv and confusion.csv into `out`. Returns metrics.json's content."""
     t0 = time.time()
     out_dir = check_model_out(out)
-    rows, fold, max_val = prepare(stores, params, intersect)
+    rows, fold, max_val = load_rows(stores, params, intersect)
     k = int(fold.max()) + 1
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
              f"{rows.dim} features; cross-validating {k} folds")
@@ -115,24 +115,41 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
 
 def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], params: Params,
            max_val: int | None, d: Path, t0: float, choice: dict | None = None) -> dict:
-    """Calibrate on the out-of-fold logits, fit on every labelled row, write the model directory into `d`.
-    `params`: with `hidden` resolved (choose_head); `choice`: what `hidden: auto` chose and why, recorded."""
+    """The model directory in `d`, from the CV's out-of-fold logits (N, C): fit the final head on every labelled
+    row, calibrate it on the out-of-fold logits, fit its out-of-distribution reference, then write head.npz,
+    model.json, ood.npz, metrics.json and the out-of-fold files. `params` has `hidden` resolved (choose_head);
+    `choice` records what `hidden: auto` chose and why. Returns metrics.json's content (plus `seconds`)."""
     lab = rows.labels >= 0
-    names, k, seed = rows.class_names, params.cv.folds, params.cv.seed
-    final = fit_rows(rows, lab, params.head, seed, max_val)
-    y, logits = rows.labels[lab], oof[lab]  # (n,), (n, C)
-    paths = [p for p, m in zip(rows.paths, lab) if m]
-    temperature = fit_temperature(logits, y)
-    final.temperature = temperature
-    ref, loo = fit_ood(rows.take(reference_rows(lab, seed)), final.mean, final.scale, seed)
+    final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
+    final.temperature = fit_temperature(oof[lab], rows.labels[lab])
+    ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), final.mean, final.scale, params.cv.seed)
     ood = save_ood(d, ref, loo)
+    metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
+               **({} if choice is None else {"head_choice": choice}),
+               "mode": "in-memory" if rows.in_memory else "streamed", "seconds": round(time.time() - t0, 3)}
+    info = ModelInfo(class_names=rows.class_names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
+                     hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout,
+                     temperature=final.temperature, stores=rows.stores, image_root=rows.root,
+                     params=params.to_dict(), ood=ood)
+    save_model_dir(d, final, info)
+    # the run time is said on the command line, not stored: metrics.json changes only when the model does, so
+    # `dvc repro` of unchanged inputs leaves git clean and `dvc metrics diff` lists what matters
+    (d / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "seconds"}, indent=2))
+    write_out_of_fold(d, rows, fold, oof, final.temperature)
+    return metrics
+
+
+def cv_metrics(rows: Rows, oof: np.ndarray, per_fold: list[dict], temperature: float, folds: int) -> dict:
+    """metrics.json's scores: per-fold means and spreads, the pooled out-of-fold scores and calibration error
+    before and after temperature scaling, per class; in face mode also per image (the mean of its faces)."""
+    lab = rows.labels >= 0
+    names, y, logits = rows.class_names, rows.labels[lab], oof[lab]  # (n,), (n, C)
     probs_raw, probs = softmax(logits), softmax(logits, temperature)
-    pred = probs.argmax(1)
-    overall = classification_metrics(y, pred, names)
-    accs = np.array([f["accuracy"] for f in per_fold])
-    f1s = np.array([f["macro_f1"] for f in per_fold])
-    metrics = {
-        "cv": {"folds": k, "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std()),
+    overall = classification_metrics(y, probs.argmax(1), names)
+    accs, f1s = (np.array([f[key] for f in per_fold]) for key in ("accuracy", "macro_f1"))
+    paths = [p for p, m in zip(rows.paths, lab) if m]
+    return {
+        "cv": {"folds": folds, "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std()),
                "macro_f1_mean": float(f1s.mean()), "macro_f1_std": float(f1s.std()),
                "oof_accuracy": overall["accuracy"], "oof_macro_f1": overall["macro_f1"],
                "oof_balanced_accuracy": overall["balanced_accuracy"],
@@ -144,20 +161,16 @@ def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], 
            {"n_images": len(set(paths)), "n_faces": int(lab.sum()),
             # ...and each image by the mean of its faces' out-of-fold probabilities, as predict decides
             "per_image": per_image_metrics(paths, y, probs, names)}),
-        **({} if choice is None else {"head_choice": choice}),
-        "mode": "in-memory" if rows.in_memory else "streamed",
-        "seconds": round(time.time() - t0, 3),
     }
-    info = ModelInfo(class_names=names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
-                     hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout, temperature=temperature,
-                     stores=rows.stores, image_root=rows.root, params=params.to_dict(), ood=ood)
-    save_model_dir(d, final, info)
-    # the run time is said on the command line, not stored: metrics.json changes only when the model does, so
-    # `dvc repro` of unchanged inputs leaves git clean and `dvc metrics diff` lists what matters
-    (d / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "seconds"}, indent=2))
+
+
+def write_out_of_fold(d: Path, rows: Rows, fold: np.ndarray, oof: np.ndarray, temperature: float) -> None:
+    """oof_logits.npy (n, C), oof_predictions.csv (calibrated, with the fold) and confusion.csv."""
+    lab = rows.labels >= 0
+    names, y, logits = rows.class_names, rows.labels[lab], oof[lab]
+    probs = softmax(logits, temperature)
     np.save(d / "oof_logits.npy", logits)
-    write_predictions(d / "oof_predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
-                      class_names=names, extra={"fold": list(fold[lab]),
-                                                **face_columns(rows.face_index, rows.face_boxes, lab)})
-    write_confusion(d / "confusion.csv", y, pred, names)
-    return metrics
+    write_predictions(d / "oof_predictions.csv", paths=[p for p, m in zip(rows.paths, lab) if m],
+                      labels=[names[i] for i in y], probs=probs, class_names=names,
+                      extra={"fold": list(fold[lab]), **face_columns(rows.face_index, rows.face_boxes, lab)})
+    write_confusion(d / "confusion.csv", y, probs.argmax(1), names)
