@@ -136,24 +136,30 @@ def ours(store: Path, params: Path, out: Path, tree: Path = ROOT) -> tuple[float
     return time.time() - t, json.loads((out / "metrics.json").read_text())["cv"]["macro_f1_mean"]
 
 
+def cells(args, work: Path):
+    """(regime, dim, seed, store) for every cell of the matrix, each store made once."""
+    for regime in args.regimes:
+        for dim in args.dims:
+            for seed in args.seeds:
+                yield regime, dim, seed, make(regime, dim, work, seed)
+
+
 def against_baseline(args, work: Path) -> None:
     """--baseline DIR: the [256] and [] heads of an older checkout and of this one, and this one's `auto`, on the
     same stores, side by side (no scikit-learn columns)."""
     base = Path(args.baseline).resolve()
     print(f"{os.cpu_count()} CPUs; 5-fold CV; wall seconds of fresh processes; before = {base}")
-    print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256] before':>12s} {'after':>6s} {'[] before':>9s} {'after':>6s} "
-          f"{'auto':>6s} {'F1 [256] before':>15s} {'after':>6s} {'F1 [] before':>12s} {'after':>6s} {'F1 auto':>7s}")
-    for regime in args.regimes:
-        for dim in args.dims:
-            for seed in args.seeds:
-                store = make(regime, dim, work, seed)
-                runs = [ours(store, work / cfg, work / f"{name}_{regime}_{dim}", tree)
-                        for cfg, name, tree in (("mlp.yaml", "mlp_before", base), ("mlp.yaml", "mlp", ROOT),
-                                                ("linear.yaml", "linear_before", base), ("linear.yaml", "linear", ROOT),
-                                                ("auto.yaml", "auto", ROOT))]
-                (a, fa), (b, fb), (c, fc), (d, fd), (e, fe) = runs
-                print(f"{regime:9s} {dim:5d} {seed:4d} {a:12.1f} {b:6.1f} {c:9.1f} {d:6.1f} {e:6.1f} {fa:15.4f} "
-                      f"{fb:6.4f} {fc:12.4f} {fd:6.4f} {fe:7.4f}", flush=True)
+    print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256] before':>12s} {'after':>6s} {'ratio':>6s} {'[] before':>9s} "
+          f"{'after':>6s} {'ratio':>6s} {'auto':>6s} {'F1 [256] before':>15s} {'after':>6s} {'F1 [] before':>12s} "
+          f"{'after':>6s} {'F1 auto':>7s}")
+    for regime, dim, seed, store in cells(args, work):
+        runs = [ours(store, work / cfg, work / f"{name}_{regime}_{dim}", tree)
+                for cfg, name, tree in (("mlp.yaml", "mlp_before", base), ("mlp.yaml", "mlp", ROOT),
+                                        ("linear.yaml", "linear_before", base), ("linear.yaml", "linear", ROOT),
+                                        ("auto.yaml", "auto", ROOT))]
+        (a, fa), (b, fb), (c, fc), (d, fd), (e, fe) = runs
+        print(f"{regime:9s} {dim:5d} {seed:4d} {a:12.1f} {b:6.1f} {b / a:5.2f}x {c:9.1f} {d:6.1f} {d / c:5.2f}x "
+              f"{e:6.1f} {fa:15.4f} {fb:6.4f} {fc:12.4f} {fd:6.4f} {fe:7.4f}", flush=True)
 
 
 def main() -> None:
@@ -180,19 +186,16 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; 5-fold CV; times in seconds, wall, each process started fresh")
     print(f"{'regime':9s} {'dim':>5s} {'seed':>4s} {'[256]':>6s} {'[]':>6s} {'LR proc':>8s} {'LR CV':>6s} "
           f"{'LRproc/[]':>9s} {'LRCV/[]':>8s} {'F1 [256]':>8s} {'F1 []':>7s} {'F1 LR':>7s}  paired [] vs LR")
-    for regime in args.regimes:
-        for dim in args.dims:
-            for seed in args.seeds:
-                store = make(regime, dim, work, seed)
-                t_mlp, f1_mlp = (float("nan"),) * 2 if args.linear_only else \
-                    ours(store, work / "mlp.yaml", work / f"model_{regime}_{dim}")
-                t_lin, f1_lin = ours(store, work / "linear.yaml", work / f"linear_{regime}_{dim}")
-                t_lr, t_cv, f1_lr = lr_process(store, work / "lr_pred.npy")
-                y = open_rows([str(store)]).labels
-                ours_pred = np.load(work / f"linear_{regime}_{dim}" / "oof_logits.npy").argmax(1)
-                print(f"{regime:9s} {dim:5d} {seed:4d} {t_mlp:6.1f} {t_lin:6.1f} {t_lr:8.1f} {t_cv:6.1f} "
-                      f"{t_lr / t_lin:8.1f}x {t_cv / t_lin:7.1f}x {f1_mlp:8.3f} {f1_lin:7.4f} {f1_lr:7.4f}  "
-                      f"{paired(y, ours_pred, np.load(work / 'lr_pred.npy'))}", flush=True)
+    for regime, dim, seed, store in cells(args, work):
+        t_mlp, f1_mlp = (float("nan"),) * 2 if args.linear_only else \
+            ours(store, work / "mlp.yaml", work / f"model_{regime}_{dim}")
+        t_lin, f1_lin = ours(store, work / "linear.yaml", work / f"linear_{regime}_{dim}")
+        t_lr, t_cv, f1_lr = lr_process(store, work / "lr_pred.npy")
+        y = open_rows([str(store)]).labels
+        ours_pred = np.load(work / f"linear_{regime}_{dim}" / "oof_logits.npy").argmax(1)
+        print(f"{regime:9s} {dim:5d} {seed:4d} {t_mlp:6.1f} {t_lin:6.1f} {t_lr:8.1f} {t_cv:6.1f} "
+              f"{t_lr / t_lin:8.1f}x {t_cv / t_lin:7.1f}x {f1_mlp:8.3f} {f1_lin:7.4f} {f1_lr:7.4f}  "
+              f"{paired(y, ours_pred, np.load(work / 'lr_pred.npy'))}", flush=True)
 
 
 if __name__ == "__main__":
