@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from features.storage.write import write_store  # noqa: E402
+from features.storage.write import StoreContent, write_store  # noqa: E402
 from features.synthetic import synthetic_store  # noqa: E402
 from pipeline.data.folds import assign_folds  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
@@ -58,9 +58,10 @@ def fer_hard_store(path: Path, dim: int, seed: int = 0) -> None:
             yield np.maximum(x + 0.3, 0).astype(np.float32)
 
     fp = {"backbone": "synthetic", "weights_sha256": "0" * 64, "preprocess": {}, "dim": dim}
-    write_store(path, blocks=blocks(), dim=dim, dtype="float32", labels=y, paths=[f"img/{i:06d}.png" for i in range(n)],
-                sha256=[f"{seed:08x}{i:056x}" for i in range(n)], groups=None,
-                class_names=[f"c{i}" for i in range(c)], fingerprint=fp)
+    write_store(path, StoreContent(dtype="float32", labels=y, paths=[f"img/{i:06d}.png" for i in range(n)],
+                                   sha256=[f"{seed:08x}{i:056x}" for i in range(n)], groups=None,
+                                   class_names=[f"c{i}" for i in range(c)], fingerprint=fp),
+                blocks=blocks(), dim=dim)
 
 
 def make(regime: str, dim: int, work: Path, seed: int) -> Path:

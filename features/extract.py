@@ -36,7 +36,7 @@ from features.input.prefetch import resolve_workers
 from features.input.sources import discover
 from features.storage.statcache import read_stat_cache, write_stat_cache
 from features.storage.store import describe_mismatch, is_store, store_fingerprint
-from features.storage.write import unchanged, write_store
+from features.storage.write import StoreContent, unchanged, write_store
 from features.plan import Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
 from features.text import safe_text
 
@@ -144,18 +144,19 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
         if num_shards > 1:
             attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
-        rows = dict(dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
-                    paths=[plan.paths[i] for i in keep], sha256=shas, groups=[plan.groups[i] for i in keep],
-                    class_names=source.class_names, fingerprint=fp, root=source.root,
-                    skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs)
-        if spec is not None:
-            rows.update(face_index=np.array(face_index, np.int32),
-                        face_boxes=np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4),
-                        noface=sorted({s for s in plan.shas if partial.failed.get(s) == NO_FACE}))
+        content = StoreContent(
+            dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
+            paths=[plan.paths[i] for i in keep], sha256=shas, groups=[plan.groups[i] for i in keep],
+            class_names=source.class_names, fingerprint=fp, root=source.root, skipped=sorted(set(summary.skipped)),
+            conflicts=summary.conflicts, attrs=attrs)
+        if spec is not None:  # face mode: one row per face, its crop box, and the images without a face
+            content.face_index = np.array(face_index, np.int32)
+            content.face_boxes = np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4)
+            content.noface = sorted({s for s in plan.shas if partial.failed.get(s) == NO_FACE})
         summary.unchanged = (old is not None and not summary.extracted and not summary.damaged
-                             and unchanged(target, **rows))
+                             and unchanged(target, content))
         digest = old.meta_sha256 if summary.unchanged else \
-            write_store(target, blocks=gather_blocks(keys, where, fp["dim"]), dim=fp["dim"], **rows)
+            write_store(target, content, blocks=gather_blocks(keys, where, fp["dim"]), dim=fp["dim"])
         write_stat_cache(target, meta_sha256=digest, stat_time_ns=stat_time, fingerprint_key=key,
                          file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
         partial.discard()

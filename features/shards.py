@@ -18,7 +18,7 @@ from features.extract import check_store_out, extract
 from features.plan import Summary, shard_path
 from features.storage.partial import Where, gather_blocks
 from features.storage.store import describe_mismatch, read_store
-from features.storage.write import write_store
+from features.storage.write import StoreContent, write_store
 
 
 def torchrun_rank() -> tuple[int, int]:
@@ -63,15 +63,17 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
         dtype = str(f.attrs.get("feature_dtype", "float32"))
         weights_path = str(f.attrs.get("weights_path", ""))
     keys = [r[3] for r in rows]
-    face = dict(face_index=np.array([r[1] for r in rows], np.int32),
-                face_boxes=np.array([r[5] for r in rows], np.int32).reshape(-1, 4)) if faces else {}
+    content = StoreContent(
+        dtype=dtype, labels=np.array([r[2] for r in rows], dtype=np.int64), paths=[r[0] for r in rows],
+        sha256=[k.split(":")[0] for k in keys], groups=[r[4] for r in rows], class_names=names, fingerprint=fp,
+        root=parts[0].root, skipped=sorted(skipped), conflicts=conflicts,
+        attrs={"weights_path": weights_path, "feature_dtype": dtype},
+        noface=sorted(set().union(*(p.noface for p in parts))))
+    if faces:
+        content.face_index = np.array([r[1] for r in rows], np.int32)
+        content.face_boxes = np.array([r[5] for r in rows], np.int32).reshape(-1, 4)
     with OutputLock(out):
-        write_store(out, blocks=gather_blocks(keys, where, parts[0].dim), dim=parts[0].dim, dtype=dtype,
-                    labels=np.array([r[2] for r in rows], dtype=np.int64), paths=[r[0] for r in rows],
-                    sha256=[k.split(":")[0] for k in keys], groups=[r[4] for r in rows], class_names=names,
-                    fingerprint=fp, root=parts[0].root, skipped=sorted(skipped), conflicts=conflicts,
-                    attrs={"weights_path": weights_path, "feature_dtype": dtype}, **face,
-                    noface=sorted(set().union(*(p.noface for p in parts))))
+        write_store(out, content, blocks=gather_blocks(keys, where, parts[0].dim), dim=parts[0].dim)
     images = len({r[0] for r in rows})
     return Summary(out=str(out), reused=images, rows=images, skipped=sorted(skipped), conflicts=conflicts,
                    seconds=time.time() - t0, face_rows=len(rows) if faces else None)

@@ -1,4 +1,4 @@
-"""Synthetic stores for tests and benchmarks: Gaussian class mixtures written through `store.write_store`,
+"""Synthetic stores for tests and benchmarks: Gaussian class mixtures written through `write_store`,
 so they follow the real schema (checksums included) and nothing else writes it by hand."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from features.storage.write import write_store
+from features.storage.write import StoreContent, write_store
 
 
 def synthetic_store(path: str | os.PathLike, *, n: int, dim: int, classes: int = 3, separation: float = 0.25,
@@ -32,7 +32,9 @@ def synthetic_store(path: str | os.PathLike, *, n: int, dim: int, classes: int =
 
     sha = [hashlib.sha256(f"{random_state}:{i}".encode()).hexdigest() for i in range(n)]
     fp = {"backbone": "synthetic", "weights_sha256": "0" * 64, "preprocess": {}, "dim": dim}
-    write_store(path, blocks=blocks(), dim=dim, dtype=dtype, labels=np.full(n, -1) if unlabelled else y, paths=[f"x/{i}.png" for i in range(n)],
-                sha256=sha, groups=[f"g{v}" for v in g] if g is not None else None,
-                class_names=[f"c{i}" for i in range(classes)], fingerprint=fp)
+    content = StoreContent(dtype=dtype, labels=np.full(n, -1) if unlabelled else y,
+                           paths=[f"x/{i}.png" for i in range(n)], sha256=sha,
+                           groups=[f"g{v}" for v in g] if g is not None else None,
+                           class_names=[f"c{i}" for i in range(classes)], fingerprint=fp)
+    write_store(path, content, blocks=blocks(), dim=dim)
     return str(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import h5py
@@ -15,49 +16,64 @@ from features.storage.store import SCHEMA_VERSION, STR, meta_digest, records
 from features.text import safe_text
 
 
-def unchanged(out: str | os.PathLike, *, dtype: str, labels: np.ndarray, paths: list[str], sha256: list[str],
-              groups: list[str | None] | None, class_names: list[str], fingerprint: dict, root: str = "",
-              skipped: list[tuple[str, str]] = (), conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
-              face_index: np.ndarray | None = None, face_boxes: np.ndarray | None = None,
-              noface: list[str] = ()) -> bool:
-    """Does the complete store at `out` already hold what write_store would write from these arguments and its
-    own feature rows? Then extract leaves it alone: same bytes, same mtime, nothing for DVC to re-hash."""
-    labels = np.asarray(labels, dtype=np.int64)
-    paths = [safe_text(p) for p in paths]
-    grp = [g or "" for g in groups] if groups is not None and any(g is not None for g in groups) else None
+@dataclass
+class StoreContent:
+    """Everything a store holds but its feature rows: what `write_store` writes and `unchanged` compares."""
+    dtype: str  # of the features: float32 | float16
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    paths: list[str]  # (N,) relative to `root` when inside it
+    sha256: list[str]  # (N,) hex of the image bytes
+    groups: list[str | None] | None  # (N,) a manifest's group column, or None
+    class_names: list[str]
+    fingerprint: dict  # backbone, weights hash, preprocessing (and face settings)
+    root: str = ""  # the image folder
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    attrs: dict = field(default_factory=dict)  # extra HDF5 attributes (a shard's index, the weights path)
+    face_index: np.ndarray | None = None  # (N,) face mode only
+    face_boxes: np.ndarray | None = None  # (N, 4) face mode only
+    noface: list[str] = field(default_factory=list)  # face mode: sha256 of images where no face was found
+
+    def digest(self, dim: int) -> str:
+        """meta_sha256 of this content with features of `dim` columns (the store's attribute)."""
+        return meta_digest(np.asarray(self.labels, np.int64), [safe_text(p) for p in self.paths], list(self.sha256),
+                           self.stored_groups(), self.class_names, {**self.fingerprint, "dim": dim},
+                           self.face_index, self.face_boxes)
+
+    def stored_groups(self) -> list[str] | None:
+        g = self.groups
+        return [v or "" for v in g] if g is not None and any(v is not None for v in g) else None
+
+
+def unchanged(out: str | os.PathLike, c: StoreContent) -> bool:
+    """Does the complete store at `out` already hold what write_store would write from `c` and its own feature
+    rows? Then extract leaves it alone: same bytes, same mtime, nothing for DVC to re-hash."""
     try:
         with h5py.File(out, "r") as f:
             ds = f["features"]
-            fp = {**fingerprint, "dim": ds.shape[1]}
             same = (int(f.attrs.get("complete", 0)) == 1 and int(f.attrs.get("schema_version", 0)) == SCHEMA_VERSION
-                    and ds.dtype == np.dtype(dtype) and ds.shape[0] == len(paths)
-                    and f.attrs.get("meta_sha256") == meta_digest(labels, paths, list(sha256), grp, class_names, fp,
-                                                                  face_index, face_boxes)
-                    and json.loads(f.attrs["fingerprint"]) == fp and str(f.attrs.get("root", "")) == _rel_root(root, out)
-                    and records(f, "skipped") == [(safe_text(p), safe_text(r)) for p, r in skipped]
-                    and records(f, "conflict") == [(safe_text(p), safe_text(r)) for p, r in conflicts]
-                    and all(k in f.attrs and f.attrs[k] == v for k, v in (attrs or {}).items())
-                    and ("shard" in f.attrs) == ("shard" in (attrs or {})))
+                    and ds.dtype == np.dtype(c.dtype) and ds.shape[0] == len(c.paths)
+                    and f.attrs.get("meta_sha256") == c.digest(ds.shape[1])
+                    and json.loads(f.attrs["fingerprint"]) == {**c.fingerprint, "dim": ds.shape[1]}
+                    and str(f.attrs.get("root", "")) == _rel_root(c.root, out)
+                    and records(f, "skipped") == [(safe_text(p), safe_text(r)) for p, r in c.skipped]
+                    and records(f, "conflict") == [(safe_text(p), safe_text(r)) for p, r in c.conflicts]
+                    and all(k in f.attrs and f.attrs[k] == v for k, v in c.attrs.items())
+                    and ("shard" in f.attrs) == ("shard" in c.attrs))
             if same:
-                same = [s.decode() for s in f["noface_sha256"][:]] == list(noface) if "noface_sha256" in f \
-                    else not noface
+                same = [s.decode() for s in f["noface_sha256"][:]] == list(c.noface) if "noface_sha256" in f \
+                    else not c.noface
             return bool(same)
     except (OSError, KeyError, ValueError, TypeError):
         return False
 
 
-def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: int, dtype: str, labels: np.ndarray,
-                paths: list[str], sha256: list[str], groups: list[str | None] | None, class_names: list[str],
-                fingerprint: dict, root: str = "", skipped: list[tuple[str, str]] = (),
-                conflicts: list[tuple[str, str]] = (), attrs: dict | None = None,
-                face_index: np.ndarray | None = None, face_boxes: np.ndarray | None = None,
-                noface: list[str] = ()) -> str:
+def write_store(out: str | os.PathLike, c: StoreContent, *, blocks: Iterable[np.ndarray], dim: int) -> str:
     """The one writer of the schema. `blocks` yields feature rows (b, D) in row order, so memory stays O(block);
     the file is built under a temp name and renamed into place when complete. Returns its meta_sha256."""
-    n = len(paths)
-    labels = np.asarray(labels, dtype=np.int64)
-    paths = [safe_text(p) for p in paths]
-    grp = [g or "" for g in groups] if groups is not None and any(g is not None for g in groups) else None
+    n = len(c.paths)
+    labels, paths, grp = np.asarray(c.labels, dtype=np.int64), [safe_text(p) for p in c.paths], c.stored_groups()
+    dtype, face_index, face_boxes, noface = c.dtype, c.face_index, c.face_boxes, c.noface
     chunk_rows = max(1, min(n, (1 << 20) // (max(dim, 1) * 4)))
     # no object times in the file (track_times): the same rows give the same bytes
     with atomic_file(out) as tmp, h5py.File(tmp, "w") as f:
@@ -66,7 +82,7 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
                                  chunks=(chunk_rows, dim) if n else None, track_times=False)
         f.create_dataset("labels", data=labels, **ck)
         f.create_dataset("paths", data=paths, dtype=STR, track_times=False)
-        f.create_dataset("sha256", data=np.array(sha256, dtype="S64"), **ck)
+        f.create_dataset("sha256", data=np.array(c.sha256, dtype="S64"), **ck)
         if grp is not None:
             f.create_dataset("groups", data=grp, dtype=STR, track_times=False)
         if face_index is not None:
@@ -75,7 +91,7 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
         if noface:
             f.create_dataset("noface_sha256", data=np.array(list(noface), dtype="S64"), fletcher32=True, chunks=True,
                              track_times=False)
-        for name, recs in (("skipped", skipped), ("conflict", conflicts)):
+        for name, recs in (("skipped", c.skipped), ("conflict", c.conflicts)):
             f.create_dataset(f"{name}_paths", data=[safe_text(p) for p, _ in recs], dtype=STR, track_times=False)
             f.create_dataset(f"{name}_reasons", data=[safe_text(r) for _, r in recs], dtype=STR,
                              track_times=False)  # a reason may quote a path
@@ -87,12 +103,12 @@ def write_store(out: str | os.PathLike, *, blocks: Iterable[np.ndarray], dim: in
             i0 += len(x)
         if i0 != n:
             raise RuntimeError(f"write_store: {i0} feature rows for {n} paths")
-        fingerprint = {**fingerprint, "dim": dim}
-        for k, v in (attrs or {}).items():
+        fingerprint = {**c.fingerprint, "dim": dim}
+        for k, v in c.attrs.items():
             f.attrs[k] = v
-        digest = meta_digest(labels, paths, list(sha256), grp, class_names, fingerprint, face_index, face_boxes)
-        f.attrs.update({"class_names": json.dumps(class_names), "fingerprint": json.dumps(fingerprint),
-                        "backbone": str(fingerprint.get("backbone", "")), "dim": dim, "root": _rel_root(root, out),
+        digest = c.digest(dim)
+        f.attrs.update({"class_names": json.dumps(c.class_names), "fingerprint": json.dumps(fingerprint),
+                        "backbone": str(fingerprint.get("backbone", "")), "dim": dim, "root": _rel_root(c.root, out),
                         "weights_sha256": str(fingerprint.get("weights_sha256", "")),
                         "preprocess": json.dumps(fingerprint.get("preprocess", {}), sort_keys=True),
                         "meta_sha256": digest, "schema_version": SCHEMA_VERSION})

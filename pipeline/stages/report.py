@@ -57,49 +57,62 @@ def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
 
 
 def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int) -> tuple[str, dict]:
-    e = html.escape
-    pred = split.probs.argmax(1)
+    """One split's part of the page: its scores, its figures (written beside the page), its errors; and the
+    numbers summary.json records for it."""
+    pred = split.probs.argmax(1)  # (N,)
     m = classification_metrics(split.y, pred, names)
     ci = bootstrap_ci(split.y, pred, len(names))
-    cm = np.zeros((len(names), len(names)), dtype=np.int64)
+    cm = np.zeros((len(names), len(names)), dtype=np.int64)  # (C, C) actual x predicted
     np.add.at(cm, (split.y, pred), 1)
     plot_confusion(cm, names, out / f"confusion_{slug}.png")
     plot_reliability(split.probs, split.y, out / f"reliability_{slug}.png")
     write_confusion(out / f"confusion_{slug}.csv", split.y, pred, names)
-    p_true = split.probs[np.arange(len(split.y)), split.y]
-    loss = -np.log(np.clip(p_true, 1e-12, 1))
+    page = (_scores_html(split, names, m, ci) +
+            f"<img class=plot id=confusion-{slug} alt='confusion matrix' src='confusion_{slug}.png'>"
+            f"<img class=plot alt='reliability diagram' src='reliability_{slug}.png'>\n" +
+            _errors_html(split, names, cm, pred, slug, gallery))
+    summary = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": ci["accuracy"],
+               "macro_f1_ci95": ci["macro_f1"], "n": m["n"], "misclassified": int((pred != split.y).sum())}
+    return page, summary
+
+
+def _scores_html(split: Split, names: list[str], m: dict, ci: dict) -> str:
+    """The headline (with bootstrap 95% intervals), face mode's per-image line, the per-class table."""
+    e = html.escape
     parts = [f"<h2>{e(split.name)}</h2>",
              f"<p class=headline>accuracy <b>{m['accuracy']:.3f}</b> (95% CI {ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f})"
              f" · macro-F1 <b>{m['macro_f1']:.3f}</b> (95% CI {ci['macro_f1'][0]:.3f}–{ci['macro_f1'][1]:.3f})"
              f" · balanced accuracy {m['balanced_accuracy']:.3f} · {m['n']} images · ECE "
-             f"{expected_calibration_error(split.probs, split.y):.3f}</p>",
-             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"]
+             f"{expected_calibration_error(split.probs, split.y):.3f}</p>"]
     if split.face is not None:  # face mode: the rows above are face crops; predict judges an image by their mean
         im = per_image_metrics(split.paths, split.y, split.probs, names)
-        parts.insert(2, f"<p class=per-image>Rows are face crops. Per image (the mean of its faces' probabilities, as "
-                        f"predict decides): accuracy <b>{im['accuracy']:.3f}</b> · macro-F1 <b>{im['macro_f1']:.3f}</b>"
-                        f" · {im['n']} images</p>")
+        parts.append(f"<p class=per-image>Rows are face crops. Per image (the mean of its faces' probabilities, as "
+                     f"predict decides): accuracy <b>{im['accuracy']:.3f}</b> · macro-F1 <b>{im['macro_f1']:.3f}</b>"
+                     f" · {im['n']} images</p>")
+    parts.append("<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>")
     for c, v in m["per_class"].items():
         parts.append(f"<tr><td>{e(c)}</td><td>{v['precision']:.2f}</td><td>{v['recall']:.2f}</td>"
                      f"<td>{v['f1']:.2f}</td><td>{v['support']}</td></tr>")
     parts.append("</table>")
-    parts.append(f"<img class=plot id=confusion-{slug} alt='confusion matrix' src='confusion_{slug}.png'>"
-                 f"<img class=plot alt='reliability diagram' src='reliability_{slug}.png'>")
-    off = [(int(cm[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(len(names)) if i != j and cm[i, j]]
-    off.sort(reverse=True)
-    parts.append("<h3>Most-confused pairs</h3>" + ("<ol>" + "".join(
+    return "\n".join(parts) + "\n"
+
+
+def _errors_html(split: Split, names: list[str], cm: np.ndarray, pred: np.ndarray, slug: str, gallery: int) -> str:
+    """The most-confused class pairs and a gallery of the misclassified images, worst (highest loss) first."""
+    e = html.escape
+    off = sorted(((int(cm[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(len(names))
+                  if i != j and cm[i, j]), reverse=True)
+    parts = ["<h3>Most-confused pairs</h3>" + ("<ol>" + "".join(
         f"<li>{e(a)} → {e(b)}: {n} images</li>" for n, a, b in off[:8]) + "</ol>" if off
-        else "<p>None: every image was given its own class.</p>"))
+        else "<p>None: every image was given its own class.</p>")]
+    p_true = split.probs[np.arange(len(split.y)), split.y]  # (N,)
+    loss = -np.log(np.clip(p_true, 1e-12, 1))
     wrong = np.flatnonzero(pred != split.y)
-    wrong = wrong[np.argsort(-loss[wrong])][:gallery]
-    parts.append(f"<h3>Misclassified, worst first ({len(np.flatnonzero(pred != split.y))} in all)</h3>"
-                 f"<div class=gallery id=gallery-{slug}>")
-    for i in wrong:
+    parts.append(f"<h3>Misclassified, worst first ({len(wrong)} in all)</h3><div class=gallery id=gallery-{slug}>")
+    for i in wrong[np.argsort(-loss[wrong])][:gallery]:
         parts.append(card(split, names, i, pred[i], p_true[i]))
     parts.append("</div>")
-    summary = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": ci["accuracy"],
-               "macro_f1_ci95": ci["macro_f1"], "n": m["n"], "misclassified": int((pred != split.y).sum())}
-    return "\n".join(parts), summary
+    return "\n".join(parts)
 
 
 def _training_rows(info: ModelInfo, oof: Split):
