@@ -33,11 +33,11 @@ from features.errors import UserError, short_reason
 from features.input.faces import NO_FACE, FaceSpec, with_faces, without_faces
 from features.storage.partial import Partial, gather_blocks
 from features.input.prefetch import resolve_workers
-from features.input.sources import discover
+from features.input.sources import Source, discover
 from features.storage.statcache import read_stat_cache, write_stat_cache
 from features.storage.store import describe_mismatch, is_store, store_fingerprint
 from features.storage.write import StoreContent, unchanged, write_store
-from features.plan import Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
+from features.plan import Plan, Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
 from features.text import safe_text
 
 
@@ -59,16 +59,9 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     `faces`: off | largest | all (features/input/faces.py); `faces_fallback`: skip | whole, for images without one.
     `verify`: read and hash every file instead of trusting the stat cache (size, mtime, inode), which cannot
     see a file rewritten in place with its mtime restored."""
-    if dtype not in ("float32", "float16"):
-        raise UserError(f"--dtype {dtype}: expected float32 or float16")
-    if batch_size < 1 or commit_every < 1:
-        raise UserError(f"--batch-size {batch_size} / --commit-every {commit_every}: "
-                        "need batch-size >= 1, commit-every >= 1")
+    _check_args(dtype=dtype, batch_size=batch_size, commit_every=commit_every, engine=engine,
+                num_shards=num_shards, shard_index=shard_index)
     workers = resolve_workers(workers)
-    if engine not in ENGINES:
-        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
-    if not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard-index {shard_index}: must be in 0..{num_shards - 1} for --num-shards {num_shards}")
     spec = FaceSpec.make(faces, faces_fallback)
     t0 = time.time()
     target = check_store_out(out if num_shards == 1 else shard_path(out, shard_index, num_shards))
@@ -110,17 +103,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                      known, known_since)
         t_embed = time.time()
         model = None
-        if plan.todo and bb is None:  # something to embed after all
-            model = cached_engine(without_faces(fp)) if engine != "torch" and dev == "cpu" else None
-            if model is not None:  # the parity-checked ONNX export of exactly this fingerprint: no network needed
-                bb = Backbone(name=backbone, embedder=None, pre=Preprocess.from_json(json.dumps(fp["preprocess"])),
-                              dim=int(fp["dim"]), weights_sha256=fp["weights_sha256"])
-            else:
-                bb = load_backbone(backbone, weights=weights, device=dev)
-                if with_faces(bb.fingerprint, spec) != fp:
-                    raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store "
-                                    f"records ({describe_mismatch(fp, bb.fingerprint)}) although its weights file "
-                                    "looks unchanged; re-run with --force to rebuild the store")
+        if plan.todo and bb is None:  # something to embed after all: the cached export, else the network
+            bb, model = _backbone_for(target, fp, spec, backbone=backbone, weights=weights, device=dev, engine=engine)
         if plan.todo:
             _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
                               dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
@@ -140,19 +124,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                             f"({'; '.join(f'{n} x {r}' for r, n in why)}){hint}")
         kept_paths = {safe_text(plan.paths[i]) for i in keep}  # as the store spells them
         summary.removed = sum(1 for p in old_paths if p not in kept_paths)
-        shas = [plan.shas[i] for i in keep]
-        attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
-        if num_shards > 1:
-            attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
-        content = StoreContent(
-            dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
-            paths=[plan.paths[i] for i in keep], sha256=shas, groups=[plan.groups[i] for i in keep],
-            class_names=source.class_names, fingerprint=fp, root=source.root, skipped=sorted(set(summary.skipped)),
-            conflicts=summary.conflicts, attrs=attrs)
-        if spec is not None:  # face mode: one row per face, its crop box, and the images without a face
-            content.face_index = np.array(face_index, np.int32)
-            content.face_boxes = np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4)
-            content.noface = sorted({s for s in plan.shas if partial.failed.get(s) == NO_FACE})
+        content = _content(plan, keep, keys, face_index, boxes, partial, source, fp, spec, summary,
+                           dtype=dtype, weights=weights, num_shards=num_shards, shard_index=shard_index)
         summary.unchanged = (old is not None and not summary.extracted and not summary.damaged
                              and unchanged(target, content))
         digest = old.meta_sha256 if summary.unchanged else \
@@ -168,6 +141,56 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         summary.face_capped = sum(1 for n in Counter(plan.paths[i] for i in keep).values() if n >= spec.max_faces)
     summary.seconds = time.time() - t0
     return summary
+
+
+def _check_args(*, dtype: str, batch_size: int, commit_every: int, engine: str, num_shards: int,
+                shard_index: int) -> None:
+    """The options, checked before anything is read."""
+    if dtype not in ("float32", "float16"):
+        raise UserError(f"--dtype {dtype}: expected float32 or float16")
+    if batch_size < 1 or commit_every < 1:
+        raise UserError(f"--batch-size {batch_size} / --commit-every {commit_every}: "
+                        "need batch-size >= 1, commit-every >= 1")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard-index {shard_index}: must be in 0..{num_shards - 1} for --num-shards {num_shards}")
+
+
+def _backbone_for(target: Path, fp: dict, spec: FaceSpec | None, *, backbone: str, weights: str | None,
+                  device: str, engine: str) -> tuple[Backbone, object | None]:
+    """What embeds new images into a store whose fingerprint is known: on the CPU, the parity-checked ONNX export
+    of exactly that fingerprint when one is cached (no network built); else the network, which must give the
+    same fingerprint. -> (backbone, ready engine or None)."""
+    model = cached_engine(without_faces(fp)) if engine != "torch" and device == "cpu" else None
+    if model is not None:
+        return Backbone(name=backbone, embedder=None, pre=Preprocess.from_json(json.dumps(fp["preprocess"])),
+                        dim=int(fp["dim"]), weights_sha256=fp["weights_sha256"]), model
+    bb = load_backbone(backbone, weights=weights, device=device)
+    if with_faces(bb.fingerprint, spec) != fp:
+        raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store "
+                        f"records ({describe_mismatch(fp, bb.fingerprint)}) although its weights file "
+                        "looks unchanged; re-run with --force to rebuild the store")
+    return bb, None
+
+
+def _content(plan: Plan, keep: list[int], keys: list[str], face_index: list[int] | None, boxes: dict,
+             partial: Partial, source: Source, fp: dict, spec: FaceSpec | None, summary: Summary, *, dtype: str,
+             weights: str | None, num_shards: int, shard_index: int) -> StoreContent:
+    """The new store's rows and records: one row per image, or (face mode) per face crop, in image order."""
+    attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
+    if num_shards > 1:
+        attrs["shard"] = json.dumps({"index": shard_index, "count": num_shards})
+    content = StoreContent(
+        dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
+        paths=[plan.paths[i] for i in keep], sha256=[plan.shas[i] for i in keep],
+        groups=[plan.groups[i] for i in keep], class_names=source.class_names, fingerprint=fp, root=source.root,
+        skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs)
+    if spec is not None:  # face mode: one row per face, its crop box, and the images without a face
+        content.face_index = np.array(face_index, np.int32)
+        content.face_boxes = np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4)
+        content.noface = sorted({s for s in plan.shas if partial.failed.get(s) == NO_FACE})
+    return content
 
 
 def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summary: Summary, *, batch_size: int,
