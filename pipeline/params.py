@@ -79,7 +79,9 @@ class Params:
     cv: CVParams
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """As params.yaml would hold it (parse_params reads it back): no `paths` section when there is none."""
+        d = dataclasses.asdict(self)
+        return d if d["paths"] is not None else {k: v for k, v in d.items() if k != "paths"}
 
     def stores(self, key: str) -> list[str]:
         """The store of each backbone in the folder paths.<key> names, in params order (the head's columns)."""

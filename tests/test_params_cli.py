@@ -232,6 +232,11 @@ def test_blank_folder_to_predictions_without_dvc(tmp_path, tiny_weights):
     assert "3-fold CV on 18 images" in r.stdout
     run_cli("predict", "model", "photos", "--out", "p.csv", "--no-progress", cwd=work, check=True)
     assert len((work / "p.csv").read_text().splitlines()) == 1 + 18
+    # the model records its params without a 'paths' section, and the report reads them back (it failed with
+    # "model.json params: section 'paths' must be a mapping" when the params had none)
+    assert "paths" not in json.loads((work / "model" / "model.json").read_text())["params"]
+    run_cli("report", "model", "--out", "report", cwd=work, check=True)
+    assert (work / "report" / "index.html").exists()
     again = run_cli("init", cwd=work)
     assert again.returncode == 2 and "params.yaml exists" in again.stderr
     r = run_cli("train-head", "--out", "m2", cwd=work)  # no stores named and no paths: one line saying so
@@ -259,8 +264,11 @@ def test_params_as_dvc_exp_rewrites_them_mean_the_same():
     boolean false to PyYAML) and flow lists become block lists. imgsent must read the same settings."""
     text = re.sub(r"faces: \S+", 'faces: "off"', (ROOT / "params.yaml").read_text(), count=1)
     rewritten = re.sub(r'faces: "off"', "faces: off", text)
-    rewritten = re.sub(r"hidden: \[(\d+)\]( *#.*)?", lambda m: "hidden:" + (m.group(2) or "") + f"\n  - {m.group(1)}",
+    rewritten = re.sub(r"backbones: \[([^\]]+)\]( *#.*)?",
+                       lambda m: "backbones:" + (m.group(2) or "") + "".join(f"\n  - {b.strip()}"
+                                                                           for b in m.group(1).split(",")),
                        rewritten)
+    assert "backbones:\n" in rewritten or "backbones:  " in rewritten
     assert rewritten != text and "faces: off" in rewritten
     a = parse_params(yaml.safe_load(text))
     b = parse_params(yaml.safe_load(rewritten))
