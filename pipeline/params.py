@@ -157,8 +157,8 @@ def parse_params(raw: dict, where: str = "params.yaml") -> Params:
     hints = typing.get_type_hints(Params)
     parts = {}
     for name in sections:
-        if name not in raw:
-            if name == "paths":  # only the DVC pipeline needs it
+        if name not in raw or name == "paths" and raw[name] is None:
+            if name == "paths":  # only the DVC pipeline needs it (model.json of earlier versions wrote null)
                 parts[name] = None
                 continue
             raise UserError(f"{where}: missing section '{name}'; `imgsent init` writes a complete params.yaml")

@@ -237,6 +237,10 @@ def test_blank_folder_to_predictions_without_dvc(tmp_path, tiny_weights):
     assert "paths" not in json.loads((work / "model" / "model.json").read_text())["params"]
     run_cli("report", "model", "--out", "report", cwd=work, check=True)
     assert (work / "report" / "index.html").exists()
+    meta = json.loads((work / "model" / "model.json").read_text())  # as earlier versions wrote it: paths null
+    meta["params"]["paths"] = None
+    (work / "model" / "model.json").write_text(json.dumps(meta))
+    run_cli("report", "model", "--out", "report", cwd=work, check=True)
     again = run_cli("init", cwd=work)
     assert again.returncode == 2 and "params.yaml exists" in again.stderr
     r = run_cli("train-head", "--out", "m2", cwd=work)  # no stores named and no paths: one line saying so
