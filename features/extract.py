@@ -100,7 +100,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             partial.failed.update({sha: NO_FACE for sha in old.noface})
         stat_time = time.time_ns()
         plan = make_plan(source, images_in(where) if spec else where, partial, summary, num_shards, shard_index,
-                     known, known_since)
+                         known, known_since)
         t_embed = time.time()
         model = None
         if plan.todo and bb is None:  # something to embed after all: the cached export, else the network

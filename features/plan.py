@@ -79,7 +79,7 @@ def images_in(where: Where) -> set[str]:
 
 
 def store_rows(plan: Plan, where: Where, partial: Partial, spec: FaceSpec | None
-          ) -> tuple[list[int], list[str], list[int] | None]:
+               ) -> tuple[list[int], list[str], list[int] | None]:
     """The store's rows: (image index in the plan per row, row key, face index per row or None)."""
     ok = [i for i, s in enumerate(plan.shas) if s not in partial.failed]
     if spec is None:
@@ -93,7 +93,7 @@ def store_rows(plan: Plan, where: Where, partial: Partial, spec: FaceSpec | None
 
 
 def reusable_rows(target: Path, fp: dict, force: bool, summary: Summary
-              ) -> tuple[Where, dict[str, tuple[int, ...]], Store | None]:
+                  ) -> tuple[Where, dict[str, tuple[int, ...]], Store | None]:
     """Rows of the existing store at `target` that may be reused (same backbone, checksum intact), by row key;
     their face boxes (face mode); and its metadata (None when there is nothing to reuse)."""
     old_fp = store_fingerprint(target)
@@ -117,7 +117,7 @@ def reusable_rows(target: Path, fp: dict, force: bool, summary: Summary
 
 
 def make_plan(source: Source, where: Where, partial: Partial, summary: Summary, num_shards: int, shard_index: int,
-          known: dict, stat_time_ns: int) -> Plan:
+              known: dict, stat_time_ns: int) -> Plan:
     plan = Plan([], [], [], [], [], {})
     first_label: dict[str, tuple[str, str | None]] = {}
     index = {c: i for i, c in enumerate(source.class_names)}

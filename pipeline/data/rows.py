@@ -73,7 +73,7 @@ class Rows:
         """Features of the rows where `mask` is True, in row order: (sum(mask), D) float32, a copy."""
         if self.features is not None:
             return self.features[mask]
-        return np.concatenate([x[mask[s:s + len(x)]] for s, x in self.blocks(mask)] or [np.zeros((0, self.dim), np.float32)])
+        return np.concatenate([*RowBlocks(self, mask)] or [np.zeros((0, self.dim), np.float32)])
 
     def features_of(self, mask: np.ndarray) -> "np.ndarray | RowBlocks":
         """A head's input X for the rows in `mask`: a copy (sum(mask), D) in memory, else blocks read on access."""

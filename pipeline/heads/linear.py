@@ -7,7 +7,7 @@ import numpy as np
 from pipeline.heads.common import Blocks, EarlyStopping, class_weights, sample_weights, standardise
 from pipeline.heads.head import Head
 from pipeline.heads.lbfgs import lbfgs
-from pipeline.heads.loss import linear_loss_gradient, softmax_cross_entropy
+from pipeline.heads.loss import linear_loss_gradient, softmax_cross_entropy, split_coef
 
 # Converged when max |gradient| <= GTOL. scikit-learn's LogisticRegression stops at 1e-4; 1e-5 generalises better
 # to image styles never seen in training (docs/benchmarks.md, leave-one-style-out).
@@ -42,7 +42,7 @@ class LinearHead:
             wv = class_weights(y, C, self.class_weight)[yv]  # (V,) weighted as the training rows' classes
 
             def check(coef: np.ndarray) -> bool:  # after every iteration: stop?
-                W, b = self._split(coef, D)
+                W, b = split_coef(coef, C)
                 loss = softmax_cross_entropy(xv @ W.T + b, yv, wv)[0] / float(wv.sum())
                 if loss < best["loss"]:
                     best["loss"], best["coef"] = loss, coef.copy()
@@ -52,13 +52,9 @@ class LinearHead:
             check = None
         x, self.n_iter_ = lbfgs(lambda coef: linear_loss_gradient(coef, blocks, y, w, self.weight_decay, C),
                                 np.zeros(C * (D + 1), np.float32), max_iter=self.max_iter, gtol=GTOL, callback=check)
-        self.coef_, self.intercept_ = self._split(best["coef"] if best["coef"] is not None else x, D)
+        self.coef_, self.intercept_ = split_coef(best["coef"] if best["coef"] is not None else x, C)
         self.head_ = Head([(self.coef_, self.intercept_)], self.mean_, self.scale_)
         return self
-
-    def _split(self, coef: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-        C = self.n_classes
-        return coef[:C * d].reshape(C, d).astype(np.float32), coef[C * d:].astype(np.float32)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.head_(X)

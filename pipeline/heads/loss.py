@@ -20,14 +20,19 @@ def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, sample_weight: np.ndarra
     return loss, p * sample_weight[:, None]
 
 
+def split_coef(coef: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The flat parameter vector [W (C*D), b (C)] -> W (C, D), b (C,) as float32."""
+    d = (len(coef) - n_classes) // n_classes
+    return coef[:n_classes * d].reshape(n_classes, d).astype(np.float32), coef[n_classes * d:].astype(np.float32)
+
+
 def linear_loss_gradient(coef: np.ndarray, blocks: Blocks, y: np.ndarray, sample_weight: np.ndarray,
                          l2: float, n_classes: int) -> tuple[float, np.ndarray]:
     """Multinomial logistic regression on standardised features: coef = [W (C*D), b (C)] (flat, float64 from
     the solver) -> (sum_i w_i CE_i / sum_i w_i + l2/2 |W|^2 (bias not penalised), gradient like coef).
     Two passes over the rows: logits X W^T + b, then the gradient G^T X."""
-    d = (len(coef) - n_classes) // n_classes
-    W = coef[:n_classes * d].reshape(n_classes, d).astype(np.float32)  # (C, D)
-    b = coef[n_classes * d:].astype(np.float32)  # (C,)
+    W, b = split_coef(coef, n_classes)  # (C, D), (C,)
+    d = W.shape[1]
     loss, gW, gb, start = 0.0, np.zeros((n_classes, d), np.float64), np.zeros(n_classes, np.float64), 0
     for x in blocks:  # (r, D) each
         end = start + len(x)
