@@ -168,6 +168,46 @@ def test_ordered_map_raises_the_workers_error():
         list(ordered_map(boom, range(20), workers=3, window=4))
 
 
+@pytest.mark.parametrize("layout", ["onnxruntime", "torch"])
+def test_batches_assembled_in_the_decode_threads_hold_each_image_in_order(tmp_path, layout):
+    """Every row the forward sees is its own image's pixels (prepare's), in path order, whatever the batch size,
+    the number of threads, the engine's layout and where the undecodable files fall (first, inside a chunk,
+    last); failed images are reported by index and never reach the forward."""
+    from features.models.backbones import Backbone
+    from features.models.embed import iter_embeddings
+    pre = Preprocess(size=8, resize=10, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
+    bb = Backbone(name="pixels", embedder=None, pre=pre, dim=3 * 8 * 8, weights_sha256="")
+    rng = np.random.default_rng(0)
+    paths, bad = [], {0, 5, 6, 12, 16}
+    for i in range(17):
+        path = tmp_path / f"{i}.png"
+        if i in bad:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 256, (9 + i, 14, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    expected = {i: prepare(decode_tensor(p), pre).flatten().float() for i, p in enumerate(paths) if i not in bad}
+
+    class Flatten:  # "features" = the input pixels, so each row shows which image filled it
+        engine = layout
+
+        def __call__(self, x):
+            assert x.is_contiguous(memory_format=torch.contiguous_format if layout == "onnxruntime"
+                                   else torch.channels_last)
+            return x.contiguous().reshape(len(x), -1).float()  # (b, C*S*S) in NCHW order
+
+    for batch_size in (1, 4, 7, 32):
+        for workers in (0, 1, 3):
+            got, errors = {}, {}
+            for idx, feats, errs in iter_embeddings(bb, paths, batch_size=batch_size, workers=workers,
+                                                    progress=False, model=Flatten()):
+                got.update({i: torch.from_numpy(f) for i, f in zip(idx, feats)})
+                errors.update(errs)
+            assert set(errors) == bad and all("not an image" in e for e in errors.values())
+            assert list(got) == sorted(expected)
+            assert all(torch.equal(got[i], expected[i]) for i in expected), (batch_size, workers)
+
+
 def test_workers_auto_means_the_cores_and_bad_values_are_one_line():
     assert resolve_workers("auto") == available_cores() and resolve_workers(None) == available_cores()
     assert resolve_workers("3") == 3 and resolve_workers(0) == 0

@@ -4,8 +4,13 @@ backbone in fp32 (features/models/engine.py: onnxruntime or torch on CPU, torch 
 
     for idx, feats, errors in iter_embeddings(backbone, paths): ...   # feats (b, D) float32
 
-Memory: at most `window` decoded inputs wait for the forward pass (2 batches or 4 per thread, whichever is
-more; 150 KB each at 224 px), plus one image being decoded per thread (features/input/images.py bounds that).
+The decode threads write each image straight into its row of a preallocated batch (pinned when the forward runs
+on CUDA), so the main thread only runs the forward: no per-image work, no stack, no pin copy. A torch.stack in
+the main thread ran its intra-op threads against the busy decode threads: 57 ms of CPU for a 32-image batch
+here, where the copy itself takes 1 ms (benchmarks/extract_throughput.py --feed).
+
+Memory: at most max(2 batches, 4 images per thread) of inputs are in flight (150 KB each at 224 px) beside
+the batch in the forward, plus one image being decoded per thread (features/input/images.py bounds that).
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from features.models.backbones import Backbone
-from features.models.preprocess import prepare
-from features.models.engine import forward_engine
+from features.models.preprocess import prepare, resize_crop
+from features.models.engine import engine_name, forward_engine
 from features.errors import UserError
 from features.input.faces import NO_FACE, FaceSpec, face_boxes
 from features.input.images import decode_tensor
@@ -34,11 +39,13 @@ def _one_thread() -> None:
 
 
 def _load(path: str, backbone: Backbone) -> tuple[torch.Tensor | None, str]:
-    """One image -> (its network input (C, S, S) uint8, "") or (None, why it was skipped)."""
+    """One image -> (its network input (C, S, S) uint8, maybe a strided view, "") or (None, why it was skipped)."""
     if _TEST_DELAY:
         time.sleep(_TEST_DELAY)  # fault-injection tests slow extraction down to kill it mid-run
     try:
-        return prepare(decode_tensor(path), backbone.pre), ""
+        pre = backbone.pre
+        return resize_crop(decode_tensor(path)[None], pre.resize, pre.size, pre.interpolation == "bicubic",
+                           pre.grayscale)[0], ""
     except ValueError as e:
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop a long run
@@ -93,6 +100,41 @@ def _batches(load, paths: list[str], batch_size: int, workers: int | str | None)
         yield batch
 
 
+def _input_batches(backbone: Backbone, paths: list[str], batch_size: int, workers: int | str | None, *,
+                   pinned: bool, channels_last: bool) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(x (b, C, S, S) uint8, why per image: "" when decoded) per `batch_size` paths, in order. Each task fills a
+    chunk of one batch's rows in a decode thread; rows of images that failed hold garbage (their reason says so)."""
+    n = resolve_workers(workers)
+    chunk = max(1, -(-batch_size // (2 * max(n, 1))))  # >= 2 chunks per thread and batch: threads stay balanced
+    c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
+    layout = torch.channels_last if channels_last else torch.contiguous_format  # what the forward engine reads
+
+    def tasks():  # pulled lazily by ordered_map, so only the batches in flight are allocated
+        for start in range(0, len(paths), batch_size):
+            rows = min(batch_size, len(paths) - start)
+            x = torch.empty((rows, c, size, size), dtype=torch.uint8, pin_memory=pinned, memory_format=layout)
+            for lo in range(0, rows, chunk):
+                yield x, start, lo, min(rows, lo + chunk)
+
+    def fill(task) -> tuple[torch.Tensor, int, list[str]]:
+        x, start, lo, hi = task
+        why = []
+        for row in range(lo, hi):
+            img, reason = _load(paths[start + row], backbone)  # (C, S, S)
+            if img is not None:
+                x[row].copy_(img)
+            why.append(reason)
+        return x, hi, why
+
+    reasons: list[str] = []
+    window = -(-max(2 * batch_size, 4 * n) // chunk)  # tasks in flight
+    for x, hi, why in ordered_map(fill, tasks(), workers=n, window=window, initializer=_one_thread):
+        reasons += why
+        if hi == len(x):  # the batch's last chunk: every row is filled
+            yield x, reasons
+            reasons = []
+
+
 def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 32, workers: int | str = "auto",
                     device: str = "cpu", progress: bool = True, desc: str = "extract",
                     model=None, engine: str = "auto") -> Iterator[tuple[list[int], np.ndarray, dict[int, str]]]:
@@ -103,18 +145,20 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
     model = model or forward_engine(backbone, device, batch_size, engine)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
-    for batch in _batches(lambda p: _load(p, backbone), paths, batch_size, workers):
-        idx = list(range(start, start + len(batch)))
-        start += len(batch)
-        ok = [k for k, (x, _) in enumerate(batch) if x is not None]
-        errors = {idx[k]: e for k, (x, e) in enumerate(batch) if x is None}
-        x = torch.stack([batch[k][0] for k in ok]) if ok else None  # (b, C, S, S) uint8
+    for x, reasons in _input_batches(backbone, paths, batch_size, workers, pinned=device == "cuda",
+                                     channels_last=engine_name(model) != "onnxruntime"):
+        idx = list(range(start, start + len(reasons)))
+        start += len(reasons)
+        ok = [k for k, why in enumerate(reasons) if not why]
+        errors = {idx[k]: why for k, why in enumerate(reasons) if why}
+        if len(ok) < len(x):
+            x = x[ok]  # (b, C, S, S) the decoded rows only (a copy: rare)
         feats = _forward(model, x, device, backbone.dim)  # (b, D)
         finite = np.isfinite(feats).all(1)
         if not finite.all():  # never store a NaN: it would poison every head trained on the store
             errors.update({idx[ok[j]]: "the backbone gave non-finite features" for j in np.flatnonzero(~finite)})
             ok, feats = [k for k, f in zip(ok, finite) if f], feats[finite]
-        bar.update(len(batch))
+        bar.update(len(reasons))
         yield [idx[k] for k in ok], feats, errors
     bar.close()
 
@@ -124,8 +168,9 @@ def _forward(model, x: torch.Tensor | None, device: str, dim: int) -> np.ndarray
     if x is None or not len(x):
         return np.empty((0, dim), np.float32)
     if device == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = x.contiguous(memory_format=torch.channels_last)
+        x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+    if engine_name(model) != "onnxruntime":  # onnxruntime reads NCHW; torch runs channels_last
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op for the batches _input_batches makes
     with torch.inference_mode():  # only around the forward: a context held across `yield` would leak out
         return model(x).float().cpu().numpy()
 
