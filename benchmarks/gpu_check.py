@@ -6,8 +6,9 @@ box; on a machine without a GPU it measures the CPU figures and says what it ski
   forward alone   Lite0 on a resident uint8 batch: fp32 with TF32 off (what extract runs) and bf16 autocast (the
                   old default, for the record); on CPU the onnxruntime engine
   decode alone    decode + resize to the 224 px input, 1 thread and N threads: PIL + float resize (main before
-                  #22) and libjpeg-turbo via torchvision + uint8 resize (now); nvJPEG batched on the GPU for the
-                  record (not used: see BENCHMARKS.md)
+                  #22) and libjpeg-turbo via simplejpeg + uint8 resize (now); nvJPEG batched on the GPU for the
+                  record (not used: see BENCHMARKS.md), and its parity split into the decoder's and the resize's
+                  shares, with nvJPEG's pixels against libjpeg-turbo's (default and fast chroma upsampling)
   extract         `imgsent extract` with default flags, and with --workers N --batch-size 256
   parity          the same images extracted with --device cpu and --device cuda: min / mean cosine, max rel. error
   predict         `imgsent predict` wall time on CUDA and on CPU (a few hundred images), max |dp| between them
@@ -146,21 +147,41 @@ def embed_rates(paths: list[str], threads: int) -> dict[str, float]:
     return out
 
 
-def nvjpeg_parity(paths: list[str]) -> tuple[float, float]:
-    """min / mean cosine between features of CPU-decoded inputs (the product's recipe) and nvJPEG-decoded ones
-    resized on the GPU, both through the same fp32 forward: would a GPU decoder keep one fingerprint?"""
+def nvjpeg_parity(paths: list[str]) -> dict[str, float]:
+    """Could a GPU decoder keep the CPU's fingerprint (min cosine >= 0.9999)? Features of the CPU recipe against
+    nvJPEG + GPU resize, and each half alone: nvJPEG's pixels resized by the CPU recipe (the decoder's share), and
+    the CPU's pixels resized on the GPU in float (the resize's share); then how nvJPEG's pixels differ from
+    libjpeg-turbo's with its default (fancy, triangular) chroma upsampling and with fastupsample (replication)."""
+    import simplejpeg
     from torchvision.io import decode_jpeg
     from features.models.preprocess import resize_crop
     bb = load_backbone("efficientnet_lite0", device="cuda")
     model, p = bb.embedder, bb.pre
-    cpu = torch.stack([prepare(decode_tensor(q), p) for q in paths]).cuda()
-    datas = [torch.frombuffer(bytearray(Path(q).read_bytes()), dtype=torch.uint8) for q in paths]
-    gpu = torch.stack([resize_crop(im[None], p.resize, p.size, p.interpolation == "bicubic", p.grayscale)[0]
-                       for im in decode_jpeg(datas, device="cuda")])
+
+    def gpu_resize(im):  # (3, H, W) uint8 on the GPU -> (3, S, S): resize_crop's float CUDA branch
+        return resize_crop(im[None], p.resize, p.size, p.interpolation == "bicubic", p.grayscale)[0]
+
+    cpu_pixels = [decode_tensor(q) for q in paths]  # (3, H, W) each
+    nv_pixels = decode_jpeg([torch.frombuffer(bytearray(Path(q).read_bytes()), dtype=torch.uint8) for q in paths],
+                            device="cuda")
+    inputs = {"CPU recipe": torch.stack([prepare(x, p) for x in cpu_pixels]),
+              "nvJPEG + GPU resize": torch.stack([gpu_resize(x) for x in nv_pixels]).cpu(),
+              "nvJPEG + CPU resize (decoder alone)": torch.stack([prepare(x.cpu(), p) for x in nv_pixels]),
+              "CPU decode + GPU resize (resize alone)": torch.stack([gpu_resize(x.cuda()) for x in cpu_pixels]).cpu()}
     with torch.inference_mode():
-        a, b = model(cpu).double(), model(gpu).double()
-    cos = torch.nn.functional.cosine_similarity(a, b)
-    return float(cos.min()), float(cos.mean())
+        feats = {k: model(v.cuda().contiguous(memory_format=torch.channels_last)).double() for k, v in inputs.items()}
+    out = {}
+    for k in list(inputs)[1:]:
+        cos = torch.nn.functional.cosine_similarity(feats["CPU recipe"], feats[k])
+        out[f"{k} vs CPU recipe: min cosine"] = float(cos.min())
+        out[f"{k} vs CPU recipe: mean cosine"] = float(cos.mean())
+    for fast in (False, True):
+        d = [(x.cpu().int() - torch.from_numpy(simplejpeg.decode_jpeg(Path(q).read_bytes(), colorspace="RGB",
+              fastupsample=fast)).permute(2, 0, 1).int()).abs() for x, q in zip(nv_pixels, paths)]
+        name = "fastupsample" if fast else "default upsampling"
+        out[f"nvJPEG vs libjpeg-turbo ({name}) pixels: max |d|"] = float(max(int(x.max()) for x in d))
+        out[f"nvJPEG vs libjpeg-turbo ({name}) pixels: mean |d|"] = float(sum(x.float().mean() for x in d) / len(d))
+    return out
 
 
 def imgsent(*args: str, env: dict | None = None) -> tuple[str, float]:
@@ -251,8 +272,7 @@ def main() -> None:
         lambda p: prepare(decode_tensor(p), bb.pre), paths, t)
     if CUDA:
         rows["decode+resize, nvJPEG batched 256 + GPU resize (record only)"] = nvjpeg_rate(paths, bb)
-        rows["nvJPEG + GPU resize vs CPU recipe: min cosine"], rows["nvJPEG vs CPU recipe: mean cosine"] = \
-            nvjpeg_parity(paths[:256])
+        rows.update(nvjpeg_parity(paths[:256]))
         rows.update(embed_rates(paths[:1000], t))
     print(f"decode figures done at {time.time() - t0:.0f} s", flush=True)
     rows["imgsent extract, default flags"] = extract_rate(work / "photos", work / "s-default.h5")
