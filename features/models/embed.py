@@ -7,10 +7,11 @@ backbone in fp32 (features/models/engine.py: onnxruntime or torch on CPU, torch 
 The decode threads write each image straight into its row of a preallocated batch (pinned when the forward runs
 on CUDA), so the main thread only runs the forward: no per-image work, no stack, no pin copy. A torch.stack in
 the main thread ran its intra-op threads against the busy decode threads: 57 ms of CPU for a 32-image batch
-here, where the copy itself takes 1 ms (benchmarks/extract_throughput.py --feed).
+here, where the copy itself takes 1 ms (benchmarks/feed_cost.py).
 
-Memory: at most max(2 batches, 4 images per thread) of inputs are in flight (150 KB each at 224 px) beside
-the batch in the forward, plus one image being decoded per thread (features/input/images.py bounds that).
+Memory: the inputs in flight (max(2 batches, 4 images per thread), rounded up to whole batches) and the batch in
+the forward, 150 KB an image at 224 px, plus one image being decoded per thread (features/input/images.py
+bounds that).
 """
 from __future__ import annotations
 
