@@ -227,9 +227,11 @@ def predict_check(work: Path, images: Path, store: Path) -> dict[str, float]:
                                                    "--device", dev, "--no-progress")
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-        probs[dev] = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in rows])
-    if CUDA:
-        out["predict max |dp| cuda vs cpu"] = float(np.abs(probs["cuda"] - probs["cpu"]).max())
+        probs[dev] = {r["path"]: [float(r[k]) for k in r if k.startswith("p_")] for r in rows if not r["error"]}
+    if CUDA:  # the images both devices predicted (a file that is no image is an error row on both)
+        both = sorted(probs["cuda"].keys() & probs["cpu"].keys())
+        out["predict max |dp| cuda vs cpu"] = float(np.abs(np.array([probs["cuda"][k] for k in both]) -
+                                                           np.array([probs["cpu"][k] for k in both])).max())
     return out
 
 
