@@ -168,13 +168,14 @@ def test_ordered_map_raises_the_workers_error():
         list(ordered_map(boom, range(20), workers=3, window=4))
 
 
-@pytest.mark.parametrize("layout", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_batches_assembled_in_the_decode_threads_hold_each_image_in_order(tmp_path, layout):
     """Every row the forward sees is its own image's pixels (prepare's), in path order, whatever the batch size,
     the number of threads, the engine's layout and where the undecodable files fall (first, inside a chunk,
     last); failed images are reported by index and never reach the forward."""
     from features.models.backbones import Backbone
-    from features.models.embed import iter_embeddings
+    from features.models.embed import _input_batches, iter_embeddings
+    from features.models.engine import input_layout
     pre = Preprocess(size=8, resize=10, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
     bb = Backbone(name="pixels", embedder=None, pre=pre, dim=3 * 8 * 8, weights_sha256="")
     rng = np.random.default_rng(0)
@@ -189,12 +190,15 @@ def test_batches_assembled_in_the_decode_threads_hold_each_image_in_order(tmp_pa
     expected = {i: prepare(decode_tensor(p), pre).flatten().float() for i, p in enumerate(paths) if i not in bad}
 
     class Flatten:  # "features" = the input pixels, so each row shows which image filled it
-        engine = layout
+        def __init__(self):
+            self.layout = layout  # what the engine reads (onnxruntime: NCHW, torch: channels_last)
 
         def __call__(self, x):
-            assert x.is_contiguous(memory_format=torch.contiguous_format if layout == "onnxruntime"
-                                   else torch.channels_last)
             return x.contiguous().reshape(len(x), -1).float()  # (b, C*S*S) in NCHW order
+
+    # the decode threads write the batches in the engine's layout, so the forward converts nothing
+    assert all(x.is_contiguous(memory_format=layout) for x, _ in _input_batches(bb, paths, 4, 2, pinned=False,
+                                                                                  layout=input_layout(Flatten())))
 
     for batch_size in (1, 4, 7, 32):
         for workers in (0, 1, 3):

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from features.models.backbones import Backbone
-from features.models.preprocess import prepare, resize_crop
-from features.models.engine import engine_name, forward_engine
+from features.models.preprocess import prepare
+from features.models.engine import forward_engine, input_layout
 from features.errors import UserError
 from features.input.faces import NO_FACE, FaceSpec, face_boxes
 from features.input.images import decode_tensor
@@ -40,13 +40,11 @@ def _one_thread() -> None:
 
 
 def _load(path: str, backbone: Backbone) -> tuple[torch.Tensor | None, str]:
-    """One image -> (its network input (C, S, S) uint8, maybe a strided view, "") or (None, why it was skipped)."""
+    """One image -> (its network input (C, S, S) uint8, a view, "") or (None, why it was skipped)."""
     if _TEST_DELAY:
         time.sleep(_TEST_DELAY)  # fault-injection tests slow extraction down to kill it mid-run
     try:
-        pre = backbone.pre
-        return resize_crop(decode_tensor(path)[None], pre.resize, pre.size, pre.interpolation == "bicubic",
-                           pre.grayscale)[0], ""
+        return prepare(decode_tensor(path), backbone.pre), ""
     except ValueError as e:
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop a long run
@@ -102,18 +100,18 @@ def _batches(load, paths: list[str], batch_size: int, workers: int | str | None)
 
 
 def _input_batches(backbone: Backbone, paths: list[str], batch_size: int, workers: int | str | None, *,
-                   pinned: bool, channels_last: bool) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                   pinned: bool, layout: torch.memory_format) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(x (b, C, S, S) uint8, why per image: "" when decoded) per `batch_size` paths, in order. Each task fills a
     chunk of one batch's rows in a decode thread; rows of images that failed hold garbage (their reason says so)."""
     n = resolve_workers(workers)
     chunk = max(1, -(-batch_size // (2 * max(n, 1))))  # >= 2 chunks per thread and batch: threads stay balanced
     c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
-    layout = torch.channels_last if channels_last else torch.contiguous_format  # what the forward engine reads
 
     def tasks():  # pulled lazily by ordered_map, so only the batches in flight are allocated
         for start in range(0, len(paths), batch_size):
             rows = min(batch_size, len(paths) - start)
-            x = torch.empty((rows, c, size, size), dtype=torch.uint8, pin_memory=pinned, memory_format=layout)
+            x = torch.empty((rows, c, size, size), dtype=torch.uint8, pin_memory=pinned,
+                            memory_format=layout)  # the layout the forward engine reads: no conversion there
             for lo in range(0, rows, chunk):
                 yield x, start, lo, min(rows, lo + chunk)
 
@@ -147,7 +145,7 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
     for x, reasons in _input_batches(backbone, paths, batch_size, workers, pinned=device == "cuda",
-                                     channels_last=engine_name(model) != "onnxruntime"):
+                                     layout=input_layout(model)):
         idx = list(range(start, start + len(reasons)))
         start += len(reasons)
         ok = [k for k, why in enumerate(reasons) if not why]
@@ -170,8 +168,7 @@ def _forward(model, x: torch.Tensor | None, device: str, dim: int) -> np.ndarray
         return np.empty((0, dim), np.float32)
     if device == "cuda":
         x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
-    if engine_name(model) != "onnxruntime":  # onnxruntime reads NCHW; torch runs channels_last
-        x = x.contiguous(memory_format=torch.channels_last)  # a no-op for the batches _input_batches makes
+    x = x.contiguous(memory_format=input_layout(model))  # a no-op for the batches _input_batches makes
     with torch.inference_mode():  # only around the forward: a context held across `yield` would leak out
         return model(x).float().cpu().numpy()
 

@@ -46,6 +46,7 @@ class OrtEmbedder:
     """onnxruntime session with the torch module's call surface: uint8 (B, C, S, S) -> float32 (B, D)."""
 
     engine = "onnxruntime"
+    layout = torch.contiguous_format  # onnxruntime reads NCHW
 
     def __init__(self, session, path: Path):
         self.session, self.path = session, path
@@ -255,3 +256,8 @@ def forward_engine(backbone: Backbone, device: str, batch_size: int, engine: str
 
 def engine_name(model) -> str:
     return getattr(model, "engine", "torch")
+
+
+def input_layout(model) -> torch.memory_format:
+    """The memory layout a forward engine reads its uint8 batch in: channels_last for torch, NCHW for onnxruntime."""
+    return getattr(model, "layout", torch.channels_last)

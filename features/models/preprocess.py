@@ -60,8 +60,9 @@ def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscal
 
 
 def prepare(rgb: np.ndarray | torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """Decoded RGB uint8, an array (H, W, 3) or a tensor (3, H, W) -> network input uint8 (C, size, size)."""
+    """Decoded RGB uint8, an array (H, W, 3) or a tensor (3, H, W) -> network input uint8 (C, size, size): a
+    channels_last view of the resized image, copied once, into its batch, by whoever batches it (making it NCHW
+    here first would cost a layout conversion, 0.37 ms an image, for nothing)."""
     if isinstance(rgb, np.ndarray):
         rgb = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)  # (3, H, W)
-    x = resize_crop(rgb[None], pre.resize, pre.size, pre.interpolation == "bicubic", pre.grayscale)
-    return x[0].contiguous()
+    return resize_crop(rgb[None], pre.resize, pre.size, pre.interpolation == "bicubic", pre.grayscale)[0]
