@@ -6,10 +6,12 @@ box; on a machine without a GPU it measures the CPU figures and says what it ski
   forward alone   Lite0 on a resident uint8 batch: fp32 with TF32 off (what extract runs) and bf16 autocast (the
                   old default, for the record); on CPU the onnxruntime engine
   decode alone    decode + resize to the 224 px input, 1 thread and N threads: PIL + float resize (main before
-                  #22) and libjpeg-turbo via simplejpeg + uint8 resize (now); nvJPEG batched on the GPU for the
-                  record (not used: see BENCHMARKS.md), and its parity split into the decoder's and the resize's
-                  shares, with nvJPEG's pixels against libjpeg-turbo's (default and fast chroma upsampling)
-  extract         `imgsent extract` with default flags, and with --workers N --batch-size 256
+                  #22) and libjpeg-turbo via simplejpeg + uint8 resize (the CPU recipe); nvJPEG + the exact
+                  integer resize on the GPU (features/input/gpu_jpeg.py), its inputs against the CPU recipe's
+                  byte for byte (photos and JPEG flavours), nvJPEG's pixels against libjpeg-turbo's
+  embed loop      iter_embeddings with JPEGs decoded on the GPU and on the CPU threads, batch 32 and 256
+  extract         `imgsent extract` with default flags on 1,000 and on all photos (and the steady rate the two
+                  give), and with --batch-size 256
   parity          the same images extracted with --device cpu and --device cuda: min / mean cosine, max rel. error
   predict         `imgsent predict` wall time on CUDA and on CPU (a few hundred images), max |dp| between them
 
@@ -113,74 +115,81 @@ def forward_rates(bb) -> dict[str, float]:
 
 
 def nvjpeg_rate(paths: list[str], bb) -> float:
-    from torchvision.io import decode_jpeg
-    datas = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
-    decode_jpeg(datas[:8], device="cuda")
+    """img/s of the GPU's share of the GPU path alone (features/input/gpu_jpeg.py: nvJPEG + the exact resize), 256
+    JPEGs a call, their bytes already read and validated."""
+    from features.input import gpu_jpeg
+    jpegs = [decode_tensor(p, defer_jpeg=True) for p in paths]
+    gpu_jpeg.decode_inputs(jpegs[:8], bb.pre, "cuda")
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for i in range(0, len(datas), 256):
-        imgs = decode_jpeg(datas[i:i + 256], device="cuda")
-        _ = [F.interpolate(im[None].float(), size=[256, 256], mode="bicubic", antialias=True) for im in imgs]
+    for i in range(0, len(jpegs), 256):
+        gpu_jpeg.decode_inputs(jpegs[i:i + 256], bb.pre, "cuda")
     torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - t)
 
 
 def embed_rates(paths: list[str], threads: int) -> dict[str, float]:
-    """img/s of iter_embeddings (decode threads + forward, no store) with an eager forward against the CUDA
-    graph, at Python's default GIL switch interval (5 ms) and at 0.5 ms."""
-    from features.models.embed import iter_embeddings
+    """img/s of iter_embeddings (no store, no start-up) on CUDA: JPEGs decoded on the GPU (now) and on the CPU
+    threads (before), batch 32 and 256."""
+    from features.models import embed
     bb = load_backbone("efficientnet_lite0", device="cuda")
     out = {}
+    real = embed.agrees_with_cpu
     for batch in (32, 256):
-        models = {"eager": bb.embedder.to(memory_format=torch.channels_last),
-                  "CUDA graph": forward_engine(bb, "cuda", batch)}
-        for name, model in models.items():
-            for interval in (0.005, 0.0005):
-                sys.setswitchinterval(interval)
-                t = time.perf_counter()
-                for _ in iter_embeddings(bb, paths, batch_size=batch, workers=threads, device="cuda",
-                                         progress=False, model=model):
-                    pass
-                out[f"embed loop, {name} ({type(model).__name__}), batch {batch}, GIL switch {interval * 1000:g} ms"] = \
-                    len(paths) / (time.perf_counter() - t)
-    sys.setswitchinterval(0.005)
+        model = forward_engine(bb, "cuda", batch)
+        for name, gpu in (("JPEG decoded on the GPU", True), ("decoded by the CPU threads", False)):
+            embed.agrees_with_cpu = real if gpu else (lambda *a, **k: False)
+            t = time.perf_counter()
+            for _ in embed.iter_embeddings(bb, paths, batch_size=batch, workers=threads, device="cuda",
+                                           progress=False, model=model):
+                pass
+            out[f"embed loop, {name}, batch {batch}"] = len(paths) / (time.perf_counter() - t)
+    embed.agrees_with_cpu = real
     return out
 
 
 def nvjpeg_parity(paths: list[str]) -> dict[str, float]:
-    """Could a GPU decoder keep the CPU's fingerprint (min cosine >= 0.9999)? Features of the CPU recipe against
-    nvJPEG + GPU resize, and each half alone: nvJPEG's pixels resized by the CPU recipe (the decoder's share), and
-    the CPU's pixels resized on the GPU in float (the resize's share); then how nvJPEG's pixels differ from
-    libjpeg-turbo's with its default (fancy, triangular) chroma upsampling and with fastupsample (replication)."""
+    """Does the GPU path keep the CPU's fingerprint? The network inputs of features/input/gpu_jpeg.py (nvJPEG +
+    the exact integer resize) against the CPU recipe's, byte for byte, on the photos and on a set of JPEG
+    flavours (subsamplings, grey, qualities, odd sizes, restart markers, EXIF orientations); then nvJPEG's raw
+    pixels against libjpeg-turbo's with fast (replicating, the recipe) and default (interpolating) chroma."""
     import simplejpeg
-    from torchvision.io import decode_jpeg
-    from features.models.preprocess import resize_crop
+    from features.input import gpu_jpeg
+    from features.input.images import JpegBytes
     bb = load_backbone("efficientnet_lite0", device="cuda")
-    model, p = bb.embedder, bb.pre
-
-    def gpu_resize(im):  # (3, H, W) uint8 on the GPU -> (3, S, S): resize_crop's float CUDA branch
-        return resize_crop(im[None], p.resize, p.size, p.interpolation == "bicubic", p.grayscale)[0]
-
-    cpu_pixels = [decode_tensor(q) for q in paths]  # (3, H, W) each
-    nv_pixels = decode_jpeg([torch.frombuffer(bytearray(Path(q).read_bytes()), dtype=torch.uint8) for q in paths],
-                            device="cuda")
-    inputs = {"CPU recipe": torch.stack([prepare(x, p) for x in cpu_pixels]),
-              "nvJPEG + GPU resize": torch.stack([gpu_resize(x) for x in nv_pixels]).cpu(),
-              "nvJPEG + CPU resize (decoder alone)": torch.stack([prepare(x.cpu(), p) for x in nv_pixels]),
-              "CPU decode + GPU resize (resize alone)": torch.stack([gpu_resize(x.cuda()) for x in cpu_pixels]).cpu()}
-    with torch.inference_mode():
-        feats = {k: model(v.cuda().contiguous(memory_format=torch.channels_last)).double() for k, v in inputs.items()}
+    flavours = Path(tempfile.mkdtemp(prefix="imgsent-flavours-"))
+    photo = Image.open(paths[0]).convert("RGB")
+    for k, (size, kw) in enumerate([((800, 600), {}), ((801, 599), {"subsampling": 1}), ((333, 251), {"subsampling": 0}),
+                                    ((1600, 1200), {"quality": 50}), ((640, 480), {"quality": 100}),
+                                    ((1023, 767), {"quality": 75})]):
+        photo.resize(size).save(flavours / f"f{k}.jpg", **{"quality": 90, **kw})
+        photo.resize(size).convert("L").save(flavours / f"g{k}.jpg", quality=90)
+        exif = photo.getexif()
+        exif[0x0112] = 1 + k % 8
+        photo.resize(size).save(flavours / f"o{k}.jpg", quality=85, exif=exif)
+    try:  # restart markers: PIL cannot write them
+        import cv2
+        cv2.imwrite(str(flavours / "rst.jpg"), np.asarray(photo)[:, :, ::-1], [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])
+    except (ImportError, AttributeError):
+        pass
     out = {}
-    for k in list(inputs)[1:]:
-        cos = torch.nn.functional.cosine_similarity(feats["CPU recipe"], feats[k])
-        out[f"{k} vs CPU recipe: min cosine"] = float(cos.min())
-        out[f"{k} vs CPU recipe: mean cosine"] = float(cos.mean())
-    for fast in (False, True):
+    for name, group in (("photos", paths), ("JPEG flavours", sorted(map(str, flavours.iterdir())))):
+        jpegs = [j for j in (decode_tensor(q, defer_jpeg=True) for q in group) if isinstance(j, JpegBytes)]
+        got = gpu_jpeg.decode_inputs(jpegs, bb.pre, "cuda").cpu()
+        want = torch.stack([prepare(gpu_jpeg.cpu_decode(j), bb.pre) for j in jpegs])
+        out[f"GPU JPEG path vs CPU recipe, {name}: images checked"] = len(jpegs)
+        out[f"GPU JPEG path vs CPU recipe, {name}: images with any other byte"] = int((got != want).flatten(1).any(1).sum())
+        with torch.inference_mode():
+            fa, fb = (bb.embedder(v.cuda().contiguous(memory_format=torch.channels_last)).double() for v in (got, want))
+        out[f"GPU JPEG path vs CPU recipe, {name}: min feature cosine"] = float(F.cosine_similarity(fa, fb).min())
+    nv = gpu_jpeg.nvjpeg([torch.frombuffer(bytearray(Path(q).read_bytes()), dtype=torch.uint8) for q in paths], "cuda")
+    for fast in (True, False):
         d = [(x.cpu().int() - torch.from_numpy(simplejpeg.decode_jpeg(Path(q).read_bytes(), colorspace="RGB",
-              fastupsample=fast)).permute(2, 0, 1).int()).abs() for x, q in zip(nv_pixels, paths)]
-        name = "fastupsample" if fast else "default upsampling"
+              fastupsample=fast)).permute(2, 0, 1).int()).abs() for x, q in zip(nv, paths)]
+        name = "fastupsample, the recipe" if fast else "default upsampling, PIL's"
         out[f"nvJPEG vs libjpeg-turbo ({name}) pixels: max |d|"] = float(max(int(x.max()) for x in d))
         out[f"nvJPEG vs libjpeg-turbo ({name}) pixels: mean |d|"] = float(sum(x.float().mean() for x in d) / len(d))
+    shutil.rmtree(flavours, ignore_errors=True)
     return out
 
 
@@ -268,18 +277,32 @@ def main() -> None:
     rows.update(forward_rates(load_backbone("efficientnet_lite0", device="cuda") if CUDA else bb))
     few = paths[:200]
     rows["decode+resize, PIL + float resize (before), 1 thread"] = rate(lambda p: old_decode(p, bb.pre), few, 1)
-    rows[f"decode+resize, PIL + float resize (before), {t} threads"] = rate(lambda p: old_decode(p, bb.pre), paths, t)
+    rows[f"decode+resize, PIL + float resize (before), {t} threads"] = rate(lambda p: old_decode(p, bb.pre), paths[:1000], t)
     rows["decode+resize, libjpeg-turbo + uint8 resize (now), 1 thread"] = rate(lambda p: prepare(decode_tensor(p), bb.pre), few, 1)
-    rows[f"decode+resize, libjpeg-turbo + uint8 resize (now), {t} threads"] = rate(
-        lambda p: prepare(decode_tensor(p), bb.pre), paths, t)
+    rows[f"decode+resize, libjpeg-turbo + uint8 resize (CPU recipe), {t} threads"] = rate(
+        lambda p: prepare(decode_tensor(p), bb.pre), paths[:1000], t)
+    # what the decode threads do per JPEG when the GPU decodes: read, header, validation at 1/8 scale
+    rows["decode threads' share of the GPU path (read + validate), 1 thread"] = rate(
+        lambda p: decode_tensor(p, defer_jpeg=True), few, 1)
+    rows[f"decode threads' share of the GPU path (read + validate), {t} threads"] = rate(
+        lambda p: decode_tensor(p, defer_jpeg=True), paths[:1000], t)
     if CUDA:
-        rows["decode+resize, nvJPEG batched 256 + GPU resize (record only)"] = nvjpeg_rate(paths, bb)
+        rows["decode+resize, nvJPEG batched 256 + exact GPU resize"] = nvjpeg_rate(paths[:1000], bb)
         rows.update(nvjpeg_parity(paths[:256]))
-        rows.update(embed_rates(paths[:1000], t))
+        rows.update(embed_rates(paths[:2000], t))
     print(f"decode figures done at {time.time() - t0:.0f} s", flush=True)
-    rows["imgsent extract, default flags"] = extract_rate(work / "photos", work / "s-default.h5")
-    rows[f"imgsent extract --workers {t} --batch-size 256"] = extract_rate(
-        work / "photos", work / "s-tuned.h5", "--workers", str(t), "--batch-size", "256")
+    # extract's "img/s embedding" counts the engine's start (CUDA context, graph capture, parity: seconds), so
+    # two folder sizes give the steady rate too: (n2 - n1) / (seconds2 - seconds1)
+    first = work / "photos-first"
+    for q in paths[:1000]:
+        (first / Path(q).parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(q, first / Path(q).parent.name / Path(q).name)
+    r1 = rows["imgsent extract, default flags, 1,000 photos"] = extract_rate(first, work / "s-first.h5")
+    r2 = rows[f"imgsent extract, default flags, {n:,} photos"] = extract_rate(work / "photos", work / "s-default.h5")
+    if n > 1000:
+        rows["imgsent extract, default flags, steady rate (from the two runs)"] = (n - 1000) / (n / r2 - 1000 / r1)
+    rows[f"imgsent extract --batch-size 256, {n:,} photos"] = extract_rate(
+        work / "photos", work / "s-tuned.h5", "--batch-size", "256")
     print(f"extract figures done at {time.time() - t0:.0f} s", flush=True)
     emoji = Path(args.emoji)
     stores = work / "stores"
@@ -289,7 +312,7 @@ def main() -> None:
         extract_rate(emoji, work / "emoji-cuda.h5", "--device", "cuda")
         rows["parity emoji cpu vs cuda: min cosine"], rows["parity emoji: mean cosine"], \
             rows["parity emoji: max rel error"] = parity(stores / "efficientnet_lite0.h5", work / "emoji-cuda.h5")
-        extract_rate(work / "photos", work / "s-cpu.h5", "--device", "cpu")
+        extract_rate(first, work / "s-cpu.h5", "--device", "cpu")
         rows["parity photos cpu vs cuda: min cosine"], rows["parity photos: mean cosine"], \
             rows["parity photos: max rel error"] = parity(work / "s-cpu.h5", work / "s-default.h5")
     rows.update(predict_check(work, emoji, stores / "efficientnet_lite0.h5"))

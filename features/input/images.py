@@ -15,6 +15,7 @@ import os
 import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -99,27 +100,50 @@ _ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[:
            7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
 
 
-def _jpeg_array(path: str, orientation: int) -> np.ndarray:
-    """A baseline or progressive RGB/grey JPEG -> upright (H, W, 3) uint8 through libjpeg-turbo (simplejpeg: the
-    same pixels as PIL, releases the GIL). Decoded strictly: a file libjpeg finds damaged (cut short, with or
-    without an end marker appended, zero-filled, garbled entropy data) raises ValueError instead of being
-    embedded with grey or garbage filled in."""
+def _strict_jpeg(data: bytes, **scaling) -> np.ndarray:
+    """A baseline or progressive RGB/grey JPEG -> (H, W, 3) uint8 through libjpeg-turbo (simplejpeg: releases the
+    GIL), chroma upsampled by replication (fastupsample: nvJPEG's pixels exactly, measured; the default
+    triangular filter moves chroma edges by up to 64 levels against it). Decoded strictly: a file libjpeg finds
+    damaged (cut short, with or without an end marker appended, zero-filled, garbled entropy data) raises
+    ValueError instead of being embedded with grey or garbage filled in. `scaling` (min_factor=8) decodes at 1/8
+    size: every entropy-coded bit is still read, so damage is found at a third less work than a full decode."""
     import simplejpeg
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastupsample=True, strict=True, **scaling)
     except ValueError as e:
         if not any(w in str(e) for w in _HARMLESS_JPEG_WARNINGS):
             raise ValueError(f"damaged JPEG ({str(e).strip()})") from None
-        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
-    return _ORIENT.get(orientation, lambda a: a)(rgb)  # (H, W, 3), maybe a strided view
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastupsample=True, strict=False, **scaling)
 
 
-def decode_tensor(path: str):
+# JPEGs that nvJPEG decodes to exactly the pixels of _strict_jpeg (benchmarks/gpu_check.py compares them on the
+# GPU): sequential (not progressive) YCbCr or grey with these chroma subsamplings; every other JPEG stays on the CPU.
+GPU_JPEG_SUBSAMPLING = ("444", "422", "420", "Gray")
+
+
+@dataclass(frozen=True)
+class JpegBytes:
+    """A validated JPEG left for the GPU to decode: its bytes, EXIF orientation (1 = upright) and width x height."""
+    data: bytearray  # writable: torch.frombuffer shares it without a copy
+    orientation: int
+    pixels: int
+
+
+def _gpu_decodable(data: bytes) -> bool:
+    import simplejpeg
+    try:
+        _, _, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return False
+    return colorspace in ("YCbCr", "Gray") and subsampling in GPU_JPEG_SUBSAMPLING
+
+
+def decode_tensor(path: str, defer_jpeg: bool = False):
     """File -> upright RGB uint8 torch tensor (3, H, W), fully decoded (no DCT-domain draft scaling: an exported
     model sees what its user decodes). RGB and grey JPEG through libjpeg-turbo (simplejpeg), strictly; every
-    other format through PIL; both give identical pixels for JPEG. Raises ValueError with a short reason on any failure."""
+    other format through PIL. Raises ValueError with a short reason on any failure. `defer_jpeg`: a JPEG the GPU
+    decodes to the same pixels (GPU_JPEG_SUBSAMPLING, sequential) is validated as strictly and returned as
+    JpegBytes instead, for features/input/gpu_jpeg.py."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device named x.png would block or never end
             raise ValueError("not a regular file (a pipe, device or socket)")
@@ -131,6 +155,8 @@ def decode_tensor(path: str):
                                      "(a decompression bomb, or downscale it first)")
                 if im.format == "JPEG" and im.mode in ("RGB", "L"):
                     orientation = im.getexif().get(0x0112, 1)
+                    sequential = not (im.info.get("progressive") or im.info.get("progression"))
+                    pixels = im.width * im.height
                     rgb = None
                 else:
                     if getattr(im, "n_frames", 1) > 1:
@@ -138,7 +164,12 @@ def decode_tensor(path: str):
                     im.load()
                     rgb = np.array(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)  # (H, W, 3), writable
             if rgb is None:
-                rgb = _jpeg_array(path, orientation)
+                with open(path, "rb") as f:
+                    data = f.read()
+                if defer_jpeg and sequential and _gpu_decodable(data):
+                    _strict_jpeg(data, min_factor=8, min_height=1, min_width=1)  # raises as the full decode would
+                    return JpegBytes(bytearray(data), orientation, pixels)
+                rgb = _ORIENT.get(orientation, lambda a: a)(_strict_jpeg(data))  # (H, W, 3), maybe a strided view
             import torch  # here, not at the top: train-head imports this module and must not pay for torch
             return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W), a view
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

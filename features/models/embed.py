@@ -1,6 +1,8 @@
-"""The batched forward pass shared by `extract` and `predict`: decode + resize in threads (uint8, on the CPU:
-one recipe whatever the device, so a store's pixels never depend on where it was made), then the frozen
-backbone in fp32 (features/models/engine.py: onnxruntime or torch on CPU, torch with TF32 off on CUDA).
+"""The batched forward pass shared by `extract` and `predict`: decode + resize in threads (uint8: one recipe
+whatever the device, so a store's pixels never depend on where it was made), then the frozen backbone in fp32
+(features/models/engine.py: onnxruntime or torch on CPU, torch with TF32 off on CUDA). On CUDA, JPEGs are
+decoded and resized on the GPU to the same bytes (features/input/gpu_jpeg.py, checked on each run's first
+JPEGs); the threads then only read and validate them.
 
     for idx, feats, errors in iter_embeddings(backbone, paths): ...   # feats (b, D) float32
 
@@ -11,7 +13,7 @@ here, where the copy itself takes 1 ms (benchmarks/feed_cost.py).
 
 Memory: the inputs in flight (max(2 batches, 4 images per thread), rounded up to whole batches) and the batch in
 the forward, 150 KB an image at 224 px, plus one image being decoded per thread (features/input/images.py
-bounds that).
+bounds that); on the GPU path a JPEG in flight is its compressed bytes, and gpu_jpeg.py bounds the GPU's share.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from features.models.preprocess import prepare
 from features.models.engine import forward_engine, input_layout
 from features.errors import UserError
 from features.input.faces import NO_FACE, FaceSpec, face_boxes
-from features.input.images import decode_tensor
+from features.input.gpu_jpeg import agrees_with_cpu, decode_inputs
+from features.input.images import JpegBytes, decode_tensor
 from features.input.prefetch import ordered_map, resolve_workers
 
 _TEST_DELAY = float(os.environ.get("IMGSENT_TEST_DELAY", "0") or 0)
@@ -39,12 +42,14 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # a decode thread's resize must not fan out into a pool of its own per thread
 
 
-def _load(path: str, backbone: Backbone) -> tuple[torch.Tensor | None, str]:
-    """One image -> (its network input (C, S, S) uint8, a view, "") or (None, why it was skipped)."""
+def _load(path: str, backbone: Backbone, defer_jpeg: bool = False) -> tuple[torch.Tensor | JpegBytes | None, str]:
+    """One image -> (its network input (C, S, S) uint8, a view, "") or (None, why it was skipped); with
+    `defer_jpeg`, a JPEG for the GPU to decode comes back validated but compressed (JpegBytes)."""
     if _TEST_DELAY:
         time.sleep(_TEST_DELAY)  # fault-injection tests slow extraction down to kill it mid-run
     try:
-        return prepare(decode_tensor(path), backbone.pre), ""
+        img = decode_tensor(path, defer_jpeg)
+        return (img if isinstance(img, JpegBytes) else prepare(img, backbone.pre)), ""
     except ValueError as e:
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop a long run
@@ -134,6 +139,31 @@ def _input_batches(backbone: Backbone, paths: list[str], batch_size: int, worker
             reasons = []
 
 
+def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, workers: int | str | None, *,
+                      device: str, layout: torch.memory_format) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """As _input_batches, with JPEGs decoded on `device` (features/input/gpu_jpeg.py): the threads read and
+    validate each JPEG and decode the other formats; the batch is assembled on `device`."""
+    c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
+    start = 0
+    for batch in _batches(lambda p: _load(p, backbone, defer_jpeg=True), paths, batch_size, workers):
+        x = torch.empty((len(batch), c, size, size), dtype=torch.uint8, device=device, memory_format=layout)
+        reasons = [why for _, why in batch]  # rows of images that failed hold garbage, as in _input_batches
+        jpegs = [k for k, (img, _) in enumerate(batch) if isinstance(img, JpegBytes)]
+        others = [k for k, (img, _) in enumerate(batch) if isinstance(img, torch.Tensor)]
+        if jpegs:
+            try:
+                x[jpegs] = decode_inputs([batch[k][0] for k in jpegs], backbone.pre, device)  # (j, C, S, S)
+            except Exception:  # noqa: BLE001 - a GPU failure (out of memory, a decoder bug) must not stop a long
+                for k in jpegs:  # run: this batch's JPEGs go through the CPU recipe, one by one
+                    img, reasons[k] = _load(paths[start + k], backbone)
+                    if img is not None:
+                        x[k] = img.to(device)
+        if others:
+            x[others] = torch.stack([batch[k][0] for k in others]).to(device)  # (o, C, S, S)
+        start += len(batch)
+        yield x, reasons
+
+
 def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 32, workers: int | str = "auto",
                     device: str = "cpu", progress: bool = True, desc: str = "extract",
                     model=None, engine: str = "auto") -> Iterator[tuple[list[int], np.ndarray, dict[int, str]]]:
@@ -144,8 +174,12 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
     model = model or forward_engine(backbone, device, batch_size, engine)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
-    for x, reasons in _input_batches(backbone, paths, batch_size, workers, pinned=device == "cuda",
-                                     layout=input_layout(model)):
+    if device == "cuda" and agrees_with_cpu(paths[:64], backbone.pre, device):
+        batches = _gpu_jpeg_batches(backbone, paths, batch_size, workers, device=device, layout=input_layout(model))
+    else:
+        batches = _input_batches(backbone, paths, batch_size, workers, pinned=device == "cuda",
+                                 layout=input_layout(model))
+    for x, reasons in batches:
         idx = list(range(start, start + len(reasons)))
         start += len(reasons)
         ok = [k for k, why in enumerate(reasons) if not why]
@@ -166,7 +200,7 @@ def _forward(model, x: torch.Tensor | None, device: str, dim: int) -> np.ndarray
     """uint8 (b, C, S, S) -> features (b, D) float32 on the CPU, computed in fp32 on either device."""
     if x is None or not len(x):
         return np.empty((0, dim), np.float32)
-    if device == "cuda":
+    if device == "cuda" and not x.is_cuda:
         x = (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
     x = x.contiguous(memory_format=input_layout(model))  # a no-op for the batches _input_batches makes
     with torch.inference_mode():  # only around the forward: a context held across `yield` would leak out

@@ -20,8 +20,9 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     grayscale: bool = False  # convert to one channel (ITU-R 601-2 luma, as PIL's convert('L'))
-    version: int = 4  # of the decode/resize code: bump when pixels change, so old stores are refused
-    # (4: uint8 antialiased resize, within 3 levels of version 3's float one)
+    version: int = 5  # of the decode/resize code: bump when pixels change, so old stores are refused
+    # (4: uint8 antialiased resize, within 3 levels of version 3's float one; 5: JPEG chroma upsampled by
+    # replication (libjpeg-turbo's fast upsampling), the pixels nvJPEG gives, so a GPU decodes the same inputs)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -32,14 +33,19 @@ class Preprocess:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> (B, 1, H, W): ITU-R 601-2 luma, rounded like PIL's convert('L')."""
+    xi = x.to(torch.int32)
+    return ((xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 32768) >> 16).to(torch.uint8).unsqueeze(1)
+
+
 def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscale: bool) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> uint8 (B, C, size, size): luma if grayscale, long side cut to 3x the short
     side (a 60000 x 2 image would otherwise resize to 256 x 7.7M pixels), shorter side resized to `resize` with
     antialiasing on uint8 (no float copy of a 12 MP photo), centre crop. TorchScript-able: extraction (in DataLoader workers) and exported models run
     this very function, so they see identical pixels."""
-    if grayscale:  # ITU-R 601-2 luma, rounded like PIL's convert('L')
-        xi = x.to(torch.int32)
-        x = ((xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 32768) >> 16).to(torch.uint8).unsqueeze(1)
+    if grayscale:
+        x = luma(x)
     # Integer arithmetic and no shape-dependent branches: exporters keep H and W symbolic.
     h, w = x.shape[2], x.shape[3]
     short = torch.sym_min(h, w) if not torch.jit.is_scripting() else min(h, w)
@@ -49,7 +55,8 @@ def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscal
     x = x.narrow(2, (h - ch) // 2, ch).narrow(3, (w - cw) // 2, cw)  # (B, C, ch, cw)
     nh, nw = resize * ch // short, resize * cw // short
     mode = "bicubic" if bicubic else "bilinear"
-    if x.is_cuda:  # no uint8 antialiased kernel on CUDA: float, rounded (within 3 levels of the CPU's pixels)
+    if x.is_cuda:  # no uint8 antialiased kernel on CUDA: float, rounded (within 3 levels of the CPU's pixels;
+        # extraction on a GPU uses resize_exact.py's bit-exact copy instead, which TorchScript cannot compile)
         x = F.interpolate(x.float(), size=[nh, nw], mode=mode, align_corners=False,
                           antialias=True).round().clamp(0, 255).to(torch.uint8)
     else:  # uint8 in, uint8 out, fixed-point weights: 3-10x the float path (channels_last: 3.6x NCHW's speed)

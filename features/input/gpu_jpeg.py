@@ -1,0 +1,125 @@
+"""JPEGs decoded on the GPU: nvJPEG in batches, then EXIF orientation, luma and the resize in the CPU's integer
+arithmetic, so the network gets the very inputs of the CPU recipe and a store's features do not depend on
+where it was made.
+
+On a GPU box the CPU cannot decode fast enough to feed the network (an H200 host's 16 cores decode ~1,100
+photos/s, its GPU embeds ~9,800/s): here the decode threads only read, check and validate each file
+(features/input/images.py `decode_tensor(defer_jpeg=True)`: the entropy data decoded at 1/8 size, so damaged
+files are refused exactly as on the CPU) and the GPU decodes the pixels.
+
+    if agrees_with_cpu(sample, pre, "cuda"):                    # measured on the user's own images, once a run
+        x = decode_inputs(jpegs, pre, "cuda")                   # (n, C, S, S) uint8 on the GPU
+
+Why exact: nvJPEG's pixels equal libjpeg-turbo's with fast (replicating) chroma upsampling for sequential
+4:4:4, 4:2:2, 4:2:0 and grey JPEGs (benchmarks/gpu_check.py measures it; the CPU recipe decodes so since
+preprocessing version 5), and features/models/resize_exact.py reproduces the CPU's uint8 resize bit for bit.
+`agrees_with_cpu` checks both on the first JPEGs of every run, so a GPU or driver that decodes otherwise is
+caught before it writes a row.
+
+Memory: one decode call holds at most MAX_BATCH_PIXELS decoded pixels (3 bytes each, 768 MiB) on the GPU, and
+the resize a float64 copy of one group of same-sized images, at most RESIZE_PIXELS (8 bytes each, 1 GiB).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from features.input.images import JpegBytes, _strict_jpeg, decode_tensor
+from features.models.preprocess import Preprocess, luma, prepare
+from features.models.resize_exact import resize_crop_exact
+
+MAX_BATCH_PIXELS = 256 * 2 ** 20
+RESIZE_PIXELS = 128 * 2 ** 20 // 3  # per channel: (n, 3, H, W) float64 <= 1 GiB
+
+# EXIF orientation -> the view that shows a (3, H, W) picture upright: images.py's _ORIENT for (H, W, 3) arrays
+_ORIENT = {2: lambda x: x.flip(2), 3: lambda x: x.flip(1, 2), 4: lambda x: x.flip(1), 5: lambda x: x.transpose(1, 2),
+           6: lambda x: x.rot90(-1, (1, 2)), 7: lambda x: x.flip(1, 2).transpose(1, 2), 8: lambda x: x.rot90(1, (1, 2))}
+
+
+def nvjpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """JPEG bytes (1-D uint8 tensors) -> RGB (3, H, W) uint8 on `device`, batched (torchvision's decode_jpeg:
+    nvJPEG on CUDA). Raises if any image fails; callers then retry one at a time."""
+    import warnings
+    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+def cpu_decode(jpeg: JpegBytes) -> torch.Tensor:
+    """The CPU recipe's pixels of a JPEG: (3, H, W) uint8, as oriented by its EXIF tag."""
+    return _ORIENT.get(jpeg.orientation, lambda x: x)(torch.from_numpy(_strict_jpeg(jpeg.data)).permute(2, 0, 1))
+
+
+def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
+    """Upright RGB (3, H, W) per JPEG on `device`: nvJPEG in calls of at most MAX_BATCH_PIXELS; an image nvJPEG
+    refuses (its batch fails whole) goes through the CPU recipe's decoder instead."""
+    out: list[torch.Tensor] = []
+    lo = 0
+    while lo < len(jpegs):
+        hi, pixels = lo, 0
+        while hi < len(jpegs) and (hi == lo or pixels + jpegs[hi].pixels <= MAX_BATCH_PIXELS):
+            pixels += jpegs[hi].pixels
+            hi += 1
+        datas = [torch.frombuffer(j.data, dtype=torch.uint8) for j in jpegs[lo:hi]]
+        try:
+            imgs = nvjpeg(datas, device)
+        except RuntimeError:
+            imgs = []
+            for j, d in zip(jpegs[lo:hi], datas):
+                try:
+                    imgs.append(nvjpeg([d], device)[0])
+                except RuntimeError:
+                    imgs.append(cpu_decode(j).to(device))
+        out += [_ORIENT.get(j.orientation, lambda x: x)(x) for j, x in zip(jpegs[lo:hi], imgs)]
+        lo = hi
+    return out
+
+
+def decode_inputs(jpegs: list[JpegBytes], pre: Preprocess, device: str) -> torch.Tensor:
+    """Validated JPEGs -> the network's inputs (n, C, size, size) uint8 on `device`, equal to the CPU recipe's
+    `prepare(decode_tensor(path), pre)`. Images of one size are resized together."""
+    imgs = _decode(jpegs, device)
+    out = torch.empty((len(imgs), 1 if pre.grayscale else 3, pre.size, pre.size), dtype=torch.uint8, device=device)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for k, x in enumerate(imgs):
+        by_shape.setdefault(tuple(x.shape[1:]), []).append(k)
+    for (h, w), ks in by_shape.items():
+        step = max(1, RESIZE_PIXELS // (h * w))
+        for i in range(0, len(ks), step):
+            group = ks[i:i + step]
+            x = torch.stack([imgs[k] for k in group])  # (g, 3, H, W)
+            if pre.grayscale:
+                x = luma(x)
+            out[group] = resize_crop_exact(x, pre.resize, pre.size, pre.interpolation == "bicubic")
+    return out
+
+
+def agrees_with_cpu(paths: list[str], pre: Preprocess, device: str, sample: int = 16) -> bool:
+    """Whether this device's JPEG inputs equal the CPU recipe's, byte for byte, on the first `sample` JPEGs among
+    `paths` that would go to it (True when there are none: nothing would differ). A mismatch is said in one line."""
+    jpegs: list[JpegBytes] = []
+    for p in paths:
+        try:
+            j = decode_tensor(p, defer_jpeg=True)
+        except ValueError:
+            continue
+        if isinstance(j, JpegBytes):
+            jpegs.append(j)
+        if len(jpegs) == sample:
+            break
+    if not jpegs:
+        return True
+    try:
+        got = decode_inputs(jpegs, pre, device).cpu()
+    except Exception as e:  # noqa: BLE001 - no nvJPEG in this torchvision, a driver without it: the CPU decodes
+        print(f"note: the GPU cannot decode JPEGs here ({e.__class__.__name__}: {str(e)[:80]}); decoding on the "
+              "CPU instead (same features, slower)", file=sys.stderr, flush=True)
+        return False
+    want = torch.stack([prepare(cpu_decode(j), pre) for j in jpegs])
+    differ = int((got != want).flatten(1).any(1).sum())
+    if differ:
+        print(f"note: the GPU's JPEG decoder gives other pixels than the CPU's on {differ} of {len(jpegs)} images "
+              "checked; decoding on the CPU instead (same features, slower)", file=sys.stderr, flush=True)
+    return not differ
