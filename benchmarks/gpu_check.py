@@ -134,17 +134,20 @@ def embed_rates(paths: list[str], threads: int) -> dict[str, float]:
     from features.models import embed
     bb = load_backbone("efficientnet_lite0", device="cuda")
     out = {}
-    real = embed.agrees_with_cpu
+    real = embed._gpu_jpeg_batches
+
+    def threads_decode(bb, paths, batch_size, workers, *, device, layout):  # the CPU path, as before the GPU path
+        return embed._input_batches(bb, paths, batch_size, workers, pinned=True, layout=layout)
     for batch in (32, 256):
         model = forward_engine(bb, "cuda", batch)
         for name, gpu in (("JPEG decoded on the GPU", True), ("decoded by the CPU threads", False)):
-            embed.agrees_with_cpu = real if gpu else (lambda *a, **k: False)
+            embed._gpu_jpeg_batches = real if gpu else threads_decode
             t = time.perf_counter()
             for _ in embed.iter_embeddings(bb, paths, batch_size=batch, workers=threads, device="cuda",
                                            progress=False, model=model):
                 pass
             out[f"embed loop, {name}, batch {batch}"] = len(paths) / (time.perf_counter() - t)
-    embed.agrees_with_cpu = real
+    embed._gpu_jpeg_batches = real
     return out
 
 

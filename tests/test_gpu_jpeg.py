@@ -100,31 +100,63 @@ def test_gpu_batches_hold_the_cpu_recipes_inputs(tmp_path, monkeypatch, batch_si
         assert max(calls) < min(batch_size, eligible)
 
 
+def _same_batches(got, want) -> None:
+    assert [r for _, r in got] == [r for _, r in want]
+    for (x, r), (y, _) in zip(got, want):
+        ok = [k for k, why in enumerate(r) if not why]
+        assert torch.equal(x[ok].cpu(), y[ok])
+
+
 def test_a_batch_the_gpu_refuses_is_decoded_one_by_one_then_on_the_cpu(tmp_path, monkeypatch):
     paths = _folder(tmp_path)
     calls = []
-    monkeypatch.setattr(gpu_jpeg, "nvjpeg", _nvjpeg_stand_in(calls, refuse=(480,)))  # big.jpg
+    monkeypatch.setattr(gpu_jpeg, "nvjpeg", _nvjpeg_stand_in(calls, refuse=(480, 173)))  # big.jpg, orient*.jpg
     bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
     want = list(_input_batches(bb, paths, 8, 2, pinned=False, layout=torch.channels_last))
-    got = list(_gpu_jpeg_batches(bb, paths, 8, 2, device="cpu", layout=torch.channels_last))
-    for (x, r), (y, _) in zip(got, want):
-        ok = [k for k, why in enumerate(r) if not why]
-        assert torch.equal(x[ok], y[ok])
+    _same_batches(list(_gpu_jpeg_batches(bb, paths, 8, 2, device="cpu", layout=torch.channels_last)), want)
     assert 1 in calls  # the refused batch was retried image by image
 
 
-def test_a_decoder_with_other_pixels_is_caught_before_a_run_uses_it(tmp_path, monkeypatch, capsys):
-    """torchvision's CPU decoder interpolates chroma as PIL does: one line, and the run decodes on the CPU."""
+@pytest.mark.parametrize("fault", ["other pixels", "no decoder", "fails mid-run"])
+def test_a_gpu_that_cannot_give_the_cpus_bytes_leaves_the_run_to_the_cpu(tmp_path, monkeypatch, capsys, fault):
+    """A decoder with other pixels (torchvision's CPU decoder interpolates chroma, as PIL does), a torchvision
+    without nvJPEG, or a GPU failure after the first batches (out of memory): one line, and every batch from
+    there on holds the CPU recipe's inputs."""
     from torchvision.io import ImageReadMode, decode_jpeg
     paths = _folder(tmp_path)
-    pre = _pre()
-    monkeypatch.setattr(gpu_jpeg, "nvjpeg", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB))
-    assert not gpu_jpeg.agrees_with_cpu(paths, pre, "cpu")
+    bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
+    calls = []
+    if fault == "other pixels":
+        monkeypatch.setattr(gpu_jpeg, "nvjpeg", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB))
+    elif fault == "no decoder":
+        def missing(datas, device):
+            raise ImportError("cannot import name 'decode_jpeg' from 'torchvision.io'")
+        monkeypatch.setattr(gpu_jpeg, "nvjpeg", missing)
+    else:
+        stand_in = _nvjpeg_stand_in(calls)
+
+        def flaky(datas, device):
+            if len(calls) >= 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return stand_in(datas, device)
+        monkeypatch.setattr(gpu_jpeg, "nvjpeg", flaky)
+    want = list(_input_batches(bb, paths, 4, 2, pinned=False, layout=torch.channels_last))
+    _same_batches(list(_gpu_jpeg_batches(bb, paths, 4, 2, device="cpu", layout=torch.channels_last)), want)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "decoding on the CPU instead" in err
+    assert err.count("\n") == 1 and "decoding on the CPU instead" in err, err
+    assert {"other pixels": "other pixels than the CPU's", "no decoder": "(ImportError",
+            "fails mid-run": "(OutOfMemoryError"}[fault] in err
+    if fault == "fails mid-run":
+        assert len(calls) == 2  # two batches decoded on the "GPU" before the failure
+
+
+def test_the_check_needs_no_jpeg_and_says_nothing_when_bytes_agree(tmp_path, monkeypatch, capsys):
+    paths = _folder(tmp_path)
     monkeypatch.setattr(gpu_jpeg, "nvjpeg", _nvjpeg_stand_in())
-    assert gpu_jpeg.agrees_with_cpu(paths, pre, "cpu")
-    assert gpu_jpeg.agrees_with_cpu([p for p in paths if p.endswith(".png")], pre, "cpu")  # no JPEG: nothing differs
+    bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
+    for some in (paths, [p for p in paths if not p.endswith(".jpg")]):
+        want = list(_input_batches(bb, some, 4, 2, pinned=False, layout=torch.channels_last))
+        _same_batches(list(_gpu_jpeg_batches(bb, some, 4, 2, device="cpu", layout=torch.channels_last)), want)
     assert capsys.readouterr().err == ""
 
 
@@ -134,44 +166,11 @@ def test_luma_before_the_exact_resize_is_resize_crops_grayscale():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_nvjpeg_on_this_gpu_gives_the_cpu_recipes_inputs(tmp_path):
+def test_nvjpeg_on_this_gpu_gives_the_cpu_recipes_inputs(tmp_path, capsys):
     paths = _folder(tmp_path)
     bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
-    assert gpu_jpeg.agrees_with_cpu(paths, bb.pre, "cuda")
     want = list(_input_batches(bb, paths, 8, 2, pinned=False, layout=torch.channels_last))
     got = list(_gpu_jpeg_batches(bb, paths, 8, 2, device="cuda", layout=torch.channels_last))
-    for (x, r), (y, _) in zip(got, want):
-        ok = [k for k, why in enumerate(r) if not why]
-        assert x.is_cuda and torch.equal(x[ok].cpu(), y[ok])
-
-
-def test_a_gpu_failure_mid_run_decodes_that_batch_on_the_cpu(tmp_path, monkeypatch):
-    """Out of GPU memory (or any decoder error) in one batch: its JPEGs go through the CPU recipe, the run goes on."""
-    paths = _folder(tmp_path)
-    real = gpu_jpeg.decode_inputs
-    failed = []
-
-    def flaky(jpegs, pre, device):
-        if not failed:
-            failed.append(len(jpegs))
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(jpegs, pre, device)
-
-    monkeypatch.setattr(gpu_jpeg, "nvjpeg", _nvjpeg_stand_in())
-    monkeypatch.setattr("features.models.embed.decode_inputs", flaky)
-    bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
-    want = list(_input_batches(bb, paths, 8, 2, pinned=False, layout=torch.channels_last))
-    got = list(_gpu_jpeg_batches(bb, paths, 8, 2, device="cpu", layout=torch.channels_last))
-    assert failed and [r for _, r in got] == [r for _, r in want]
-    for (x, r), (y, _) in zip(got, want):
-        ok = [k for k, why in enumerate(r) if not why]
-        assert torch.equal(x[ok], y[ok])
-
-
-def test_a_gpu_without_a_jpeg_decoder_leaves_decoding_to_the_cpu(tmp_path, monkeypatch, capsys):
-    def missing(datas, device):
-        raise ImportError("cannot import name 'decode_jpeg' from 'torchvision.io'")
-    monkeypatch.setattr(gpu_jpeg, "nvjpeg", missing)
-    assert not gpu_jpeg.agrees_with_cpu(_folder(tmp_path), _pre(), "cpu")
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot decode JPEGs here (ImportError" in err
+    assert capsys.readouterr().err == ""  # the first batch's check passed: the GPU decoded
+    assert all(x.is_cuda for x, _ in got)
+    _same_batches(got, want)

@@ -7,13 +7,13 @@ photos/s, its GPU embeds ~9,800/s): here the decode threads only read, check and
 (features/input/images.py `decode_tensor(defer_jpeg=True)`: the entropy data decoded at 1/8 size, so damaged
 files are refused exactly as on the CPU) and the GPU decodes the pixels.
 
-    if agrees_with_cpu(sample, pre, "cuda"):                    # measured on the user's own images, once a run
-        x = decode_inputs(jpegs, pre, "cuda")                   # (n, C, S, S) uint8 on the GPU
+    x = decode_inputs(jpegs, pre, "cuda")                       # (n, C, S, S) uint8 on the GPU
+    ok = same_as_cpu(jpegs, x, pre)                             # once a run, on its first JPEGs
 
 Why exact: nvJPEG's pixels equal libjpeg-turbo's with fast (replicating) chroma upsampling for sequential
 4:4:4, 4:2:2, 4:2:0 and grey JPEGs (benchmarks/gpu_check.py measures it; the CPU recipe decodes so since
 preprocessing version 5), and features/models/resize_exact.py reproduces the CPU's uint8 resize bit for bit.
-`agrees_with_cpu` checks both on the first JPEGs of every run, so a GPU or driver that decodes otherwise is
+`same_as_cpu` checks both on the first JPEGs of every run, so a GPU or driver that decodes otherwise is
 caught before it writes a row.
 
 Memory: one decode call holds at most MAX_BATCH_PIXELS decoded pixels (3 bytes each, 768 MiB) on the GPU, and
@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from features.input.images import JpegBytes, _strict_jpeg, decode_tensor
+from features.input.images import JpegBytes, _strict_jpeg
 from features.models.preprocess import Preprocess, luma, prepare
 from features.models.resize_exact import resize_crop_exact
 
@@ -47,14 +47,23 @@ def nvjpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
+def _upright(x: torch.Tensor, jpeg: JpegBytes) -> torch.Tensor:
+    return _ORIENT.get(jpeg.orientation, lambda t: t)(x)
+
+
+def _cpu_pixels(jpeg: JpegBytes) -> torch.Tensor:
+    """The CPU recipe's pixels of a JPEG, as stored: (3, H, W) uint8, before its EXIF orientation."""
+    return torch.from_numpy(_strict_jpeg(jpeg.data)).permute(2, 0, 1)
+
+
 def cpu_decode(jpeg: JpegBytes) -> torch.Tensor:
-    """The CPU recipe's pixels of a JPEG: (3, H, W) uint8, as oriented by its EXIF tag."""
-    return _ORIENT.get(jpeg.orientation, lambda x: x)(torch.from_numpy(_strict_jpeg(jpeg.data)).permute(2, 0, 1))
+    """The CPU recipe's upright pixels of a JPEG: (3, H, W) uint8."""
+    return _upright(_cpu_pixels(jpeg), jpeg)
 
 
 def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
     """Upright RGB (3, H, W) per JPEG on `device`: nvJPEG in calls of at most MAX_BATCH_PIXELS; an image nvJPEG
-    refuses (its batch fails whole) goes through the CPU recipe's decoder instead."""
+    refuses (its batch fails whole) goes through the CPU recipe's decoder instead. Out of GPU memory raises."""
     out: list[torch.Tensor] = []
     lo = 0
     while lo < len(jpegs):
@@ -65,14 +74,18 @@ def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
         datas = [torch.frombuffer(j.data, dtype=torch.uint8) for j in jpegs[lo:hi]]
         try:
             imgs = nvjpeg(datas, device)
-        except RuntimeError:
+        except torch.cuda.OutOfMemoryError:
+            raise  # not one file's fault: the caller hands the run to the CPU
+        except RuntimeError:  # a file nvJPEG will not decode fails its whole batch
             imgs = []
             for j, d in zip(jpegs[lo:hi], datas):
                 try:
                     imgs.append(nvjpeg([d], device)[0])
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError:
-                    imgs.append(cpu_decode(j).to(device))
-        out += [_ORIENT.get(j.orientation, lambda x: x)(x) for j, x in zip(jpegs[lo:hi], imgs)]
+                    imgs.append(_cpu_pixels(j).to(device))
+        out += [_upright(x, j) for j, x in zip(jpegs[lo:hi], imgs)]
         lo = hi
     return out
 
@@ -96,30 +109,19 @@ def decode_inputs(jpegs: list[JpegBytes], pre: Preprocess, device: str) -> torch
     return out
 
 
-def agrees_with_cpu(paths: list[str], pre: Preprocess, device: str, sample: int = 16) -> bool:
-    """Whether this device's JPEG inputs equal the CPU recipe's, byte for byte, on the first `sample` JPEGs among
-    `paths` that would go to it (True when there are none: nothing would differ). A mismatch is said in one line."""
-    jpegs: list[JpegBytes] = []
-    for p in paths:
-        try:
-            j = decode_tensor(p, defer_jpeg=True)
-        except ValueError:
-            continue
-        if isinstance(j, JpegBytes):
-            jpegs.append(j)
-        if len(jpegs) == sample:
-            break
-    if not jpegs:
-        return True
-    try:
-        got = decode_inputs(jpegs, pre, device).cpu()
-    except Exception as e:  # noqa: BLE001 - no nvJPEG in this torchvision, a driver without it: the CPU decodes
-        print(f"note: the GPU cannot decode JPEGs here ({e.__class__.__name__}: {str(e)[:80]}); decoding on the "
-              "CPU instead (same features, slower)", file=sys.stderr, flush=True)
-        return False
-    want = torch.stack([prepare(cpu_decode(j), pre) for j in jpegs])
-    differ = int((got != want).flatten(1).any(1).sum())
+def same_as_cpu(jpegs: list[JpegBytes], got: torch.Tensor, pre: Preprocess, sample: int = 16) -> bool:
+    """Whether `got` (decode_inputs' result for `jpegs`) equals the CPU recipe's inputs byte for byte on the first
+    `sample` images. A difference is said in one line."""
+    want = torch.stack([prepare(cpu_decode(j), pre) for j in jpegs[:sample]])  # (s, C, S, S)
+    differ = int((got[:sample].cpu() != want).flatten(1).any(1).sum())
     if differ:
-        print(f"note: the GPU's JPEG decoder gives other pixels than the CPU's on {differ} of {len(jpegs)} images "
+        print(f"note: the GPU's JPEG decoder gives other pixels than the CPU's on {differ} of {len(want)} images "
               "checked; decoding on the CPU instead (same features, slower)", file=sys.stderr, flush=True)
     return not differ
+
+
+def cpu_fallback(error: Exception) -> bool:
+    """Say in one line why the GPU does not decode this run's JPEGs; False (not usable)."""
+    print(f"note: the GPU cannot decode JPEGs here ({error.__class__.__name__}: {str(error).strip()[:80]}); "
+          "decoding on the CPU instead (same features, slower)", file=sys.stderr, flush=True)
+    return False

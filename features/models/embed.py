@@ -31,7 +31,7 @@ from features.models.preprocess import prepare
 from features.models.engine import forward_engine, input_layout
 from features.errors import UserError
 from features.input.faces import NO_FACE, FaceSpec, face_boxes
-from features.input.gpu_jpeg import agrees_with_cpu, decode_inputs
+from features.input.gpu_jpeg import cpu_fallback, decode_inputs, same_as_cpu
 from features.input.images import JpegBytes, decode_tensor
 from features.input.prefetch import ordered_map, resolve_workers
 
@@ -142,26 +142,33 @@ def _input_batches(backbone: Backbone, paths: list[str], batch_size: int, worker
 def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, workers: int | str | None, *,
                       device: str, layout: torch.memory_format) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """As _input_batches, with JPEGs decoded on `device` (features/input/gpu_jpeg.py): the threads read and
-    validate each JPEG and decode the other formats; the batch is assembled on `device`."""
+    validate each JPEG and decode the other formats; the batch is assembled on `device`. The first JPEGs are
+    checked against the CPU recipe; on a difference or any GPU failure, the run goes on through _input_batches
+    from the batch at hand (one line says so), so no row ever holds other pixels than the CPU's."""
     c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
-    start = 0
-    for batch in _batches(lambda p: _load(p, backbone, defer_jpeg=True), paths, batch_size, workers):
+    start, checked = 0, False
+    batches = _batches(lambda p: _load(p, backbone, defer_jpeg=True), paths, batch_size, workers)
+    for batch in batches:
         x = torch.empty((len(batch), c, size, size), dtype=torch.uint8, device=device, memory_format=layout)
-        reasons = [why for _, why in batch]  # rows of images that failed hold garbage, as in _input_batches
         jpegs = [k for k, (img, _) in enumerate(batch) if isinstance(img, JpegBytes)]
         others = [k for k, (img, _) in enumerate(batch) if isinstance(img, torch.Tensor)]
         if jpegs:
+            items = [batch[k][0] for k in jpegs]
             try:
-                x[jpegs] = decode_inputs([batch[k][0] for k in jpegs], backbone.pre, device)  # (j, C, S, S)
-            except Exception:  # noqa: BLE001 - a GPU failure (out of memory, a decoder bug) must not stop a long
-                for k in jpegs:  # run: this batch's JPEGs go through the CPU recipe, one by one
-                    img, reasons[k] = _load(paths[start + k], backbone)
-                    if img is not None:
-                        x[k] = img.to(device)
+                got = decode_inputs(items, backbone.pre, device)  # (j, C, S, S)
+                usable = checked or same_as_cpu(items, got, backbone.pre)
+            except Exception as e:  # noqa: BLE001 - no nvJPEG, out of GPU memory, a decoder bug: the CPU decodes
+                usable = cpu_fallback(e)
+            if not usable:
+                batches.close()  # stops the threads; the CPU path re-reads this batch's files
+                yield from _input_batches(backbone, paths[start:], batch_size, workers, pinned=device == "cuda",
+                                          layout=layout)
+                return
+            x[jpegs], checked = got, True
         if others:
             x[others] = torch.stack([batch[k][0] for k in others]).to(device)  # (o, C, S, S)
         start += len(batch)
-        yield x, reasons
+        yield x, [why for _, why in batch]  # rows of images that failed hold garbage, as in _input_batches
 
 
 def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 32, workers: int | str = "auto",
@@ -174,7 +181,7 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
     model = model or forward_engine(backbone, device, batch_size, engine)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
-    if device == "cuda" and agrees_with_cpu(paths[:64], backbone.pre, device):
+    if device == "cuda":
         batches = _gpu_jpeg_batches(backbone, paths, batch_size, workers, device=device, layout=input_layout(model))
     else:
         batches = _input_batches(backbone, paths, batch_size, workers, pinned=device == "cuda",
