@@ -73,8 +73,8 @@ def test_the_fast_decoder_is_used_for_jpeg(tmp_path, monkeypatch):
     """The speed claim rests on JPEGs going through libjpeg-turbo, not PIL."""
     _photo().save(tmp_path / "a.jpg", quality=90)
     calls = []
-    real = images._strict_jpeg
-    monkeypatch.setattr(images, "_strict_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
+    real = images.strict_jpeg
+    monkeypatch.setattr(images, "strict_jpeg", lambda data, **kw: calls.append(len(data)) or real(data, **kw))
     decode_tensor(str(tmp_path / "a.jpg"))
     assert calls == [(tmp_path / "a.jpg").stat().st_size]
 

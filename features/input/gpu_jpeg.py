@@ -25,16 +25,12 @@ import sys
 
 import torch
 
-from features.input.images import JpegBytes, _strict_jpeg
+from features.input.images import JpegBytes, strict_jpeg, upright
 from features.models.preprocess import Preprocess, luma, prepare
 from features.models.resize_exact import resize_crop_exact
 
 MAX_BATCH_PIXELS = 256 * 2 ** 20
 RESIZE_PIXELS = 128 * 2 ** 20 // 3  # per channel: (n, 3, H, W) float64 <= 1 GiB
-
-# EXIF orientation -> the view that shows a (3, H, W) picture upright: images.py's _ORIENT for (H, W, 3) arrays
-_ORIENT = {2: lambda x: x.flip(2), 3: lambda x: x.flip(1, 2), 4: lambda x: x.flip(1), 5: lambda x: x.transpose(1, 2),
-           6: lambda x: x.rot90(-1, (1, 2)), 7: lambda x: x.flip(1, 2).transpose(1, 2), 8: lambda x: x.rot90(1, (1, 2))}
 
 
 def nvjpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
@@ -47,18 +43,14 @@ def nvjpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
-def _upright(x: torch.Tensor, jpeg: JpegBytes) -> torch.Tensor:
-    return _ORIENT.get(jpeg.orientation, lambda t: t)(x)
-
-
 def _cpu_pixels(jpeg: JpegBytes) -> torch.Tensor:
     """The CPU recipe's pixels of a JPEG, as stored: (3, H, W) uint8, before its EXIF orientation."""
-    return torch.from_numpy(_strict_jpeg(jpeg.data)).permute(2, 0, 1)
+    return torch.from_numpy(strict_jpeg(jpeg.data)).permute(2, 0, 1)
 
 
 def cpu_decode(jpeg: JpegBytes) -> torch.Tensor:
     """The CPU recipe's upright pixels of a JPEG: (3, H, W) uint8."""
-    return _upright(_cpu_pixels(jpeg), jpeg)
+    return upright(_cpu_pixels(jpeg), jpeg.orientation)
 
 
 def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
@@ -85,7 +77,7 @@ def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
                     raise
                 except RuntimeError:
                     imgs.append(_cpu_pixels(j).to(device))
-        out += [_upright(x, j) for j, x in zip(jpegs[lo:hi], imgs)]
+        out += [upright(x, j.orientation) for j, x in zip(jpegs[lo:hi], imgs)]
         lo = hi
     return out
 

@@ -94,13 +94,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 _HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parameters for sequential JPEG",
                            "Unknown JFIF revision", "Warning: unknown JFIF revision")
 
-# EXIF orientation -> the numpy view that shows the picture upright (PIL's ImageOps.exif_transpose, tested equal).
-_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
-           7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+# EXIF orientation -> the (3, H, W) tensor that shows the picture upright (PIL's ImageOps.exif_transpose, tested
+# equal), on either device: the CPU recipe and features/input/gpu_jpeg.py turn pictures with this one table.
+ORIENT = {2: lambda x: x.flip(2), 3: lambda x: x.flip(1, 2), 4: lambda x: x.flip(1), 5: lambda x: x.transpose(1, 2),
+          6: lambda x: x.rot90(-1, (1, 2)), 7: lambda x: x.flip(1, 2).transpose(1, 2), 8: lambda x: x.rot90(1, (1, 2))}
 
 
-def _strict_jpeg(data: bytes, **scaling) -> np.ndarray:
+def upright(x, orientation: int):
+    """(3, H, W) tensor as stored -> as its EXIF orientation tag says to show it."""
+    return ORIENT[orientation](x) if orientation in ORIENT else x
+
+
+def strict_jpeg(data: bytes, **scaling) -> np.ndarray:
     """A baseline or progressive RGB/grey JPEG -> (H, W, 3) uint8 through libjpeg-turbo (simplejpeg: releases the
     GIL), chroma upsampled by replication (fastupsample: nvJPEG's pixels exactly, measured; the default
     triangular filter moves chroma edges by up to 64 levels against it). Decoded strictly: a file libjpeg finds
@@ -116,7 +121,7 @@ def _strict_jpeg(data: bytes, **scaling) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastupsample=True, strict=False, **scaling)
 
 
-# JPEGs that nvJPEG decodes to exactly the pixels of _strict_jpeg (benchmarks/gpu_check.py compares them on the
+# JPEGs that nvJPEG decodes to exactly the pixels of strict_jpeg (benchmarks/gpu_check.py compares them on the
 # GPU): sequential (not progressive) YCbCr or grey with these chroma subsamplings; every other JPEG stays on the CPU.
 GPU_JPEG_SUBSAMPLING = ("444", "422", "420", "Gray")
 
@@ -167,11 +172,12 @@ def decode_tensor(path: str, defer_jpeg: bool = False):
                 with open(path, "rb") as f:
                     data = f.read()
                 if defer_jpeg and sequential and _gpu_decodable(data):
-                    _strict_jpeg(data, min_factor=8, min_height=1, min_width=1)  # raises as the full decode would
+                    strict_jpeg(data, min_factor=8, min_height=1, min_width=1)  # raises as the full decode would
                     return JpegBytes(bytearray(data), orientation, pixels)
-                rgb = _ORIENT.get(orientation, lambda a: a)(_strict_jpeg(data))  # (H, W, 3), maybe a strided view
             import torch  # here, not at the top: train-head imports this module and must not pay for torch
-            return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, H, W), a view
+            if rgb is None:
+                return upright(torch.from_numpy(strict_jpeg(data)).permute(2, 0, 1), orientation)  # (3, H, W)
+            return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W), a view
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
