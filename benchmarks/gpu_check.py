@@ -281,7 +281,7 @@ def main() -> None:
     few = paths[:200]
     rows["decode+resize, PIL + float resize (before), 1 thread"] = rate(lambda p: old_decode(p, bb.pre), few, 1)
     rows[f"decode+resize, PIL + float resize (before), {t} threads"] = rate(lambda p: old_decode(p, bb.pre), paths[:1000], t)
-    rows["decode+resize, libjpeg-turbo + uint8 resize (now), 1 thread"] = rate(lambda p: prepare(decode_tensor(p), bb.pre), few, 1)
+    rows["decode+resize, libjpeg-turbo + uint8 resize (CPU recipe), 1 thread"] = rate(lambda p: prepare(decode_tensor(p), bb.pre), few, 1)
     rows[f"decode+resize, libjpeg-turbo + uint8 resize (CPU recipe), {t} threads"] = rate(
         lambda p: prepare(decode_tensor(p), bb.pre), paths[:1000], t)
     # what the decode threads do per JPEG when the GPU decodes: read, header, validation at 1/8 scale
@@ -296,14 +296,14 @@ def main() -> None:
     print(f"decode figures done at {time.time() - t0:.0f} s", flush=True)
     # extract's "img/s embedding" counts the engine's start (CUDA context, graph capture, parity: seconds), so
     # two folder sizes give the steady rate too: (n2 - n1) / (seconds2 - seconds1)
-    first = work / "photos-first"
-    for q in paths[:1000]:
+    first, n1 = work / "photos-first", min(n, 1000)
+    for q in paths[:n1]:
         (first / Path(q).parent.name).mkdir(parents=True, exist_ok=True)
         os.link(q, first / Path(q).parent.name / Path(q).name)
-    r1 = rows["imgsent extract, default flags, 1,000 photos"] = extract_rate(first, work / "s-first.h5")
+    r1 = rows[f"imgsent extract, default flags, {n1:,} photos"] = extract_rate(first, work / "s-first.h5")
     r2 = rows[f"imgsent extract, default flags, {n:,} photos"] = extract_rate(work / "photos", work / "s-default.h5")
-    if n > 1000:
-        rows["imgsent extract, default flags, steady rate (from the two runs)"] = (n - 1000) / (n / r2 - 1000 / r1)
+    if n > n1:
+        rows["imgsent extract, default flags, steady rate (from the two runs)"] = (n - n1) / (n / r2 - n1 / r1)
     rows[f"imgsent extract --batch-size 256, {n:,} photos"] = extract_rate(
         work / "photos", work / "s-tuned.h5", "--batch-size", "256")
     print(f"extract figures done at {time.time() - t0:.0f} s", flush=True)

@@ -119,15 +119,15 @@ def test_a_batch_the_gpu_refuses_is_decoded_one_by_one_then_on_the_cpu(tmp_path,
 
 @pytest.mark.parametrize("fault", ["other pixels", "no decoder", "fails mid-run"])
 def test_a_gpu_that_cannot_give_the_cpus_bytes_leaves_the_run_to_the_cpu(tmp_path, monkeypatch, capsys, fault):
-    """A decoder with other pixels (torchvision's CPU decoder interpolates chroma, as PIL does), a torchvision
-    without nvJPEG, or a GPU failure after the first batches (out of memory): one line, and every batch from
-    there on holds the CPU recipe's inputs."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """A decoder with other pixels (libjpeg-turbo interpolating chroma, as PIL does), a torchvision without
+    nvJPEG, or a GPU failure after the first batches (out of memory): one line, and every batch from there on
+    holds the CPU recipe's inputs."""
     paths = _folder(tmp_path)
     bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
     calls = []
     if fault == "other pixels":
-        monkeypatch.setattr(gpu_jpeg, "nvjpeg", lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB))
+        monkeypatch.setattr(gpu_jpeg, "nvjpeg", lambda datas, device: [torch.from_numpy(simplejpeg.decode_jpeg(
+            bytes(d.numpy()), colorspace="RGB", fastupsample=False)).permute(2, 0, 1) for d in datas])
     elif fault == "no decoder":
         def missing(datas, device):
             raise ImportError("cannot import name 'decode_jpeg' from 'torchvision.io'")
