@@ -6,8 +6,10 @@ JPEGs); the threads then only read and validate them.
 
     for idx, feats, errors in iter_embeddings(backbone, paths): ...   # feats (b, D) float32
 
-The decode threads write each image straight into its row of a preallocated batch (pinned when the forward runs
-on CUDA), so the main thread only runs the forward: no per-image work, no stack, no pin copy. A torch.stack in
+On the CPU path (_input_batches) the decode threads write each image straight into its row of a preallocated
+batch (pinned when the forward runs on CUDA and the GPU cannot decode), so the main thread only runs the forward:
+no per-image work, no stack, no pin copy. On the GPU path (_gpu_jpeg_batches) the main thread hands each batch's
+JPEGs to nvJPEG and places the rows on the GPU. A torch.stack in
 the main thread ran its intra-op threads against the busy decode threads: 57 ms of CPU for a 32-image batch
 here, where the copy itself takes 1 ms (benchmarks/feed_cost.py).
 
