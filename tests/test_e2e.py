@@ -97,6 +97,7 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # the real end-to-end run CI keeps
 def test_fresh_clone_repro_is_clean_and_experiments_compare(tmp_path):
     """Issue #24: on a fresh clone of the committed project, `dvc repro` writes exactly what dvc.lock records
     (stores and model files hold nothing of the machine, the checkout's place or the clock), so `git status`

@@ -15,6 +15,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.skipif(not (SHARED / "emoji-faces7").is_dir(), reason="needs ../shared/data")
 def test_planted_label_errors_are_found_with_their_true_class(tmp_path):
     """The issue's check: 5 happy emoji (seeded random picks, any style) moved into 'sad' of the shared data's

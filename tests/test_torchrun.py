@@ -15,6 +15,7 @@ from tests.conftest import ROOT, TINY, make_images
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_two_process_torchrun_equals_single_process(tmp_path, tiny_weights):
     bindir = Path(sys.executable).parent
     torchrun, imgsent = shutil.which("torchrun", path=str(bindir)), shutil.which("imgsent", path=str(bindir))
