@@ -98,7 +98,7 @@ def test_two_face_canvas_gives_two_rows_with_their_boxes(tmp_path):
     assert s.paths == ["people/flower.png", "people/two.png"] and s.skipped == []
     assert s.face_boxes[0].tolist() == [0, 0, 640, 427] and iou(tuple(s.face_boxes[1]), want[1]) >= 0.5
     # a store cut another way is another fingerprint: refused, never mixed
-    with pytest.raises(UserError, match=r"another backbone or face setting \(--faces all != largest\)"):
+    with pytest.raises(UserError, match=r"made with other settings \(--faces all != largest\)"):
         extract(images=str(tmp_path / "imgs"), out=str(tmp_path / "all.h5"), backbone=FER, faces="largest",
                 progress=False)
 

@@ -55,6 +55,18 @@ def test_incremental_rerun_add_remove_relabel(images, tmp_path, tiny_weights):
     np.testing.assert_array_equal(first.features[i], st.features[j])
 
 
+def test_a_store_from_another_preprocessing_version_is_named_as_such(images, tmp_path, tiny_weights):
+    """After an upgrade that changes pixels (a version bump), the refusal says so, not 'another backbone'."""
+    from features.storage.store import describe_mismatch, store_fingerprint
+    out = tmp_path / "s.h5"
+    run(images, out, tiny_weights)
+    now = store_fingerprint(out)
+    older = {**now, "preprocess": {**now["preprocess"], "version": 4}}
+    assert describe_mismatch(now, older) == f"preprocessing version 4 != {now['preprocess']['version']}, made by another imgsent"
+    other_size = {**now, "preprocess": {**now["preprocess"], "version": 4, "size": 1}}
+    assert describe_mismatch(now, other_size).startswith("preprocess {")  # more than the version: the whole record
+
+
 def test_other_backbone_refused_then_force(images, tmp_path, tiny_weights):
     import timm
     import torch
@@ -65,7 +77,7 @@ def test_other_backbone_refused_then_force(images, tmp_path, tiny_weights):
     torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
     before = read_store(out)
     mtime = out.stat().st_mtime_ns
-    with pytest.raises(UserError, match=r"another backbone or face setting \(weights_sha256.*--force"):
+    with pytest.raises(UserError, match=r"made with other settings \(weights_sha256.*--force"):
         run(images, out, str(other))
     after = read_store(out)  # old store untouched: same file, same rows, same vectors
     assert out.stat().st_mtime_ns == mtime and after.fingerprint == before.fingerprint

@@ -226,8 +226,12 @@ def store_fingerprint(path: str | os.PathLike, *, key: dict | None = None) -> di
 
 def describe_mismatch(want: dict, have: dict) -> str:
     for key in ("backbone", "weights_sha256", "preprocess", "dim"):
-        if want.get(key) != have.get(key):
-            return f"{key} {have.get(key)!r} != {want.get(key)!r}"
+        old, new = have.get(key), want.get(key)
+        if old != new and key == "preprocess" and isinstance(old, dict) and isinstance(new, dict) \
+                and {**old, "version": 0} == {**new, "version": 0}:  # the same settings, another imgsent's pixels
+            return f"preprocessing version {old.get('version')} != {new.get('version')}, made by another imgsent"
+        if old != new:
+            return f"{key} {old!r} != {new!r}"
     if want.get("faces") != have.get("faces"):  # features/input/faces.py: face crops vs whole images, or other settings
         mode = lambda fp: (fp.get("faces") or {}).get("mode", "off")  # noqa: E731
         if mode(want) != mode(have):
