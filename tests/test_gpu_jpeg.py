@@ -76,6 +76,13 @@ def _folder(tmp_path) -> list[str]:
     return sorted(str(p) for p in tmp_path.iterdir())
 
 
+def _same_batches(got, want) -> None:
+    assert [r for _, r in got] == [r for _, r in want]
+    for (x, r), (y, _) in zip(got, want):
+        ok = [k for k, why in enumerate(r) if not why]
+        assert torch.equal(x[ok].cpu(), y[ok])
+
+
 @pytest.mark.parametrize("batch_size,grayscale,limits", [(1, False, False), (4, False, True), (32, True, False)])
 def test_gpu_batches_hold_the_cpu_recipes_inputs(tmp_path, monkeypatch, batch_size, grayscale, limits):
     paths = _folder(tmp_path)
@@ -86,25 +93,14 @@ def test_gpu_batches_hold_the_cpu_recipes_inputs(tmp_path, monkeypatch, batch_si
         monkeypatch.setattr(gpu_jpeg, "RESIZE_PIXELS", 30_000)
     bb = Backbone(name="pixels", embedder=None, pre=_pre(grayscale), dim=0, weights_sha256="")
     want = list(_input_batches(bb, paths, batch_size, 2, pinned=False, layout=torch.channels_last))
-    got = list(_gpu_jpeg_batches(bb, paths, batch_size, 2, device="cpu", layout=torch.channels_last))
-    assert [r for _, r in got] == [r for _, r in want]
+    _same_batches(list(_gpu_jpeg_batches(bb, paths, batch_size, 2, device="cpu", layout=torch.channels_last)), want)
     reasons = sum((r for _, r in want), [])
     assert sum(bool(r) for r in reasons) == 2 and any("damaged JPEG" in r for r in reasons)
-    for (x, r), (y, _) in zip(got, want):
-        ok = [k for k, why in enumerate(r) if not why]
-        assert torch.equal(x[ok], y[ok])
     eligible = sum(isinstance(decode_tensor(p, defer_jpeg=True), JpegBytes) for p in paths if "cut" not in p
                    and "text" not in p)
     assert eligible == 14 and sum(calls) == eligible  # progressive, CMYK and PNG stay on the CPU
     if limits:
         assert max(calls) < min(batch_size, eligible)
-
-
-def _same_batches(got, want) -> None:
-    assert [r for _, r in got] == [r for _, r in want]
-    for (x, r), (y, _) in zip(got, want):
-        ok = [k for k, why in enumerate(r) if not why]
-        assert torch.equal(x[ok].cpu(), y[ok])
 
 
 def test_a_batch_the_gpu_refuses_is_decoded_one_by_one_then_on_the_cpu(tmp_path, monkeypatch):

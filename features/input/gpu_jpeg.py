@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from features.input.images import JpegBytes, strict_jpeg, upright
+from features.input.images import JpegBytes, jpeg_pixels, upright
 from features.models.preprocess import Preprocess, luma, prepare
 from features.models.resize_exact import resize_crop_exact
 
@@ -43,14 +43,19 @@ def nvjpeg(datas: list[torch.Tensor], device: str) -> list[torch.Tensor]:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
-def _cpu_pixels(jpeg: JpegBytes) -> torch.Tensor:
-    """The CPU recipe's pixels of a JPEG, as stored: (3, H, W) uint8, before its EXIF orientation."""
-    return torch.from_numpy(strict_jpeg(jpeg.data)).permute(2, 0, 1)
-
-
 def cpu_decode(jpeg: JpegBytes) -> torch.Tensor:
     """The CPU recipe's upright pixels of a JPEG: (3, H, W) uint8."""
-    return upright(_cpu_pixels(jpeg), jpeg.orientation)
+    return upright(jpeg_pixels(jpeg.data), jpeg.orientation)
+
+
+def _one(jpeg: JpegBytes, data: torch.Tensor, device: str) -> torch.Tensor:
+    """One JPEG as stored (3, H, W) on `device`: nvJPEG, or the CPU recipe's decoder where nvJPEG refuses it."""
+    try:
+        return nvjpeg([data], device)[0]
+    except torch.cuda.OutOfMemoryError:
+        raise  # not this file's fault: the caller hands the run to the CPU
+    except RuntimeError:
+        return jpeg_pixels(jpeg.data).to(device)
 
 
 def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
@@ -69,14 +74,7 @@ def _decode(jpegs: list[JpegBytes], device: str) -> list[torch.Tensor]:
         except torch.cuda.OutOfMemoryError:
             raise  # not one file's fault: the caller hands the run to the CPU
         except RuntimeError:  # a file nvJPEG will not decode fails its whole batch
-            imgs = []
-            for j, d in zip(jpegs[lo:hi], datas):
-                try:
-                    imgs.append(nvjpeg([d], device)[0])
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except RuntimeError:
-                    imgs.append(_cpu_pixels(j).to(device))
+            imgs = [_one(j, d, device) for j, d in zip(jpegs[lo:hi], datas)]
         out += [upright(x, j.orientation) for j, x in zip(jpegs[lo:hi], imgs)]
         lo = hi
     return out
@@ -112,8 +110,7 @@ def same_as_cpu(jpegs: list[JpegBytes], got: torch.Tensor, pre: Preprocess, samp
     return not differ
 
 
-def cpu_fallback(error: Exception) -> bool:
-    """Say in one line why the GPU does not decode this run's JPEGs; False (not usable)."""
+def say_gpu_cannot_decode(error: Exception) -> None:
+    """One line: why the GPU does not decode this run's JPEGs."""
     print(f"note: the GPU cannot decode JPEGs here ({error.__class__.__name__}: {str(error).strip()[:80]}); "
           "decoding on the CPU instead (same features, slower)", file=sys.stderr, flush=True)
-    return False

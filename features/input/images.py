@@ -121,6 +121,12 @@ def strict_jpeg(data: bytes, **scaling) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastupsample=True, strict=False, **scaling)
 
 
+def jpeg_pixels(data: bytes):
+    """JPEG bytes -> the CPU recipe's pixels as stored (before EXIF orientation): (3, H, W) uint8 tensor."""
+    import torch  # here, not at the top: train-head imports this module and must not pay for torch
+    return torch.from_numpy(strict_jpeg(data)).permute(2, 0, 1)
+
+
 # JPEGs that nvJPEG decodes to exactly the pixels of strict_jpeg (benchmarks/gpu_check.py compares them on the
 # GPU): sequential (not progressive) YCbCr or grey with these chroma subsamplings; every other JPEG stays on the CPU.
 GPU_JPEG_SUBSAMPLING = ("444", "422", "420", "Gray")
@@ -168,16 +174,15 @@ def decode_tensor(path: str, defer_jpeg: bool = False):
                         im.seek(0)  # animated: first frame
                     im.load()
                     rgb = np.array(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)  # (H, W, 3), writable
-            if rgb is None:
-                with open(path, "rb") as f:
-                    data = f.read()
-                if defer_jpeg and sequential and _gpu_decodable(data):
-                    strict_jpeg(data, min_factor=8, min_height=1, min_width=1)  # raises as the full decode would
-                    return JpegBytes(bytearray(data), orientation, pixels)
-            import torch  # here, not at the top: train-head imports this module and must not pay for torch
-            if rgb is None:
-                return upright(torch.from_numpy(strict_jpeg(data)).permute(2, 0, 1), orientation)  # (3, H, W)
-            return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W), a view
+            if rgb is not None:
+                import torch  # here, not at the top: train-head imports this module and must not pay for torch
+                return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W), a view
+            with open(path, "rb") as f:
+                data = f.read()
+            if defer_jpeg and sequential and _gpu_decodable(data):
+                strict_jpeg(data, min_factor=8, min_height=1, min_width=1)  # raises as the full decode would
+                return JpegBytes(bytearray(data), orientation, pixels)
+            return upright(jpeg_pixels(data), orientation)  # (3, H, W)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:

@@ -33,7 +33,7 @@ from features.models.preprocess import prepare
 from features.models.engine import forward_engine, input_layout
 from features.errors import UserError
 from features.input.faces import NO_FACE, FaceSpec, face_boxes
-from features.input.gpu_jpeg import cpu_fallback, decode_inputs, same_as_cpu
+from features.input.gpu_jpeg import decode_inputs, same_as_cpu, say_gpu_cannot_decode
 from features.input.images import JpegBytes, decode_tensor
 from features.input.prefetch import ordered_map, resolve_workers
 
@@ -160,7 +160,8 @@ def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, wor
                 got = decode_inputs(items, backbone.pre, device)  # (j, C, S, S)
                 usable = checked or same_as_cpu(items, got, backbone.pre)
             except Exception as e:  # noqa: BLE001 - no nvJPEG, out of GPU memory, a decoder bug: the CPU decodes
-                usable = cpu_fallback(e)
+                say_gpu_cannot_decode(e)
+                usable = False
             if not usable:
                 batches.close()  # stops the threads; the CPU path re-reads this batch's files
                 yield from _input_batches(backbone, paths[start:], batch_size, workers, pinned=device == "cuda",
@@ -186,8 +187,7 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
     if device == "cuda":
         batches = _gpu_jpeg_batches(backbone, paths, batch_size, workers, device=device, layout=input_layout(model))
     else:
-        batches = _input_batches(backbone, paths, batch_size, workers, pinned=device == "cuda",
-                                 layout=input_layout(model))
+        batches = _input_batches(backbone, paths, batch_size, workers, pinned=False, layout=input_layout(model))
     for x, reasons in batches:
         idx = list(range(start, start + len(reasons)))
         start += len(reasons)

@@ -79,7 +79,7 @@ def resize_exact(x: torch.Tensor, out_h: int, out_w: int, bicubic: bool, rows: t
                  cols: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 (n, C, H, W) -> uint8 (n, C, rows[1], cols[1]): F.interpolate(x, (out_h, out_w), antialias=True) on
     the CPU, cut to output rows rows[0]..rows[0]+rows[1] and columns likewise (default: all), on x's device."""
-    n, c, h, w = x.shape
+    h, w = x.shape[2:]
     top, height = rows or (0, out_h)
     left, width = cols or (0, out_w)
     if out_w != w:  # width first: ATen's order, and its uint8 rounding between the passes
