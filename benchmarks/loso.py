@@ -1,11 +1,15 @@
-"""Leave-one-style-out on ../shared/data/emoji-faces7: our head vs scikit-learn LogisticRegression on the
-very same stored features (and, with several backbones, their fusion).
+"""Leave-one-style-out on the shared emoji: train-head as a user runs it (params.yaml: `hidden: auto`, `adapt: auto`,
+grouped CV on the other styles), then the held-out style predicted as predict does, as a whole folder and as the
+batches adaptation can fail on; every transform side by side on the same heads, spread over seeds.
 
-    python benchmarks/loso.py [--backbones efficientnet_lite0 fer_mini_xception] [--data ../shared/data/emoji-faces7]
-                              [--hidden 256 none]   (head variants: hidden sizes, comma-separated; none = linear)
+    python benchmarks/loso.py [--data ../shared/data/emoji-faces7 ../shared/data/emoji-polarity3]
+                              [--backbones efficientnet_lite0 fer_mini_xception] [--seeds 0 1 2]
 
-Writes a manifest (path,label,group=style), extracts one store per backbone (incremental, cached under
-out/bench/), then for each style trains on the others and reports macro-F1 on the held-out style.
+Rows: none / scale / affine (each forced on the head the default chose); `default`: the transform and head
+train-head chose with the style as the manifest group; `default, no groups`: the same data without the group
+column (CV cannot see styles then). Columns: macro-F1 on the whole held-out folder (mean over styles, ± the std
+over seeds), then accuracy on batches of that style: the whole folder, one class at 60%, two classes only, 10 and
+5 random images (analysis/crossval.stress_batches), and each image alone.
 """
 from __future__ import annotations
 
@@ -13,19 +17,24 @@ import argparse
 import csv
 import dataclasses
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
-from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from features.extract import extract  # noqa: E402
-from pipeline.heads.fitting import fit_rows  # noqa: E402
-from pipeline.heads.head import head_logits  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.analysis.crossval import STRESS, stress_batches  # noqa: E402
+from pipeline.analysis.metrics import classification_metrics  # noqa: E402
+from pipeline.data.folds import assign_folds  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
+from pipeline.heads.adapt import TRANSFORMS, source_logits  # noqa: E402
+from pipeline.heads.fitting import fit_rows  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
+from pipeline.stages.train import choose_head  # noqa: E402
+
+BATCHES = ("whole", *STRESS, "1 image")
 
 
 def manifest(data: Path, out: Path, image=lambda p: p) -> Path:
@@ -41,42 +50,75 @@ def manifest(data: Path, out: Path, image=lambda p: p) -> Path:
     return out
 
 
+def held_out(rows, params, style: str, seed: int, grouped: bool):
+    """train-head on every style but `style` (its rows unlabelled, so CV and the fits never see them):
+    (final head, chosen params)."""
+    labels = np.where(np.asarray(rows.groups) == style, -1, rows.labels)
+    train = dataclasses.replace(rows, labels=labels, groups=rows.groups if grouped else None)
+    p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=seed))
+    fold = assign_folds(labels=labels, groups=train.groups, sha256=train.sha256, k=p.cv.folds,
+                        class_names=train.class_names, random_state=seed)
+    chosen = choose_head(train, fold, p, None)[0]
+    return fit_rows(train, labels >= 0, chosen.head, seed), chosen
+
+
+def score(head, x: np.ndarray, y: np.ndarray, transform: str, rng: np.random.Generator) -> dict[str, float]:
+    """Macro-F1 of the whole folder and accuracy per batch kind (BATCHES) under `transform`."""
+    whole = source_logits(head, x, transform)[0].argmax(1)
+    out = {"F1": classification_metrics(y, whole, [str(c) for c in range(head.n_classes)])["macro_f1"],
+           "whole": float((whole == y).mean()),
+           "1 image": float((source_logits(head, x, "none")[0].argmax(1) == y).mean())}  # one image never adapts
+    hits: dict[str, list[float]] = {}
+    for kind, b in stress_batches(y, np.arange(len(y)), rng):
+        hits.setdefault(kind, []).append(float((source_logits(head, x[b], transform)[0].argmax(1) == y[b]).mean()))
+    return out | {k: float(np.mean(v)) for k, v in hits.items()}
+
+
 def main() -> None:
+    shared = ROOT.parent / "shared" / "data"
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/emoji-faces7"))
-    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"])
+    ap.add_argument("--data", nargs="+", default=[str(shared / "emoji-faces7"), str(shared / "emoji-polarity3")])
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "fer_mini_xception"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", default="out/bench/loso")
-    ap.add_argument("--hidden", nargs="+", default=None, help="head variants, e.g. 256 none (default: params.yaml)")
     args = ap.parse_args()
-    work = Path(args.work)
-    csv_path = manifest(Path(args.data), work / f"{Path(args.data).name}.csv")
-    params = load_params(str(Path(__file__).resolve().parents[1] / "params.yaml"))
-    variants = {"ours": params.head} if args.hidden is None else {
-        f"ours[{h if h != 'none' else ''}]": dataclasses.replace(
-            params.head, hidden=() if h == "none" else tuple(int(v) for v in h.split(","))) for h in args.hidden}
-    sets = {b: [b] for b in args.backbones}
-    if len(args.backbones) > 1:
-        sets["+".join(args.backbones)] = list(args.backbones)
-    for b in args.backbones:
-        extract(images=str(csv_path), out=str(work / f"{Path(args.data).name}_{b}.h5"), backbone=b, allow_outside=True, progress=False)
-    print(f"{'features':40s} {'model':12s} mean  " + " ".join(f"{s:>10s}" for s in
-                                                               sorted(set(open_rows([str(work / f'{Path(args.data).name}_{args.backbones[0]}.h5')]).groups))))
-    for name, bbs in sets.items():
-        data = open_rows([str(work / f"{Path(args.data).name}_{b}.h5") for b in bbs])
-        groups = np.array(data.groups)
-        styles = sorted(set(groups))
-        res = {**{v: [] for v in variants}, "sklearn-LR": []}
-        for s in styles:
-            tr, te = groups != s, groups == s
-            x, y = data.features, data.labels
-            for v, hp in variants.items():
-                head = fit_rows(data, tr, hp, random_state=0)
-                res[v].append(f1_score(y[te], head_logits(head, data, te).argmax(1), average="macro"))
-            sc = StandardScaler().fit(x[tr])
-            lr = LogisticRegression(max_iter=1000).fit(sc.transform(x[tr]), y[tr])
-            res["sklearn-LR"].append(f1_score(y[te], lr.predict(sc.transform(x[te])), average="macro"))
-        for model, f1s in res.items():
-            print(f"{name:40s} {model:12s} {np.mean(f1s):.3f} " + " ".join(f"{v:10.2f}" for v in f1s))
+    params = load_params(str(ROOT / "params.yaml"))
+    for data in map(Path, args.data):
+        csv_path = manifest(data, Path(args.work) / f"{data.name}.csv")
+        stores = {b: str(Path(args.work) / f"{data.name}_{b}.h5") for b in args.backbones}
+        for b, s in stores.items():
+            extract(images=str(csv_path), out=s, backbone=b, allow_outside=True, progress=False)
+        sets = {b: [b] for b in args.backbones} | ({"+".join(args.backbones): args.backbones}
+                                                   if len(args.backbones) > 1 else {})
+        for name, bbs in sets.items():
+            rows = open_rows([stores[b] for b in bbs])
+            groups = np.asarray(rows.groups)
+            res: dict[str, list[dict]] = {}  # row of the table -> per seed, the mean over styles of score()
+            chose: Counter = Counter()
+            for seed in args.seeds:
+                per: dict[str, list[dict]] = {}
+                for style in sorted(set(groups)):
+                    te = groups == style
+                    x, y = rows.features[te], rows.labels[te]
+                    head, chosen = held_out(rows, params, style, seed, grouped=True)
+                    chose[f"{list(chosen.head.hidden)} {chosen.head.adapt}"] += 1
+                    for t in TRANSFORMS:
+                        per.setdefault(t, []).append(score(head, x, y, t, np.random.default_rng(seed)))
+                    per.setdefault("default", []).append(score(head, x, y, chosen.head.adapt,
+                                                               np.random.default_rng(seed)))
+                    head, chosen = held_out(rows, params, style, seed, grouped=False)
+                    chose[f"no groups: {list(chosen.head.hidden)} {chosen.head.adapt}"] += 1
+                    per.setdefault("default, no groups", []).append(
+                        score(head, x, y, chosen.head.adapt, np.random.default_rng(seed)))
+                for key, scores in per.items():
+                    res.setdefault(key, []).append({k: np.mean([s[k] for s in scores]) for k in scores[0]})
+            print(f"\n{data.name} {name}: {len(set(groups))} styles x {len(args.seeds)} seeds; chosen: "
+                  + ", ".join(f"{k} x{n}" for k, n in chose.most_common()))
+            print(f"{'':20s} {'macro-F1':>14s}  " + " ".join(f"{b:>17s}" for b in BATCHES))
+            for key, seeds in res.items():
+                f1 = [s["F1"] for s in seeds]
+                print(f"{key:20s} {np.mean(f1):7.3f} ± {np.std(f1):.3f}  "
+                      + " ".join(f"{np.mean([s[b] for s in seeds]):17.3f}" for b in BATCHES), flush=True)
 
 
 if __name__ == "__main__":

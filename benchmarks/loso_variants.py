@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.loso import manifest  # noqa: E402
 from features.extract import extract  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
-from pipeline.heads.head import head_logits  # noqa: E402
+from pipeline.heads.adapt import rows_logits  # noqa: E402
 from pipeline.analysis.metrics import classification_metrics  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
@@ -47,7 +47,7 @@ def loso(feats: np.ndarray, rows, params) -> tuple[float, list[float]]:
     for s in sorted(set(groups)):
         tr, te = groups != s, groups == s
         head = fit_rows(data, tr, params.head, random_state=0)
-        f1.append(classification_metrics(rows.labels[te], head_logits(head, data, te).argmax(1),
+        f1.append(classification_metrics(rows.labels[te], rows_logits(head, data, te, None, "none")[0].argmax(1),
                                          rows.class_names)["macro_f1"])
     return float(np.mean(f1)), f1
 

@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.extract import extract  # noqa: E402
-from pipeline.inference.calibration import softmax  # noqa: E402
+from pipeline.heads.head import softmax  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.stages.train import train_head  # noqa: E402
 

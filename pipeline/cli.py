@@ -182,8 +182,12 @@ def export(model_dir: str = typer.Argument(...), format: str = typer.Option("tor
 
 
 @app.command()
-def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argument(..., help="image files or folders"),
-            out: str = typer.Option("predictions.csv", "--out"),
+def predict(model_dir: str = typer.Argument(...),
+            paths: List[str] = typer.Argument(..., help="image files, folders, or a CSV manifest path[,label][,group]"),
+            out: Optional[str] = typer.Option(None, "--out", help="predictions CSV to write ('-': standard output); "
+                                              "without it each image's label is printed"),
+            source: str = typer.Option("argument", help="images adapted together: argument (each folder, manifest "
+                                       "group, or the files named) | call (all) | none (each image alone)"),
             min_confidence: float = typer.Option(0.0, help="below this calibrated confidence the label is 'unsure'"),
             device: str = typer.Option("auto"), batch_size: int = typer.Option(32),
             workers: str = typer.Option("auto", help="decode threads: auto (one per core), a number, or 0"),
@@ -191,25 +195,23 @@ def predict(model_dir: str = typer.Argument(...), paths: List[str] = typer.Argum
             engine: str = typer.Option("auto", help="CPU forward engine: auto | onnx | torch (as extract)"),
             ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "
                                                "than this quantile of the training images themselves (1 = never)")) -> None:
-    """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,error."""
+    """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,source,adapted,error."""
     from pipeline.inference.predict import check_predict_args, load_model
-    from pipeline.inference.predictions import check_prediction_out, faces_csv, write_prediction_csv
+    from pipeline.inference.predictions import check_prediction_out, write_prediction_csv
+    from pipeline.inference.summary import label_lines, summary_line
     check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
-                       ood_quantile=ood_quantile, engine=engine)
-    check_prediction_out(out)
+                       ood_quantile=ood_quantile, engine=engine, source=source)
+    if out is not None:
+        check_prediction_out(out)
     pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size,
                                                         workers=workers, progress=progress, engine=engine,
-                                                        ood_quantile=ood_quantile)
-    write_prediction_csv(out, pred)
-    bad = Counter(short_reason(e) for e in pred.errors if e)  # short reasons; the CSV has them all
-    failed = f"{sum(bad.values())} failed" + (" (" + "; ".join(f"{n} x {why}" for why, n in bad.most_common(3)) + ")"
-                                              if bad else "")
-    rate = f" ({len(pred.paths) / pred.seconds:.1f} img/s)" if pred.seconds > 0 else ""
-    far = "" if pred.ood_scores is None else \
-        f", {int((pred.ood_scores > pred.ood_threshold).sum())} unlike the training images (labelled unsure)" + \
-        (f" [{pred.ood_note}]" if pred.ood_note else "")
-    faces = "" if pred.faces is None else f", {len(pred.faces.image)} faces (one row each in {faces_csv(out)})"
-    typer.echo(f"{out}: {len(pred.paths)} images{faces}, {failed}{far} in {pred.seconds:.1f} s{rate}")
+                                                        ood_quantile=ood_quantile, source=source)
+    if out is not None:
+        write_prediction_csv(out, pred)
+    else:
+        for line in label_lines(pred):
+            typer.echo(line)
+    typer.echo(summary_line(pred, out), err=out is None or out == "-")
 
 
 def main() -> None:

@@ -62,6 +62,8 @@ class HeadParams:
     min_val_images: int = _f(lo=1)  # smaller slices: no slice, stop on convergence of the training loss
     min_val_per_class: int = _f(lo=0)  # ...nor when some class would put fewer images than this into the slice
     class_weight: str = _f(choices=("balanced", "none"))
+    adapt: str = _f(choices=("auto", "none", "scale", "affine"))  # each predicted source's features adapted to the
+    # training statistics (heads/adapt.py); auto: grouped CV and stress batches decide (analysis/crossval.py)
 
 
 @dataclass(frozen=True)

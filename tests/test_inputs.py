@@ -220,11 +220,21 @@ def test_predict_on_a_folder_with_a_fifo_named_like_an_image_does_not_hang(world
     assert sum(1 for row in rows.values() if not row["error"]) == 3
 
 
-def test_predict_out_dash_is_refused_not_a_file_named_dash(tmp_path):
-    from pipeline.inference.predictions import check_prediction_out
-    with pytest.raises(UserError, match="--out -: predictions are written to a CSV file"):
-        check_prediction_out("-")
-    assert not (tmp_path / "-").exists()
+def test_predict_prints_labels_without_out_and_writes_csv_to_stdout_with_dash(world, tmp_path):  # noqa: F811
+    """Issue #32: the default --out silently replaced an earlier predictions.csv, one photo printed no label and
+    '1 images ... (0.1 img/s)', and --out - was refused. Now: no --out prints a label per image and writes no
+    file; --out - is the CSV on stdout (summary on stderr); one image is '1 image', without a rate."""
+    m, one = str(world / "model"), str(sorted((world / "test" / "red").iterdir())[0])
+    r = run_cli("predict", m, one, "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{one}: red (confidence {r.stdout.split('confidence ')[1][:4]})", r.stdout
+    assert "predict: 1 image, 0 failed" in r.stderr and "img/s" not in r.stderr and "1 images" not in r.stderr
+    assert "too small to adapt (1 image < 5)" in r.stderr and not list(tmp_path.iterdir())
+    r = run_cli("predict", m, str(world / "test"), "--out", "-", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert len(rows) == 9 and {row["source"] for row in rows} == {str(world / "test")} and not list(tmp_path.iterdir())
+    assert "predict: 9 images" in r.stderr
 
 
 def test_face_mode_csvs_are_published_together(tmp_path):

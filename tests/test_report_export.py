@@ -10,7 +10,8 @@ import torch
 from features.extract import extract
 from features.input.images import decode
 from pipeline.stages.train import train_head
-from pipeline.inference.calibration import fit_temperature, softmax
+from pipeline.heads.head import softmax
+from pipeline.inference.calibration import fit_temperature
 from pipeline.analysis.metrics import expected_calibration_error
 from tests.conftest import TINY, make_images, params
 
@@ -119,9 +120,9 @@ def test_torchscript_export_matches_predict(trained):
     from pipeline.stages.export import export, load_exported
     dst = export(model_dir=str(trained / "model"), fmt="torchscript", out=str(trained / "m.pt"))
     m, meta = load_exported(str(dst))
-    assert meta["class_names"] == ["blue", "green", "red"]
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["adaptation"].startswith("none: each image")
     paths = sorted(str(p) for p in (trained / "test").rglob("*.*")) + _photos(trained)
-    pred = load_model(trained / "model", device="cpu").predict(paths)
+    pred = load_model(trained / "model", device="cpu").predict(paths, source="none")  # the exported model's contract
     with torch.no_grad():
         out = torch.cat([m(torch.from_numpy(decode(p))[None]) for p in paths]).numpy()
     np.testing.assert_allclose(out, pred.probs, atol=1e-4)
@@ -139,7 +140,7 @@ def test_onnx_export_matches_predict(trained):
     meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}["imgsent"])
     assert meta["class_names"] == ["blue", "green", "red"]
     paths = sorted(str(p) for p in (trained / "test").rglob("*.*")) + _photos(trained)
-    pred = load_model(trained / "model", device="cpu").predict(paths)
+    pred = load_model(trained / "model", device="cpu").predict(paths, source="none")
     s = ort.InferenceSession(str(dst))
     out = np.concatenate([s.run(None, {"images": decode(p)[None]})[0] for p in paths])
     # onnxruntime's uint8 antialiased Resize rounds a few pixels (~0.2%) one level away from torch's

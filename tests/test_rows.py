@@ -9,7 +9,7 @@ import numpy as np
 
 from features.synthetic import synthetic_store
 from pipeline.heads.fitting import fit_rows, split_validation
-from pipeline.heads.head import head_logits
+from pipeline.heads.adapt import rows_logits
 from pipeline.data.rows import open_rows
 from pipeline.stages.train import train_head
 from tests.conftest import ROOT, params
@@ -45,7 +45,7 @@ def test_a_fit_is_deterministic_for_a_fixed_random_state(tmp_path):
     train = np.ones(len(rows), bool)
     fit, val = split_validation(labels=rows.labels, train=train, params=p, random_state=3)
     a, b, c = (fit_rows(rows, train, p, random_state=r) for r in (3, 3, 4))
-    la, lb, lc = (head_logits(h, rows) for h in (a, b, c))
+    la, lb, lc = (rows_logits(h, rows, np.ones(len(rows), bool), None, "none")[0] for h in (a, b, c))
     np.testing.assert_array_equal(la, lb)
     assert not np.array_equal(la, lc)
     assert val.sum() == 300 and not (fit & val).any()

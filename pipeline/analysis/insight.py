@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.heads.head import head_logits
+from pipeline.analysis.crossval import cv_sources
+from pipeline.heads.adapt import rows_logits
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.params import Params
 from pipeline.data.rows import Rows
@@ -52,6 +53,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
 
     lab = rows.labels >= 0
     k = int(fold.max()) + 1
+    sources = cv_sources(rows.groups, fold)
     per_class = np.bincount(rows.labels[lab], minlength=len(rows.class_names))
     largest = int(min(np.bincount(rows.labels[lab & (fold != j)], minlength=len(per_class)).max() for j in range(k)))
     out = []  # small subsets get no early-stopping slice by train-head's own rule (fewer than min_val_images)
@@ -69,7 +71,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
                 train = keep
             head = fit_rows(rows, train, params.head, params.cv.seed + j, max_val)
             te = fold == j
-            pred = head_logits(head, rows, te).argmax(1)
+            pred = rows_logits(head, rows, te, sources, params.head.adapt)[0].argmax(1)  # as CV predicted
             f1.append(classification_metrics(rows.labels[te], pred, rows.class_names)["macro_f1"])
         m, se = float(np.mean(f1)), float(np.std(f1, ddof=1) / np.sqrt(k)) if k > 1 else 0.0
         most = max(int(np.bincount(rows.labels[lab & (fold != j)]).max()) for j in range(k))  # all training rows

@@ -115,14 +115,6 @@ def _field(s: str) -> str:
     return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\r\n') else s
 
 
-def face_columns(face_index: np.ndarray | None, face_boxes: np.ndarray | None, mask: np.ndarray) -> dict[str, list]:
-    """Face mode: the extra CSV columns face,x,y,w,h of the rows in `mask` (none for whole-image rows)."""
-    if face_index is None:
-        return {}
-    b = face_boxes[mask]
-    return {"face": face_index[mask].tolist(), **{k: b[:, j].tolist() for j, k in enumerate("xywh")}}
-
-
 def write_confusion(path: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> None:
     """One row per image (actual, predicted): the input DVC's confusion template expects."""
     with open(path, "w", newline="") as f:

@@ -18,6 +18,7 @@ import numpy as np
 
 from features.errors import UserError
 from features.storage.store import Store, describe_mismatch, read_store
+from pipeline.data.memory import IN_MEMORY_COPIES, check_score_memory, memory_budget
 
 
 @dataclass
@@ -75,6 +76,13 @@ class Rows:
             return self.features[mask]
         return np.concatenate([*RowBlocks(self, mask)] or [np.zeros((0, self.dim), np.float32)])
 
+    def face_columns(self, mask: np.ndarray) -> dict[str, list]:
+        """Face mode: the extra CSV columns face,x,y,w,h of the rows in `mask` (none for whole-image rows)."""
+        if self.face_index is None:
+            return {}
+        b = self.face_boxes[mask]
+        return {"face": self.face_index[mask].tolist(), **{k: b[:, j].tolist() for j, k in enumerate("xywh")}}
+
     def features_of(self, mask: np.ndarray) -> "np.ndarray | RowBlocks":
         """A head's input X for the rows in `mask`: a copy (sum(mask), D) in memory, else blocks read on access."""
         return self.features[mask] if self.features is not None else RowBlocks(self, mask)
@@ -116,49 +124,6 @@ def image_means(paths: list[str], *values: np.ndarray) -> tuple[np.ndarray, list
     (R, K) averaged over the rows of its image -> (I, K) float64; images in path order."""
     _, first, owner = np.unique(np.asarray(paths, dtype=str), return_index=True, return_inverse=True)
     return first, means_by_owner(owner, len(first), *values)
-
-
-IN_MEMORY_COPIES = 2  # the rows in memory, plus one fit's copy of its training rows (heads/fitting.py)
-
-
-def memory_budget(budget_mb: int) -> int:
-    """Bytes of features the in-memory path may hold: the params value, or a quarter of available RAM."""
-    if budget_mb > 0:
-        return budget_mb << 20
-    import psutil
-    return int(psutil.virtual_memory().available * 0.25)
-
-
-SCORE_COPIES = 6  # (N, C) float64 arrays held at once: out-of-fold logits, their labelled slice, probabilities
-# before and after calibration, softmax temporaries; evaluate, report and suggest hold fewer
-
-
-def available_memory() -> int:
-    """Bytes this process may still allocate: free RAM, or less under a `ulimit -v` / `-d`."""
-    import psutil
-    free = psutil.virtual_memory().available
-    try:
-        import resource
-    except ImportError:  # Windows
-        return free
-    me = psutil.Process().memory_info()
-    for limit, used in ((resource.RLIMIT_AS, me.vms), (resource.RLIMIT_DATA, me.rss)):
-        soft = resource.getrlimit(limit)[0]
-        if soft != resource.RLIM_INFINITY:
-            free = min(free, soft - used)
-    return max(free, 0)
-
-
-def check_score_memory(n: int, classes: int, where: str) -> None:
-    """Per-image arrays live outside cv.memory_budget_mb (which bounds the features): labels and paths, and
-    the per-class scores, SCORE_COPIES x 8 bytes x classes per image, the one that grows with the class count.
-    Refuse in one line before the work when they cannot fit, rather than fail in it with MemoryError
-    (10,000 classes x 10,000 images is 4.5 GiB)."""
-    need, free = SCORE_COPIES * n * classes * 8, available_memory()
-    if need > free:
-        raise UserError(f"{where}: {n:,} images x {classes:,} classes need ~{need >> 20:,} MiB for their per-class "
-                        f"scores, more than the {free >> 20:,} MiB this process may still allocate; merge or drop "
-                        "rare classes, or run where there is more memory")
 
 
 def _feature_bytes(path: str) -> int:

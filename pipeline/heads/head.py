@@ -1,4 +1,5 @@
-"""A fitted head as numpy arrays: standardisation, Linear layers with ReLU between them, temperature.
+"""A fitted head as numpy arrays: standardisation, Linear layers with ReLU between them, temperature, and the
+training statistics a new source is adapted to (heads/adapt.py).
 
 Every consumer (predict, evaluate, report, the model directory) needs only this file and numpy, never torch.
 """
@@ -8,7 +9,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.inference.calibration import softmax
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities (N, C) of logits (N, C) at a temperature (pipeline/inference/calibration.py fits it)."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Per class: the mean and the mean square of the training rows' raw features; and the class mix."""
+    mean: np.ndarray  # (C, D) float32
+    sq: np.ndarray  # (C, D) float32
+    prior: np.ndarray  # (C,) float32, sums to 1
+
+    def moments(self, pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(centre (D,), variance (D,)) of training rows drawn with class mix pi, float64. A dimension with
+        (nearly) no training variance is floored at a tenth of the typical one, as heads/common.robust_scale."""
+        centre = pi @ self.mean.astype(np.float64)
+        var = np.maximum(pi @ self.sq.astype(np.float64) - centre ** 2, 0.0)
+        return centre, np.maximum(var, (0.1 * np.sqrt(var).mean()) ** 2 + 1e-24)
 
 
 @dataclass
@@ -18,6 +40,7 @@ class Head:
     mean: np.ndarray  # (D,) subtracted from raw features
     scale: np.ndarray  # (D,) then divided by
     temperature: float = 1.0  # fitted on out-of-fold logits (pipeline/inference/calibration.py)
+    reference: Reference | None = None  # the training rows' class statistics (heads/adapt.py)
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -39,14 +62,3 @@ class Head:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Raw features (B, D) -> calibrated probabilities (B, C)."""
         return softmax(self.logits(x), self.temperature).astype(np.float32)
-
-
-def head_logits(head: Head, rows, mask: np.ndarray | None = None, batch: int = 65536) -> np.ndarray:
-    """Uncalibrated logits (sum(mask), C) of the store rows (pipeline/data/rows.py) where `mask` is True (all rows
-    when None), in row order, read block by block when the store is streamed."""
-    out = []
-    for s, x in rows.blocks(mask):
-        xs = x if mask is None else x[mask[s:s + len(x)]]
-        for i in range(0, len(xs), batch):
-            out.append(head.logits(xs[i:i + batch]))
-    return np.concatenate(out) if out else np.zeros((0, head.n_classes), np.float32)

@@ -97,6 +97,31 @@ def _epoch(blocks: Blocks, y: np.ndarray, w: np.ndarray, bs: int, rng: np.random
         yield x, yw, ww, pos[:full]
 
 
+def _minibatches(blocks: Blocks, y: np.ndarray, w: np.ndarray, bs: int, epochs: int, rng: np.random.Generator,
+                 gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+    """Every mini-batch of `epochs` epochs in training order: (x (bs, D), y (bs,), sample weights (bs,), whether it
+    is the last of its epoch). Shuffled as _epoch shuffles; read one ahead, to know which batch ends an epoch."""
+    for _ in range(epochs):
+        ahead = None
+        for x, yw, ww, pos in _epoch(blocks, y, w, bs, rng, gen):
+            for i in range(0, len(pos), bs):
+                if ahead is not None:
+                    yield (*ahead, False)
+                b = pos[i:i + bs]
+                ahead = (x.index_select(0, b), yw.index_select(0, b), ww.index_select(0, b))
+        if ahead is not None:
+            yield (*ahead, True)
+
+
+def _weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weight: torch.Tensor, loss_fn,
+                   weighted: bool) -> torch.Tensor:
+    """The class-weighted mean cross-entropy (CrossEntropyLoss's), times each row's sample weight when given."""
+    if not weighted:
+        return loss_fn(logits, y)
+    s = weight[y] * w  # (bs,) class weight x sample weight
+    return (nn.functional.cross_entropy(logits, y, reduction="none") * s).sum() / s.sum()
+
+
 class MLPHead:
     """fit(X, y) -> self; then predict_proba(X), and the fitted `head_` (a Head), `mean_`, `scale_`, `n_steps_`.
     Adam on mini-batches of the standardised rows; with `val`, the head that was best on it (checked once per
@@ -117,54 +142,48 @@ class MLPHead:
         blocks, self.mean_, self.scale_ = standardise(X, copy=copy)
         weight = torch.from_numpy(class_weights(y, C, self.class_weight))  # (C,)
         sw = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-        rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
         bs = max(1, min(self.batch_size, len(y)))
-        # Validate once per epoch, or every VAL_EVERY steps when epochs are longer: on large data the best
-        # head often comes within the first epoch, and `patience` whole epochs would be mostly wasted.
+        batches = _minibatches(blocks, np.asarray(y, np.int64), sw, bs, self.epochs,
+                               np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        # What is checked, and when: the loss on `val` once per epoch, or every VAL_EVERY steps when epochs are
+        # longer (on large data the best head often comes within the first epoch); without `val`, the mean
+        # training loss of each epoch at its end.
         check_every = max(1, min(-(-len(y) // bs), VAL_EVERY))
         xv = torch.from_numpy((np.asarray(val[0], np.float32) - self.mean_) / self.scale_) \
             if val is not None and len(val[1]) else None  # (V, D)
         yv = torch.from_numpy(np.asarray(val[1])) if xv is not None else None
-        y_t = np.asarray(y, np.int64)
         with torch.random.fork_rng(devices=[]):  # init and dropout use torch's RNG: fork it, never seed globally
             torch.manual_seed(seed)
             model = HeadNet(len(self.mean_), tuple(self.hidden), C, self.dropout)
-            loss_fn = nn.CrossEntropyLoss(weight=weight)
-
-            def batch_loss(logits: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-                if sample_weight is None:  # the class-weighted mean, as CrossEntropyLoss computes it
-                    return loss_fn(logits, yb)
-                s = weight[yb] * wb  # (bs,) class weight x sample weight
-                return (nn.functional.cross_entropy(logits, yb, reduction="none") * s).sum() / s.sum()
             opt = Adam(model.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            stopper, best, step = EarlyStopping(self.patience, self.tol), None, 0
-            for _ in range(self.epochs):
-                epoch_loss, epoch_steps = torch.zeros(()), 0
-                for x, yb, wb, pos in _epoch(blocks, y_t, sw, bs, rng, gen):
-                    for i in range(0, len(pos), bs):
-                        b = pos[i:i + bs]
-                        model.train()
-                        opt.zero_grad()
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
-                            logits = model(x.index_select(0, b))  # (bs, C)
-                        loss = batch_loss(logits.float(), yb.index_select(0, b), wb.index_select(0, b))
-                        loss.backward()
-                        opt.step()
-                        step, epoch_steps, epoch_loss = step + 1, epoch_steps + 1, epoch_loss + loss.detach()
-                        if xv is not None and step % check_every == 0:
-                            model.eval()
-                            with torch.no_grad():
-                                stopper.update(loss_fn(model(xv), yv).item())
-                            if stopper.improved:
-                                best = model.layers()
-                            if stopper.stop:
-                                break
+            loss_fn = nn.CrossEntropyLoss(weight=weight)
+            stopper, best, step, epoch_loss, epoch_steps = EarlyStopping(self.patience, self.tol), None, 0, 0.0, 0
+            for xb, yb, wb, epoch_ends in batches:
+                # one Adam step on a mini-batch (bs, D)
+                model.train()
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+                    logits = model(xb)  # (bs, C)
+                loss = _weighted_loss(logits.float(), yb, wb, weight, loss_fn, sample_weight is not None)
+                loss.backward()
+                opt.step()
+                step, epoch_steps, epoch_loss = step + 1, epoch_steps + 1, epoch_loss + loss.detach()
+                # a check now? then the one stop rule (EarlyStopping): no new best for `patience` checks, or converged
+                checked = None
+                if xv is not None and step % check_every == 0:
+                    model.eval()
+                    with torch.no_grad():
+                        checked = loss_fn(model(xv), yv).item()
+                elif xv is None and epoch_ends:
+                    checked = float(epoch_loss) / epoch_steps
+                if epoch_ends:
+                    epoch_loss, epoch_steps = 0.0, 0
+                if checked is not None:
+                    stopper.update(checked)
+                    if xv is not None and stopper.improved:
+                        best = model.layers()  # with `val`, the head that was best on it is kept
                     if stopper.stop:
                         break
-                if xv is None and epoch_steps:  # no slice: stop once the training loss has converged (same rule)
-                    stopper.update(float(epoch_loss) / epoch_steps)
-                if stopper.stop:
-                    break
         self.n_steps_ = step
         self.head_ = Head(best if best is not None else model.layers(), self.mean_, self.scale_)
         return self

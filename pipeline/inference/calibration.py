@@ -1,4 +1,4 @@
-"""Calibration: temperature scaling of logits, and the softmax that applies it."""
+"""Calibration: temperature scaling of logits (softmax(logits, T), heads/head.py, applies it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,10 +38,3 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             break
     t = 1.0 / s
     return t if np.isfinite(t) and 0.0101 < t < 99 else 1.0
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

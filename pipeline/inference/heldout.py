@@ -1,21 +1,38 @@
-"""A trained head on labelled held-out stores: their rows in the model's class order and the head's logits, for
-evaluate and the report. Stores from other backbones or with classes the model does not know are refused."""
+"""A trained head on labelled held-out stores: their rows in the model's class order and the head's logits, each
+source (the store's groups, else the whole store) adapted as the model's CV chose, for evaluate and the report.
+Stores from other backbones or with classes the model does not know are refused."""
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
 from features.errors import UserError
-from pipeline.analysis.metrics import face_columns
 from pipeline.data.rows import open_rows
-from pipeline.heads.head import Head, head_logits
+from pipeline.heads.adapt import rows_logits
+from pipeline.heads.head import Head
 from pipeline.inference.modeldir import ModelInfo
 
+WHOLE_STORE = "(whole store)"  # the source name of a store without groups
 
-def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]
-                   ) -> tuple[list[str], np.ndarray, np.ndarray, str, dict[str, list]]:
-    """Labelled rows of held-out store(s) -> (paths, labels in the model's class order (N,), uncalibrated
-    logits (N, C), image root, face columns (face,x,y,w,h per row in face mode, else {})). Refuses stores from
-    other backbones or with unknown classes."""
+
+@dataclass
+class Heldout:
+    """The labelled rows of held-out store(s)."""
+    paths: list[str]
+    labels: np.ndarray  # (N,) in the model's class order
+    logits: np.ndarray  # (N, C) uncalibrated, adapted per source
+    root: str  # where the paths start
+    faces: dict[str, list]  # face mode: face,x,y,w,h per row; else {}
+    sources: list[str]  # per row: its source (a group, or WHOLE_STORE)
+    adapted: list[str]  # per row: what its prediction rests on (heads/adapt.describe)
+    per_source: dict[str, str]  # source -> that
+
+
+def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]) -> Heldout:
+    """Labelled rows of held-out store(s), adapted per source by the model's transform. Refuses stores from other
+    backbones or with unknown classes."""
     names = info.class_names
     rows = open_rows(stores, expect=info.backbones, intersect=True, memory_budget_mb=info.memory_budget_mb)
     labels = rows.labels
@@ -30,6 +47,14 @@ def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]
     lab = labels >= 0
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
-    logits = head_logits(head, rows, lab)
-    return ([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root,
-            face_columns(rows.face_index, rows.face_boxes, lab))
+    sources = np.asarray(rows.groups if rows.groups is not None else [WHOLE_STORE] * len(rows), dtype=str)
+    logits, adapted, per_source = rows_logits(head, rows, lab, sources, info.adapt)
+    return Heldout([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root, rows.face_columns(lab),
+                   sources[lab].tolist(), adapted, per_source)
+
+
+def adapted_note(per_source: dict[str, str]) -> str:
+    """'2 sources adapted (affine)', '1 source not adapted (3 images < 5)' or 'not adapted'."""
+    kinds = Counter(per_source.values())
+    return ", ".join(f"{n} source{'s' if n > 1 else ''} " + (f"adapted ({a})" if not a.startswith("no") else
+                                                            "not adapted" + a[2:]) for a, n in sorted(kinds.items()))

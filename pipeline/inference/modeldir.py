@@ -1,6 +1,6 @@
-"""The model directory on disk: head.npz (the head's arrays, read with allow_pickle=False: no code, no torch) +
-model.json (classes, backbone fingerprints, head shape, temperature, params, absolute store paths, the checksum
-of head.npz). Written whole or not at all by the train stage; every field is validated against head.npz before
+"""The model directory on disk: head.npz (the head's arrays and the training statistics a new source is adapted
+to, read with allow_pickle=False: no code, no torch) + model.json (classes, backbone fingerprints, head shape,
+temperature, the adaptation chosen, params, store paths, the checksum of head.npz). Written whole or not at all by the train stage; every field is validated against head.npz before
 use, and any mismatch is one line naming the file.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 from features.storage.atomic import holds_only
 from features.errors import UserError
 from features.input.images import sha256_file
-from pipeline.heads.head import Head
+from pipeline.heads import adapt
+from pipeline.heads.head import Head, Reference
 
-FORMAT = 3  # 3: head.npz; 2: head.pt (a torch state dict)
+FORMAT = 4  # 4: head.npz with reference statistics; 3: head.npz without; 2: head.pt (a torch state dict)
 HEAD = "head.npz"
 RETRAIN = "re-run imgsent train-head to rebuild it"
 
@@ -39,6 +40,7 @@ class ModelInfo:
     image_root: str  # where the training images' relative paths start
     params: dict
     ood: dict | None = None  # ood.npz's record (k, n_ref, sha256); None for models made before it existed
+    adapt: str = "none"  # the transform each predicted source is adapted by (heads/adapt.py)
 
     @property
     def n_classes(self) -> int:
@@ -61,8 +63,11 @@ def card_digest(info: ModelInfo) -> bytes:
 
 
 def head_arrays(head: Head) -> dict[str, np.ndarray]:
-    """The arrays of head.npz: w0, b0, w1, b1, ... per Linear layer, mean, scale, temperature."""
-    out = {"mean": head.mean, "scale": head.scale, "temperature": np.array(head.temperature, np.float32)}
+    """The arrays of head.npz: w0, b0, w1, b1, ... per Linear layer, mean, scale, temperature, and the reference
+    statistics ref_mean, ref_sq (C, D), ref_prior (C,)."""
+    r = head.reference
+    out = {"mean": head.mean, "scale": head.scale, "temperature": np.array(head.temperature, np.float32),
+           "ref_mean": r.mean, "ref_sq": r.sq, "ref_prior": r.prior}
     for i, (w, b) in enumerate(head.layers):
         out[f"w{i}"], out[f"b{i}"] = w, b
     return out
@@ -79,7 +84,9 @@ def save_model_dir(d: Path, head: Head, info: ModelInfo) -> None:
             "temperature": info.temperature, "params": info.params,
             # relative to the model directory: model.json is then the same file in every checkout of a project
             "stores": [_relative(s, d) for s in info.stores], "image_root": _relative(info.image_root, d),
-            "head_sha256": sha256_file(d / HEAD), "ood": info.ood}
+            "head_sha256": sha256_file(d / HEAD), "ood": info.ood,
+            "adaptation": {"transform": info.adapt, "prior_images": adapt.PRIOR_IMAGES, "min_images": adapt.MIN_IMAGES,
+                           "class_mix_steps": adapt.CLASS_MIX_STEPS}}
     (d / "model.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -112,7 +119,7 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{f}: not valid JSON; {RETRAIN}") from None
     _need(isinstance(meta, dict), f, "expected a JSON object")
-    _need(meta.get("format") in (1, 2, FORMAT), f, f"unknown format {meta.get('format')!r}")
+    _need(meta.get("format") in (1, 2, 3, FORMAT), f, f"unknown format {meta.get('format')!r}")
     _need(meta.get("format") == FORMAT, f, f"made by an older imgsent (format {meta.get('format')})")
     missing = [k for k in ("class_names", "backbones", "head", "temperature", "stores", "head_sha256") if k not in meta]
     _need(not missing, f, f"missing key {missing[0] if missing else ''!r}")
@@ -138,11 +145,17 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     ood = meta.get("ood")
     _need(ood is None or isinstance(ood, dict) and isinstance(ood.get("sha256"), str), f,
           "ood must be null or a record with the sha256 of ood.npz")
+    a = meta.get("adaptation")
+    recipe = {"prior_images": adapt.PRIOR_IMAGES, "min_images": adapt.MIN_IMAGES, "class_mix_steps": adapt.CLASS_MIX_STEPS}
+    _need(isinstance(a, dict) and a.get("transform") in adapt.TRANSFORMS, f,
+          f"adaptation must name a transform ({', '.join(adapt.TRANSFORMS)})")
+    _need({k: a.get(k) for k in recipe} == recipe, f, f"adapted by another recipe ({ {k: a.get(k) for k in recipe} } "
+          f"!= this imgsent's {recipe}), made by another imgsent")
     info = ModelInfo(class_names=names, backbones=bbs, backbone_weights=weights, hidden=tuple(h["hidden"]),
                      dim=h["dim"], dropout=float(h["dropout"]), temperature=float(t),
                      stores=[_absolute(s, f.parent) for s in stores],
                      image_root=_absolute(str(meta.get("image_root", "")), f.parent), params=meta.get("params") or {},
-                     ood=ood)
+                     ood=ood, adapt=a["transform"])
     return info, str(meta["head_sha256"])
 
 
@@ -163,7 +176,8 @@ def load_model_dir(model_dir: str | Path) -> tuple[Head, ModelInfo]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{f}: not an array archive imgsent can load ({e.__class__.__name__}); {RETRAIN}") from None
     widths = [info.dim, *info.hidden, info.n_classes]
-    want = {"mean": (info.dim,), "scale": (info.dim,), "temperature": (), "card": (32,)}
+    want = {"mean": (info.dim,), "scale": (info.dim,), "temperature": (), "card": (32,),
+            "ref_mean": (info.n_classes, info.dim), "ref_sq": (info.n_classes, info.dim), "ref_prior": (info.n_classes,)}
     for i in range(len(widths) - 1):
         want[f"w{i}"], want[f"b{i}"] = (widths[i + 1], widths[i]), (widths[i + 1],)
     _need(set(arrays) == set(want), f, f"arrays {sorted(set(arrays) ^ set(want))[:3]} do not match model.json's head")
@@ -173,9 +187,12 @@ def load_model_dir(model_dir: str | Path) -> tuple[Head, ModelInfo]:
               f"{np.dtype(kind)} {shape}")
         _need(k == "card" or bool(np.isfinite(v).all()), f, f"array {k} holds non-finite values")
     _need(bool((arrays["scale"] > 0).all()), f, "standardisation scale must be positive")
+    _need(bool((arrays["ref_prior"] >= 0).all()) and abs(float(arrays["ref_prior"].sum()) - 1) < 1e-3, f,
+          "ref_prior must be a class mix (non-negative, summing to 1)")
     _need(arrays["card"].tobytes() == card_digest(info), f, "was trained for other class names, class order, "
           "backbones or head shape than model.json lists")
     _need(abs(float(arrays["temperature"]) - info.temperature) < 1e-4 * info.temperature, f,
           f"temperature {float(arrays['temperature']):.4g} != model.json's {info.temperature:.4g}")
     layers = [(arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(len(widths) - 1)]
-    return Head(layers, arrays["mean"], arrays["scale"], float(arrays["temperature"])), info
+    reference = Reference(arrays["ref_mean"], arrays["ref_sq"], arrays["ref_prior"])
+    return Head(layers, arrays["mean"], arrays["scale"], float(arrays["temperature"]), reference), info

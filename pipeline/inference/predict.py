@@ -2,6 +2,10 @@
 
     p = load_model("out/model").predict(["a.jpg", "photos/"])   # p.labels, p.probs (N, C), p.class_names
 
+Each source (by default each folder argument, the files named together, or a manifest's group) is adapted to the
+training statistics as the model's CV chose (heads/adapt.py): a prediction then depends on the other images of
+its source, and p.sources / p.adapted say so per image. source="none" predicts each image on its own.
+
 A model trained on face-mode stores (features/input/faces.py) detects faces the same way, classifies every face crop
 (p.faces) and gives each image the mean of its faces' calibrated probabilities.
 """
@@ -19,7 +23,8 @@ from features.models.engine import ENGINES
 from features.errors import UserError
 from features.input.faces import spec_of, without_faces
 from features.storage.store import describe_mismatch
-from pipeline.heads.head import Head
+from pipeline.heads.adapt import describe, source_logits
+from pipeline.heads.head import Head, softmax
 from pipeline.data.rows import means_by_owner
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.inference.predictions import FaceRows, Predictions, expand_paths
@@ -105,17 +110,30 @@ class Predictor:
         return (feats, np.array(rows, np.int64).reshape(-1, 2),
                 np.array(boxes, np.int64).reshape(-1, 4) if crops else None, errors)
 
-    def predict_features(self, features: np.ndarray) -> np.ndarray:
-        """Raw features (N, D) -> calibrated probabilities (N, C)."""
-        return self.head(features)
+    def predict_features(self, features: np.ndarray, sources: list[str] | np.ndarray | None = None
+                         ) -> tuple[np.ndarray, dict[str, str], list[str]]:
+        """Raw features (N, D) -> calibrated probabilities (N, C), each source (a name per row; None: each row on its
+        own) adapted by the model's transform; and per source and per row what the prediction rests on."""
+        transform = self.info.adapt if sources is not None else "none"
+        names, which = np.unique(np.asarray(sources if sources is not None else [""] * len(features), dtype=str),
+                                 return_inverse=True)
+        logits = np.empty((len(features), len(self.class_names)), np.float32)
+        said = {}
+        for k, name in enumerate(names):
+            pos = np.flatnonzero(which == k)
+            logits[pos], shift = source_logits(self.head, features[pos], transform)
+            said[str(name)] = describe(shift, len(pos), transform)
+        return softmax(logits, self.head.temperature).astype(np.float32), said, [said[str(n)] for n in names[which]]
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
                 workers: int | str = "auto", progress: bool = False, engine: str = "auto",
-                ood_quantile: float = DEFAULT_QUANTILE) -> Predictions:
+                ood_quantile: float = DEFAULT_QUANTILE, source: str = "argument") -> Predictions:
+        """`source`: which images are adapted together (SOURCES): each folder / manifest group / the files named
+        ('argument'), all of them ('call'), or none (each image on its own, as the exported model)."""
         check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
-                           ood_quantile=ood_quantile, engine=engine)
+                           ood_quantile=ood_quantile, engine=engine, source=source)
         t0 = time.time()
-        paths, type_errors = expand_paths(list(inputs))
+        paths, type_errors, arg_sources = expand_paths(list(inputs))
         todo = np.array([i for i in range(len(paths)) if i not in type_errors], dtype=np.int64)
         feats, rows, boxes, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers,
                                               progress=progress, engine=engine)
@@ -124,7 +142,12 @@ class Predictor:
         for i, e in zip(todo, errs):
             errors[i] = e
         n, c = len(paths), len(self.class_names)
-        row_probs = self.predict_features(feats) if len(feats) else np.zeros((0, c), np.float32)  # (R, C)
+        image_source = np.asarray(arg_sources if source == "argument" else [CALL] * n, dtype=str)
+        row_probs, _, row_said = self.predict_features(feats, None if source == "none" else image_source[owner]) \
+            if len(feats) else (np.zeros((0, c), np.float32), {}, [])  # (R, C)
+        adapted = [""] * n
+        for i, a in zip(owner, row_said):
+            adapted[i] = a
         row_scores = np.full(len(feats), np.nan, dtype=np.float32)
         thr, note = None, ""
         if self.ood is not None:
@@ -150,12 +173,19 @@ class Predictor:
                              labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
                              ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
-                           scores if self.ood is not None else None, thr, faces, note)
+                           scores if self.ood is not None else None, thr, faces, note,
+                           sources=["" if source == "none" else str(s) for s in image_source], adapted=adapted)
+
+
+SOURCES = ("argument", "call", "none")
+CALL = "(this call)"  # the source name when every image of the call is adapted together
 
 
 def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: float, ood_quantile: float,
-                       engine: str) -> None:
+                       engine: str, source: str = "argument") -> None:
     """The predict options, checked before any model is loaded (the CLI) or any image read (the API)."""
+    if source not in SOURCES:
+        raise UserError(f"--source {source}: expected one of {', '.join(SOURCES)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: need batch-size >= 1")
     resolve_workers(workers)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from features.errors import UserError
-from features.input.sources import unsupported, walk_images
+from features.input.sources import discover, unsupported, walk_images
 from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.text import safe_text
 
@@ -38,13 +39,21 @@ class Predictions:
     ood_threshold: float | None = None  # failures; None for a model directory without ood.npz
     faces: FaceRows | None = None  # face mode: every face; then probs / ood_scores are the means over an image's faces
     ood_note: str = ""  # how the threshold was set when the training set was small (pipeline/inference/ood.py threshold)
+    sources: list[str] | None = None  # per image: the source it was adapted with ('' = on its own)
+    adapted: list[str] | None = None  # per image: the transform its prediction rests on, or why none (heads/adapt.py)
 
 
-def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
-    """Files and folders -> image paths, plus {index: error} for files we cannot decode by type.
-    A missing path or a folder without files is the user's mistake: one line, before any work."""
+FILES_NAMED = "(files named)"  # the source of the image files named on the command line, all together
+
+
+def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str], list[str]]:
+    """Files, folders and CSV manifests -> image paths, {index: error} for files we cannot decode by type, and the
+    source of each path: the folder argument it was found under, FILES_NAMED for a file named directly, or a
+    manifest's group (else the manifest itself). A missing path or a folder without files is the user's mistake:
+    one line, before any work."""
     out: list[str] = []
     errors: dict[int, str] = {}
+    sources: list[str] = []
     for p in inputs:
         path = Path(p)
         if path.is_dir():
@@ -56,13 +65,24 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str]]:
                 if q in why:
                     errors[len(out)] = why[q]
                 out.append(str(q))
+                sources.append(str(path))
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            listed = discover(path, allow_outside=True)  # path[,label][,group]: labels are ignored here
+            for it in listed.items:
+                out.append(it.abspath)
+                sources.append(it.group or str(path))
+            for q, reason in listed.problems:
+                errors[len(out)] = reason
+                out.append(q)
+                sources.append(str(path))
         elif path.exists() or path.is_symlink():
             out.append(str(path))  # unreadable or odd files surface as per-row errors, not a crash
+            sources.append(FILES_NAMED)
         else:
-            raise UserError(f"{path}: no such file or folder; pass image files or folders of images")
+            raise UserError(f"{path}: no such file or folder; pass image files, folders of images or a CSV manifest")
     if not out:
         raise UserError("no images given; pass image files or folders of images")
-    return out, errors
+    return out, errors, sources
 
 
 def _is_prediction_csv(p: Path) -> bool:
@@ -74,9 +94,10 @@ def _is_prediction_csv(p: Path) -> bool:
 
 
 def check_prediction_out(out: str | Path) -> Path:
-    """Both files predict may write (the per-face one in face mode), checked before any work."""
+    """Both files predict may write (the per-face one in face mode), checked before any work. '-' is standard
+    output (face mode then writes only the per-image rows)."""
     if str(out) == "-":
-        raise UserError("--out -: predictions are written to a CSV file, not to standard output; give a file name")
+        return Path("-")
     check_output(faces_csv(out), folder=False, is_ours=_is_faces_csv, what="per-face predictions CSV")
     return check_output(out, folder=False, is_ours=_is_prediction_csv, what="predictions CSV")
 
@@ -96,18 +117,15 @@ def _is_faces_csv(p: Path) -> bool:
 
 
 def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
-    """path,predicted,confidence,ood_score,p_<class>...[,faces],error: one row per input, failures included; whole
-    or not at all. ood_score is empty for a model directory made before the out-of-distribution check existed.
+    """path,predicted,confidence,ood_score,p_<class>...[,faces],source,adapted,error: one row per input, failures
+    included; whole or not at all ('-': standard output). ood_score is empty for a model directory made before the
+    out-of-distribution check existed. source and adapted: what each prediction was adapted with (heads/adapt.py).
     Face mode adds the number of faces per image, and faces_csv(out): path,face,x,y,w,h,predicted,confidence,
     ood_score,p_<class>... for every face crop (the image's row holds the mean of its faces' probabilities)."""
-    scores = pred.ood_scores if pred.ood_scores is not None else np.full(len(pred.paths), np.nan)
-    names = pred.class_names
+    if str(out) == "-":
+        _write_rows(sys.stdout, pred)
+        return
     fr = pred.faces
-    counts = np.bincount(fr.image, minlength=len(pred.paths)) if fr is not None else None
-
-    def num(x: float) -> str:
-        return "" if np.isnan(x) else f"{x:.6f}"
-
     # Face mode's two files are published together: both are written in full under temp names, then renamed
     # (the main CSV first, the per-face one right after); a failed write publishes neither.
     with OutputLock(out), contextlib.ExitStack() as both:
@@ -116,17 +134,32 @@ def write_prediction_csv(out: str | Path, pred: Predictions) -> None:
             with open(both.enter_context(atomic_file(faces_csv(out))), "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(["path", "face", "x", "y", "w", "h", "predicted", "confidence", "ood_score",
-                            *[f"p_{c}" for c in names]])
+                            *[f"p_{c}" for c in pred.class_names]])
                 for i, k, b, pr, lab, sc in zip(fr.image, fr.face, fr.boxes, fr.probs, fr.labels, fscores):
                     w.writerow([safe_text(pred.paths[i]), int(k), *[int(v) for v in b], lab, f"{pr.max():.6f}",
-                                num(sc), *[f"{q:.6f}" for q in pr]])
+                                _num(sc), *[f"{q:.6f}" for q in pr]])
         with atomic_file(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "predicted", "confidence", "ood_score", *[f"p_{c}" for c in names],
-                        *(["faces"] if fr is not None else []), "error"])
-            for i, (p, lab, pr, err, sc) in enumerate(zip(pred.paths, pred.labels, pred.probs, pred.errors, scores)):
-                nf = [int(counts[i])] if fr is not None else []
-                if err:
-                    w.writerow([safe_text(p), "", "", "", *[""] * len(names), *nf, err])
-                else:
-                    w.writerow([safe_text(p), lab, f"{pr.max():.6f}", num(sc), *[f"{q:.6f}" for q in pr], *nf, ""])
+            _write_rows(f, pred)
+
+
+def _num(x: float) -> str:
+    return "" if np.isnan(x) else f"{x:.6f}"
+
+
+def _write_rows(f, pred: Predictions) -> None:
+    """The per-image CSV (write_prediction_csv) into the open text file f."""
+    scores = pred.ood_scores if pred.ood_scores is not None else np.full(len(pred.paths), np.nan)
+    names, fr = pred.class_names, pred.faces
+    counts = np.bincount(fr.image, minlength=len(pred.paths)) if fr is not None else None
+    sources = pred.sources or [""] * len(pred.paths)
+    adapted = pred.adapted or [""] * len(pred.paths)
+    w = csv.writer(f)
+    w.writerow(["path", "predicted", "confidence", "ood_score", *[f"p_{c}" for c in names],
+                *(["faces"] if fr is not None else []), "source", "adapted", "error"])
+    for i, (p, lab, pr, err, sc) in enumerate(zip(pred.paths, pred.labels, pred.probs, pred.errors, scores)):
+        nf = [int(counts[i])] if fr is not None else []
+        src = [safe_text(sources[i]), adapted[i]]
+        if err:
+            w.writerow([safe_text(p), "", "", "", *[""] * len(names), *nf, *src, err])
+        else:
+            w.writerow([safe_text(p), lab, f"{pr.max():.6f}", _num(sc), *[f"{q:.6f}" for q in pr], *nf, *src, ""])

@@ -10,8 +10,8 @@ import numpy as np
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_predictions)
-from pipeline.inference.calibration import softmax
-from pipeline.inference.heldout import heldout_logits
+from pipeline.heads.head import softmax
+from pipeline.inference.heldout import adapted_note, heldout_logits
 from pipeline.inference.modeldir import load_model_dir
 
 
@@ -21,7 +21,8 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)
     names = info.class_names
-    paths, y, logits, _, faces = heldout_logits(head=head, info=info, stores=stores)
+    h = heldout_logits(head=head, info=info, stores=stores)
+    paths, y, logits, faces = h.paths, h.labels, h.logits, h.faces
     t = info.temperature
     probs = softmax(logits, t)
     pred = probs.argmax(1)
@@ -35,7 +36,10 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     metrics = {"test": test,
                "per_class": m["per_class"],
                "calibration": {"ece_uncalibrated": expected_calibration_error(softmax(logits), y),
-                               "ece_calibrated": expected_calibration_error(probs, y), "temperature": t}}
+                               "ece_calibrated": expected_calibration_error(probs, y), "temperature": t},
+               # what each source's predictions rest on: its features adapted to the training statistics, so each
+               # image's prediction depends on the other images of its source (heads/adapt.py)
+               "adaptation": {"transform": info.adapt, "sources": h.per_source}}
     if faces:  # face mode: the rows above are face crops; an image's verdict is the mean of its faces (predict's)
         metrics["per_image"] = per_image_metrics(paths, y, probs, names)
     loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))
@@ -46,16 +50,17 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
         np.save(d / "logits.npy", logits)
         write_confusion(d / "confusion.csv", y, pred, names)
         write_predictions(d / "predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,
-                          class_names=names, extra=faces)
+                          class_names=names, extra={**faces, "source": h.sources, "adapted": h.adapted})
         write_predictions(d / "misclassified.csv", paths=[paths[i] for i in wrong],
                           labels=[names[y[i]] for i in wrong], probs=probs[wrong], class_names=names,
                           extra={"p_true": [f"{probs[i, y[i]]:.6f}" for i in wrong],
                                  "loss": [f"{loss[i]:.4f}" for i in wrong],
-                                 **{k: [v[i] for i in wrong] for k, v in faces.items()}})
+                                 **{k: [v[i] for i in wrong] for k, v in faces.items()},
+                                 "source": [h.sources[i] for i in wrong], "adapted": [h.adapted[i] for i in wrong]})
     unit = (f"images ({len(y)} face crops; per image, mean of its faces: macro-F1 "
             f"{metrics['per_image']['macro_f1']:.3f})") if faces else "images"
     over = (f" over the {len(names) - len(absent)} classes present ({', '.join(absent)} absent; over all "
             f"{len(names)}: {test['macro_f1_all_classes']:.3f})") if absent else ""
     progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'})")
+             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'}); {adapted_note(h.per_source)}")
     return metrics

@@ -2,7 +2,7 @@
 
 Contract of the exported model: input uint8 (B, H, W, 3) RGB, any H and W (resizing happens inside the
 graph, by the same `resize_crop` the extractor uses); output float (B, C) calibrated class probabilities
-in class order. Class names and fingerprints travel in the file's metadata:
+in class order, each image on its own: no adaptation to its source (heads/adapt.py), as `predict --source none`. Class names and fingerprints travel in the file's metadata:
 TorchScript `_extra_files["imgsent.json"]`, ONNX `metadata_props["imgsent"]`.
 """
 from __future__ import annotations
@@ -79,7 +79,10 @@ def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
             embedders.append(torch.jit.trace(bb.embedder, example, check_trace=False))  # fixed size after resize_crop
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
     meta = {"class_names": m.class_names, "backbones": m.info.backbones, "temperature": m.info.temperature,
-            "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order"}
+            "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order",
+            # each image on its own: imgsent predict --source none. predict adapts each source (model.json)
+            "adaptation": f"none: each image on its own (imgsent predict --source none; predict itself adapts each "
+                          f"folder or group by '{m.info.adapt}')"}
     return Exported(embedders, configs, TorchHead(m.head), m.class_names).eval(), meta, m.backbones
 
 

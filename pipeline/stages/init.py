@@ -33,6 +33,8 @@ head:
   min_val_images: 200                 # ...used only when it holds at least this many images
   min_val_per_class: 20               # ...and at least this many of every class (else: converge on all of them)
   class_weight: balanced              # balanced | none
+  adapt: auto                         # auto | none | scale | affine: adapt each predicted folder / group to the
+                                      # training statistics; auto: CV on held-out sources decides (README)
 cv:
   folds: 3                            # the demo has 3 styles: one style per fold
   seed: 0

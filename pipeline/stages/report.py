@@ -20,8 +20,8 @@ import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
-from pipeline.inference.heldout import heldout_logits
-from pipeline.inference.calibration import softmax
+from pipeline.inference.heldout import adapted_note, heldout_logits
+from pipeline.heads.head import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.analysis.html import CSS, Split, bootstrap_ci, card
@@ -230,10 +230,11 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
     oof = _oof_split(md, info)
     test = None
     if test_stores:
-        paths, y, logits, troot, faces = heldout_logits(head=head, info=info, stores=test_stores)
-        test = Split("held-out test store", paths, y, softmax(logits, info.temperature), troot,
-                     boxes=np.array([faces[k] for k in "xywh"]).T.reshape(-1, 4) if faces else None,
-                     face=np.array(faces["face"]) if faces else None)
+        h = heldout_logits(head=head, info=info, stores=test_stores)
+        test = Split(f"held-out test store ({adapted_note(h.per_source)})", h.paths, h.labels,
+                     softmax(h.logits, info.temperature), h.root,
+                     boxes=np.array([h.faces[k] for k in "xywh"]).T.reshape(-1, 4) if h.faces else None,
+                     face=np.array(h.faces["face"]) if h.faces else None)
     with atomic_dir(out_dir) as d:
         progress(f"{out}: cross-validation section (confidence intervals, plots, gallery)")
         body, summary = _section(oof, names, d, "cv", gallery)

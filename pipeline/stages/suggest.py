@@ -14,7 +14,9 @@ import numpy as np
 from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
 from features.text import safe_text
-from pipeline.inference.calibration import softmax
+from pipeline.heads.head import softmax
+from pipeline.heads.adapt import rows_logits
+from pipeline.inference.heldout import WHOLE_STORE, adapted_note
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.inference.ood import knn_distance, load_ood, normalise
 from pipeline.data.rows import image_means, open_rows
@@ -72,13 +74,16 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
         raise UserError(f"{stores[0]}: every image is labelled; extract a folder without class sub-folders (or a "
                         "CSV without a label column) to get suggestions")
     ref = load_ood(Path(model_dir), info.ood, info.dim)[0] if info.ood else None
-    probs, ood = [], []  # per block of the store: calibrated probabilities (b, C), out-of-distribution score (b,)
+    # as predict would: each source (the store's groups, else the whole store) adapted by the model's transform
+    sources = np.asarray(rows.groups if rows.groups is not None else [WHOLE_STORE] * len(rows), dtype=str)
+    logits, _, per_source = rows_logits(head, rows, todo, sources, info.adapt)
+    probs = softmax(logits, info.temperature)  # (M, C) calibrated
+    ood = []  # out-of-distribution score (b,) per block of the store
     for start, x in rows.blocks(todo):
         xs = x[todo[start:start + len(x)]]  # (b, D) the unlabelled rows
-        probs.append(softmax(head.logits(xs), info.temperature))
         ood.append(knn_distance(normalise(xs, head.mean, head.scale), ref) if ref is not None else
                    np.full(len(xs), np.nan, np.float32))
-    probs, ood = np.concatenate(probs), np.concatenate(ood)  # (M, C), (M,)
+    ood = np.concatenate(ood)  # (M,)
     paths = [p for p, t in zip(rows.paths, todo) if t]
     where = np.flatnonzero(todo)  # (M,) store row of each unlabelled row
 
@@ -105,5 +110,5 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
                         *[f"{q:.6f}" for q in probs[i]]])
     progress(f"{out}: {len(chosen)} of {len(paths)} unlabelled images to label next, most uncertain first"
              f"{'' if len(chosen) == n else f' (the others are near-duplicates of these at cosine >= {max_similarity})'}"
-             f"{sure_note(probs[chosen].max(1))}")
+             f"{sure_note(probs[chosen].max(1))}; {adapted_note(per_source)}")
     return [paths[i] for i in chosen]

@@ -94,11 +94,12 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                p, oof, per_fold, choice = done[key][0], None, done[key][1], done[key][2]  # equal scores never
+                (p, per_fold), cand, transform, choice = done[key], None, None, None  # equal scores never
                 pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replace the best: no logits
             else:
-                p, oof, per_fold, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
-                done[key] = (p, per_fold, choice)
+                p, cand, transform, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
+                per_fold = cand.per_fold[transform]
+                done[key] = (p, per_fold)
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**values, "macro_f1_mean": float(f1.mean()),
@@ -107,12 +108,12 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             results.append(r)
             if best is None or (r["macro_f1_mean"], -r["macro_f1_std"]) > (best[0]["macro_f1_mean"],
                                                                            -best[0]["macro_f1_std"]):
-                best = (r, p, oof, per_fold, choice)  # only the best config's out-of-fold logits are kept: (N, C)
-    r, p, oof, per_fold, choice = best
+                best = (r, p, cand, transform, choice)  # only the best config's out-of-fold logits are kept
+    r, p, cand, transform, choice = best
     results.sort(key=lambda r: (-r["macro_f1_mean"], r["macro_f1_std"], r["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
-        finish(rows, fold, oof, per_fold, p, max_val, d / "best", t0, choice)
+        finish(rows, fold, cand, transform, p, max_val, d / "best", t0, choice)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])

@@ -18,59 +18,60 @@ import numpy as np
 from features.storage.atomic import atomic_dir, check_output
 from features.errors import UserError
 from pipeline.data.folds import assign_folds
-from pipeline.inference.calibration import fit_temperature, softmax
+from pipeline.heads.head import softmax
+from pipeline.inference.calibration import fit_temperature
+from pipeline.analysis.crossval import (Candidate, choose_transform, cross_validate, cv_sources, prefer,
+                                        stress_loss)
+from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import AUTO_CANDIDATES, fit_rows
-from pipeline.heads.head import head_logits
-from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, face_columns, per_image_metrics,
+from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                               write_confusion, write_predictions)
 from pipeline.inference.modeldir import ModelInfo, is_model_dir, save_model_dir
 from pipeline.inference.ood import fit_ood, reference_rows, save_ood
 from pipeline.params import Params
-from pipeline.data.rows import Rows, memory_budget, open_rows
+from pipeline.data.memory import memory_budget
+from pipeline.data.rows import Rows, open_rows
 
 
 def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
 
 
-def cross_validate(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None,
-                   on_fold=lambda: None) -> tuple[np.ndarray, list[dict]]:
-    """Out-of-fold logits (N, C) (rows of unlabelled images stay 0) and per-fold metrics for one head config."""
-    names, seed = rows.class_names, params.cv.seed
-    lab = rows.labels >= 0
-    oof = np.zeros((len(rows), len(names)), dtype=np.float32)
-    per_fold = []
-    for j in range(int(fold.max()) + 1):
-        head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val)
-        te = fold == j
-        oof[te] = head_logits(head, rows, te)
-        m = classification_metrics(rows.labels[te], oof[te].argmax(1), names)
-        per_fold.append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
-        on_fold()
-    return oof, per_fold
-
-
 def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None
-                ) -> tuple[Params, np.ndarray, list[dict], dict | None]:
-    """Cross-validate params' head; with `hidden: auto`, each of AUTO_CANDIDATES on the same folds, keeping the
-    one with the higher mean CV macro-F1 (a tie goes to the linear head: fewer parameters, faster). Returns the
-    params with `hidden` resolved, its out-of-fold logits and per-fold metrics, and the choice (None unless auto)."""
-    if params.head.hidden != "auto":
-        return (params, *cross_validate(rows, fold, params, max_val, on_fold), None)
+                ) -> tuple[Params, Candidate, str, dict]:
+    """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
+    (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
+    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the params with
+    `hidden` and `adapt` resolved, the chosen candidate, its transform, and what was chosen and why."""
+    h = params.head
+    transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
     tried = []
-    for hidden in AUTO_CANDIDATES:
-        p = dataclasses.replace(params, head=dataclasses.replace(params.head, hidden=hidden))
-        oof, per_fold = cross_validate(rows, fold, p, max_val, on_fold)
-        tried.append((float(np.mean([f["macro_f1"] for f in per_fold])), p, oof, per_fold))
-    best = max(tried, key=lambda t: t[0])  # max keeps the first of equals: the linear head
-    choice = {"chosen": list(best[1].head.hidden), "cv_macro_f1": {json.dumps(list(t[1].head.hidden)): round(t[0], 4)
-                                                                   for t in tried}}
-    return best[1], best[2], best[3], choice
+    for hidden in AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,):
+        cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
+                              transforms, max_val, on_fold)
+        tried.append((json.dumps(list(hidden)), cand, *(choose_transform(cand) if h.adapt == "auto" else
+                                                          (h.adapt, "set in params"))))
+    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in tried]) if len(tried) > 1 else \
+        (tried[0][0], "set in params")
+    _, cand, transform, why_t = next(t for t in tried if t[0] == name)
+    chosen = dataclasses.replace(cand.params, head=dataclasses.replace(cand.params.head, adapt=transform))
+    choice = {"head_choice": {"chosen": json.loads(name), "why": why,
+                              "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
+                              "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried}},
+              "adaptation": {"transform": transform, "why": why_t, "sources": "manifest groups" if rows.groups else
+                             "each fold's test part (no groups: CV cannot measure a new source)",
+                             "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
+                             "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
+                                                 for t, acc in cand.stress.items()},
+                             "stress_vs_none": {t: {k: f"{d:+.3f} ± {n:.3f}" for k, (d, n) in stress_loss(cand, t).items()}
+                                                for t in cand.oof if t != "none"}}}
+    return chosen, cand, transform, choice
 
 
 def describe_choice(choice: dict) -> str:
-    scores = ", ".join(f"hidden {k}: {v:.3f}" for k, v in choice["cv_macro_f1"].items())
-    return f"hidden: auto chose {json.dumps(choice['chosen'])} by CV macro-F1 ({scores})"
+    h, a = choice["head_choice"], choice["adaptation"]
+    scores = ", ".join(f"hidden {k}: {v:.3f}" for k, v in h["cv_macro_f1"].items())
+    return f"head {json.dumps(h['chosen'])} ({scores}: {h['why']}); adaptation {a['transform']} ({a['why']})"
 
 
 def load_rows(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
@@ -96,13 +97,12 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
              f"{rows.dim} features; cross-validating {k} folds")
     fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1)
     done = iter(range(1, fits + 1))
-    params, oof, per_fold, choice = choose_head(rows, fold, params, max_val,
-                                                on_fold=lambda: progress(f"{out}: fold {next(done)} of {fits} done"))
-    if choice is not None:
-        progress(f"{out}: {describe_choice(choice)}")
+    params, cand, transform, choice = choose_head(rows, fold, params, max_val,
+                                                  on_fold=lambda: progress(f"{out}: fold {next(done)} of {fits} done"))
+    progress(f"{out}: {describe_choice(choice)}")
     progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, oof, per_fold, params, max_val, d, t0, choice)
+        metrics = finish(rows, fold, cand, transform, params, max_val, d, t0, choice)
     c = metrics["cv"]
     faces = (f" ({metrics['n_faces']} face crops; per image, mean of its faces: macro-F1 "
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
@@ -113,29 +113,31 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     return metrics
 
 
-def finish(rows: Rows, fold: np.ndarray, oof: np.ndarray, per_fold: list[dict], params: Params,
-           max_val: int | None, d: Path, t0: float, choice: dict | None = None) -> dict:
-    """The model directory in `d`, from the CV's out-of-fold logits (N, C): fit the final head on every labelled
-    row, calibrate it on the out-of-fold logits, fit its out-of-distribution reference, then write head.npz,
-    model.json, ood.npz, metrics.json and the out-of-fold files. `params` has `hidden` resolved (choose_head);
-    `choice` records what `hidden: auto` chose and why. Returns metrics.json's content (plus `seconds`)."""
+def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params: Params, max_val: int | None,
+           d: Path, t0: float, choice: dict) -> dict:
+    """The model directory in `d`, from the chosen candidate's out-of-fold logits (N, C) under `transform`: fit
+    the final head on every labelled row, calibrate it on the out-of-fold logits, fit its out-of-distribution
+    reference, then write head.npz, model.json, ood.npz, metrics.json and the out-of-fold files. `params` has
+    `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns metrics.json's
+    content (plus `seconds`)."""
     lab = rows.labels >= 0
+    oof, per_fold = cand.oof[transform], cand.per_fold[transform]
     final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
     final.temperature = fit_temperature(oof[lab], rows.labels[lab])
     ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), final.mean, final.scale, params.cv.seed)
     ood = save_ood(d, ref, loo)
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
-               **({} if choice is None else {"head_choice": choice}),
+               **choice,
                "mode": "in-memory" if rows.in_memory else "streamed", "seconds": round(time.time() - t0, 3)}
     info = ModelInfo(class_names=rows.class_names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
                      hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout,
                      temperature=final.temperature, stores=rows.stores, image_root=rows.root,
-                     params=params.to_dict(), ood=ood)
+                     params=params.to_dict(), ood=ood, adapt=transform)
     save_model_dir(d, final, info)
     # the run time is said on the command line, not stored: metrics.json changes only when the model does, so
     # `dvc repro` of unchanged inputs leaves git clean and `dvc metrics diff` lists what matters
     (d / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "seconds"}, indent=2))
-    write_out_of_fold(d, rows, fold, oof, final.temperature)
+    write_out_of_fold(d, rows, fold, oof, final.temperature, cand.said[transform])
     return metrics
 
 
@@ -164,13 +166,17 @@ def cv_metrics(rows: Rows, oof: np.ndarray, per_fold: list[dict], temperature: f
     }
 
 
-def write_out_of_fold(d: Path, rows: Rows, fold: np.ndarray, oof: np.ndarray, temperature: float) -> None:
-    """oof_logits.npy (n, C), oof_predictions.csv (calibrated, with the fold) and confusion.csv."""
+def write_out_of_fold(d: Path, rows: Rows, fold: np.ndarray, oof: np.ndarray, temperature: float,
+                      adapted: list[str]) -> None:
+    """oof_logits.npy (n, C), oof_predictions.csv (calibrated, with the fold, the source and what its prediction
+    rested on: `adapted`, per row) and confusion.csv."""
     lab = rows.labels >= 0
     names, y, logits = rows.class_names, rows.labels[lab], oof[lab]
     probs = softmax(logits, temperature)
     np.save(d / "oof_logits.npy", logits)
     write_predictions(d / "oof_predictions.csv", paths=[p for p, m in zip(rows.paths, lab) if m],
                       labels=[names[i] for i in y], probs=probs, class_names=names,
-                      extra={"fold": list(fold[lab]), **face_columns(rows.face_index, rows.face_boxes, lab)})
+                      extra={"fold": list(fold[lab]), "source": list(cv_sources(rows.groups, fold)[lab]),
+                             "adapted": [a for a, m in zip(adapted, lab) if m],
+                             **rows.face_columns(lab)})
     write_confusion(d / "confusion.csv", y, probs.argmax(1), names)

@@ -1,0 +1,155 @@
+"""Cross-validation of head candidates with each held-out source adapted (heads/adapt.py), stress batches that
+adaptation can fail on, and the choices of head and transform, which never hinge on a difference inside the
+fold-to-fold noise.
+
+    cand = cross_validate(rows, fold, params, transforms, ...)   one fit per fold; every transform per fold
+    t, why = choose_transform(cand)        the preferred transform that passes the stress batches, unless another
+                                           beats it by more than the noise
+    pick, why = prefer([(name, per-fold scores), ...])   the same rule for the head
+
+A source in CV is a manifest group (each held-out group adapted by its own statistics), or without groups each
+fold's test part. Stress batches come from held-out sources: one class making 60% of the batch, two classes
+only, 5 and 10 random images. A transform is refused when it loses more than STRESS_TOLERANCE accuracy against
+none on a kind of stress batch, by more than the batch-to-batch noise (paired: the same batches either way).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.analysis.metrics import classification_metrics
+from pipeline.heads.adapt import rows_logits, source_logits
+from pipeline.heads.fitting import fit_rows
+from pipeline.params import Params
+
+PREFERRED_TRANSFORMS = ("affine", "scale", "none")  # on a tie: in this order they gained most on unseen emoji
+# styles (benchmarks/loso.py); every one of heads/adapt.TRANSFORMS
+STRESS_TOLERANCE = 0.02  # accuracy a transform may lose against none on a stress batch
+STRESS = ("one class at 60%", "two classes", "5 images", "10 images")
+STRESS_MAX = 256  # images per stress batch
+PER_KIND = 10  # skewed stress batches of each kind per source (one class at 60%, two classes)
+DRAWS = 30  # random draws of 5 and of 10 images per source
+
+
+@dataclass
+class Candidate:
+    """One head config's CV: out-of-fold logits (N, C) per transform (0 for unlabelled rows), per-fold metrics,
+    stress accuracy per transform and kind, and per row what its out-of-fold prediction rested on."""
+    params: Params
+    oof: dict[str, np.ndarray]
+    per_fold: dict[str, list[dict]]
+    stress: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # accuracy per batch, the same
+    # batches in the same order for every transform
+    said: dict[str, list[str]] = field(default_factory=dict)
+
+    def f1s(self, transform: str) -> list[float]:
+        return [f["macro_f1"] for f in self.per_fold[transform]]
+
+
+def cv_sources(groups: list[str] | None, fold: np.ndarray) -> np.ndarray:
+    """The source of each row in CV: its group, or without groups its fold (each fold's test part is one source)."""
+    if groups is not None:
+        return np.asarray(groups, dtype=str)
+    return np.array([f"fold {j + 1}" for j in fold], dtype=str)
+
+
+def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """(kind, rows) batches drawn from one source's rows `members` (labels (N,) index them): the class mixes and
+    sizes that break test-time statistics (module docstring). Labels choose the rows, never the statistics."""
+    y = labels[members]
+    present = np.unique(y)
+    out = []
+    for c in rng.permutation(present)[:PER_KIND]:  # one class at 60%
+        own, other = members[y == c], members[y != c]
+        n_own = int(min(len(own), 1.5 * len(other), 0.6 * STRESS_MAX))
+        n_other = int(round(n_own * 2 / 3))
+        if n_own >= 3 and n_other >= 2:
+            out.append((STRESS[0], np.concatenate([rng.choice(own, n_own, replace=False),
+                                                   rng.choice(other, n_other, replace=False)])))
+    pairs = list(itertools.combinations(present.tolist(), 2))
+    for i in rng.permutation(len(pairs))[:PER_KIND]:  # two classes only
+        both = members[np.isin(y, pairs[i])]
+        out.append((STRESS[1], rng.choice(both, min(len(both), STRESS_MAX), replace=False)))
+    for kind, size in ((STRESS[2], 5), (STRESS[3], 10)):  # few images
+        if len(members) > size:
+            out += [(kind, rng.choice(members, size, replace=False)) for _ in range(DRAWS)]
+    return out
+
+
+def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
+                   on_fold=lambda: None) -> Candidate:
+    """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
+    source adapted on its own) and its stress batches scored."""
+    names, seed = rows.class_names, params.cv.seed
+    lab = rows.labels >= 0
+    sources = cv_sources(rows.groups, fold)
+    cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
+                     {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms})
+    scored = tuple(dict.fromkeys(("none", *transforms)))  # stress batches are scored against none as well
+    hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in scored}
+    rng = np.random.default_rng(seed)
+    for j in range(int(fold.max()) + 1):
+        head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val)
+        te = fold == j
+        for t in transforms:
+            cand.oof[t][te], said, _ = rows_logits(head, rows, te, sources, t)
+            for i, s in zip(np.flatnonzero(te), said):
+                cand.said[t][i] = s
+            m = classification_metrics(rows.labels[te], cand.oof[t][te].argmax(1), names)
+            cand.per_fold[t].append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+        batches = [b for s in np.unique(sources[te]) for b in
+                   stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)]
+        if batches:  # every stress row read once (a streamed store: one pass), then each batch adapted alone
+            union = np.zeros(len(rows), bool)
+            for _, b in batches:
+                union[b] = True
+            x, where = rows.take(union), np.cumsum(union) - 1  # (U, D); row -> its place in x
+            for kind, b in batches:
+                for t in scored:
+                    pred = source_logits(head, x[where[b]], t)[0].argmax(1)
+                    hits[t][kind].append(float((pred == rows.labels[b]).mean()))
+        on_fold()
+    cand.stress = {t: {k: v for k, v in per.items() if v} for t, per in hits.items()}
+    return cand
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean over folds of a - b, two standard errors of that mean): the fold-to-fold noise of a difference
+    between two candidates scored on the same folds."""
+    d = np.asarray(a) - np.asarray(b)
+    return float(d.mean()), float(2 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+
+
+def prefer(options: list[tuple[str, list[float]]]) -> tuple[str, str]:
+    """options: (name, per-fold scores) in order of preference. The first, unless the one with the highest mean
+    beats it by more than the noise (paired_difference). Returns (name, why)."""
+    first = options[0]
+    best = max(options, key=lambda o: np.mean(o[1]))
+    if best is first:
+        return first[0], f"{first[0]} scored highest"
+    diff, noise = paired_difference(best[1], first[1])
+    if diff > noise:
+        return best[0], f"{best[0]} beat {first[0]} by {diff:.3f}, more than the noise ({noise:.3f})"
+    return first[0], (f"a tie: {best[0]} was ahead of {first[0]} by {diff:.3f}, within the noise ({noise:.3f}); "
+                      f"{first[0]} by the tie rule")
+
+
+def stress_loss(cand: Candidate, transform: str) -> dict[str, tuple[float, float]]:
+    """Per kind of stress batch: (mean accuracy of `transform` minus none's, two standard errors of that mean)."""
+    return {k: paired_difference(cand.stress[transform][k], cand.stress["none"][k]) for k in cand.stress[transform]}
+
+
+def choose_transform(cand: Candidate) -> tuple[str, str]:
+    """`adapt: auto`: the preferred transform (PREFERRED_TRANSFORMS) among those not refused on the stress batches
+    (clearly worse than none by more than STRESS_TOLERANCE), unless another of them beats it by more than the
+    noise. cand holds every transform."""
+    ok, refused = [], []
+    for t in PREFERRED_TRANSFORMS:
+        bad = [(k, d) for k, (d, noise) in stress_loss(cand, t).items() if d + noise < -STRESS_TOLERANCE]
+        (refused if bad and t != "none" else ok).append((t, bad))
+    name, why = prefer([(t, cand.f1s(t)) for t, _ in ok])
+    return name, why + "".join(f"; {t} refused: {-d:.3f} less accuracy than none on '{k}' batches"
+                               for t, bad in refused for k, d in bad[:1])
+

@@ -1,0 +1,167 @@
+"""Adapting one source's features (a new emoji style, camera, folder) to the training statistics before the head:
+label-free, aware of the source's own class mix, shrunk toward the training statistics. Numpy only.
+
+A new source mostly moves each feature dimension by a scale and an offset. AdaBN (Li et al. 2016) re-estimates
+normalisation statistics on the target domain; CORAL (Sun et al. 2016) aligns second-order statistics. Both
+compare the target with the source *as a whole*, and so read a change of class mix as a change of style:
+test-time batch statistics fail on class-skewed batches (DELTA, Zhao et al. 2023; Vianna et al. 2024; Tent,
+Wang et al. 2021, adapts the same statistics). Here a source is compared with what the training images of its
+*estimated* class mix would give:
+
+    centre(pi) = pi @ ref.mean                       (D,)  the training mean of a batch with class mix pi (C,)
+    var(pi)    = pi @ ref.sq - centre(pi)**2         (D,)  ...and its variance
+    ratio      = sqrt((n var_b + N0 var(pi)) / ((n + N0) var(pi)))     per dimension, in [1/10, 10]
+    offset     = n / (n + N0) * (mean_b - ratio * centre(pi))           ('affine'; 0 for 'scale')
+    z          = (x - offset) / ratio                                    what the head sees
+
+pi starts at the training class mix and is re-estimated CLASS_MIX_STEPS times as the head's mean probability on
+the adapted batch (the class-mix estimate of Saerens et al. 2002, without its re-weighting, measured worse).
+N0 = PRIOR_IMAGES: the training statistics count as that many images (the prior strength of Schneider et al.
+2020), so a small batch moves little and one image not at all. Sources of fewer than MIN_IMAGES are not
+adapted. Measured on 5 emoji styles (benchmarks/loso.py, docs/evaluation.md).
+
+Deterministic and independent of row order: an array's rows are visited in an order set by their values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.heads.head import Head, Reference, softmax
+
+TRANSFORMS = ("none", "scale", "affine")  # 'none': each image on its own, as the exported model
+PRIOR_IMAGES = 8
+MIN_IMAGES = 5
+CLASS_MIX_STEPS = 3
+MAX_RATIO = 10.0  # never amplify or damp a dimension by more than this
+CHUNK = 4096  # rows per step over an in-memory source
+
+Chunks = Callable[[], Iterator[np.ndarray]]  # a source's raw features (r, D), the same rows in the same order each call
+
+
+def fit_reference(pairs, n_classes: int) -> Reference:
+    """The Reference of training rows given as (raw features (r, D), labels (r,)) pairs, sums in float64."""
+    sums = sqs = None
+    counts = np.zeros(n_classes)
+    for x, y in pairs:
+        if sums is None:
+            sums, sqs = np.zeros((n_classes, x.shape[1])), np.zeros((n_classes, x.shape[1]))
+        order = np.argsort(y, kind="stable")  # rows class by class: one reduceat per class run
+        x, y = np.asarray(x, np.float64)[order], y[order]
+        starts = np.flatnonzero(np.r_[True, y[1:] != y[:-1]]) if len(y) else np.zeros(0, int)
+        if len(starts):
+            sums[y[starts]] += np.add.reduceat(x, starts)
+            sqs[y[starts]] += np.add.reduceat(x * x, starts)
+            counts += np.bincount(y, minlength=n_classes)
+    n = np.maximum(counts, 1)[:, None]
+    return Reference((sums / n).astype(np.float32), (sqs / n).astype(np.float32),
+                     (counts / counts.sum()).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Shift:
+    """How one source's features map onto the training statistics: z = (x - offset) / ratio."""
+    transform: str
+    n: int  # images in the source
+    ratio: np.ndarray  # (D,)
+    offset: np.ndarray  # (D,)
+    class_mix: np.ndarray  # (C,) the source's estimated class mix
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.offset) / self.ratio).astype(np.float32)
+
+
+def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Reference, pi: np.ndarray) -> Shift:
+    centre, ref_var = ref.moments(pi)
+    ratio = np.clip(np.sqrt((n * var + PRIOR_IMAGES * ref_var) / ((n + PRIOR_IMAGES) * ref_var)),
+                    1 / MAX_RATIO, MAX_RATIO)  # (D,)
+    offset = n / (n + PRIOR_IMAGES) * (mean - ratio * centre) if transform == "affine" else np.zeros_like(mean)
+    return Shift(transform, n, ratio, offset, pi)
+
+
+def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
+    """The Shift of one source (None: 'none', or fewer than MIN_IMAGES images). Needs head.reference.
+    Passes over the source: one for its moments, one per class-mix step."""
+    n, s1, s2 = 0, 0.0, 0.0
+    for x in chunks():
+        x = np.asarray(x, np.float64)
+        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
+    if transform == "none" or n < MIN_IMAGES:
+        return None
+    if head.reference is None:
+        raise ValueError("the head has no reference statistics to adapt to")
+    mean = s1 / n
+    var = np.maximum(s2 / n - mean ** 2, 0.0)
+    pi = head.reference.prior.astype(np.float64)
+    for _ in range(CLASS_MIX_STEPS):
+        shift = _shift(transform, n, mean, var, head.reference, pi)
+        pi = sum(softmax(head.logits(shift.apply(x))).sum(0, dtype=np.float64) for x in chunks()) / n
+    return _shift(transform, n, mean, var, head.reference, pi)
+
+
+def value_order(x: np.ndarray) -> np.ndarray:
+    """A permutation of the rows of x (N, D) that depends only on their values: sorted by an exact integer hash
+    of each row's float32 bits (wrapping uint64 arithmetic), so that sums over the rows come out the same
+    whatever order the images were given in."""
+    mult = np.random.default_rng(0).integers(1, 2 ** 63, x.shape[1], dtype=np.uint64) | np.uint64(1)
+    keys = np.empty(len(x), np.uint64)
+    for i in range(0, len(x), CHUNK):
+        bits = np.ascontiguousarray(x[i:i + CHUNK], np.float32).view(np.uint32).astype(np.uint64)  # (r, D)
+        keys[i:i + CHUNK] = (bits * mult).sum(1)
+    return np.argsort(keys, kind="stable")
+
+
+def array_chunks(x: np.ndarray, order: np.ndarray) -> Chunks:
+    return lambda: (x[order[i:i + CHUNK]] for i in range(0, len(order), CHUNK))
+
+
+def source_logits(head: Head, x: np.ndarray, transform: str) -> tuple[np.ndarray, Shift | None]:
+    """Uncalibrated logits (N, C) of one source's raw features x (N, D), adapted by `transform`, in x's row
+    order; and the Shift applied (None: not adapted)."""
+    order = value_order(x)
+    chunks = array_chunks(x, order)
+    shift = fit_shift(head, chunks, transform)
+    out = np.empty((len(x), head.n_classes), np.float32)
+    for i, xc in zip(range(0, len(x), CHUNK), chunks()):
+        out[order[i:i + CHUNK]] = head.logits(xc if shift is None else shift.apply(xc))
+    return out, shift
+
+
+def describe(shift: Shift | None, n: int, transform: str) -> str:
+    """What one source's predictions rest on, for a CSV column: 'affine' / 'no (3 images < 5)' / 'no'."""
+    if shift is not None:
+        return shift.transform
+    if transform != "none" and n < MIN_IMAGES:
+        return f"no ({n} image{'s' if n != 1 else ''} < {MIN_IMAGES})"
+    return "no"
+
+
+def rows_logits(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transform: str
+                ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """Uncalibrated logits (M, C) of the store rows (pipeline/data/rows.py) where `mask` is True, in row order, each
+    source adapted on its own; sources: a name per row (N,), or None (all rows one source, named ''). Also what
+    each row's prediction rests on (describe), and that per source. A streamed store's source is read in blocks,
+    in store order."""
+    idx = np.flatnonzero(mask)
+    names, which = np.unique(np.asarray(sources, dtype=str)[idx] if sources is not None else
+                             np.zeros(len(idx), dtype=str), return_inverse=True)
+    out = np.empty((len(idx), head.n_classes), np.float32)
+    said, per_source = [""] * len(idx), {}
+    for k, name in enumerate(names):
+        pos = np.flatnonzero(which == k)  # positions in idx
+        if rows.in_memory:
+            out[pos], shift = source_logits(head, rows.features[idx[pos]], transform)
+        else:
+            m = np.zeros(len(rows), bool)
+            m[idx[pos]] = True
+
+            def chunks():
+                return (x[m[s:s + len(x)]] for s, x in rows.blocks(m))
+            shift = fit_shift(head, chunks, transform)
+            out[pos] = np.concatenate([head.logits(x if shift is None else shift.apply(x)) for x in chunks()])
+        per_source[str(name)] = describe(shift, len(pos), transform)
+        for p in pos:
+            said[p] = per_source[str(name)]
+    return out, said, per_source
