@@ -1,0 +1,139 @@
+"""Adapting a source to the training statistics (pipeline/heads/adapt.py) and measuring it in CV
+(pipeline/analysis/crossval.py), on synthetic features where the truth is known: a new source is the training
+distribution with every dimension scaled and shifted."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pipeline.analysis.crossval import cross_validate, cv_sources
+from pipeline.data.folds import assign_folds
+from pipeline.data.rows import Rows
+from pipeline.heads.adapt import MIN_IMAGES, fit_shift, rows_logits, source_logits, value_order
+from pipeline.heads.fitting import fit_rows
+from tests.conftest import params
+
+D, C = 24, 3
+
+
+def _world(seed: int = 0, n: int = 60, groups: int = 4, separation: float = 1.0):
+    """Rows of `groups` sources x `n` images: class means apart in D dims; source g scales every dimension by its
+    own factor and shifts it (what a new emoji style does to the features)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, separation, (C, D))
+    x, y, g = [], [], []
+    for s in range(groups):
+        scale, shift = rng.uniform(0.3, 3.0, D), rng.normal(0, 3.0, D)
+        ys = np.arange(n) % C
+        x.append(((means[ys] + rng.normal(0, 1, (n, D))) * scale + shift).astype(np.float32))
+        y.append(ys)
+        g += [f"style{s}"] * n
+    x, y = np.concatenate(x), np.concatenate(y)
+    return Rows(labels=y, paths=[f"{i}.png" for i in range(len(y))], sha256=[f"{i:064x}" for i in range(len(y))],
+                groups=g, class_names=["a", "b", "c"], fingerprints=[{}], weights_paths=[None], root="", stores=[],
+                dim=D, features=x)
+
+
+def _head(rows, train):
+    return fit_rows(rows, train, params(head={"hidden": (), "adapt": "affine"}).head, 0)
+
+
+def test_a_shifted_new_source_is_recovered_and_a_skewed_known_one_is_left_alone():
+    """The gain (a new source, every dimension scaled and shifted) and the safeguard (a batch of the training
+    source holding mostly one class keeps its accuracy: the class-mix step reads it as a class mix, not a style)."""
+    rows = _world()
+    test = np.asarray(rows.groups) == "style3"
+    head = _head(rows, ~test)
+    x, y = rows.features[test], rows.labels[test]
+    acc = {t: float((source_logits(head, x, t)[0].argmax(1) == y).mean()) for t in ("none", "scale", "affine")}
+    assert acc["affine"] >= acc["none"] + 0.2 and acc["affine"] >= 0.9, acc
+    rows = _world(seed=1, separation=0.8)  # here a class mix started from the training one was misread (0.57)
+    head = _head(rows, np.asarray(rows.groups) != "style3")
+    known = (np.asarray(rows.groups) != "style3") & ((rows.labels == 0) | (np.arange(len(rows)) % 12 == 1))
+    xk, yk = rows.features[known], rows.labels[known]  # class a, and 1 in 12 of b: 80% one class
+    assert (yk == 0).mean() >= 0.8
+    plain = (source_logits(head, xk, "none")[0].argmax(1) == yk).mean()
+    for t in ("scale", "affine"):
+        assert (source_logits(head, xk, t)[0].argmax(1) == yk).mean() >= plain - 0.02, t
+
+
+def test_fewer_than_min_images_are_never_adapted():
+    rows = _world()
+    head = _head(rows, np.asarray(rows.groups) != "style3")
+    x = rows.features[np.asarray(rows.groups) == "style3"]
+    for n in (1, 2, MIN_IMAGES - 1):
+        logits, shift = source_logits(head, x[:n], "affine")
+        assert shift is None and np.array_equal(logits, source_logits(head, x[:n], "none")[0])
+    assert source_logits(head, x[:MIN_IMAGES], "affine")[1] is not None
+
+
+def test_adaptation_does_not_depend_on_the_order_of_the_images():
+    rows = _world()
+    head = _head(rows, np.asarray(rows.groups) != "style3")
+    x = rows.features[np.asarray(rows.groups) == "style3"]
+    perm = np.random.default_rng(1).permutation(len(x))
+    for t in ("scale", "affine"):
+        (a, sa), (b, sb) = source_logits(head, x, t), source_logits(head, x[perm], t)
+        assert np.array_equal(a[perm], b), t  # bit for bit, not merely close
+        # ...down to the float64 statistics, where a sum in another order differs in its last bits
+        assert np.array_equal(sa.ratio, sb.ratio) and np.array_equal(sa.offset, sb.offset), t
+    assert sorted(value_order(x[perm])) == list(range(len(x)))
+
+
+def test_held_out_statistics_use_no_labels():
+    """The test part's labels never reach its adaptation: permuting them leaves every logit as it was."""
+    rows = _world()
+    test = np.asarray(rows.groups) == "style3"
+    head = _head(rows, ~test)
+    shuffled = rows.labels.copy()
+    shuffled[test] = np.random.default_rng(2).permutation(shuffled[test])
+    sources = np.asarray(rows.groups)
+    a = rows_logits(head, rows, test, sources, "affine")[0]
+    b = rows_logits(head, dataclasses.replace(rows, labels=shuffled), test, sources, "affine")[0]
+    assert np.array_equal(a, b)
+
+
+def test_each_cv_group_is_adapted_by_its_own_statistics():
+    """In grouped CV each held-out group is one source, adapted by its own images' statistics only: not the
+    training groups', not the whole fold's (two groups then share a fold)."""
+    rows = _world(groups=6)
+    p = params(head={"hidden": (), "adapt": "affine"}, cv={"folds": 3})
+    fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=3, class_names=rows.class_names,
+                        random_state=0)
+    cand = cross_validate(rows, fold, p, ("none", "affine"), None)
+    groups = np.asarray(rows.groups)
+    j = 0
+    head = fit_rows(rows, fold != j, p.head, p.cv.seed + j)  # the fold's own head, as cross_validate fits it
+    held = sorted(set(groups[fold == j]))
+    assert len(held) == 2
+    for g in held:
+        own = groups == g
+        assert np.array_equal(cand.oof["affine"][own], source_logits(head, rows.features[own], "affine")[0])
+    both = fold == j  # adapting the fold as one source gives other logits: the test can tell the two apart
+    assert not np.allclose(cand.oof["affine"][both], source_logits(head, rows.features[both], "affine")[0])
+    assert (cand.oof["affine"][fold >= 0].argmax(1) == rows.labels).mean() > \
+        (cand.oof["none"][fold >= 0].argmax(1) == rows.labels).mean() + 0.1
+    assert set(cv_sources(None, fold)) == {"fold 1", "fold 2", "fold 3"}
+
+
+@pytest.mark.parametrize("transform", ["scale", "affine"])
+def test_a_streamed_store_adapts_as_the_array_does(transform, tmp_path):
+    """rows_logits over blocks read from the store (store order) agrees with the in-memory path (value order)."""
+    rows = _world()
+    test = np.asarray(rows.groups) == "style3"
+    head = _head(rows, ~test)
+
+    class Streamed:  # the parts of Rows rows_logits reads, the features only through blocks
+        in_memory, labels = False, rows.labels
+
+        def __len__(self):
+            return len(rows.labels)
+
+        def blocks(self, mask=None):
+            for s in range(0, len(rows.labels), 50):
+                yield s, rows.features[s:s + 50]
+
+    a = rows_logits(head, rows, test, np.asarray(rows.groups), transform)[0]
+    b = rows_logits(head, Streamed(), test, np.asarray(rows.groups), transform)[0]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert fit_shift(head, lambda: iter([rows.features[test]]), transform) is not None
