@@ -1,7 +1,9 @@
 """The out-of-distribution check, measured: the fraction of images flagged (a) on an emoji style never seen in
 training (leave-one-style-out over ../shared/data: should stay low) and (b) on images that are not emoji at all
 (photos, noise, flat colours, rendered text: should be high), for the k-NN score predict uses and for a
-Mahalanobis score (shared covariance, shrunk; distance to the nearest class mean), at several quantiles.
+Mahalanobis score (shared covariance, shrunk; distance to the nearest class mean), at several quantiles; and the
+k-NN score of features adapted to the training statistics (each batch adapted by 'affine' as predict adapts a
+folder, heads/adapt.py), to see whether the score still means "unlike the training images" after adaptation.
 
     python benchmarks/ood.py [--backbone efficientnet_lite0]
 
@@ -22,6 +24,9 @@ sys.path.insert(0, str(ROOT))
 from features.extract import extract  # noqa: E402
 from pipeline.inference.ood import MAX_REF, fit_ood, knn_distance, normalise  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
+from pipeline.heads.adapt import source_logits  # noqa: E402
+from pipeline.heads.fitting import fit_rows  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
 
 QUANTILES = (0.95, 0.99, 0.999)
 WORK = ROOT / "out" / "bench"
@@ -82,7 +87,8 @@ def main() -> None:
                             str(ROOT.parent / "shared" / "data" / data), "--backbones", args.backbone], check=True)
         rows = open_rows([str(store)])
         groups = np.array(rows.groups)
-        agg = {("knn", q): [] for q in QUANTILES} | {("maha", q): [] for q in QUANTILES}
+        agg = {(k, q): [] for k in ("knn", "maha", "adapted") for q in QUANTILES}
+        head_params = load_params(str(ROOT / "params.yaml")).head
         for style in sorted(set(groups)) + ["(none: all styles)"]:
             tr = groups != style
             x, y = rows.features[tr], rows.labels[tr]
@@ -96,7 +102,14 @@ def main() -> None:
             own = m((x - var_mean[0]) / var_mean[1])
             maha = {"held": m((held - var_mean[0]) / var_mean[1]) if len(held) else np.zeros(0),
                     "far": m((far - var_mean[0]) / var_mean[1])}
-            for name, sc, base in (("k-NN", knn, loo), ("Mahalanobis", maha, own)):
+            head = fit_rows(rows, tr, head_params.__class__(**{**head_params.__dict__, "hidden": (), "adapt": "affine"}), 0)
+
+            def adapted(batch: np.ndarray) -> np.ndarray:  # the batch as predict adapts one folder
+                shift = source_logits(head, batch, "affine")[1]
+                return batch if shift is None else shift.apply(batch)
+            ada = {"held": knn_distance(normalise(adapted(held), *var_mean), ref) if len(held) else np.zeros(0),
+                   "far": knn_distance(normalise(adapted(far), *var_mean), ref)}
+            for name, sc, base in (("k-NN", knn, loo), ("Mahalanobis", maha, own), ("k-NN adapted", ada, loo)):
                 cells = []
                 for q in QUANTILES:
                     t = np.quantile(base, q)
@@ -104,9 +117,9 @@ def main() -> None:
                     far_f = float((sc["far"] > t).mean())
                     cells.append(f"{held_f:5.2f} / {far_f:5.2f}")
                     if len(sc["held"]):
-                        agg["knn" if name == "k-NN" else "maha", q].append((held_f, far_f))
+                        agg[{"k-NN": "knn", "Mahalanobis": "maha"}.get(name, "adapted"), q].append((held_f, far_f))
                 print(f"{data:16s} {style:22s} {name:12s} " + " ".join(f"{c:>18s}" for c in cells), flush=True)
-        for name, key in (("k-NN", "knn"), ("Mahalanobis", "maha")):
+        for name, key in (("k-NN", "knn"), ("Mahalanobis", "maha"), ("k-NN adapted", "adapted")):
             cells = [f"{np.mean([a for a, _ in agg[key, q]]):5.2f} / {np.mean([b for _, b in agg[key, q]]):5.2f}"
                      for q in QUANTILES]
             print(f"{data:16s} {'mean over styles':22s} {name:12s} " + " ".join(f"{c:>18s}" for c in cells))

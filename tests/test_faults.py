@@ -228,3 +228,36 @@ def test_model_directory_is_cross_checked(world, tmp_path, case, needle):
                 ["export", str(m), "--out", str(tmp_path / "x.pt")]):
         one_line_error(_cli(*cmd), needle)
     assert not (tmp_path / "e").exists() and not (tmp_path / "p.csv").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_a_clean_up_that_fails_never_hides_the_error(tmp_path, monkeypatch):
+    """Issue #33: `imgsent init` on a read-only file system ended in 'unexpected OSError ... .params.yaml.tmp-PID':
+    atomic_file's clean-up (removing its temp file) raised in its `finally` and replaced the one-line error. Every
+    clean-up (temp file, lock, a dead run's debris) now gives way to the error the user must fix."""
+    import errno
+    from pathlib import Path
+    from features.errors import UserError
+    from features.storage.atomic import OutputLock, atomic_file
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(UserError, match=r"x.txt: cannot write \(Read-only file system\); choose a writable location"):
+        with OutputLock(tmp_path / "x.txt"), atomic_file(tmp_path / "x.txt") as tmp:
+            monkeypatch.setattr(Path, "unlink", read_only)  # nothing can be removed from here on
+            tmp.write_text("half")
+            raise OSError(errno.EROFS, "Read-only file system")
+
+
+def test_a_dead_runs_helper_temp_files_are_removed_by_the_next_writer(tmp_path):
+    """Issue #33: after `kill -TERM` during an ONNX export the next export left `.m.onnx.tmp-PID.pre.onnx` behind:
+    the clean-up read 'PID.pre.onnx' as the PID. Files of a live process are kept."""
+    from features.storage.atomic import OutputLock
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    debris = [tmp_path / f".m.onnx.tmp-{dead}", tmp_path / f".m.onnx.tmp-{dead}.pre.onnx",
+              tmp_path / f".m.onnx.tmp-{dead}.net.onnx"]
+    alive = tmp_path / f".m.onnx.tmp-{os.getppid()}.pre.onnx"
+    for f in debris + [alive]:
+        f.write_bytes(b"x")
+    with OutputLock(tmp_path / "m.onnx"):
+        pass
+    assert not any(f.exists() for f in debris) and alive.exists()

@@ -15,6 +15,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -45,8 +46,8 @@ def _fsync_dir(d: Path) -> None:
 
 def write_failed(out: str | os.PathLike, e: OSError) -> UserError:
     why = os.strerror(e.errno) if e.errno else str(e)
-    return UserError(f"{out}: cannot write ({why}); free space or fix permissions and re-run "
-                     "(the previous output, if any, is untouched)")
+    fix = "choose a writable location" if e.errno == errno.EROFS else "free space or fix permissions and re-run"
+    return UserError(f"{out}: cannot write ({why}); {fix} (the previous output, if any, is untouched)")
 
 
 def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Path], bool], what: str) -> Path:
@@ -136,13 +137,20 @@ class OutputLock:
         """Files `.OUT.tmp-PID` a killed run left half-written: with the lock held, no live run owns one of ours,
         and one whose PID is gone on this host is rubbish (folders are recovered by `recover`)."""
         for tmp in _siblings(self.out, "tmp"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if tmp.is_file() and pid.isdigit() and int(pid) != os.getpid() and \
-                    not self._alive({"pid": pid, "host": socket.gethostname()}):
-                tmp.unlink(missing_ok=True)
+            pid = re.match(r"\d+", tmp.name.rsplit(".tmp-", 1)[-1])  # .OUT.tmp-PID, or a helper's .OUT.tmp-PID.x.y
+            if tmp.is_file() and pid and int(pid[0]) != os.getpid() and \
+                    not self._alive({"pid": pid[0], "host": socket.gethostname()}):
+                remove_quietly(tmp)
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        remove_quietly(self.path)
+
+
+def remove_quietly(p: Path) -> None:
+    """Clean-up that never hides the error being raised: a file that cannot be removed (a read-only file system,
+    no permission) is left, and the cause the user must fix is what they see."""
+    with contextlib.suppress(OSError):
+        p.unlink(missing_ok=True)
 
 
 def _siblings(out: Path, tag: str) -> list[Path]:
@@ -167,7 +175,7 @@ def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         raise write_failed(out, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
 
 
 _RENAME_EXCHANGE = 2

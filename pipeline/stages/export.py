@@ -17,7 +17,7 @@ from typing import List
 import torch
 from torch import nn
 
-from features.storage.atomic import OutputLock, atomic_file, check_output
+from features.storage.atomic import OutputLock, atomic_file, check_output, remove_quietly
 from features.models.backbones import Backbone
 from features.models.preprocess import resize_crop
 from features.errors import UserError
@@ -175,8 +175,8 @@ def _export_onnx(model: Exported, meta: dict, backbones: list[Backbone], dst: Pa
                 net = onnx.version_converter.convert_version(net, pre.opset_import[0].version)
             merged = compose.merge_models(pre, net, io_map=[(p, f"in_{p}") for p in pix_names])
     finally:
-        tmp_pre.unlink(missing_ok=True)
-        tmp_net.unlink(missing_ok=True)
+        remove_quietly(tmp_pre)
+        remove_quietly(tmp_net)
     entry = merged.metadata_props.add()
     entry.key, entry.value = "imgsent", json.dumps(meta)
     onnx.save(merged, str(dst))

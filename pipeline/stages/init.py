@@ -43,10 +43,15 @@ cv:
 
 
 def write_params(folder: str, *, force: bool = False) -> Path:
-    """Write FOLDER/params.yaml (refusing to replace one unless `force`); returns its path."""
+    """Write FOLDER/params.yaml, creating FOLDER (refusing to replace a params.yaml unless `force`); returns its
+    path."""
     out = Path(folder) / "params.yaml"
-    if not Path(folder).is_dir():
-        raise UserError(f"{folder}: no such folder; create it first")
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise UserError(f"{folder}: is a file; imgsent init writes FOLDER/params.yaml, pass a folder")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the folder ({e.strerror}); choose a writable location") from None
     if out.exists() and not force:
         raise UserError(f"{out} exists; edit it, or pass --force to replace it with the defaults")
     with atomic_file(out) as tmp:
