@@ -116,11 +116,12 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         boxes.update(partial.boxes)
         # one row per image, or (face mode) one per face crop of the image, in image order
         keep, keys, face_index = store_rows(plan, where, partial, spec)
-        if not keep and plan.shas and num_shards == 1:  # a 0-row store would only fail later, further from the cause
+        if not keep and summary.skipped and num_shards == 1:  # a 0-row store would only fail later, further from
+            # the cause; files skipped before embedding (empty, unknown type) count as much as those that failed in it
             why = Counter(short_reason(r) for _, r in summary.skipped).most_common(3)
             hint = ("; use --faces-fallback whole to embed them whole, or --faces off" if spec is not None
                     and spec.fallback == "skip" and any(r == NO_FACE for r, _ in why) else "")
-            raise UserError(f"{images}: none of {len(set(plan.paths))} images could be embedded "
+            raise UserError(f"{images}: none of {len({p for p, _ in summary.skipped})} images could be embedded "
                             f"({'; '.join(f'{n} x {r}' for r, n in why)}){hint}")
         kept_paths = {safe_text(plan.paths[i]) for i in keep}  # as the store spells them
         summary.removed = sum(1 for p in old_paths if p not in kept_paths)

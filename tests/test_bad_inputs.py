@@ -173,6 +173,45 @@ def test_every_image_skipped_is_an_error_not_an_empty_store(tmp_path, tiny_weigh
     assert len(r.stderr.strip().splitlines()) <= 6  # the skip lines, the summary, the error: no traceback
 
 
+def test_every_file_skipped_before_embedding_is_an_error_too(tmp_path, tiny_weights):
+    """Issue #33: six empty .jpg files (skipped while planning, never embedded) gave exit 0 and a 0-row store."""
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "imgs" / c / f"{i}.jpg").write_bytes(b"")
+    r = run_cli("extract", str(tmp_path / "imgs"), "--out", str(tmp_path / "s.h5"), "--backbone", TINY, "--weights",
+                tiny_weights, "--no-progress")
+    assert r.returncode == 2 and not (tmp_path / "s.h5").exists()
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'imgs'}: none of 6 images could be embedded " \
+                                                "(6 x empty file)"
+
+
+def test_a_batch_size_is_sized_by_the_work_and_an_absurd_one_refused(tmp_path, tiny_weights):
+    """Issue #33: `--batch-size 65536 --engine torch` on 18 images built the trace example at 65536 (9.9 GB: 'can't
+    allocate memory' under a limit, 19.5 GB peak without). Now the batch is at most the images given, and a batch
+    whose forward pass cannot fit in memory is refused before any work."""
+    import resource
+    import subprocess
+    import sys
+    from features.errors import UserError
+    from features.models.backbones import load_backbone
+    from features.models.embed import work_batch
+    make_images(tmp_path / "imgs", per_class=6)
+
+    def limit():  # 6 GiB of address space: the 65536-image example alone would need 9.9 GB
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "extract", str(tmp_path / "imgs"), "--out",
+           str(tmp_path / "s.h5"), "--backbone", TINY, "--weights", tiny_weights, "--batch-size", "65536",
+           "--engine", "torch", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "18 images" in r.stdout, r.stderr
+    bb = load_backbone(TINY, weights=tiny_weights)
+    assert work_batch(bb, 65536, 18) == 18 and work_batch(bb, 32, 1000) == 32
+    with pytest.raises(UserError, match=r"--batch-size 65536: one forward pass of 65536 images .* lower --batch-size"):
+        work_batch(bb, 65536, 10 ** 9)
+
+
 def test_odd_files_names_and_outputs_are_one_line_each(tmp_path, tiny_weights):
     """Issue #25: a FIFO named like an image is skipped (it used to hang predict), a Windows-style manifest path
     says why it is not found, a stray space around a manifest name is forgiven, `--out .` and a file where the

@@ -25,6 +25,7 @@ import time
 from typing import Iterator
 
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -90,6 +91,25 @@ def resolve_device(device: str, images: int | None = None) -> str:
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: expected auto, cpu or cuda")
     return device
+
+
+FORWARD_MEMORY = 100  # peak forward memory of one image / its uint8 input bytes, about: measured 65x for Lite0,
+# 130-200x for the FER net (batches of 32 and 128, torch and onnxruntime, 2026-12-02)
+
+
+def work_batch(backbone: Backbone, batch_size: int, images: int) -> int:
+    """The batch size a run uses: never more than its images (a trace example or a batch buffer sized by
+    --batch-size 65536 for 18 images asked for 9.9 GB), refused in one line when one forward pass of it cannot fit
+    in the memory available."""
+    b = max(1, min(batch_size, images))
+    c = 1 if backbone.pre.grayscale else 3
+    per_image = FORWARD_MEMORY * c * backbone.pre.size ** 2
+    free = psutil.virtual_memory().available
+    if b * per_image > free:
+        raise UserError(f"--batch-size {batch_size}: one forward pass of {b} images at {backbone.pre.size} px needs "
+                        f"~{b * per_image / 2 ** 30:.1f} GiB, more than the {free / 2 ** 30:.1f} GiB available; lower "
+                        f"--batch-size (at most ~{max(1, free // per_image // 2)} here)")
+    return b
 
 
 def _batches(load, paths: list[str], batch_size: int, workers: int | str | None) -> Iterator[list]:
@@ -181,6 +201,7 @@ def iter_embeddings(backbone: Backbone, paths: list[str], *, batch_size: int = 3
     `model`: a ready forward engine (features/models/engine.py); by default the fastest one for `device`."""
     if not paths:
         return
+    batch_size = work_batch(backbone, batch_size, len(paths))
     model = model or forward_engine(backbone, device, batch_size, engine)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
@@ -225,6 +246,7 @@ def iter_face_embeddings(backbone: Backbone, paths: list[str], faces: FaceSpec, 
     whose crops are not all finite loses all of them (its row set is all or nothing)."""
     if not paths:
         return
+    batch_size = work_batch(backbone, batch_size, len(paths))
     model = model or forward_engine(backbone, device, batch_size, engine)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     start = 0
