@@ -44,6 +44,9 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
         if p.fingerprint != fp or p.class_names != names:
             raise UserError(f"{s}: made with another backbone or class list ({describe_mismatch(fp, p.fingerprint)}); "
                             "re-extract that shard with the same settings")
+        if p.root != parts[0].root:  # its paths are relative to its own root: merged, they would name other files
+            raise UserError(f"{s}: extracted from {p.root}, not {parts[0].root} like {shards[0]}; extract every shard "
+                            "from the same folder or manifest")
     rows: list[tuple[str, int, int, str, str | None, tuple]] = []  # (path, face, label, row key, group, box)
     where: Where = {}
     faces = parts[0].face_index is not None

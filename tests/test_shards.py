@@ -21,3 +21,18 @@ def test_shards_then_assemble_equal_single_process(tmp_path, tiny_weights):
     assert sorted(a.skipped) == sorted(b.skipped) and any("zero.png" in p for p, _ in b.skipped)
     np.testing.assert_allclose(a.features, b.features, rtol=1e-3, atol=1e-5)
     assert b.shard is None and b.fingerprint == a.fingerprint
+
+
+def test_shards_from_two_folders_are_refused_naming_the_shard(tmp_path, tiny_weights):
+    """Issue #33: shard 0 from one folder and shard 1 from another (same classes) assembled with exit 0 into a store
+    rooted at the first folder, half its rows naming files that do not exist there."""
+    import pytest
+    from features.errors import UserError
+    kw = dict(backbone=TINY, weights=tiny_weights, progress=False, workers=0, num_shards=2)
+    out = tmp_path / "s.h5"
+    extract(images=str(make_images(tmp_path / "one", per_class=4)), out=str(out), shard_index=0, **kw)
+    extract(images=str(make_images(tmp_path / "two", per_class=4, seed=3)), out=str(out), shard_index=1, **kw)
+    with pytest.raises(UserError, match=f"{shard_path(out, 1, 2)}: extracted from {tmp_path / 'two'}, not "
+                                        f"{tmp_path / 'one'}"):
+        assemble_shards(out=str(out), num_shards=2)
+    assert not out.exists()
