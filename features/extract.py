@@ -170,7 +170,7 @@ def _backbone_for(target: Path, fp: dict, spec: FaceSpec | None, *, backbone: st
     bb = load_backbone(backbone, weights=weights, device=device)
     if with_faces(bb.fingerprint, spec) != fp:
         raise UserError(f"{target}: backbone {backbone} gives another fingerprint than the store "
-                        f"records ({describe_mismatch(fp, bb.fingerprint)}) although its weights file "
+                        f"records ({describe_mismatch(fp, bb.fingerprint, ('the store', 'the backbone'))}) although its weights file "
                         "looks unchanged; re-run with --force to rebuild the store")
     return bb, None
 

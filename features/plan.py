@@ -98,7 +98,8 @@ def reusable_rows(target: Path, fp: dict, force: bool, summary: Summary
     their face boxes (face mode); and its metadata (None when there is nothing to reuse)."""
     old_fp = store_fingerprint(target)
     if old_fp is not None and old_fp != fp and not force:
-        raise UserError(f"{target} was made with other settings ({describe_mismatch(fp, old_fp)}); "
+        raise UserError(f"{target} was made with other settings "
+                        f"({describe_mismatch(fp, old_fp, ('this run', 'the store'))}); "
                         f"use another --out, the same settings, or --force to rebuild it")
     if old_fp != fp:
         return {}, {}, None

@@ -42,7 +42,8 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
     fp, names = parts[0].fingerprint, parts[0].class_names
     for s, p in zip(shards, parts):
         if p.fingerprint != fp or p.class_names != names:
-            raise UserError(f"{s}: made with another backbone or class list ({describe_mismatch(fp, p.fingerprint)}); "
+            raise UserError(f"{s}: made with another backbone or class list "
+                            f"({describe_mismatch(fp, p.fingerprint, ('shard 0', 'this shard'))}); "
                             "re-extract that shard with the same settings")
         if p.root != parts[0].root:  # its paths are relative to its own root: merged, they would name other files
             raise UserError(f"{s}: extracted from {p.root}, not {parts[0].root} like {shards[0]}; extract every shard "

@@ -195,6 +195,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_params(path: str | None) -> Params:
     """`path=None`: ./params.yaml, which must exist (there are no built-in defaults)."""
     p = Path(path or "params.yaml")
+    if p.is_dir():
+        hint = f"pass {p / 'params.yaml'}" if (p / "params.yaml").is_file() else "pass the params.yaml file"
+        raise UserError(f"--params {p}: is a folder; {hint}")
     if not p.is_file():
         if path is None:
             raise UserError("no params.yaml in this folder; write one with `imgsent init .` or pass --params FILE")

@@ -261,3 +261,33 @@ def test_a_dead_runs_helper_temp_files_are_removed_by_the_next_writer(tmp_path):
     with OutputLock(tmp_path / "m.onnx"):
         pass
     assert not any(f.exists() for f in debris) and alive.exists()
+
+
+def test_a_model_from_another_imgsents_preprocessing_says_to_retrain(world, tmp_path, monkeypatch):
+    """Issue #33: a model trained under preprocessing version 4, used by version 5: predict said 'install the same
+    weights' and evaluate 'extract it with --backbone ...'; neither helps, retraining does. Both now say so, and
+    name which version is whose (extract's message had them the other way round)."""
+    import dataclasses
+    from features.errors import UserError
+    from features.models import backbones
+    from pipeline.inference.predict import load_model
+    from pipeline.stages.evaluate import evaluate
+    real = backbones.load_backbone
+
+    def newer(*args, **kwargs):  # this imgsent computes version + 1
+        bb = real(*args, **kwargs)
+        return dataclasses.replace(bb, pre=dataclasses.replace(bb.pre, version=bb.pre.version + 1))
+    monkeypatch.setattr("pipeline.inference.predict.load_backbone", newer)
+    with pytest.raises(UserError, match=r"preprocessing version (\d+) \(this imgsent\) != \d+ \(the model\): made by "
+                                        r"another imgsent\); re-extract its training images with this imgsent and "
+                                        r"re-run train-head"):
+        load_model(world / "model", device="cpu").predict([str(world / "test")], source="none")
+    st = read_store(world / "t.h5")
+    fp = st.fingerprint
+    older = {**fp, "preprocess": {**fp["preprocess"], "version": fp["preprocess"]["version"] - 1}}
+    monkeypatch.setattr("pipeline.data.rows.read_store",
+                        lambda *a, **k: dataclasses.replace(read_store(*a, **k), fingerprint=older))
+    with pytest.raises(UserError, match=r"t.h5: features do not match the model \(preprocessing version \d+ \(this "
+                                        r"store\) != \d+ \(the model\): made by another imgsent\); re-extract the "
+                                        r"model's training images"):
+        evaluate(model_dir=str(world / "model"), stores=[str(world / "t.h5")], out=str(tmp_path / "e"))

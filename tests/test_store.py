@@ -62,7 +62,9 @@ def test_a_store_from_another_preprocessing_version_is_named_as_such(images, tmp
     run(images, out, tiny_weights)
     now = store_fingerprint(out)
     older = {**now, "preprocess": {**now["preprocess"], "version": 4}}
-    assert describe_mismatch(now, older) == f"preprocessing version 4 != {now['preprocess']['version']}, made by another imgsent"
+    v = now['preprocess']['version']
+    assert describe_mismatch(now, older, ("this run", "the store")) == \
+        f"preprocessing version 4 (the store) != {v} (this run): made by another imgsent"
     other_size = {**now, "preprocess": {**now["preprocess"], "version": 4, "size": 1}}
     assert describe_mismatch(now, other_size).startswith("preprocess {")  # more than the version: the whole record
 

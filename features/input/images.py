@@ -186,9 +186,29 @@ def decode_tensor(path: str, defer_jpeg: bool = False):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
+        bits = jpeg_precision(path)
+        if bits not in (None, 8):
+            raise ValueError(f"a {bits}-bit JPEG (imgsent decodes 8-bit JPEGs); convert it to 8 bits or PNG") from None
         raise ValueError("not an image PIL can read (wrong extension or corrupt file)") from None
     except (OSError, SyntaxError, EOFError) as e:  # truncated data, unreadable file, broken headers
         raise ValueError(f"cannot decode: {e}") from None
+
+
+def jpeg_precision(path: str) -> int | None:
+    """The sample precision of a JPEG's frame header (8; 12 and 16 exist), or None when it is no JPEG or none is
+    found in its first 64 KiB."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    except OSError:
+        return None
+    i = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while i + 4 < len(data) and data[i] == 0xFF:
+        marker, size = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame: precision comes first
+            return data[i + 4] if i + 4 < len(data) else None
+        i += 2 + size
+    return None
 
 
 def decode(path: str) -> np.ndarray:

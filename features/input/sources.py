@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,17 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+OTHER_IMAGE_EXTENSIONS = {".svg", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".xcf", ".ico", ".icns", ".eps",
+                          ".exr", ".hdr", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}  # not decoded
+
+
 def unsupported(path: Path) -> str:
+    """Why a file is skipped by its type: an image format imgsent does not decode gets the fix; anything else
+    (notes.txt, Thumbs.db) is simply not an image."""
     ext = path.suffix.lower() or "(no extension)"
-    return f"unsupported file type {ext} (imgsent decodes {', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG"
+    if ext in OTHER_IMAGE_EXTENSIONS:
+        return f"unsupported file type {ext} (imgsent decodes {', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG"
+    return f"not an image file ({ext})"
 
 
 def walk_images(folder: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
@@ -202,6 +211,10 @@ def _from_manifest(csv_path: Path, *, classes: list[str] | None, allow_outside: 
         if has_labels and not label:
             problems.append((raw, f"empty label (line {line}); label it, or list unlabelled images in a manifest "
                                   "without a label column"))
+            continue
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", raw):  # normpath would make 'https:/host/x.png' of it
+            problems.append((raw, f"a URL (line {line}); imgsent reads local files only and never downloads: "
+                                  "download the images and list their paths"))
             continue
         p = Path(raw)
         full = Path(os.path.normpath(p if p.is_absolute() else root / p))

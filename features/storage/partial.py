@@ -43,9 +43,9 @@ class Partial:
             except (OSError, ValueError, KeyError, TypeError):
                 have = None
             if have is not None and have != fingerprint and not force:
-                raise UserError(f"{self.dir}: an unfinished extraction with another backbone is here "
-                                f"({describe_mismatch(fingerprint, have)}); re-run it with the same backbone to resume, "
-                                "or pass --force to discard it")
+                why = describe_mismatch(fingerprint, have, ("this run", "the unfinished one"))
+                raise UserError(f"{self.dir}: an unfinished extraction with another backbone is here ({why}); re-run "
+                                "it with the same backbone to resume, or pass --force to discard it")
             if have != fingerprint:
                 self.discard()
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -224,14 +224,23 @@ def store_fingerprint(path: str | os.PathLike, *, key: dict | None = None) -> di
         return None
 
 
-def describe_mismatch(want: dict, have: dict) -> str:
+def other_imgsent(a: dict, b: dict) -> bool:
+    """Two fingerprints that differ only in the preprocessing version: the same settings, another imgsent's pixels."""
+    pa, pb = a.get("preprocess"), b.get("preprocess")
+    return isinstance(pa, dict) and isinstance(pb, dict) and pa != pb and {**pa, "version": 0} == {**pb, "version": 0} \
+        and {k: v for k, v in a.items() if k != "preprocess"} == {k: v for k, v in b.items() if k != "preprocess"}
+
+
+def describe_mismatch(want: dict, have: dict, names: tuple[str, str] = ("wanted", "found")) -> str:
+    """How fingerprint `have` differs from `want`, the first difference, each value named by its role in `names`:
+    'preprocessing version 4 (the model) != 5 (this imgsent): made by another imgsent'."""
     for key in ("backbone", "weights_sha256", "preprocess", "dim"):
         old, new = have.get(key), want.get(key)
-        if old != new and key == "preprocess" and isinstance(old, dict) and isinstance(new, dict) \
-                and {**old, "version": 0} == {**new, "version": 0}:  # the same settings, another imgsent's pixels
-            return f"preprocessing version {old.get('version')} != {new.get('version')}, made by another imgsent"
+        if old != new and other_imgsent(want, have):  # the same settings, another imgsent's pixels
+            return (f"preprocessing version {old.get('version')} ({names[1]}) != {new.get('version')} ({names[0]}): "
+                    "made by another imgsent")
         if old != new:
-            return f"{key} {old!r} != {new!r}"
+            return f"{key} {old!r} ({names[1]}) != {new!r} ({names[0]})"
     if want.get("faces") != have.get("faces"):  # features/input/faces.py: face crops vs whole images, or other settings
         mode = lambda fp: (fp.get("faces") or {}).get("mode", "off")  # noqa: E731
         if mode(want) != mode(have):

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from features.errors import UserError
-from features.storage.store import Store, describe_mismatch, read_store
+from features.storage.store import Store, describe_mismatch, other_imgsent, read_store
 from pipeline.data.memory import IN_MEMORY_COPIES, check_score_memory, memory_budget
 
 
@@ -181,8 +181,11 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
                             f"got {len(parts)}; pass one store per backbone, in that order")
         for s, fp in zip(parts, expect):
             if s.fingerprint != fp:
-                raise UserError(f"{s.path}: features do not match the model ({describe_mismatch(fp, s.fingerprint)}); "
-                                f"extract it with --backbone {fp['backbone']} and the same weights")
+                fix = ("re-extract the model's training images with the same imgsent as this store and re-run "
+                       "train-head" if other_imgsent(fp, s.fingerprint) else
+                       f"extract it with --backbone {fp['backbone']} and the same weights")
+                raise UserError(f"{s.path}: features do not match the model "
+                                f"({describe_mismatch(fp, s.fingerprint, ('the model', 'this store'))}); {fix}")
     base = parts[0]
     for s in parts[1:]:
         if s.class_names != base.class_names:

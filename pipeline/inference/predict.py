@@ -22,13 +22,16 @@ from features.input.prefetch import resolve_workers
 from features.models.engine import ENGINES
 from features.errors import UserError
 from features.input.faces import spec_of, without_faces
-from features.storage.store import describe_mismatch
+from features.storage.store import describe_mismatch, other_imgsent
 from pipeline.heads.adapt import describe, source_logits
 from pipeline.heads.head import Head, softmax
 from pipeline.data.rows import means_by_owner
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.inference.predictions import FaceRows, Predictions, expand_paths
 from pipeline.inference.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
+
+
+NAMES = ("the model", "this imgsent")  # describe_mismatch's roles here
 
 
 class Predictor:
@@ -57,8 +60,12 @@ class Predictor:
             for fp, w in zip(self.info.backbones, self.info.backbone_weights):
                 bb = load_backbone(fp["backbone"], weights=w, device=self.device)
                 if bb.fingerprint != without_faces(fp):
+                    fix = ("re-extract its training images with this imgsent and re-run train-head, or predict with the "
+                           "imgsent that trained it" if other_imgsent(without_faces(fp), bb.fingerprint) else
+                           "install the same weights")
                     raise UserError(f"{self.dir}: backbone {fp['backbone']} here differs from the one the model was "
-                                    f"trained on ({describe_mismatch(fp, bb.fingerprint)}); install the same weights")
+                                    f"trained on ({describe_mismatch(without_faces(fp), bb.fingerprint, NAMES)}); "
+                                    f"{fix}")
                 loaded.append(bb)
             self._backbones = loaded
         return self._backbones
