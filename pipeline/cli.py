@@ -201,11 +201,11 @@ def predict(model_dir: str = typer.Argument(...),
     from pipeline.inference.summary import label_lines, summary_line
     check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
                        ood_quantile=ood_quantile, engine=engine, source=source)
+    model = load_model(model_dir, device=device)  # the head and model.json only: the backbones load on first use
     if out is not None:
-        check_prediction_out(out)
-    pred = load_model(model_dir, device=device).predict(paths, min_confidence=min_confidence, batch_size=batch_size,
-                                                        workers=workers, progress=progress, engine=engine,
-                                                        ood_quantile=ood_quantile, source=source)
+        check_prediction_out(out, faces=model.faces is not None)
+    pred = model.predict(paths, min_confidence=min_confidence, batch_size=batch_size, workers=workers,
+                         progress=progress, engine=engine, ood_quantile=ood_quantile, source=source)
     if out is not None:
         write_prediction_csv(out, pred)
     else:

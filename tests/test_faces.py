@@ -169,9 +169,13 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     right = [v[0][0] == ("astronaut", "grace")[int(np.argmax(np.mean([q for _, q in v], 0)))] for v in by_image.values()]
     assert m["n_faces"] == len(oof) == len(read_store(store)) and m["n_images"] == len(by_image) == len(oof) - 1
     assert m["per_image"]["n"] == len(by_image) and m["per_image"]["accuracy"] == pytest.approx(np.mean(right))
-    p = load_model(tmp_path / "m", device="cpu").predict([str(people / "astronaut" / "two.png"),
-                                                          str(people / "grace" / "china.png")])
-    assert p.errors == ["", NO_FACE] and p.labels[1] == "" and np.isnan(p.probs[1]).all()
+    model = load_model(tmp_path / "m", device="cpu")
+    p = model.predict([str(people / "astronaut" / "two.png"), str(people / "grace" / "china.png")])
+    assert p.errors == ["", NO_FACE] and p.labels[1] == "" and np.isnan(p.probs[1]).all() and p.face_note == ""
+    import dataclasses  # issue #33: an image at the face limit was cut silently in predict (extract said so)
+    model.faces = dataclasses.replace(model.faces, max_faces=2)
+    assert model.predict([str(people / "astronaut" / "two.png")]).face_note == \
+        "1 image reached the limit of 2 faces: any others in them were not classified"
     assert p.faces.image.tolist() == [0, 0] and p.faces.face.tolist() == [0, 1]
     assert np.allclose(p.probs[0], p.faces.probs.mean(0), atol=1e-6)
     assert np.allclose(p.ood_scores[0], p.faces.ood_scores.mean(), atol=1e-5)

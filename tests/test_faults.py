@@ -291,3 +291,23 @@ def test_a_model_from_another_imgsents_preprocessing_says_to_retrain(world, tmp_
                                         r"store\) != \d+ \(the model\): made by another imgsent\); re-extract the "
                                         r"model's training images"):
         evaluate(model_dir=str(world / "model"), stores=[str(world / "t.h5")], out=str(tmp_path / "e"))
+
+
+def test_a_model_directory_with_something_put_inside_says_what_is_in_the_way(world, tmp_path):
+    """Issue #33: `report m --out m/report`, then `train-head --out m` said m 'exists and is not a model directory
+    made by imgsent'; it is one, and report/ inside is what is in the way."""
+    import shutil
+    m = tmp_path / "m"
+    shutil.copytree(world / "model", m)
+    (m / "report").mkdir()
+    (m / "report" / "index.html").write_text("<html/>")
+    r = run_cli("train-head", str(world / "s.h5"), "--out", str(m), "--params", str(ROOT / "params.yaml"))
+    one_line_error(r, f"--out {m}: a model directory made by imgsent, but it also holds report/; move that out of it")
+
+
+def test_predict_checks_the_per_face_csv_only_for_a_face_mode_model(world, tmp_path):
+    """Issue #33: `predict --out` with a 245-character name was refused because the `.faces.csv` companion's name
+    was too long, for a model that never writes one."""
+    out = tmp_path / ("p" * 241 + ".csv")  # 245 characters: its '.faces.csv' companion would be 251
+    r = run_cli("predict", str(world / "model"), str(world / "test"), "--out", str(out), "--no-progress")
+    assert r.returncode == 0 and out.exists(), r.stderr

@@ -13,6 +13,8 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import glob
+import hashlib
 import json
 import os
 import re
@@ -44,6 +46,15 @@ def _fsync_dir(d: Path) -> None:
         pass
 
 
+def stem(out: Path) -> str:
+    """The name an output's helper files (lock, temp, probe, previous) are made from: its own name, or for a name
+    near the file system's 255-byte limit a shortened one with a hash, so that '.NAME.tmp-PID.pre.onnx' fits."""
+    name = Path(out).name
+    if len(os.fsencode(name)) <= 200:
+        return name
+    return os.fsdecode(os.fsencode(name)[:150]) + "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+
+
 def write_failed(out: str | os.PathLike, e: OSError) -> UserError:
     why = os.strerror(e.errno) if e.errno else str(e)
     fix = "choose a writable location" if e.errno == errno.EROFS else "free space or fix permissions and re-run"
@@ -64,11 +75,15 @@ def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Pat
     if not folder and p.is_dir():
         raise UserError(f"--out {p}: is a folder; pass a file name for the {what}")
     if p.exists() and not is_ours(p):
+        others = is_ours.foreign(p) if isinstance(is_ours, holds_only) and p.is_dir() else []
+        if others and len(others) < len(list(p.iterdir())):  # ours, but something else was put inside
+            raise UserError(f"--out {p}: a {what} made by imgsent, but it also holds {', '.join(others[:3])}"
+                            f"{' ...' if len(others) > 3 else ''}; move that out of it, or pass another --out")
         raise UserError(f"--out {p}: exists and is not a {what} made by imgsent; pass another --out or remove it")
     parent = p.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{p.name}.probe-{os.getpid()}"
+        probe = parent / f".{stem(p)}.probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -77,10 +92,20 @@ def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Pat
     return p
 
 
-def holds_only(*patterns: str) -> Callable[[Path], bool]:
+class holds_only:
     """`is_ours` for a folder output: it holds nothing but files the command writes (DVC may have removed some
     of them already), so a folder of the user's is never replaced."""
-    return lambda d: d.is_dir() and all(any(fnmatch.fnmatch(f.name, p) for p in patterns) for f in d.iterdir())
+
+    def __init__(self, *patterns: str):
+        self.patterns = patterns
+
+    def foreign(self, d: Path) -> list[str]:
+        """What else the folder holds: the names in the way, sorted."""
+        return sorted(f.name + ("/" if f.is_dir() else "") for f in d.iterdir()
+                      if not any(fnmatch.fnmatch(f.name, p) for p in self.patterns))
+
+    def __call__(self, d: Path) -> bool:
+        return d.is_dir() and not self.foreign(d)
 
 
 class OutputLock:
@@ -88,7 +113,7 @@ class OutputLock:
 
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
-        self.path = Path(f"{out}.lock")
+        self.path = self.out.with_name(f"{stem(self.out)}.lock")
 
     def __enter__(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +179,7 @@ def remove_quietly(p: Path) -> None:
 
 
 def _siblings(out: Path, tag: str) -> list[Path]:
-    return list(out.parent.glob(f".{out.name}.{tag}-*"))
+    return list(out.parent.glob(f".{glob.escape(stem(out))}.{tag}-*"))
 
 
 def through_link(out: str | os.PathLike) -> Path:
@@ -168,7 +193,7 @@ def through_link(out: str | os.PathLike) -> Path:
 def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `out`; on success it replaces `out` (fsynced), on any failure it is removed."""
     out = through_link(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".{stem(out)}.tmp-{os.getpid()}")
     try:
         yield tmp
         fsync_replace(tmp, out)
@@ -209,7 +234,7 @@ def publish_dir(tmp: Path, out: Path) -> None:
     elif _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous output
     else:  # two renames: a kill between them leaves `.OUT.previous-PID`, restored by the next writer
-        prev = out.with_name(f".{out.name}.previous-{os.getpid()}")
+        prev = out.with_name(f".{stem(out)}.previous-{os.getpid()}")
         os.rename(out, prev)
         os.rename(tmp, out)
         shutil.rmtree(prev, ignore_errors=True)
@@ -231,7 +256,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     out = through_link(out)
     with OutputLock(out):
         recover(out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp = out.with_name(f".{stem(out)}.tmp-{os.getpid()}")
         try:
             tmp.mkdir(parents=True)
             yield tmp

@@ -174,13 +174,16 @@ class Predictor:
             return self.class_names[int(p.argmax())]
 
         labels = [label(probs[i], scores[i], errors[i]) for i in range(n)]
-        faces = None
+        faces, face_note = None, ""
         if boxes is not None:
+            capped = int((np.bincount(rows[:, 0], minlength=len(todo)) >= self.faces.max_faces).sum())
+            face_note = (f"{capped} image{'s' if capped != 1 else ''} reached the limit of {self.faces.max_faces} "
+                         "faces: any others in them were not classified") if capped else ""
             faces = FaceRows(image=owner, face=rows[:, 1], boxes=boxes, probs=row_probs,
                              labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
                              ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
-                           scores if self.ood is not None else None, thr, faces, note,
+                           scores if self.ood is not None else None, thr, faces, note, face_note,
                            sources=["" if source == "none" else str(s) for s in image_source], adapted=adapted)
 
 

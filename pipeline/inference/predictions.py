@@ -39,6 +39,7 @@ class Predictions:
     ood_threshold: float | None = None  # failures; None for a model directory without ood.npz
     faces: FaceRows | None = None  # face mode: every face; then probs / ood_scores are the means over an image's faces
     ood_note: str = ""  # how the threshold was set when the training set was small (pipeline/inference/ood.py threshold)
+    face_note: str = ""  # face mode `all`: images that reached the face limit (their other faces are not classified)
     sources: list[str] | None = None  # per image: the source it was adapted with ('' = on its own)
     adapted: list[str] | None = None  # per image: the transform its prediction rests on, or why none (heads/adapt.py)
 
@@ -93,12 +94,13 @@ def _is_prediction_csv(p: Path) -> bool:
         return False
 
 
-def check_prediction_out(out: str | Path) -> Path:
-    """Both files predict may write (the per-face one in face mode), checked before any work. '-' is standard
-    output (face mode then writes only the per-image rows)."""
+def check_prediction_out(out: str | Path, faces: bool = True) -> Path:
+    """The files predict may write, checked before any work: `out`, and its per-face companion for a face-mode
+    model (`faces`). '-' is standard output (face mode then writes only the per-image rows)."""
     if str(out) == "-":
         return Path("-")
-    check_output(faces_csv(out), folder=False, is_ours=_is_faces_csv, what="per-face predictions CSV")
+    if faces:
+        check_output(faces_csv(out), folder=False, is_ours=_is_faces_csv, what="per-face predictions CSV")
     return check_output(out, folder=False, is_ours=_is_prediction_csv, what="predictions CSV")
 
 

@@ -50,6 +50,7 @@ def summary_line(pred: Predictions, out: str | None) -> str:
         (f" [{pred.ood_note}]" if pred.ood_note else "")
     faces = "" if pred.faces is None else (
         f", {plural(len(pred.faces.image), 'face')}" + (f" (one row each in {faces_csv(out)})" if out and out != "-"
-                                                        else " (per face: pass --out FILE)"))
+                                                        else " (per face: pass --out FILE)")
+        + (f" [{pred.face_note}]" if pred.face_note else ""))
     return (f"{out if out and out != '-' else 'predict'}: {plural(n, 'image')}{faces}, {failed}{far}; "
             f"{adaptation_note(pred)}; in {pred.seconds:.1f} s{rate}")
