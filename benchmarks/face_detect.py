@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 from faces_data import astronaut, canvas, grace, head, no_face  # noqa: E402
-from features.input.faces import FaceSpec, detect  # noqa: E402
+from features.models.faces import FaceSpec, detect  # noqa: E402
 
 
 def photos() -> dict[str, tuple[np.ndarray, int]]:

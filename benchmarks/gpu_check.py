@@ -7,7 +7,7 @@ box; on a machine without a GPU it measures the CPU figures and says what it ski
                   old default, for the record); on CPU the onnxruntime engine
   decode alone    decode + resize to the 224 px input, 1 thread and N threads: PIL + float resize (main before
                   #22) and libjpeg-turbo via simplejpeg + uint8 resize (the CPU recipe); nvJPEG + the exact
-                  integer resize on the GPU (features/input/gpu_jpeg.py), its inputs against the CPU recipe's
+                  integer resize on the GPU (features/models/gpu_jpeg.py), its inputs against the CPU recipe's
                   byte for byte (photos and JPEG flavours), nvJPEG's pixels against libjpeg-turbo's
   embed loop      iter_embeddings with JPEGs decoded on the GPU and on the CPU threads, batch 32 and 256
   extract         `imgsent extract` with default flags on 1,000 and on all photos (and the steady rate the two
@@ -115,7 +115,7 @@ def forward_rates(bb) -> dict[str, float]:
 
 
 def nvjpeg_rate(paths: list[str], bb) -> float:
-    """img/s of the GPU's share of the GPU path alone (features/input/gpu_jpeg.py: nvJPEG + the exact resize), 256
+    """img/s of the GPU's share of the GPU path alone (features/models/gpu_jpeg.py: nvJPEG + the exact resize), 256
     JPEGs a call, their bytes already read and validated."""
     from features.input import gpu_jpeg
     jpegs = [decode_tensor(p, defer_jpeg=True) for p in paths]
@@ -152,7 +152,7 @@ def embed_rates(paths: list[str], threads: int) -> dict[str, float]:
 
 
 def nvjpeg_parity(paths: list[str]) -> dict[str, float]:
-    """Does the GPU path keep the CPU's fingerprint? The network inputs of features/input/gpu_jpeg.py (nvJPEG +
+    """Does the GPU path keep the CPU's fingerprint? The network inputs of features/models/gpu_jpeg.py (nvJPEG +
     the exact integer resize) against the CPU recipe's, byte for byte, on the photos and on a set of JPEG
     flavours (subsamplings, grey, qualities, odd sizes, restart markers, EXIF orientations); then nvJPEG's raw
     pixels against libjpeg-turbo's with fast (replicating, the recipe) and default (interpolating) chroma."""

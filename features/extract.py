@@ -9,7 +9,7 @@
 Killed at any point, a re-run of the same command resumes from the last committed chunk. Rows of the old
 store whose checksum fails are embedded again, never reused.
 
-Face mode (--faces largest|all, features/input/faces.py): the unit of work is still the image, but an image gives
+Face mode (--faces largest|all, features/models/faces.py): the unit of work is still the image, but an image gives
 one row per face crop, keyed "<sha256>:<face index>" in the partial chunks, with its crop box; an image with no
 face is skipped with the reason "no face found" (or embedded whole under --faces-fallback whole).
 """
@@ -30,7 +30,7 @@ from features.models.preprocess import Preprocess
 from features.models.embed import iter_embeddings, iter_face_embeddings, resolve_device
 from features.models.engine import ENGINES, cached_engine
 from features.errors import UserError, short_reason
-from features.input.faces import NO_FACE, FaceSpec, with_faces, without_faces
+from features.models.faces import NO_FACE, FaceSpec, with_faces, without_faces
 from features.storage.partial import Partial, gather_blocks
 from features.input.prefetch import resolve_workers
 from features.input.sources import Source, discover
@@ -56,7 +56,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             stop_after: int | None = None, engine: str = "auto", faces: str = "off",
             faces_fallback: str = "skip", verify: bool = False) -> Summary:
     """Bring the store at `out` up to date with `images`. Returns the summary (skips included).
-    `faces`: off | largest | all (features/input/faces.py); `faces_fallback`: skip | whole, for images without one.
+    `faces`: off | largest | all (features/models/faces.py); `faces_fallback`: skip | whole, for images without one.
     `verify`: read and hash every file instead of trusting the stat cache (size, mtime, inode), which cannot
     see a file rewritten in place with its mtime restored."""
     _check_args(dtype=dtype, batch_size=batch_size, commit_every=commit_every, engine=engine,

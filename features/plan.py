@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import UserError
-from features.input.faces import NO_FACE, FaceSpec
+from features.models.faces import NO_FACE, FaceSpec
 from features.input.images import hash_items
 from features.input.sources import Source
 from features.storage.partial import Partial, Where

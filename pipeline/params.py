@@ -44,7 +44,7 @@ class ExtractParams:
     workers: int | str = _f(lo=0, hi=256, auto=True)  # decode threads; auto = one per available core
     device: str = _f(choices=("auto", "cpu", "cuda"))
     dtype: str = _f(choices=("float32", "float16"))
-    faces: str = _f(choices=("off", "largest", "all"))  # photos of people: embed face crops (features/input/faces.py)
+    faces: str = _f(choices=("off", "largest", "all"))  # photos of people: embed face crops (features/models/faces.py)
     faces_fallback: str = _f(choices=("skip", "whole"))  # an image without a face: skipped, or embedded whole
 
 

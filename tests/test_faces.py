@@ -19,7 +19,7 @@ from conftest import TINY, params, run_cli
 from faces_data import ASTRONAUT_FACE, astronaut, canvas, grace, head, no_face
 from features.errors import UserError
 from features.extract import Interrupted, extract
-from features.input.faces import NO_FACE, FaceSpec, detect, expand, face_boxes, iou
+from features.models.faces import NO_FACE, FaceSpec, detect, expand, face_boxes, iou
 from features.storage.store import read_store
 
 FER = "fer_mini_xception"

@@ -69,3 +69,31 @@ def test_no_import_cycles_even_through_lazy_imports():
     for n in graph:
         if n not in state:
             visit(n, [])
+
+
+# Lowest first: a module may import from its own layer and the ones above it in this list, never below. The
+# top-level modules of each package are layers of their own: errors/text under everything, the stages on top.
+LAYERS = (("features.errors", "features.text"), ("features.storage",), ("features.input",), ("features.models",),
+          ("features.extract", "features.plan", "features.shards", "features.synthetic"),
+          ("pipeline.params",), ("pipeline.data",), ("pipeline.heads",), ("pipeline.inference",),
+          ("pipeline.analysis",), ("pipeline.stages",), ("pipeline.cli",))
+
+
+def _layer(module: str) -> int:
+    for i, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    raise AssertionError(f"{module}: in no layer of tests/test_layout.py LAYERS; add it where it belongs")
+
+
+def test_data_flows_one_way_between_folders():
+    """The README's 'one way' at folder level (issue #33): input <-> models and inference -> analysis -> heads ->
+    inference went both ways."""
+    mods = _modules()
+    for name, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets = [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for t in targets:
+                if t.split(".")[0] in PACKAGES and t not in ("features", "pipeline"):
+                    assert _layer(t) <= _layer(name), f"{name} imports {t}, a layer above it (LAYERS)"

@@ -95,7 +95,7 @@ _HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker", "Invalid SOS parame
                            "Unknown JFIF revision", "Warning: unknown JFIF revision")
 
 # EXIF orientation -> the (3, H, W) tensor that shows the picture upright (PIL's ImageOps.exif_transpose, tested
-# equal), on either device: the CPU recipe and features/input/gpu_jpeg.py turn pictures with this one table.
+# equal), on either device: the CPU recipe and features/models/gpu_jpeg.py turn pictures with this one table.
 ORIENT = {2: lambda x: x.flip(2), 3: lambda x: x.flip(1, 2), 4: lambda x: x.flip(1), 5: lambda x: x.transpose(1, 2),
           6: lambda x: x.rot90(-1, (1, 2)), 7: lambda x: x.flip(1, 2).transpose(1, 2), 8: lambda x: x.rot90(1, (1, 2))}
 
@@ -154,7 +154,7 @@ def decode_tensor(path: str, defer_jpeg: bool = False):
     model sees what its user decodes). RGB and grey JPEG through libjpeg-turbo (simplejpeg), strictly; every
     other format through PIL. Raises ValueError with a short reason on any failure. `defer_jpeg`: a JPEG the GPU
     decodes to the same pixels (GPU_JPEG_SUBSAMPLING, sequential) is validated as strictly and returned as
-    JpegBytes instead, for features/input/gpu_jpeg.py."""
+    JpegBytes instead, for features/models/gpu_jpeg.py."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device named x.png would block or never end
             raise ValueError("not a regular file (a pipe, device or socket)")

@@ -1,7 +1,7 @@
 """The batched forward pass shared by `extract` and `predict`: decode + resize in threads (uint8: one recipe
 whatever the device, so a store's pixels never depend on where it was made), then the frozen backbone in fp32
 (features/models/engine.py: onnxruntime or torch on CPU, torch with TF32 off on CUDA). On CUDA, JPEGs are
-decoded and resized on the GPU to the same bytes (features/input/gpu_jpeg.py, checked on each run's first
+decoded and resized on the GPU to the same bytes (features/models/gpu_jpeg.py, checked on each run's first
 JPEGs); the threads then only read and validate them.
 
     for idx, feats, errors in iter_embeddings(backbone, paths): ...   # feats (b, D) float32
@@ -33,8 +33,8 @@ from features.models.backbones import Backbone
 from features.models.preprocess import prepare
 from features.models.engine import forward_engine, input_layout
 from features.errors import UserError
-from features.input.faces import NO_FACE, FaceSpec, face_boxes
-from features.input.gpu_jpeg import decode_inputs, same_as_cpu, say_gpu_cannot_decode
+from features.models.faces import NO_FACE, FaceSpec, face_boxes
+from features.models.gpu_jpeg import decode_inputs, same_as_cpu, say_gpu_cannot_decode
 from features.input.images import JpegBytes, decode_tensor
 from features.input.prefetch import ordered_map, resolve_workers
 
@@ -163,7 +163,7 @@ def _input_batches(backbone: Backbone, paths: list[str], batch_size: int, worker
 
 def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, workers: int | str | None, *,
                       device: str, layout: torch.memory_format) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """As _input_batches, with JPEGs decoded on `device` (features/input/gpu_jpeg.py): the threads read and
+    """As _input_batches, with JPEGs decoded on `device` (features/models/gpu_jpeg.py): the threads read and
     validate each JPEG and decode the other formats; the batch is assembled on `device`. The first JPEGs are
     checked against the CPU recipe; on a difference or any GPU failure, the run goes on through _input_batches
     from the batch at hand (one line says so), so no row ever holds other pixels than the CPU's."""
@@ -241,7 +241,7 @@ def iter_face_embeddings(backbone: Backbone, paths: list[str], faces: FaceSpec, 
                          workers: int | str = "auto", device: str = "cpu", progress: bool = True,
                          desc: str = "extract", model=None, engine: str = "auto"
                          ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, dict[int, str]]]:
-    """Face mode (features/input/faces.py): yield (image index per row, features (r, D), crop boxes (r, 4) int64,
+    """Face mode (features/models/faces.py): yield (image index per row, features (r, D), crop boxes (r, 4) int64,
     {image index: error}); an image has as many rows as faces, and none with the reason NO_FACE. An image
     whose crops are not all finite loses all of them (its row set is all or nothing)."""
     if not paths:

@@ -5,7 +5,7 @@ A complete store is one plain HDF5 file anyone can read with h5py:
     labels (N,) int64, -1 = unlabelled (fletcher32)     sha256 (N,) S64 hex of the image bytes (fletcher32)
     paths (N,) UTF-8 (relative to attr `root`)          groups (N,) UTF-8 (only when the manifest had `group`)
     skipped_paths / skipped_reasons (K,) UTF-8          conflict_paths / conflict_reasons (M,) UTF-8
-    face mode only (fingerprint["faces"], features/input/faces.py): one row per face crop, so an image may have several
+    face mode only (fingerprint["faces"], features/models/faces.py): one row per face crop, so an image may have several
     face_index (N,) int32 0.. within the image            face_boxes (N, 4) int32 crop x, y, w, h (upright pixels)
     noface_sha256 (F,) S64: images where these face settings found no face (not searched again on a re-run)
     attrs: class_names (JSON), backbone, weights_sha256, preprocess (JSON), dim, fingerprint (JSON), root
@@ -241,7 +241,7 @@ def describe_mismatch(want: dict, have: dict, names: tuple[str, str] = ("wanted"
                     "made by another imgsent")
         if old != new:
             return f"{key} {old!r} ({names[1]}) != {new!r} ({names[0]})"
-    if want.get("faces") != have.get("faces"):  # features/input/faces.py: face crops vs whole images, or other settings
+    if want.get("faces") != have.get("faces"):  # features/models/faces.py: face crops vs whole images, or other settings
         mode = lambda fp: (fp.get("faces") or {}).get("mode", "off")  # noqa: E731
         if mode(want) != mode(have):
             return f"--faces {mode(have)} != {mode(want)}"

@@ -6,7 +6,7 @@ Each source (by default each folder argument, the files named together, or a man
 training statistics as the model's CV chose (heads/adapt.py): a prediction then depends on the other images of
 its source, and p.sources / p.adapted say so per image. source="none" predicts each image on its own.
 
-A model trained on face-mode stores (features/input/faces.py) detects faces the same way, classifies every face crop
+A model trained on face-mode stores (features/models/faces.py) detects faces the same way, classifies every face crop
 (p.faces) and gives each image the mean of its faces' calibrated probabilities.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from features.models.embed import iter_embeddings, iter_face_embeddings, resolve
 from features.input.prefetch import resolve_workers
 from features.models.engine import ENGINES
 from features.errors import UserError
-from features.input.faces import spec_of, without_faces
+from features.models.faces import spec_of, without_faces
 from features.storage.store import describe_mismatch, other_imgsent
 from pipeline.heads.adapt import describe, source_logits
 from pipeline.heads.head import Head, softmax
