@@ -117,7 +117,7 @@ def forward_rates(bb) -> dict[str, float]:
 def nvjpeg_rate(paths: list[str], bb) -> float:
     """img/s of the GPU's share of the GPU path alone (features/models/gpu_jpeg.py: nvJPEG + the exact resize), 256
     JPEGs a call, their bytes already read and validated."""
-    from features.input import gpu_jpeg
+    from features.models import gpu_jpeg
     jpegs = [decode_tensor(p, defer_jpeg=True) for p in paths]
     gpu_jpeg.decode_inputs(jpegs[:8], bb.pre, "cuda")
     torch.cuda.synchronize()
@@ -157,7 +157,7 @@ def nvjpeg_parity(paths: list[str]) -> dict[str, float]:
     flavours (subsamplings, grey, qualities, odd sizes, restart markers, EXIF orientations); then nvJPEG's raw
     pixels against libjpeg-turbo's with fast (replicating, the recipe) and default (interpolating) chroma."""
     import simplejpeg
-    from features.input import gpu_jpeg
+    from features.models import gpu_jpeg
     from features.input.images import JpegBytes
     bb = load_backbone("efficientnet_lite0", device="cuda")
     flavours = Path(tempfile.mkdtemp(prefix="imgsent-flavours-"))

@@ -1,5 +1,5 @@
-"""The one exception type users see (the CLI prints its message on one line and exits 2), and the short form
-of a skip reason that summaries count."""
+"""The one exception type users see (the CLI prints its message on one line and exits 2), the short form of a
+skip reason that summaries count, and the one line for an install that cannot work."""
 
 
 class UserError(Exception):
@@ -9,3 +9,22 @@ class UserError(Exception):
 def short_reason(reason: str) -> str:
     """'cannot decode: broken data stream (...)' -> 'cannot decode': what summaries group skips by."""
     return reason.split(" (")[0].split(":")[0]
+
+
+def broken_install(e: Exception) -> str | None:
+    """The one line for an install that cannot work, or None: torchvision built for another torch fails at import
+    with 'operator torchvision::nms does not exist' (a CPU torch beside a CUDA torchvision, say)."""
+    if "torchvision::" not in str(e) or "does not exist" not in str(e):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        torch_v, vision_v = version("torch"), version("torchvision")
+    except PackageNotFoundError:
+        return None
+    major, minor = (int(v) for v in torch_v.split("+")[0].split(".")[:2])
+    wanted = f"0.{minor + 15}" if major == 2 else "the one made for it"  # torch 2.N pairs with torchvision 0.(N+15)
+    build = torch_v.partition("+")[2]
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    return (f"torch {torch_v} and torchvision {vision_v} do not belong together (torchvision was built for another "
+            f"torch); reinstall torchvision {wanted}.* for this torch: pip install --force-reinstall --no-deps "
+            f"'torchvision=={wanted}.*'{index}")

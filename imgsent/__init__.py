@@ -25,6 +25,10 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
+def __dir__() -> list[str]:
+    return __all__  # what `dir(imgsent)` and tab completion show, before anything is imported
+
+
 def __getattr__(name: str):
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)

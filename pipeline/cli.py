@@ -9,10 +9,17 @@ from typing import List, Optional
 
 import typer
 
-from features.errors import UserError, short_reason
+from features.errors import UserError, broken_install, short_reason
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image sentiment / emotion classifiers by transfer learning on cached CNN features.")
+
+
+def _steps(line: str) -> None:
+    """A command's progress lines: shown on a terminal (stderr), kept out of logs and pipes, where each command
+    prints its one summary line."""
+    if sys.stderr.isatty():
+        typer.echo(line, err=True)
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -106,10 +113,11 @@ def train_head(
     intersect: bool = typer.Option(False, help="with several stores, use only the images they share"),
 ) -> None:
     """Cross-validate the head on cached features, calibrate it, and fit it on all images."""
-    from pipeline.stages.train import train_head as run
+    from pipeline.stages.train import summary_line, train_head as run
     from pipeline.params import load_params
     p = load_params(params)
-    run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=typer.echo)
+    m = run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=_steps)
+    typer.echo(summary_line(out, m))
 
 
 @app.command()
@@ -163,11 +171,12 @@ def report(model_dir: str = typer.Argument(...),
            params: Optional[str] = typer.Option(None, help="with no STORE: add paths.test_stores from this params file")) -> None:
     """Self-contained HTML error analysis: CIs, confusion, gallery, label errors, near-duplicates, learning curve, map."""
     from pipeline.params import load_params
-    from pipeline.stages.report import build_report
+    from pipeline.stages.report import build_report, summary_line
     if not stores and params:
         p = load_params(params)
         stores = p.stores("test_stores")
-    build_report(model_dir=model_dir, out=out, test_stores=stores or None, gallery=gallery, progress=typer.echo)
+    typer.echo(summary_line(out, build_report(model_dir=model_dir, out=out, test_stores=stores or None, gallery=gallery,
+                                              progress=_steps)))
 
 
 @app.command()
@@ -240,6 +249,10 @@ def main() -> None:
             sys.exit(2)
         if os.environ.get("IMGSENT_DEBUG"):
             raise
+        broken = broken_install(e)
+        if broken:
+            typer.echo(f"error: {broken}", err=True)
+            sys.exit(2)
         text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         typer.echo(f"error: unexpected {e.__class__.__name__}: {text} (a bug: please report it with the output of "
                    "IMGSENT_DEBUG=1 and the same command)", err=True)

@@ -70,6 +70,7 @@ class HeadParams:
 class CVParams:
     folds: int = _f(lo=2, hi=100)
     seed: int = _f(lo=0)
+    repeats: int = _f(lo=1, hi=20)  # CV of the chosen head run this many times, reseeded: the spread is shown
     memory_budget_mb: int = _f(lo=0)  # 0 = a quarter of available RAM; stores above it are streamed
 
 

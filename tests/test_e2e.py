@@ -96,20 +96,48 @@ def test_dvc_repro_from_a_copy_of_the_repo(tmp_path):
             assert any(k.startswith(stage) for k in listed), (rel, stage, listed)
 
 
+# What a fresh clone on another machine of the same kind must reproduce (README, Tests): CV macro-F1 is the mean of
+# folds of 148 images; the held-out style has 46 images, whose macro-F1 reseeding alone moves by 0.04 (std;
+# range 0.14, benchmarks/repro_noise.py). 1e-6 of feature noise moved neither.
+REPRO_TOLERANCE = {("out/model/metrics.json", "cv", "macro_f1_mean"): 0.03,
+                   ("out/eval/metrics.json", "test", "macro_f1"): 0.10}
+
+
+def _lock_records(lock: dict) -> dict:
+    """What dvc.lock must record identically on every machine: each stage's command, params, and the hashes of
+    its dependencies that no stage produces (code, params, data). Stores and model files are produced, and
+    another CPU's rounding may change their bytes."""
+    produced = {o["path"] for st in lock["stages"].values() for o in st.get("outs", [])}
+    made = lambda path: any(p == path or p.startswith(path.rstrip("/") + "/") for p in produced)  # noqa: E731
+    return {name: (st["cmd"], st.get("params"), sorted((d["path"], d.get("md5")) for d in st.get("deps", [])
+                                                      if not made(d["path"])), sorted(o["path"] for o in st.get("outs", [])))
+            for name, st in lock["stages"].items()}
+
+
 @pytest.mark.slow
 @pytest.mark.ci  # the real end-to-end run CI keeps
-def test_fresh_clone_repro_is_clean_and_experiments_compare(tmp_path):
-    """Issue #24: on a fresh clone of the committed project, `dvc repro` writes exactly what dvc.lock records
-    (stores and model files hold nothing of the machine, the checkout's place or the clock), so `git status`
-    stays clean; an experiment's metrics then show in `dvc exp show`, and `dvc metrics diff` compares them."""
+def test_fresh_clone_repro_reproduces_the_committed_numbers_and_experiments_compare(tmp_path):
+    """Issues #24, #32: `dvc repro` on a fresh clone reruns every stage from the committed code, params and data.
+    dvc.lock's record of those must not change (a dvc.lock stale against the code fails here); the stores and
+    model files may differ in their last bits on another CPU (the FER net's did), so only dvc.lock's hashes of
+    them and the metrics files may change, and the metrics within REPRO_TOLERANCE. On the machine that wrote
+    dvc.lock nothing changes. An experiment's metrics then show in `dvc exp show` and `dvc metrics diff`."""
+    import yaml
     dvc, bindir, work = _clone_with_dvc(tmp_path / "clone")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(work)}
     run = lambda *args: subprocess.run(list(args), cwd=work, capture_output=True, text=True, env=env,  # noqa: E731
                                        timeout=900)
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    committed = {f: json.loads((work / f).read_text()) for f, _, _ in REPRO_TOLERANCE}
     r = run(dvc, "repro")
     assert r.returncode == 0, r.stdout + r.stderr
-    status = run("git", "status", "--porcelain").stdout
-    assert status == "", f"dvc repro changed tracked files (is dvc.lock up to date with the code?):\n{status}"
+    changed = {line[3:] for line in run("git", "status", "--porcelain").stdout.splitlines()}
+    assert changed <= {"dvc.lock", *committed}, f"dvc repro changed more than outputs' hashes and metrics: {changed}"
+    assert _lock_records(yaml.safe_load((work / "dvc.lock").read_text())) == _lock_records(lock), \
+        "dvc.lock is stale: its record of the code, params or data differs from what dvc repro sees"
+    for (f, section, key), tol in REPRO_TOLERANCE.items():
+        now = json.loads((work / f).read_text())[section][key]
+        assert abs(now - committed[f][section][key]) <= tol, (f, key, committed[f][section][key], now)
     r = run(dvc, "exp", "run", "-S", "head.lr=0.003")
     assert r.returncode == 0, r.stdout + r.stderr
     shown = json.loads(run(dvc, "exp", "show", "--json").stdout)

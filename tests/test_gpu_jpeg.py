@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from features.input import gpu_jpeg
+from features.models import gpu_jpeg
 from features.input.images import JpegBytes, decode_tensor
 from features.models.backbones import Backbone
 from features.models.embed import _gpu_jpeg_batches, _input_batches

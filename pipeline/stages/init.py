@@ -38,6 +38,7 @@ head:
 cv:
   folds: 3                            # the demo has 3 styles: one style per fold
   seed: 0
+  repeats: 3                          # CV reseeded this many times: the spread beside the score (run-to-run noise)
   memory_budget_mb: 0                 # 0 = a quarter of available RAM
 """
 

@@ -253,7 +253,11 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
                 + "</body></html>")
         (d / "index.html").write_text(page, encoding="utf-8")
         (d / "summary.json").write_text(json.dumps(result, indent=2))
-    progress(f"{Path(out) / 'index.html'}: CV macro-F1 {result['cv']['macro_f1']:.3f} "
-             f"[{result['cv']['macro_f1_ci95'][0]:.3f}, {result['cv']['macro_f1_ci95'][1]:.3f}]"
-             + (f", test macro-F1 {result['test']['macro_f1']:.3f}" if "test" in result else ""))
     return result
+
+
+def summary_line(out: str, result: dict) -> str:
+    """report's one line: the pooled out-of-fold score (train-head's is the mean of the folds) with its interval."""
+    return (f"{Path(out) / 'index.html'}: pooled out-of-fold macro-F1 {result['cv']['macro_f1']:.3f} (95% CI "
+            f"{result['cv']['macro_f1_ci95'][0]:.3f}-{result['cv']['macro_f1_ci95'][1]:.3f})"
+            + (f", held-out test macro-F1 {result['test']['macro_f1']:.3f}" if "test" in result else ""))
