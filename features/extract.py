@@ -84,7 +84,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         bb = load_backbone(backbone, weights=weights, device=dev)
         fp = with_faces(bb.fingerprint, spec)
     with OutputLock(target):
-        summary = Summary(out=str(target), skipped=list(source.problems),
+        summary = Summary(out=str(target), backbone=backbone, skipped=list(source.problems),
                           seen=len(source.items) + len(source.problems) if num_shards == 1 else None)
         where, boxes, old = reusable_rows(target, fp, force, summary)
         old_paths = old.paths if old is not None else []

@@ -19,6 +19,7 @@ from features.storage.store import Store, damaged_rows, describe_mismatch, read_
 @dataclass
 class Summary:
     out: str
+    backbone: str = ""  # named in the line: `extract` takes --backbone, not params.yaml's list
     reused: int = 0
     extracted: int = 0
     removed: int = 0
@@ -49,7 +50,8 @@ class Summary:
             if self.face_capped:
                 faces += (f" [{self.face_capped} images reached the limit of {self.max_faces} faces: their "
                           f"{self.max_faces} largest were kept]")
-        return (f"{self.out}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
+        bb = f" ({self.backbone})" if self.backbone else ""
+        return (f"{self.out}{bb}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
                 f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
                 f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else ""))
 

@@ -83,3 +83,10 @@ def test_embedding_separates_what_the_features_separate():
     xy = embedding_2d(x)
     assert xy.shape == (400, 2)
     assert abs(xy[y == 0, 0].mean() - xy[y == 1, 0].mean()) > 3 * xy[:, 0].std() / 2
+
+
+def test_learning_curve_tick_labels_never_overlap():
+    """Issue #32: the ticks at 20 and at 24 (every image) were drawn on top of each other."""
+    from pipeline.analysis.plots import _spaced
+    assert _spaced(["2", "5", "10", "20", "24"], [2, 5, 10, 20, 24]) == ["2", "5", "10", "", "24"]
+    assert _spaced(["2", "5", "10"], [2, 5, 10]) == ["2", "5", "10"]

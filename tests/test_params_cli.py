@@ -318,3 +318,18 @@ def test_a_torchvision_built_for_another_torch_is_one_line_with_the_reinstall(mo
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "unexpected" not in err
     assert "do not belong together" in err and "pip install --force-reinstall --no-deps 'torchvision==0." in err
+
+
+def test_init_creates_its_folder_names_a_file_and_says_what_extract_takes(tmp_path):
+    """Issue #32/#33: `init DIR` refused a folder that did not exist yet, and given a file said 'no such folder';
+    its template listed two backbones while the command-line path extracts one, without saying so."""
+    r = run_cli("init", str(tmp_path / "new" / "project"))
+    assert r.returncode == 0 and (tmp_path / "new" / "project" / "params.yaml").is_file()
+    text = (tmp_path / "new" / "project" / "params.yaml").read_text()
+    assert "On the command line `imgsent extract` takes" in text and "--backbone (default efficientnet_lite0)" in text
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("init", str(tmp_path / "afile"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'afile'}: is a file; imgsent init writes " \
+                                                     "FOLDER/params.yaml, pass a folder"
+    r = run_cli("train-head", "s.h5", "--out", "m", "--params", str(tmp_path / "new" / "project"))
+    assert r.returncode == 2 and f"is a folder; pass {tmp_path / 'new' / 'project' / 'params.yaml'}" in r.stderr

@@ -47,7 +47,13 @@ def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
     assert "http://" not in page and "https://" not in page  # opens offline
     assert "id=gallery-cv" in page and "id=confusion-cv" in page and "95% CI" in page
     assert page.count("data:image/jpeg;base64,") >= 1 and "image unavailable" not in page  # thumbnails found
+    # issue #32: the page loaded its figures from sibling PNGs; now every image is inside it, so it opens alone
+    srcs = re.findall(r"src='([^']*)'", page)
+    assert len(srcs) >= 6 and all(s.startswith("data:image/") for s in srcs), [s[:40] for s in srcs]
     assert (out / "confusion.png").stat().st_size > 1000 and (out / "confusion_cv.csv").exists()
+    matrix = list(csv.reader(open(out / "confusion_matrix_cv.csv")))  # the matrix itself, not a row per image
+    assert matrix[0] == ["actual \\ predicted", "blue", "green", "red"] and [r[0] for r in matrix[1:]] == matrix[0][1:]
+    assert sum(int(v) for r in matrix[1:] for v in r[1:]) == len(list(csv.DictReader(open(out / "confusion_cv.csv"))))
     assert res["test"]["n"] == 9 and 0 <= res["cv"]["macro_f1_ci95"][0] <= res["cv"]["macro_f1"] <= res["cv"]["macro_f1_ci95"][1]
     # every planted near-copy that CV put in another fold than its original is listed as a near-duplicate
     fold = {r["path"]: r["fold"] for r in csv.DictReader(open(trained / "model" / "oof_predictions.csv"))}
@@ -62,7 +68,7 @@ def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
     curve = list(csv.DictReader(open(out / "learning_curve.csv")))
     assert [int(r["per_class"]) for r in curve] == sorted(int(r["per_class"]) for r in curve) and len(curve) >= 2
     emb = list(csv.DictReader(open(out / "embedding_2d.csv")))
-    assert sorted(r["path"] for r in emb) == sorted(fold) and "learning_curve.png" in page and "embedding.png" in page
+    assert sorted(r["path"] for r in emb) == sorted(fold) and "alt='learning curve'" in page and "alt='embedding map'" in page
 
 
 def test_report_says_when_a_section_is_skipped(trained):

@@ -56,6 +56,17 @@ def thumb(root: str, path: str, size: int = 96, box=None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(b.getvalue()).decode()
 
 
+def figure(path: Path, alt: str, extra: str = "") -> str:
+    """An <img> of the PNG at `path`, inlined as a data URI: the page opens alone (mailed, moved, served), and the
+    PNG stays beside it for DVC's plots."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"<img class=plot {extra}alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{data}'>"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def card(split: Split, names: list[str], i: int, pred: int, p_true: float, word: str = "pred") -> str:
     e = html.escape
     src = thumb(split.root, split.paths[i], box=split.boxes[i] if split.boxes is not None else None)

@@ -54,6 +54,19 @@ def plot_reliability(probs: np.ndarray, y: np.ndarray, out: Path, bins: int = 10
     plt.close(fig)
 
 
+def _spaced(labels: list[str], x: list[float], gap: float = 0.15) -> list[str]:
+    """Tick labels on a log axis with those too close to a later one blanked (20 beside 24 overlapped); the last
+    point (every image) always keeps its label."""
+    keep = [True] * len(x)
+    last = np.log10(x[-1])
+    for i in range(len(x) - 2, -1, -1):
+        if last - np.log10(x[i]) < gap:
+            keep[i] = False
+        else:
+            last = np.log10(x[i])
+    return [s if k else "" for s, k in zip(labels, keep)]
+
+
 def plot_learning_curve(points: list[dict], out: Path) -> None:
     """macro-F1 (with its 95% interval) against training images per class, log x."""
     import matplotlib
@@ -64,7 +77,7 @@ def plot_learning_curve(points: list[dict], out: Path) -> None:
     ax.fill_between(n, [p["lo"] for p in points], [p["hi"] for p in points], alpha=0.25)
     ax.plot(n, [p["macro_f1"] for p in points], "o-")
     ax.set_xscale("log")
-    ax.set_xticks(n, [str(v) for v in n])  # the measured points, not log-scale minor labels that overlap
+    ax.set_xticks(n, _spaced([str(v) for v in n], n))  # the measured points, not log-scale minor labels
     from matplotlib.ticker import NullLocator
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("training images per class (at most)")

