@@ -305,3 +305,17 @@ def test_a_transform_that_clearly_loses_on_stress_batches_is_refused():
     assert name == "scale" and "affine refused: 0.100 less accuracy than none on 'two classes' batches" in why
     cand.stress["affine"] = {"two classes": near}
     assert choose_transform(cand)[0] == "affine"
+
+def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
+    """Issue #32: beside busy processes the hidden-layer head's spinning OpenMP threads made a fit take 37x its time
+    alone (benchmarks/contention.py); the packages ask for sleeping threads before torch loads."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, pipeline.heads.mlp, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
+    assert r.stdout.strip() == "PASSIVE", r.stderr
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "ACTIVE"})
+    assert r.stdout.strip() == "ACTIVE", r.stderr

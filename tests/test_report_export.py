@@ -63,6 +63,7 @@ def test_report_html_is_self_contained_and_escaped(trained, monkeypatch):
     for i in across:
         assert f"blue/blue_{i:02d}.png" in listed.group(1) and f"blue/near_{i:02d}.png" in listed.group(1)
     assert res["near_duplicates_across_folds"] >= len(across)
+    assert "cannot see crops of one photo" in page and page.count("<li>", page.index("id=closest-pairs")) >= 5
     # the insight outputs: label issues, learning curve, feature map, each a CSV beside the page
     assert next(csv.reader(open(out / "label_issues.csv"))) == ["path", "label", "suggested", "score"]
     curve = list(csv.DictReader(open(out / "learning_curve.csv")))

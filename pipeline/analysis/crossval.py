@@ -79,9 +79,9 @@ def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Gener
 
 
 def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
-                   on_fold=lambda: None) -> Candidate:
+                   on_fold=lambda: None, stress: bool = True) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
-    source adapted on its own) and its stress batches scored."""
+    source adapted on its own) and, with `stress`, its stress batches scored."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     sources = cv_sources(rows.groups, fold)
@@ -100,7 +100,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
             m = classification_metrics(rows.labels[te], cand.oof[t][te].argmax(1), names)
             cand.per_fold[t].append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
         batches = [b for s in np.unique(sources[te]) for b in
-                   stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)]
+                   stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)] if stress else []
         if batches:  # every stress row read once (a streamed store: one pass), then each batch adapted alone
             union = np.zeros(len(rows), bool)
             for _, b in batches:

@@ -26,6 +26,7 @@ Deterministic and independent of row order: an array's rows are visited in an or
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -103,11 +104,17 @@ def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
     return _shift(transform, n, mean, var, head.reference, pi)
 
 
+@functools.lru_cache(maxsize=8)
+def _multipliers(d: int) -> np.ndarray:
+    """(d,) fixed odd uint64 weights for value_order's row hash."""
+    return np.random.default_rng(0).integers(1, 2 ** 63, d, dtype=np.uint64) | np.uint64(1)
+
+
 def value_order(x: np.ndarray) -> np.ndarray:
     """A permutation of the rows of x (N, D) that depends only on their values: sorted by an exact integer hash
     of each row's float32 bits (wrapping uint64 arithmetic), so that sums over the rows come out the same
     whatever order the images were given in."""
-    mult = np.random.default_rng(0).integers(1, 2 ** 63, x.shape[1], dtype=np.uint64) | np.uint64(1)
+    mult = _multipliers(x.shape[1])
     keys = np.empty(len(x), np.uint64)
     for i in range(0, len(x), CHUNK):
         bits = np.ascontiguousarray(x[i:i + CHUNK], np.float32).view(np.uint32).astype(np.uint64)  # (r, D)

@@ -11,7 +11,6 @@ out-of-fold predictions of the training store and, when a test store is given, f
 from __future__ import annotations
 
 import csv
-import dataclasses
 import html
 import json
 from pathlib import Path
@@ -25,10 +24,8 @@ from pipeline.heads.head import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.analysis.html import CSS, Split, bootstrap_ci, card, figure, plural
-from pipeline.analysis.insight import embedding_2d, label_issues, learning_curve, near_duplicates
-from pipeline.params import parse_params
-from pipeline.analysis.plots import plot_confusion, plot_embedding, plot_learning_curve, plot_reliability
-from pipeline.data.rows import open_rows
+from pipeline.analysis.sections import insight_sections
+from pipeline.analysis.plots import plot_confusion, plot_reliability
 
 
 def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
@@ -88,6 +85,10 @@ def _scores_html(split: Split, names: list[str], m: dict, ci: dict) -> str:
              f" · macro-F1 <b>{m['macro_f1']:.3f}</b> (95% CI {ci['macro_f1'][0]:.3f}–{ci['macro_f1'][1]:.3f})"
              f" · balanced accuracy {m['balanced_accuracy']:.3f} · {plural(m['n'], 'image')} · ECE "
              f"{expected_calibration_error(split.probs, split.y):.3f}</p>"]
+    if split.fold is not None and m["accuracy"] == 1.0:  # a perfect CV score is more often a leak than a fact
+        parts.append("<p class=note>Every image right in cross-validation. Before trusting it, check that no image "
+                     "has a copy, crop or shot of the same scene in another fold (the pairs below) and give such "
+                     "images one <code>group</code>.</p>")
     if split.face is not None:  # face mode: the rows above are face crops; predict judges an image by their mean
         im = per_image_metrics(split.paths, split.y, split.probs, names)
         parts.append(f"<p class=per-image>Rows are face crops. Per image (the mean of its faces' probabilities, as "
@@ -119,104 +120,6 @@ def _errors_html(split: Split, names: list[str], cm: np.ndarray, pred: np.ndarra
     return "\n".join(parts)
 
 
-def _training_rows(info: ModelInfo, oof: Split):
-    """The training store's rows and the row of each out-of-fold prediction, or (None, None, why not)."""
-    try:
-        rows = open_rows(info.stores, expect=info.backbones, intersect=True,
-                         memory_budget_mb=info.memory_budget_mb)
-    except UserError as err:
-        return None, None, f"the training store cannot be read ({err})"
-    if not rows.in_memory:
-        return None, None, "the training features exceed the memory budget; these checks need them in memory"
-    face = rows.face_index if rows.face_index is not None else np.zeros(len(rows), np.int64)
-    idx = {(p, int(k)): i for i, (p, k) in enumerate(zip(rows.paths, face))}
-    at = [idx.get((p, int(k))) for p, k in zip(oof.paths, oof.face if oof.face is not None else [0] * len(oof.paths))]
-    if any(i is None for i in at) or rows.class_names != info.class_names:
-        return None, None, ("the training store no longer holds the images and classes the model was trained on "
-                            "(re-extracted since?); re-run train-head")
-    return rows, np.array(at), ""
-
-
-def _label_issue_section(oof: Split, names: list[str], d: Path, gallery: int) -> tuple[str, np.ndarray]:
-    idx, suggested, score = label_issues(labels=oof.y, probs=oof.probs)
-    with open(d / "label_issues.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "suggested", "score"])
-        w.writerows([oof.paths[i], names[oof.y[i]], names[s], f"{p:.6f}"] for i, s, p in zip(idx, suggested, score))
-    parts = [f"<h3>Suspected label errors ({len(idx)})</h3><p>Confident learning (cleanlab) on the out-of-fold "
-             "probabilities: images whose label disagrees with what the model learnt from all the others, worst "
-             "first, with the label it suggests. Check these first; all of them are in <code>label_issues.csv"
-             "</code>.</p><div class=gallery id=label-issues>"]
-    for i, s in list(zip(idx, suggested))[:gallery]:
-        parts.append(card(oof, names, i, int(s), float(oof.probs[i, oof.y[i]]), word="suggested"))
-    return "\n".join(parts + ["</div>"]), idx
-
-
-def _near_duplicate_section(rows, at, oof: Split) -> tuple[str, int, list[tuple[int, int]]]:
-    e = html.escape
-    title = "<h3>Near-duplicates in different folds</h3>"
-    found = near_duplicates(rows.features[at], oof.fold)
-    if not found:
-        return f"{title}<p>None found (cosine &ge; 0.97).</p>", 0, []
-    return (f"{title}<p>Pairs of images whose features have cosine similarity &ge; 0.97 but that sat on both sides "
-            "of a CV split: they inflate CV scores. Put them in one <code>group</code> in the manifest.</p>"
-            "<ol id=near-duplicates>" + "".join(f"<li><code>{e(oof.paths[i])}</code> ~ <code>{e(oof.paths[j])}"
-                                              f"</code> ({s:.3f})</li>" for i, j, s in found) + "</ol>",
-            len(found), [(i, j) for i, j, _ in found])
-
-
-def _learning_curve_section(rows, at, oof: Split, info: ModelInfo, d: Path) -> tuple[str, list[dict]]:
-    fold = np.full(len(rows), -1)
-    fold[at] = oof.fold
-    labels = np.full(len(rows), -1)
-    labels[at] = oof.y  # only the images the model was trained on
-    points = learning_curve(rows=dataclasses.replace(rows, labels=labels), fold=fold,
-                            params=parse_params(info.params, "model.json params"), max_val=None)
-    with open(d / "learning_curve.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["per_class", "macro_f1", "lo", "hi"])
-        w.writerows([p["per_class"], f"{p['macro_f1']:.4f}", f"{p['lo']:.4f}", f"{p['hi']:.4f}"] for p in points)
-    plot_learning_curve(points, d / "learning_curve.png")
-    gain = points[-1]["macro_f1"] - points[-2]["macro_f1"] if len(points) > 1 else 0.0
-    verdict = ("still rising: more labelled images per class should help" if gain > 0.02 else
-               "flat at the end: more images of the same kind will help little; look at the label errors and "
-               "the most-confused pairs instead")
-    return ("<h3>Learning curve</h3><p>Macro-F1 under the same cross-validation with every class cut to at most "
-            f"N training images (95% interval over folds). From the last step to all images: {gain:+.3f}, "
-            f"{verdict}.</p>" + figure(d / "learning_curve.png", "learning curve")), points
-
-
-def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarray, pairs, d: Path) -> str:
-    xy = embedding_2d(rows.features[at])
-    pred = oof.probs.argmax(1)
-    flagged = np.zeros(len(at), bool)
-    flagged[issues] = True
-    with open(d / "embedding_2d.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "x", "y", "label", "predicted", "label_issue"])
-        w.writerows([p, f"{a:.5f}", f"{b:.5f}", names[t], names[q], int(g)]
-                    for p, (a, b), t, q, g in zip(oof.paths, xy, oof.y, pred, flagged))
-    plot_embedding(xy, oof.y, names, pred != oof.y, issues, pairs, d / "embedding.png")
-    return ("<h3>Map of the training features</h3><p>The first two principal components of the standardised "
-            "features (embedding_2d.csv): colour = label, x = misclassified out of fold, ring = suspected label "
-            "error, grey line = near-duplicates split across folds. Classes that overlap here are the ones the "
-            "head confuses.</p>" + figure(d / "embedding.png", "embedding map"))
-
-
-def _insight_sections(info: ModelInfo, oof: Split, names: list[str], d: Path, gallery: int) -> tuple[list[str], dict]:
-    body, issues = _label_issue_section(oof, names, d, gallery)
-    sections, result = [body], {"label_issues": int(len(issues))}
-    rows, at, why = _training_rows(info, oof)
-    if rows is None:
-        return sections + [f"<h3>Near-duplicates, learning curve, feature map</h3><p class=note>Skipped: "
-                           f"{html.escape(why)}.</p>"], result
-    body, result["near_duplicates_across_folds"], pairs = _near_duplicate_section(rows, at, oof)
-    sections.append(body)
-    body, result["learning_curve"] = _learning_curve_section(rows, at, oof, info, d)
-    sections += [body, _embedding_section(rows, at, oof, names, issues, pairs, d)]
-    return sections, result
-
-
 def check_report_out(out: str) -> Path:
     return check_output(out, folder=True, is_ours=holds_only(
         "index.html", "summary.json", "confusion*.png", "confusion_*.csv", "reliability_*.png", "label_issues.csv",
@@ -243,7 +146,7 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
         progress(f"{out}: cross-validation section (confidence intervals, plots, gallery)")
         body, summary = _section(oof, names, d, "cv", gallery)
         progress(f"{out}: label issues, near-duplicates, learning curve, feature map")
-        extra, found = _insight_sections(info, oof, names, d, gallery)
+        extra, found = insight_sections(info, oof, names, d, gallery)
         sections, result = [body, *extra], {"cv": summary, **found}
         if test is not None:
             progress(f"{out}: held-out test section")
@@ -253,7 +156,8 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>imgsent report</title><style>{CSS}</style>"
                 f"</head><body><h1>imgsent report: {html.escape(md.resolve().name)}</h1><p>classes: "
                 f"{html.escape(', '.join(names))} · backbones: "
-                f"{html.escape(', '.join(b['backbone'] for b in info.backbones))}</p>" + "\n".join(sections)
+                f"{html.escape(', '.join(b['backbone'] for b in info.backbones))} · head {json.dumps(list(info.hidden))} · "
+                f"adaptation {info.adapt} (cross-validation adapts each held-out group by its own images)</p>" + "\n".join(sections)
                 + "</body></html>")
         (d / "index.html").write_text(page, encoding="utf-8")
         (d / "summary.json").write_text(json.dumps(result, indent=2))

@@ -98,7 +98,8 @@ def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max
     out = [float(np.mean(first))]
     for r in range(1, params.cv.repeats):
         p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
-        cand = cross_validate(rows, folds_of(rows, p.cv.folds, p.cv.seed), p, (transform,), max_val, on_fold)
+        cand = cross_validate(rows, folds_of(rows, p.cv.folds, p.cv.seed), p, (transform,), max_val, on_fold,
+                              stress=False)
         out.append(float(np.mean(cand.f1s(transform))))
     return out
 
