@@ -1,57 +1,60 @@
-"""Fault injection: SIGKILL a real `imgsent extract` subprocess at random moments, re-run, and compare
-with an uninterrupted run. Also SIGTERM (clean stop) and a concurrent second writer."""
-import os
+"""Fault injection: SIGKILL a real `imgsent extract` subprocess at random points of its run, re-run, and compare
+with an uninterrupted run. Also SIGTERM (clean stop) and a concurrent second writer. Every point is reached as an
+event (tests/pause.py), never after a sleep."""
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from features.errors import UserError
 from features.storage.store import partial_dir, read_store
-from tests.conftest import ROOT, TINY, make_images, run_cli
+from tests.conftest import TINY, make_images, run_cli
+from tests.pause import start, wait_for
 
 
-def _start(images, out, w, delay=0.02):
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", "extract", str(images), "--out", str(out),
-           "--backbone", TINY, "--weights", w, "--batch-size", "4", "--commit-every", "8", "--workers", "0",
-           "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMGSENT_TEST_DELAY": str(delay)}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _args(images, out, w):
+    return ["extract", str(images), "--out", str(out), "--backbone", TINY, "--weights", w, "--batch-size", "4",
+            "--commit-every", "8", "--workers", "0", "--no-progress"]
+
+
+FORWARD, COMMIT = "features.models.embed:_forward", "features.storage.partial:fsync_replace"  # 23 and 12 calls
 
 
 def test_sigkill_at_random_points_then_resume(tmp_path, tiny_weights):
+    """SIGKILL at random points of a run, between two forward passes or inside a commit (its chunk written, not
+    yet renamed), each reached as an event (tests/pause.py): the store is then in one of two states, each with its
+    own exact message, never an HDF5 error. Then two kills in a row, each resumed: the result equals an
+    uninterrupted run, with no debris."""
+    import shutil
     images = make_images(tmp_path / "imgs", per_class=30, size=48)
     ref = tmp_path / "ref.h5"
     run_cli("extract", str(images), "--out", str(ref), "--backbone", TINY, "--weights", tiny_weights, "--no-progress",
             check=True)
     rng = np.random.default_rng(0)
-    out = tmp_path / "s.h5"
-    kills = 0
-    for attempt in range(20):
-        if kills >= 6:
-            break
-        p = _start(images, out, tiny_weights, delay=0.05)
-        time.sleep(float(rng.uniform(1.5, 6.0)))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
+    out, marker = tmp_path / "s.h5", tmp_path / "paused"
+
+    def kill_at(target: str, k: int) -> None:
+        p = start(target, k, marker, *_args(images, out, tiny_weights))
+        assert wait_for(marker, p), p.communicate()
+        p.send_signal(signal.SIGKILL)
         p.wait()
-        # After any kill, one of three states, each with its own exact message; never an HDF5 error:
-        if out.exists():  # the run finished before its kill time: a complete store
-            assert len(read_store(out)) == 90
-            out.unlink()  # start over so that the next kills hit work in progress
-        elif partial_dir(out).exists():  # killed mid-run: committed chunks wait for the resume
+        marker.unlink()
+
+    for target, k in [(FORWARD, int(rng.integers(1, 24))) for _ in range(2)] + \
+                     [(COMMIT, int(rng.integers(1, 12))) for _ in range(2)]:
+        shutil.rmtree(partial_dir(out), ignore_errors=True)  # a fresh run each time: k is within its work
+        kill_at(target, k)
+        if partial_dir(out).exists():  # killed mid-run: committed chunks wait for the resume
             with pytest.raises(UserError, match="incomplete store, re-run extract to resume"):
                 read_store(out)
-        else:  # killed before its first commit (start-up is slow on a loaded machine): nothing was written
+        else:  # killed before its first commit: nothing was written
             with pytest.raises(UserError, match="no such store; create it with"):
                 read_store(out)
-    assert kills >= 5
-    p = _start(images, out, tiny_weights)
-    assert p.wait(timeout=300) == 0, p.stderr.read()
+    shutil.rmtree(partial_dir(out), ignore_errors=True)
+    kill_at(COMMIT, 4)  # 3 chunks committed, the 4th written and not renamed
+    kill_at(FORWARD, 4)  # the resume: 12 images reused, killed 3 batches further
+    r = run_cli(*_args(images, out, tiny_weights))
+    assert r.returncode == 0 and "90 images (" in r.stdout and "0 reused" not in r.stdout, r.stdout + r.stderr
     a, b = read_store(out), read_store(ref)
     assert a.paths == b.paths and a.sha256 == b.sha256 and list(a.labels) == list(b.labels)
     np.testing.assert_allclose(a.features, b.features, rtol=1e-3, atol=1e-5)
@@ -60,24 +63,22 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_weights):
 
 def test_sigterm_commits_and_says_how_to_resume(tmp_path, tiny_weights):
     images = make_images(tmp_path / "imgs", per_class=30, size=48)
-    out = tmp_path / "s.h5"
-    p = _start(images, out, tiny_weights)
-    deadline = time.time() + 60
-    while not list(partial_dir(out).glob("chunk-*.h5")) and time.time() < deadline:
-        time.sleep(0.1)
+    out, marker = tmp_path / "s.h5", tmp_path / "paused"
+    p = start(FORWARD, 5, marker, *_args(images, out, tiny_weights))  # after two commits of 8 images
+    assert wait_for(marker, p), p.communicate()
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
+    marker.unlink()  # let it go on: it stops at the next batch, committing what it has
+    _, err = p.communicate(timeout=300)
     assert p.returncode == 130, err
     assert "re-run the same command to resume" in err and "Traceback" not in err
+    assert len(list(partial_dir(out).glob("chunk-*.h5"))) >= 2
 
 
 def test_second_extract_on_same_store_fails_at_once(tmp_path, tiny_weights):
     images = make_images(tmp_path / "imgs", per_class=30, size=48)
-    out = tmp_path / "s.h5"
-    p = _start(images, out, tiny_weights, delay=0.3)
-    deadline = time.time() + 60
-    while not partial_dir(out).exists() and time.time() < deadline:
-        time.sleep(0.05)
+    out, marker = tmp_path / "s.h5", tmp_path / "paused"
+    p = start(FORWARD, 1, marker, *_args(images, out, tiny_weights))  # holds the lock, paused at its first batch
+    assert wait_for(marker, p), p.communicate()
     r = run_cli("extract", str(images), "--out", str(out), "--backbone", TINY, "--weights", tiny_weights)
     p.kill()
     p.wait()

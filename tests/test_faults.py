@@ -79,24 +79,26 @@ def test_a_write_that_dies_midway_keeps_the_previous_output(world, tmp_path, com
 
 
 def test_train_head_killed_at_any_moment_leaves_a_complete_model(tmp_path):
+    """SIGKILL in each phase of a train-head that replaces a model: a CV fit, the final fit, just before the swap
+    of the folders, just after it. Each point is reached as an event (tests/pause.py), not after a sleep; whichever
+    model is then there is whole and consistent, and the next run takes the dead writer's lock over."""
+    from tests.pause import start, wait_for
     store = synthetic_store(tmp_path / "s.h5", n=6000, dim=64)
-    out = tmp_path / "m"
+    out, marker = tmp_path / "m", tmp_path / "paused"
     args = ["train-head", store, "--out", str(out), "--params", str(ROOT / "params.yaml")]
     assert _cli(*args).returncode == 0
     from pipeline.inference.modeldir import load_model_dir
-    rng = np.random.default_rng(0)
-    cmd = [sys.executable, "-c", "from pipeline.cli import main; main()", *args]
-    for _ in range(6):
-        p = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(0.5, 6.0)))
+    for target, k in (("pipeline.analysis.crossval:fit_rows", 2), ("pipeline.stages.train:fit_rows", 1),
+                      ("features.storage.atomic:_exchange", 1), ("features.storage.atomic:_fsync_dir", 2)):
+        p = start(target, k, marker, *args)
+        assert wait_for(marker, p), (target, p.communicate())
         p.send_signal(signal.SIGKILL)
         p.wait()
+        marker.unlink()
         head, info = load_model_dir(out)  # whichever run's model is there, it is whole and consistent
         metrics = json.loads((out / "metrics.json").read_text())
-        assert len(np.load(out / "oof_logits.npy")) == metrics["n_images"] == 6000
-    OutputLock(out).path.unlink(missing_ok=True)  # a SIGKILLed holder leaves its lock; the next run takes it over
-    assert _cli(*args).returncode == 0
+        assert len(np.load(out / "oof_logits.npy")) == metrics["n_images"] == 6000, target
+    assert _cli(*args).returncode == 0  # the SIGKILLed holder's lock is stale: taken over
 
 
 def test_two_writers_of_one_model_directory(world, tmp_path):

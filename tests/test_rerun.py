@@ -92,15 +92,19 @@ def test_verify_sees_a_file_rewritten_in_place_with_its_mtime_restored(images, t
     assert store.sha256[store.paths.index(str(a.relative_to(images)))] == hashlib.sha256(a.read_bytes()).hexdigest()
 
 
-def test_files_modified_just_before_a_pass_are_hashed_once_more(images, tmp_path, tiny_weights):
+def test_files_modified_just_before_a_pass_are_hashed_once_more(images, tmp_path, tiny_weights, monkeypatch):
     """mtimes come in ticks of several ms: a file written in the same tick as it was hashed can change without
-    its stat changing, so the next run re-hashes files modified < 2 s before the pass (git's racy-clean rule)."""
+    its stat changing, so the next run re-hashes files modified < 2 s before the pass (git's racy-clean rule).
+    The passes' clock is the test's: the second pass starts 3 s after the first without waiting for it."""
+    import types
+    import features.extract
+    clock = [time.time_ns()]
+    monkeypatch.setattr(features.extract, "time", types.SimpleNamespace(time=time.time, time_ns=lambda: clock[0]))
     out = tmp_path / "s.h5"
-    now = time.time() - 1.0
     for p in images.rglob("*.*"):  # modified 1 s before the first pass
-        os.utime(p, (now, now))
+        os.utime(p, ns=(clock[0] - 10 ** 9, clock[0] - 10 ** 9))
     run(images, out, tiny_weights)
-    time.sleep(1.2)  # the second pass starts > 2 s after the modification (a slower machine only waits longer)
+    clock[0] += 3 * 10 ** 9
     second = run(images, out, tiny_weights)
     # hashed again; the store's bytes stay (the stat cache beside it records the later pass)
     assert second.hashed == 24 and second.extracted == 0 and second.unchanged

@@ -19,9 +19,7 @@ bounds that); on the GPU path a JPEG in flight is its compressed bytes, and gpu_
 """
 from __future__ import annotations
 
-import os
 import sys
-import time
 from typing import Iterator
 
 import numpy as np
@@ -38,9 +36,6 @@ from features.models.gpu_jpeg import decode_inputs, same_as_cpu, say_gpu_cannot_
 from features.input.images import JpegBytes, decode_tensor
 from features.input.prefetch import ordered_map, resolve_workers
 
-_TEST_DELAY = float(os.environ.get("IMGSENT_TEST_DELAY", "0") or 0)
-
-
 def _one_thread() -> None:
     torch.set_num_threads(1)  # a decode thread's resize must not fan out into a pool of its own per thread
 
@@ -48,8 +43,6 @@ def _one_thread() -> None:
 def _load(path: str, backbone: Backbone, defer_jpeg: bool = False) -> tuple[torch.Tensor | JpegBytes | None, str]:
     """One image -> (its network input (C, S, S) uint8, a view, "") or (None, why it was skipped); with
     `defer_jpeg`, a JPEG for the GPU to decode comes back validated but compressed (JpegBytes)."""
-    if _TEST_DELAY:
-        time.sleep(_TEST_DELAY)  # fault-injection tests slow extraction down to kill it mid-run
     try:
         img = decode_tensor(path, defer_jpeg)
         return (img if isinstance(img, JpegBytes) else prepare(img, backbone.pre)), ""
@@ -61,8 +54,6 @@ def _load(path: str, backbone: Backbone, defer_jpeg: bool = False) -> tuple[torc
 
 def _load_faces(path: str, backbone: Backbone, faces: FaceSpec) -> tuple[torch.Tensor | None, np.ndarray, str]:
     """Face mode: one image -> its crops (k, C, S, S) uint8 and boxes (k, 4); (None, no boxes, why) if none."""
-    if _TEST_DELAY:
-        time.sleep(_TEST_DELAY)
     none = np.zeros((0, 4), np.int64)
     try:
         rgb = decode_tensor(path)  # (3, H, W)
