@@ -42,7 +42,7 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 def resize_crop(x: torch.Tensor, resize: int, size: int, bicubic: bool, grayscale: bool) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> uint8 (B, C, size, size): luma if grayscale, long side cut to 3x the short
     side (a 60000 x 2 image would otherwise resize to 256 x 7.7M pixels), shorter side resized to `resize` with
-    antialiasing on uint8 (no float copy of a 12 MP photo), centre crop. TorchScript-able: extraction (in DataLoader workers) and exported models run
+    antialiasing on uint8 (no float copy of a 12 MP photo), centre crop. TorchScript-able: extraction (in its decode threads) and exported models run
     this very function, so they see identical pixels."""
     if grayscale:
         x = luma(x)

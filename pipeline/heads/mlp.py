@@ -51,7 +51,7 @@ class HeadNet(nn.Module):
 
 class Adam:
     """torch.optim.Adam's update (L2 weight decay added to the gradient, bias-corrected moments), not
-    torch.optim's: its first use imports torch._dynamo, 1.8 s of every train-head (measured, torch 2.14)."""
+    torch.optim's: its first use imports torch._dynamo, 1.3 s of every train-head (benchmarks/solver_choice.py)."""
 
     def __init__(self, params, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
