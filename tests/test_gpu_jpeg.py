@@ -146,6 +146,32 @@ def test_a_gpu_that_cannot_give_the_cpus_bytes_leaves_the_run_to_the_cpu(tmp_pat
         assert len(calls) == 2  # two batches decoded on the "GPU" before the failure
 
 
+def test_a_kind_first_met_in_a_later_batch_is_checked_too(tmp_path, monkeypatch, capsys):
+    """Issue #33: only the first batch's first 16 JPEGs were compared with the CPU recipe, so a decoder that erred
+    on 4:2:2 alone went unseen when the run met its first 4:2:2 later. Every kind is checked when first met."""
+    photo = Image.fromarray(load_sample_image("china.jpg")).crop((0, 0, 300, 200))
+    for i in range(12):
+        photo.save(tmp_path / f"a{i:02d}.jpg", quality=90)  # 4:2:0: the first three batches of 4
+    photo.save(tmp_path / "z422.jpg", quality=90, subsampling=1)  # 4:2:2: the fourth batch
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    stand_in = _nvjpeg_stand_in()
+
+    def wrong_on_422(datas, device):  # right on 4:2:0, interpolated chroma (PIL's pixels) on 4:2:2
+        out = stand_in(datas, device)
+        for k, d in enumerate(datas):
+            if simplejpeg.decode_jpeg_header(bytes(d.numpy()))[3] == "422":
+                out[k] = torch.from_numpy(simplejpeg.decode_jpeg(bytes(d.numpy()), colorspace="RGB",
+                                                                 fastupsample=False)).permute(2, 0, 1)
+        return out
+    monkeypatch.setattr(gpu_jpeg, "nvjpeg", wrong_on_422)
+    bb = Backbone(name="pixels", embedder=None, pre=_pre(), dim=0, weights_sha256="")
+    want = list(_input_batches(bb, paths, 4, 2, pinned=False, layout=torch.channels_last))
+    _same_batches(list(_gpu_jpeg_batches(bb, paths, 4, 2, device="cpu", layout=torch.channels_last)), want)
+    err = capsys.readouterr().err
+    assert "other pixels than the CPU's on 1 of 1 images checked (422)" in err, err
+    assert [j.kind for j in map(lambda q: decode_tensor(q, defer_jpeg=True), paths)][-2:] == ["420", "422"]
+
+
 def test_the_check_needs_no_jpeg_and_says_nothing_when_bytes_agree(tmp_path, monkeypatch, capsys):
     paths = _folder(tmp_path)
     monkeypatch.setattr(gpu_jpeg, "nvjpeg", _nvjpeg_stand_in())

@@ -134,19 +134,22 @@ GPU_JPEG_SUBSAMPLING = ("444", "422", "420", "Gray")
 
 @dataclass(frozen=True)
 class JpegBytes:
-    """A validated JPEG left for the GPU to decode: its bytes, EXIF orientation (1 = upright) and width x height."""
+    """A validated JPEG left for the GPU to decode: its bytes, EXIF orientation (1 = upright), width x height, and
+    its kind (chroma subsampling and whether it is turned) for features/models/gpu_jpeg.py's checks."""
     data: bytearray  # writable: torch.frombuffer shares it without a copy
     orientation: int
     pixels: int
+    kind: str = ""  # '420', '422 turned', 'Gray', ...
 
 
-def _gpu_decodable(data: bytes) -> bool:
+def _gpu_subsampling(data: bytes) -> str | None:
+    """The chroma subsampling of a JPEG the GPU decodes to the CPU's pixels (GPU_JPEG_SUBSAMPLING), else None."""
     import simplejpeg
     try:
         _, _, colorspace, subsampling = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        return False
-    return colorspace in ("YCbCr", "Gray") and subsampling in GPU_JPEG_SUBSAMPLING
+        return None
+    return subsampling if colorspace in ("YCbCr", "Gray") and subsampling in GPU_JPEG_SUBSAMPLING else None
 
 
 def decode_tensor(path: str, defer_jpeg: bool = False):
@@ -179,9 +182,10 @@ def decode_tensor(path: str, defer_jpeg: bool = False):
                 return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W), a view
             with open(path, "rb") as f:
                 data = f.read()
-            if defer_jpeg and sequential and _gpu_decodable(data):
+            kind = _gpu_subsampling(data) if defer_jpeg and sequential else None
+            if kind:
                 strict_jpeg(data, min_factor=8, min_height=1, min_width=1)  # raises as the full decode would
-                return JpegBytes(bytearray(data), orientation, pixels)
+                return JpegBytes(bytearray(data), orientation, pixels, kind + (" turned" if orientation != 1 else ""))
             return upright(jpeg_pixels(data), orientation)  # (3, H, W)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb: {e}") from None

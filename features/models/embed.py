@@ -32,9 +32,10 @@ from features.models.preprocess import prepare
 from features.models.engine import forward_engine, input_layout
 from features.errors import UserError
 from features.models.faces import NO_FACE, FaceSpec, face_boxes
-from features.models.gpu_jpeg import decode_inputs, same_as_cpu, say_gpu_cannot_decode
+from features.models.gpu_jpeg import decode_inputs, same_as_cpu, say_gpu_cannot_decode, unchecked
 from features.input.images import JpegBytes, decode_tensor
 from features.input.prefetch import ordered_map, resolve_workers
+
 
 def _one_thread() -> None:
     torch.set_num_threads(1)  # a decode thread's resize must not fan out into a pool of its own per thread
@@ -156,10 +157,11 @@ def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, wor
                       device: str, layout: torch.memory_format) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """As _input_batches, with JPEGs decoded on `device` (features/models/gpu_jpeg.py): the threads read and
     validate each JPEG and decode the other formats; the batch is assembled on `device`. The first JPEGs are
-    checked against the CPU recipe; on a difference or any GPU failure, the run goes on through _input_batches
-    from the batch at hand (one line says so), so no row ever holds other pixels than the CPU's."""
+    checked against the CPU recipe, the first of each kind met (gpu_jpeg.unchecked); on a difference or any GPU
+    failure, the run goes on through _input_batches from the batch at hand (one line says so), so no row ever holds
+    other pixels than the CPU's."""
     c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
-    start, checked = 0, False
+    start, seen = 0, {}  # JPEG kind -> images of it compared with the CPU recipe
     batches = _batches(lambda p: _load(p, backbone, defer_jpeg=True), paths, batch_size, workers)
     for batch in batches:
         x = torch.empty((len(batch), c, size, size), dtype=torch.uint8, device=device, memory_format=layout)
@@ -169,7 +171,8 @@ def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, wor
             items = [batch[k][0] for k in jpegs]
             try:
                 got = decode_inputs(items, backbone.pre, device)  # (j, C, S, S)
-                usable = checked or same_as_cpu(items, got, backbone.pre)
+                new = unchecked(items, seen)
+                usable = same_as_cpu([items[i] for i in new], got[new], backbone.pre)
             except Exception as e:  # noqa: BLE001 - no nvJPEG, out of GPU memory, a decoder bug: the CPU decodes
                 say_gpu_cannot_decode(e)
                 usable = False
@@ -178,7 +181,7 @@ def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, wor
                 yield from _input_batches(backbone, paths[start:], batch_size, workers, pinned=device == "cuda",
                                           layout=layout)
                 return
-            x[jpegs], checked = got, True
+            x[jpegs] = got
         if others:
             x[others] = torch.stack([batch[k][0] for k in others]).to(device)  # (o, C, S, S)
         start += len(batch)

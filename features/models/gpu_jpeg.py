@@ -8,13 +8,14 @@ photos/s, its GPU embeds ~9,800/s): here the decode threads only read, check and
 files are refused exactly as on the CPU) and the GPU decodes the pixels.
 
     x = decode_inputs(jpegs, pre, "cuda")                       # (n, C, S, S) uint8 on the GPU
-    ok = same_as_cpu(jpegs, x, pre)                             # once a run, on its first JPEGs
+    new = unchecked(jpegs, seen)                                # the first CHECKS_PER_KIND of each kind met
+    ok = same_as_cpu([jpegs[i] for i in new], x[new], pre)
 
 Why exact: nvJPEG's pixels equal libjpeg-turbo's with fast (replicating) chroma upsampling for sequential
 4:4:4, 4:2:2, 4:2:0 and grey JPEGs (benchmarks/gpu_check.py measures it; the CPU recipe decodes so since
 preprocessing version 5), and features/models/resize_exact.py reproduces the CPU's uint8 resize bit for bit.
-`same_as_cpu` checks both on the first JPEGs of every run, so a GPU or driver that decodes otherwise is
-caught before it writes a row.
+`same_as_cpu` checks both on the first JPEGs of each kind a run meets (chroma subsampling, turned or not), so a
+GPU or driver that decodes some kind otherwise is caught before it writes a row of that kind.
 
 Memory: one decode call holds at most MAX_BATCH_PIXELS decoded pixels (3 bytes each, 768 MiB) on the GPU, and
 the resize a float64 copy of one group of same-sized images, at most RESIZE_PIXELS (8 bytes each, 1 GiB).
@@ -99,15 +100,33 @@ def decode_inputs(jpegs: list[JpegBytes], pre: Preprocess, device: str) -> torch
     return out
 
 
-def same_as_cpu(jpegs: list[JpegBytes], got: torch.Tensor, pre: Preprocess, sample: int = 16) -> bool:
-    """Whether `got` (decode_inputs' result for `jpegs`) equals the CPU recipe's inputs byte for byte on the first
-    `sample` images. A difference is said in one line."""
-    want = torch.stack([prepare(cpu_decode(j), pre) for j in jpegs[:sample]])  # (s, C, S, S)
-    differ = int((got[:sample].cpu() != want).flatten(1).any(1).sum())
-    if differ:
-        print(f"note: the GPU's JPEG decoder gives other pixels than the CPU's on {differ} of {len(want)} images "
-              "checked; decoding on the CPU instead (same features, slower)", file=sys.stderr, flush=True)
-    return not differ
+CHECKS_PER_KIND = 4  # JPEGs of each kind compared with the CPU recipe, per run
+
+
+def unchecked(jpegs: list[JpegBytes], seen: dict[str, int]) -> list[int]:
+    """Indices of the JPEGs still to compare with the CPU recipe: up to CHECKS_PER_KIND of each kind, counting those
+    `seen` (kind -> compared so far, updated here)."""
+    out = []
+    for i, j in enumerate(jpegs):
+        if seen.get(j.kind, 0) < CHECKS_PER_KIND:
+            seen[j.kind] = seen.get(j.kind, 0) + 1
+            out.append(i)
+    return out
+
+
+def same_as_cpu(jpegs: list[JpegBytes], got: torch.Tensor, pre: Preprocess) -> bool:
+    """Whether `got` (decode_inputs' result for `jpegs`) equals the CPU recipe's inputs byte for byte. A difference
+    is said in one line, naming the kinds."""
+    if not jpegs:
+        return True
+    want = torch.stack([prepare(cpu_decode(j), pre) for j in jpegs])  # (s, C, S, S)
+    bad = (got.cpu() != want).flatten(1).any(1)
+    if bad.any():
+        kinds = sorted({j.kind for j, b in zip(jpegs, bad.tolist()) if b})
+        print(f"note: the GPU's JPEG decoder gives other pixels than the CPU's on {int(bad.sum())} of {len(want)} "
+              f"images checked ({', '.join(kinds)}); decoding on the CPU instead (same features, slower)",
+              file=sys.stderr, flush=True)
+    return not bad.any()
 
 
 def say_gpu_cannot_decode(error: Exception) -> None:
