@@ -1,9 +1,9 @@
 """The out-of-distribution check, measured: the fraction of images flagged (a) on an emoji style never seen in
 training (leave-one-style-out over ../shared/data: should stay low) and (b) on images that are not emoji at all
 (photos, noise, flat colours, rendered text: should be high), for the k-NN score predict uses and for a
-Mahalanobis score (shared covariance, shrunk; distance to the nearest class mean), at several quantiles; and the
-k-NN score of features adapted to the training statistics (each batch adapted by 'affine' as predict adapts a
-folder, heads/adapt.py), to see whether the score still means "unlike the training images" after adaptation.
+Mahalanobis score (shared covariance, shrunk; distance to the nearest class mean), at several quantiles: k-NN raw
+(predict's, since 2026-12-02), k-NN std (in the head's standardised space, predict's before), and k-NN of features
+adapted to the training statistics (each batch adapted by 'affine' as predict adapts a folder, heads/adapt.py).
 
     python benchmarks/ood.py [--backbone efficientnet_lite0]
 
@@ -87,17 +87,19 @@ def main() -> None:
                             str(ROOT.parent / "shared" / "data" / data), "--backbones", args.backbone], check=True)
         rows = open_rows([str(store)])
         groups = np.array(rows.groups)
-        agg = {(k, q): [] for k in ("knn", "maha", "adapted") for q in QUANTILES}
+        agg = {(k, q): [] for k in ("knn", "maha", "adapted", "raw") for q in QUANTILES}
         head_params = load_params(str(ROOT / "params.yaml")).head
         for style in sorted(set(groups)) + ["(none: all styles)"]:
             tr = groups != style
             x, y = rows.features[tr], rows.labels[tr]
             std = np.sqrt(x.var(0))
             var_mean = x.mean(0), np.maximum(std, 0.1 * std.mean() + 1e-12)  # as robust_scale
-            ref, loo = fit_ood(x, *var_mean)
+            def std(v):  # the head's standardised space, the score's space before 2026-12-02
+                return (v - var_mean[0]) / var_mean[1]
+            ref, loo = fit_ood(std(x))
             held = rows.features[~tr]
-            knn = {"held": knn_distance(normalise(held, *var_mean), ref) if len(held) else np.zeros(0),
-                   "far": knn_distance(normalise(far, *var_mean), ref)}
+            knn = {"held": knn_distance(normalise(std(held)), ref) if len(held) else np.zeros(0),
+                   "far": knn_distance(normalise(std(far)), ref)}
             m = mahalanobis((x - var_mean[0]) / var_mean[1], y)
             own = m((x - var_mean[0]) / var_mean[1])
             maha = {"held": m((held - var_mean[0]) / var_mean[1]) if len(held) else np.zeros(0),
@@ -107,9 +109,13 @@ def main() -> None:
             def adapted(batch: np.ndarray) -> np.ndarray:  # the batch as predict adapts one folder
                 shift = source_logits(head, batch, "affine")[1]
                 return batch if shift is None else shift.apply(batch)
-            ada = {"held": knn_distance(normalise(adapted(held), *var_mean), ref) if len(held) else np.zeros(0),
-                   "far": knn_distance(normalise(adapted(far), *var_mean), ref)}
-            for name, sc, base in (("k-NN", knn, loo), ("Mahalanobis", maha, own), ("k-NN adapted", ada, loo)):
+            raw_ref, raw_loo = fit_ood(x)  # predict's: raw features
+            ada = {"held": knn_distance(normalise(adapted(held)), raw_ref) if len(held) else np.zeros(0),
+                   "far": knn_distance(normalise(adapted(far)), raw_ref)}
+            raw = {"held": knn_distance(normalise(held), raw_ref) if len(held) else np.zeros(0),
+                   "far": knn_distance(normalise(far), raw_ref)}
+            for name, sc, base in (("k-NN std", knn, loo), ("Mahalanobis", maha, own), ("k-NN adapted", ada, raw_loo),
+                                   ("k-NN raw", raw, raw_loo)):
                 cells = []
                 for q in QUANTILES:
                     t = np.quantile(base, q)
@@ -117,9 +123,10 @@ def main() -> None:
                     far_f = float((sc["far"] > t).mean())
                     cells.append(f"{held_f:5.2f} / {far_f:5.2f}")
                     if len(sc["held"]):
-                        agg[{"k-NN": "knn", "Mahalanobis": "maha"}.get(name, "adapted"), q].append((held_f, far_f))
+                        agg[{"k-NN std": "knn", "Mahalanobis": "maha", "k-NN raw": "raw"}.get(name, "adapted"), q].append(
+                            (held_f, far_f))
                 print(f"{data:16s} {style:22s} {name:12s} " + " ".join(f"{c:>18s}" for c in cells), flush=True)
-        for name, key in (("k-NN", "knn"), ("Mahalanobis", "maha"), ("k-NN adapted", "adapted")):
+        for name, key in (("k-NN std", "knn"), ("Mahalanobis", "maha"), ("k-NN adapted", "adapted"), ("k-NN raw", "raw")):
             cells = [f"{np.mean([a for a, _ in agg[key, q]]):5.2f} / {np.mean([b for _, b in agg[key, q]]):5.2f}"
                      for q in QUANTILES]
             print(f"{data:16s} {'mean over styles':22s} {name:12s} " + " ".join(f"{c:>18s}" for c in cells))

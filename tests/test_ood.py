@@ -135,3 +135,31 @@ def test_a_tiny_model_does_not_flag_and_says_why(tmp_path, tiny_weights):
     r = run_cli("predict", str(tmp_path / "m"), str(tmp_path / "far"), "--out", str(tmp_path / "p.csv"),
                 "--no-progress", check=True)
     assert "OOD check off: 15 training images are too few to judge" in r.stdout
+
+
+def test_a_small_model_still_tells_photos_from_emoji(tmp_path):
+    """Issue #33: a model of 18 or 51 emoji flagged none of 7 photos: scored in the head's standardised space, the
+    spread of a few dozen images in every dimension made every image look far, and the threshold rose beyond
+    reach. Scored on the raw features of the real backbone, 20 emoji are enough: photos are unsure, unseen emoji
+    of the same design are not."""
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+    from tests.conftest import SHARED
+    noto = SHARED / "emoji-faces7" / "noto"
+    if not noto.is_dir():
+        pytest.skip("needs ../shared/data")
+    with open(tmp_path / "train.csv", "w") as f:
+        f.write("path,label\n" + "".join(f"{p},{c}\n" for c in ("happy", "sad", "fear")
+                                         for p in sorted((noto / c).glob("*.png"))[:7]))
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate([data.astronaut(), data.chelsea(), data.coffee(), *load_sample_images().images]):
+        Image.fromarray(im).save(tmp_path / "photos" / f"{i}.jpg")
+    extract(images=str(tmp_path / "train.csv"), out=str(tmp_path / "s.h5"), progress=False, allow_outside=True)
+    train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / "m"), params=params(cv={"folds": 3}),
+               progress=lambda s: None)
+    m = load_model(tmp_path / "m", device="cpu")
+    photos = m.predict([str(tmp_path / "photos")], source="none")
+    unseen = m.predict([str(p) for p in sorted((noto / "happy").glob("*.png"))[7:]], source="none")
+    assert photos.labels == ["unsure"] * 5 and photos.ood_note.startswith("OOD threshold from 20 "), photos.ood_scores
+    assert np.mean([lab == "unsure" for lab in unseen.labels]) <= 0.25, unseen.ood_scores

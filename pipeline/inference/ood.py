@@ -1,8 +1,14 @@
 """Is an image like anything the head was trained on? Temperature scaling calibrates confidence on images like
 the training ones only: a photo of a city can get 'happy' at 0.999. The out-of-distribution score is the k-NN
-cosine distance, in the head's standardised feature space, to a reference sample of the training images:
+cosine distance of the raw features to a reference sample of the training images:
 
-    score(x) = 1 - mean of the K largest cosines between std(x) and the reference rows      (0 = a known image)
+    score(x) = 1 - mean of the K largest cosines between x and the reference rows      (0 = a known image)
+
+Raw features, not the head's standardised ones: standardised by the per-dimension spread of a few dozen training
+images (in 1,280 dimensions) every image looks far, and a model of 51 emoji flagged no photo; raw, its training
+images lie within 0.33 of each other and photos 0.71 or more. On the shared emoji it flags as many unseen styles
+and more strangers (benchmarks/ood.py). Nor adapted features (heads/adapt.py): adaptation makes strangers look
+familiar too.
 
 Flagged when above the `quantile` of the reference rows' own leave-one-out scores (0.99: 1% of training-like
 images flagged), computed for a random MAX_LOO of them. Stored in the model directory as ood.npz (ref (R, D)
@@ -22,12 +28,12 @@ K = 10
 MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
 MAX_LOO = 2048  # reference rows scored leave-one-out for the threshold: half the (R, R) product of all of them
 DEFAULT_QUANTILE = 0.99
+SPACE = "raw"  # model.json's ood record says which features the reference rows are
 
 
-def normalise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Raw features (N, D) -> standardised, unit-length rows (N, D) float32 (one new array, then in place)."""
-    z = np.subtract(x, mean, dtype=np.float32)
-    z /= scale
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Raw features (N, D) -> unit-length rows (N, D) float32 (one new array, then in place)."""
+    z = np.array(x, np.float32)
     z /= np.maximum(np.sqrt(np.einsum("ij,ij->i", z, z)), 1e-12)[:, None]
     return z
 
@@ -61,12 +67,11 @@ def top_k(sim: np.ndarray, k: int, width: int = 64) -> np.ndarray:
     return np.partition(cand, k * width - k, axis=1)[:, k * width - k:]
 
 
-def fit_ood(sample: np.ndarray, mean: np.ndarray, scale: np.ndarray, random_state: int = 0
-            ) -> tuple[np.ndarray, np.ndarray]:
+def fit_ood(sample: np.ndarray, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, and the sorted
     leave-one-out scores (Q,) of a seeded random MAX_LOO of them against all the others: a quantile near 0.99 is
     estimated from 2,048 of them about as well (the score of a training-like image is a sample either way)."""
-    ref = normalise(sample, mean, scale).astype(np.float16)
+    ref = normalise(sample).astype(np.float16)
     r = ref.astype(np.float32)  # scored as predict scores: against the stored float16 rows
     idx = np.sort(np.random.default_rng(random_state).choice(len(r), min(len(r), MAX_LOO), replace=False))
     return ref, np.sort(knn_distance(r[idx], r, exclude=idx))
@@ -103,7 +108,7 @@ def threshold(loo: np.ndarray, quantile: float) -> tuple[float, str]:
 def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:
     """Write ood.npz into the model folder `d`; returns what model.json records about it."""
     np.savez(d / "ood.npz", ref=ref, loo=loo)
-    return {"k": K, "n_ref": int(len(ref)), "sha256": sha256_file(str(d / "ood.npz"))}
+    return {"k": K, "n_ref": int(len(ref)), "space": SPACE, "sha256": sha256_file(str(d / "ood.npz"))}
 
 
 def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +117,8 @@ def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
     fix = "re-run imgsent train-head to rebuild it"
     if not f.is_file():
         raise UserError(f"{f}: missing (model.json lists it); {fix}")
+    if meta.get("space") != SPACE:
+        raise UserError(f"{f}: scored in another feature space ({meta.get('space')!r}, made by another imgsent); {fix}")
     if sha256_file(str(f)) != meta.get("sha256"):
         raise UserError(f"{f}: does not belong with model.json (checksum differs); {fix}")
     try:

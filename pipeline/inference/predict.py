@@ -159,8 +159,7 @@ class Predictor:
         thr, note = None, ""
         if self.ood is not None:
             if len(feats):
-                row_scores = knn_distance(normalise(feats, self.head.mean, self.head.scale),
-                                          self.ood[0]).astype(np.float32)
+                row_scores = knn_distance(normalise(feats), self.ood[0]).astype(np.float32)
             thr, note = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else (float("inf"), "")
         # per image: the mean over its rows (one row unless in face mode)
         probs, scores = means_by_owner(owner, n, row_probs, row_scores[:, None])  # NaN for images that failed

@@ -81,7 +81,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
     ood = []  # out-of-distribution score (b,) per block of the store
     for start, x in rows.blocks(todo):
         xs = x[todo[start:start + len(x)]]  # (b, D) the unlabelled rows
-        ood.append(knn_distance(normalise(xs, head.mean, head.scale), ref) if ref is not None else
+        ood.append(knn_distance(normalise(xs), ref) if ref is not None else
                    np.full(len(xs), np.nan, np.float32))
     ood = np.concatenate(ood)  # (M,)
     paths = [p for p, t in zip(rows.paths, todo) if t]
@@ -90,7 +90,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
     def unit_of(idx: np.ndarray) -> np.ndarray:  # unit features of unlabelled rows idx, in idx's order
         mask = np.zeros(len(rows), bool)
         mask[where[idx]] = True
-        x = normalise(rows.take(mask), head.mean, head.scale)  # in row order
+        x = normalise(rows.take(mask))  # in row order
         return x[np.argsort(np.argsort(where[idx]))]
 
     features = unit_of

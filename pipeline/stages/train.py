@@ -151,7 +151,7 @@ def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
     final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
     final.temperature = fit_temperature(oof[lab], rows.labels[lab])
-    ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), final.mean, final.scale, params.cv.seed)
+    ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), params.cv.seed)
     ood = save_ood(d, ref, loo)
     repeats = repeats or [float(np.mean([f["macro_f1"] for f in per_fold]))]  # mean CV macro-F1 per reseeded run
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
