@@ -37,7 +37,7 @@ from features.input.sources import Source, discover
 from features.storage.statcache import read_stat_cache, write_stat_cache
 from features.storage.store import describe_mismatch, is_store, store_fingerprint
 from features.storage.write import StoreContent, unchanged, write_store
-from features.plan import Plan, Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
+from features.plan import Plan, Reusable, Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
 from features.text import safe_text
 
 
@@ -73,75 +73,85 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     # the store's fingerprint when it recorded the same weights file, preprocessing and libraries (never for hub
     # weights, whose file only timm can find): then nothing to embed means no network to build
     fp = None if force or key is None else store_fingerprint(target, key=key)
-    bb = None
     # stage lines for a person at a terminal (the seconds before the bar: imports, backbone, hashing); logs and
     # pipes get the summary line only
     say = ((lambda msg: print(f"{target}: {msg}", file=sys.stderr, flush=True)) if progress and sys.stderr.isatty()
            else (lambda msg: None))
     say(f"{len(source.items)} images found; on {dev}, {workers} decode threads")
+    bb = None
     if fp is None:
         say(f"loading {backbone}")
         bb = load_backbone(backbone, weights=weights, device=dev)
         fp = with_faces(bb.fingerprint, spec)
     with OutputLock(target):
-        summary = Summary(out=str(target), backbone=backbone, skipped=list(source.problems),
-                          seen=len(source.items) + len(source.problems) if num_shards == 1 else None)
-        where, boxes, old = reusable_rows(target, fp, force, summary)
-        old_paths = old.paths if old is not None else []
-        known, known_since = {}, 0  # path -> (stat, sha256) from the stat cache beside the store
-        cache = read_stat_cache(target, old.meta_sha256, len(old.paths)) if old is not None else None
-        if cache is not None and not verify:
-            known = {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, cache[0], old.sha256)}
-            known_since = cache[1]
+        # 1. what can be reused: the store's rows, its stat cache, an unfinished run's committed chunks
+        reuse = reusable_rows(target, fp, force)
+        known, known_since = ({}, 0) if verify else _stat_cache(target, reuse)
         partial = Partial(target, fp, force=force)
-        where.update(partial.where)
-        boxes.update(partial.boxes)
-        if spec is not None and old is not None:  # the detector is deterministic: no face then, no face now
-            partial.failed.update({sha: NO_FACE for sha in old.noface})
+        if spec is not None and reuse.old is not None:  # the detector is deterministic: no face then, no face now
+            partial.failed.update({sha: NO_FACE for sha in reuse.old.noface})
+        where, boxes = {**reuse.where, **partial.where}, {**reuse.boxes, **partial.boxes}
+        # 2. plan: hash the files (an unchanged one by its stat) and find what is new
         stat_time = time.time_ns()
-        plan = make_plan(source, images_in(where) if spec else where, partial, summary, num_shards, shard_index,
-                         known, known_since)
-        t_embed = time.time()
-        model = None
-        if plan.todo and bb is None:  # something to embed after all: the cached export, else the network
+        plan = make_plan(source, images_in(where) if spec else where, partial, num_shards, shard_index, known,
+                         known_since)
+        # 3. embed what is new, committing as it goes (a kill loses at most commit_every images)
+        t_embed, extracted, model = time.time(), 0, None
+        if plan.todo and bb is None:  # the cached export of this very fingerprint, else the network
             bb, model = _backbone_for(target, fp, spec, backbone=backbone, weights=weights, device=dev, engine=engine)
         if plan.todo:
-            _embed_and_commit(bb, plan.todo, partial, summary, batch_size=batch_size, workers=workers, device=dev,
-                              dtype=dtype, commit_every=commit_every, progress=progress, stop_after=stop_after,
-                              engine=engine, model=model, faces=spec)
-        summary.embed_seconds = time.time() - t_embed if plan.todo else 0.0
-        summary.skipped += [(plan.paths[i], partial.failed[plan.shas[i]]) for i in range(len(plan.shas))
-                            if plan.shas[i] in partial.failed]
+            extracted = _embed_and_commit(bb, plan.todo, partial, batch_size=batch_size, workers=workers, device=dev,
+                                          dtype=dtype, commit_every=commit_every, progress=progress,
+                                          stop_after=stop_after, engine=engine, model=model, faces=spec)
+        embed_seconds = time.time() - t_embed if plan.todo else 0.0
         where.update(partial.where)
         boxes.update(partial.boxes)
-        # one row per image, or (face mode) one per face crop of the image, in image order
+        skipped = list(source.problems) + plan.skipped + [(plan.paths[i], partial.failed[s])
+                                                          for i, s in enumerate(plan.shas) if s in partial.failed]
+        # 4. write: one row per image, or (face mode) per face crop, in image order; not rewritten when unchanged
         keep, keys, face_index = store_rows(plan, where, partial, spec)
-        if not keep and summary.skipped and num_shards == 1:  # a 0-row store would only fail later, further from
-            # the cause; files skipped before embedding (empty, unknown type) count as much as those that failed in it
-            why = Counter(short_reason(r) for _, r in summary.skipped).most_common(3)
-            hint = ("; use --faces-fallback whole to embed them whole, or --faces off" if spec is not None
-                    and spec.fallback == "skip" and any(r == NO_FACE for r, _ in why) else "")
-            raise UserError(f"{images}: none of {len({p for p, _ in summary.skipped})} images could be embedded "
-                            f"({'; '.join(f'{n} x {r}' for r, n in why)}){hint}")
-        kept_paths = {safe_text(plan.paths[i]) for i in keep}  # as the store spells them
-        summary.removed = sum(1 for p in old_paths if p not in kept_paths)
-        content = _content(plan, keep, keys, face_index, boxes, partial, source, fp, spec, summary,
-                           dtype=dtype, weights=weights, num_shards=num_shards, shard_index=shard_index)
-        summary.unchanged = (old is not None and not summary.extracted and not summary.damaged
-                             and unchanged(target, content))
-        digest = old.meta_sha256 if summary.unchanged else \
+        if not keep and skipped and num_shards == 1:
+            raise _nothing_embedded(images, skipped, spec)
+        content = _content(plan, keep, keys, face_index, boxes, partial, source, fp, spec, skipped, dtype=dtype,
+                           weights=weights, num_shards=num_shards, shard_index=shard_index)
+        same = reuse.old is not None and not extracted and not reuse.damaged and unchanged(target, content)
+        digest = reuse.old.meta_sha256 if same else \
             write_store(target, content, blocks=gather_blocks(keys, where, fp["dim"]), dim=fp["dim"])
         write_stat_cache(target, meta_sha256=digest, stat_time_ns=stat_time, fingerprint_key=key,
                          file_stats=np.array([plan.stats[i] for i in keep], dtype=np.int64).reshape(-1, 3))
         partial.discard()
-    summary.rows = len(set(kept_paths))
-    summary.face_rows = len(keep) if spec is not None else None
-    summary.face_fallback = spec.fallback if spec is not None else None
-    if spec is not None and spec.mode == "all":
-        summary.max_faces = spec.max_faces
-        summary.face_capped = sum(1 for n in Counter(plan.paths[i] for i in keep).values() if n >= spec.max_faces)
-    summary.seconds = time.time() - t0
-    return summary
+    kept = {safe_text(plan.paths[i]) for i in keep}  # as the store spells them
+    faced = spec is not None and spec.mode == "all"
+    return Summary(out=str(target), backbone=backbone, reused=plan.reused, extracted=extracted,
+                   removed=sum(1 for p in (reuse.old.paths if reuse.old else []) if p not in kept),
+                   damaged=reuse.damaged, skipped=skipped, conflicts=plan.conflicts, seconds=time.time() - t0,
+                   embed_seconds=embed_seconds, rows=len(kept), hashed=plan.hashed, unchanged=same,
+                   face_rows=len(keep) if spec is not None else None,
+                   face_fallback=spec.fallback if spec is not None else None,
+                   face_capped=sum(1 for n in Counter(plan.paths[i] for i in keep).values()
+                                   if n >= spec.max_faces) if faced else 0,
+                   max_faces=spec.max_faces if faced else 0,
+                   seen=len(source.items) + len(source.problems) if num_shards == 1 else None)
+
+
+def _stat_cache(target: Path, reuse: Reusable) -> tuple[dict, int]:
+    """(path -> ((size, mtime_ns, inode), sha256), the time of that pass) from the stat cache beside the store,
+    or ({}, 0) when there is none to trust."""
+    old = reuse.old
+    cache = read_stat_cache(target, old.meta_sha256, len(old.paths)) if old is not None else None
+    if cache is None:
+        return {}, 0
+    return {p: (tuple(int(v) for v in st), sha) for p, st, sha in zip(old.paths, cache[0], old.sha256)}, cache[1]
+
+
+def _nothing_embedded(images: str, skipped: list[tuple[str, str]], spec: FaceSpec | None) -> UserError:
+    """A 0-row store would only fail later, further from the cause: files skipped before embedding (empty, of an
+    unknown type) count as much as those that failed in it."""
+    why = Counter(short_reason(r) for _, r in skipped).most_common(3)
+    hint = ("; use --faces-fallback whole to embed them whole, or --faces off" if spec is not None
+            and spec.fallback == "skip" and any(r == NO_FACE for r, _ in why) else "")
+    return UserError(f"{images}: none of {len({p for p, _ in skipped})} images could be embedded "
+                     f"({'; '.join(f'{n} x {r}' for r, n in why)}){hint}")
 
 
 def _check_args(*, dtype: str, batch_size: int, commit_every: int, engine: str, num_shards: int,
@@ -176,8 +186,8 @@ def _backbone_for(target: Path, fp: dict, spec: FaceSpec | None, *, backbone: st
 
 
 def _content(plan: Plan, keep: list[int], keys: list[str], face_index: list[int] | None, boxes: dict,
-             partial: Partial, source: Source, fp: dict, spec: FaceSpec | None, summary: Summary, *, dtype: str,
-             weights: str | None, num_shards: int, shard_index: int) -> StoreContent:
+             partial: Partial, source: Source, fp: dict, spec: FaceSpec | None, skipped: list[tuple[str, str]], *,
+             dtype: str, weights: str | None, num_shards: int, shard_index: int) -> StoreContent:
     """The new store's rows and records: one row per image, or (face mode) per face crop, in image order."""
     attrs = {"weights_path": str(Path(weights).resolve()) if weights else "", "feature_dtype": dtype}
     if num_shards > 1:
@@ -186,7 +196,7 @@ def _content(plan: Plan, keep: list[int], keys: list[str], face_index: list[int]
         dtype=dtype, labels=np.array([plan.labels[i] for i in keep], dtype=np.int64),
         paths=[plan.paths[i] for i in keep], sha256=[plan.shas[i] for i in keep],
         groups=[plan.groups[i] for i in keep], class_names=source.class_names, fingerprint=fp, root=source.root,
-        skipped=sorted(set(summary.skipped)), conflicts=summary.conflicts, attrs=attrs)
+        skipped=sorted(set(skipped)), conflicts=plan.conflicts, attrs=attrs)
     if spec is not None:  # face mode: one row per face, its crop box, and the images without a face
         content.face_index = np.array(face_index, np.int32)
         content.face_boxes = np.array([boxes[k] for k in keys], np.int32).reshape(-1, 4)
@@ -194,11 +204,12 @@ def _content(plan: Plan, keep: list[int], keys: list[str], face_index: list[int]
     return content
 
 
-def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summary: Summary, *, batch_size: int,
-                      workers: int, device: str, dtype: str, commit_every: int, progress: bool,
-                      stop_after: int | None, engine: str, model=None, faces: FaceSpec | None = None) -> None:
-    """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted.
-    Face mode: the rows of an image are its crops, keyed '<sha256>:<face index>', committed with their boxes."""
+def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, *, batch_size: int, workers: int,
+                      device: str, dtype: str, commit_every: int, progress: bool, stop_after: int | None, engine: str,
+                      model=None, faces: FaceSpec | None = None) -> int:
+    """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted. Returns the
+    images embedded. Face mode: the rows of an image are its crops, keyed '<sha256>:<face index>', committed with
+    their boxes."""
     shas, paths = list(todo), list(todo.values())
     stop = {"signal": None}
 
@@ -210,7 +221,7 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
     buf_feat: list[np.ndarray] = []
     buf_fail: dict[str, str] = {}
     buf_box: list[np.ndarray] = []
-    done = 0
+    done = extracted = 0
 
     def commit() -> None:
         feats = np.concatenate(buf_feat) if buf_feat else np.empty((0, bb.dim), np.float32)
@@ -233,7 +244,7 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
             buf_feat.append(feats)
             buf_fail.update({shas[i]: e for i, e in errors.items()})
             images = len(set(idx))
-            summary.extracted += images
+            extracted += images
             done += images + len(errors)
             if len(buf_sha) + len(buf_fail) >= commit_every:
                 commit()
@@ -245,6 +256,7 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, summ
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    return extracted
 
 
 def _ranks(idx: list[int]) -> list[int]:

@@ -58,12 +58,27 @@ class Summary:
 
 @dataclass
 class Plan:
-    shas: list[str]  # one per row, in row order
-    labels: list[int]
-    paths: list[str]
-    groups: list[str | None]
-    stats: list[tuple[int, int, int]]  # (size, mtime_ns, inode) of each row's file when hashed
-    todo: dict[str, str]  # sha -> abspath of images to embed (first path wins for identical images)
+    """What a run will hold, image by image, and what it must embed; and what hashing the files found."""
+    shas: list[str] = field(default_factory=list)  # one per row, in row order
+    labels: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    groups: list[str | None] = field(default_factory=list)
+    stats: list[tuple[int, int, int]] = field(default_factory=list)  # (size, mtime_ns, inode) when hashed
+    todo: dict[str, str] = field(default_factory=dict)  # sha -> abspath to embed (first path wins for copies)
+    hashed: int = 0  # files read to hash them (the others were unchanged since the last run)
+    reused: int = 0  # rows whose features are reused
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) files that could not be hashed
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # identical images under two labels
+
+
+@dataclass
+class Reusable:
+    """What an existing store offers a run: its rows by key (sha256, or sha256:face), their face boxes, the store's
+    records (None: nothing to reuse) and how many of its rows failed their checksum."""
+    where: Where = field(default_factory=dict)
+    boxes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    old: Store | None = None
+    damaged: int = 0
 
 
 def shard_of(sha: str, num_shards: int) -> int:
@@ -94,48 +109,46 @@ def store_rows(plan: Plan, where: Where, partial: Partial, spec: FaceSpec | None
     return keep, keys, index
 
 
-def reusable_rows(target: Path, fp: dict, force: bool, summary: Summary
-                  ) -> tuple[Where, dict[str, tuple[int, ...]], Store | None]:
-    """Rows of the existing store at `target` that may be reused (same backbone, checksum intact), by row key;
-    their face boxes (face mode); and its metadata (None when there is nothing to reuse)."""
+def reusable_rows(target: Path, fp: dict, force: bool) -> Reusable:
+    """The rows of the existing store at `target` that may be reused (same backbone, checksum intact)."""
     old_fp = store_fingerprint(target)
     if old_fp is not None and old_fp != fp and not force:
         raise UserError(f"{target} was made with other settings "
                         f"({describe_mismatch(fp, old_fp, ('this run', 'the store'))}); "
                         f"use another --out, the same settings, or --force to rebuild it")
     if old_fp != fp:
-        return {}, {}, None
+        return Reusable()
     try:
         old = read_store(target, features=False)
     except UserError:
-        return {}, {}, None  # damaged beyond its features (metadata): rebuilt from the images
+        return Reusable()  # damaged beyond its features (metadata): rebuilt from the images
     bad = damaged_rows(target)
-    summary.damaged = int(bad.sum())
     if old.face_index is None:
-        return {sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, {}, old
+        return Reusable({sha: (target, i) for i, sha in enumerate(old.sha256) if not bad[i]}, {}, old, int(bad.sum()))
     broken = {sha for sha, b in zip(old.sha256, bad) if b}  # an image's crops are reused all together or not at all
     keys = [f"{sha}:{k}" for sha, k in zip(old.sha256, old.face_index.tolist())]
-    return ({key: (target, i) for i, (key, sha) in enumerate(zip(keys, old.sha256)) if sha not in broken},
-            {key: tuple(int(v) for v in b) for key, b in zip(keys, old.face_boxes)}, old)
+    return Reusable({key: (target, i) for i, (key, sha) in enumerate(zip(keys, old.sha256)) if sha not in broken},
+                    {key: tuple(int(v) for v in b) for key, b in zip(keys, old.face_boxes)}, old, int(bad.sum()))
 
 
-def make_plan(source: Source, where: Where, partial: Partial, summary: Summary, num_shards: int, shard_index: int,
-              known: dict, stat_time_ns: int) -> Plan:
-    plan = Plan([], [], [], [], [], {})
+def make_plan(source: Source, where: Where, partial: Partial, num_shards: int, shard_index: int, known: dict,
+              stat_time_ns: int) -> Plan:
+    """Hash every file (one unchanged since `known` by its stat), and list the rows and what is left to embed."""
+    plan = Plan()
     first_label: dict[str, tuple[str, str | None]] = {}
     index = {c: i for i, c in enumerate(source.class_names)}
     for item, (sha, err, stat, how) in zip(source.items, hash_items(source.items, known=known,
                                                                     stat_time_ns=stat_time_ns)):
-        summary.hashed += how in ("hashed", "racy")
+        plan.hashed += how in ("hashed", "racy")
         if err:
-            summary.skipped.append((item.path, err))
+            plan.skipped.append((item.path, err))
             continue
         if num_shards > 1 and shard_of(sha, num_shards) != shard_index:
             continue
         first = first_label.setdefault(sha, (item.path, item.label))
         if first[1] != item.label:
-            summary.conflicts.append((item.path, f"identical to {first[0]} which is labelled {first[1]!r}, "
-                                                 f"this one {item.label!r}"))
+            plan.conflicts.append((item.path, f"identical to {first[0]} which is labelled {first[1]!r}, "
+                                              f"this one {item.label!r}"))
         plan.shas.append(sha)
         plan.labels.append(index[item.label] if item.label is not None else -1)
         plan.paths.append(item.path)
@@ -143,5 +156,5 @@ def make_plan(source: Source, where: Where, partial: Partial, summary: Summary, 
         plan.stats.append(stat)
         if sha not in where and sha not in partial.failed:
             plan.todo.setdefault(sha, item.abspath)
-    summary.reused = sum(1 for s in plan.shas if s in where)
+    plan.reused = sum(1 for s in plan.shas if s in where)
     return plan
