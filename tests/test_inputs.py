@@ -260,3 +260,23 @@ def test_face_mode_csvs_are_published_together(tmp_path):
         write_prediction_csv(out, preds("y", error=Unwritable()))
     assert (out.read_text(), faces_csv(out).read_text()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "p.faces.csv"]  # no temp or lock left
+
+
+def test_a_12_bit_jpeg_and_a_url_in_a_manifest_are_named_as_such(tmp_path):
+    """Issue #33: a 12-bit JPEG was 'not an image PIL can read (wrong extension or corrupt file)'; a manifest row
+    holding a URL became 'https:/example.com/...: cannot read' (a slash eaten, nothing said about URLs)."""
+    import io
+    from features.input.images import decode
+    b = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(b, "JPEG")
+    data = bytearray(b.getvalue())
+    data[data.index(b"\xff\xc0") + 4] = 12  # the frame header's sample precision
+    (tmp_path / "deep.jpg").write_bytes(data)
+    with pytest.raises(ValueError, match=r"a 12-bit JPEG \(imgsent decodes 8-bit JPEGs\); convert it"):
+        decode(str(tmp_path / "deep.jpg"))
+    make_images(tmp_path / "imgs", per_class=2)
+    (tmp_path / "m.csv").write_text("path,label\nimgs/red/red_00.jpg,red\nhttps://example.com/a.png,red\n"
+                                    "imgs/blue/blue_00.jpg,blue\n")
+    why = dict(discover(tmp_path / "m.csv").problems)
+    assert why["https://example.com/a.png"].startswith("a URL (line 3); imgsent reads local files only and never "
+                                                        "downloads")
