@@ -148,3 +148,9 @@ def test_fresh_clone_repro_reproduces_the_committed_numbers_and_experiments_comp
         assert "out/model/metrics.json" in json.dumps(data["metrics"]) and "cv" in json.dumps(data["metrics"])
     r = run(dvc, "metrics", "diff")
     assert r.returncode == 0 and "failed" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    # the README's recipe shows the experiments in a readable table (issue #32: 127 columns, every cell elided)
+    readme = (ROOT / "README.md").read_text()
+    recipe = next(line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("dvc exp show --drop"))
+    r = subprocess.run(recipe + " --no-pager", shell=True, cwd=work, capture_output=True, text=True,
+                       env={**env, "COLUMNS": "120"}, timeout=300)
+    assert r.returncode == 0 and "cv.macro_f1_mean" in r.stdout and "…" not in r.stdout, r.stdout + r.stderr
