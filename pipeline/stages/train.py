@@ -1,9 +1,10 @@
-"""Stage two: stratified k-fold cross-validation of the head on cached features, temperature calibration on
-the out-of-fold logits, a final fit on every labelled row, and the model directory, written whole or not at all.
+"""Stage two: stratified k-fold cross-validation of the head on cached features, each held-out source adapted
+(heads/adapt.py), temperature calibration on the out-of-fold logits, a final fit on every labelled row, and the
+model directory, written whole or not at all.
 
-    rows = open_rows(stores)           in memory, or read in blocks past cv.memory_budget_mb
-    fold = assign_folds(...)           one rule for every size: stratified, groups and identical images kept whole
-    choose_head(rows, fold, params)    CV of the head (hidden: auto tries two), fit_rows per fold
+    rows, fold = load_rows(stores)     in memory, or read in blocks past cv.memory_budget_mb; one fold rule
+    choose_head(rows, fold, params)    CV of the head(s) under every transform, stress batches; the choices
+    reseeded(...)                      the chosen head's CV again, reseeded: the run-to-run spread
     finish(...)                        calibration, final fit, out-of-distribution reference, the model directory
 """
 from __future__ import annotations
