@@ -48,7 +48,7 @@ def test_planted_label_errors_are_found_with_their_true_class(tmp_path):
     scores = [float(r["score"]) for r in issues]
     assert scores == sorted(scores) and scores[0] < 0  # worst first: the model prefers another class
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "Suspected label errors" in page and "learning_curve.png" in page and "embedding.png" in page
+    assert "Suspected label errors" in page and "alt='learning curve'" in page and "alt='embedding map'" in page
 
 
 def test_label_issues_rank_flipped_labels_first():

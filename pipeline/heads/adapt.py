@@ -86,7 +86,7 @@ def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Refer
 
 def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
     """The Shift of one source (None: 'none', or fewer than MIN_IMAGES images). Needs head.reference.
-    Passes over the source: one for its moments, one per class-mix step."""
+    Passes over the source: one for its moments, one for the class mix as it is, one per class-mix step."""
     n, s1, s2 = 0, 0.0, 0.0
     for x in chunks():
         x = np.asarray(x, np.float64)
