@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the packages ask (features/__init__.py), before torch loads:
+import torch  # noqa: E402 - spinning threads of two test workers on two cores took turns at a crawl
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
