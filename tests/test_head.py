@@ -278,6 +278,25 @@ def test_hidden_auto_keeps_the_preferred_head_unless_the_other_wins_beyond_the_n
     said = (f"[] beat [256] by {diff:.3f}, more than the noise ({noise:.3f})" if want == "[]" else
             "[256] scored highest" if diff <= 0 else f"a tie: [] was ahead of [256] by {diff:.3f}")
     assert any(said in line for line in lines), lines
+    caveat = "without a group column CV saw only sources like the training ones"  # the store has no groups
+    assert (caveat in m["head_choice"]["why"]) == (want == "[]"), m["head_choice"]["why"]
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_a_linear_head_chosen_without_groups_says_what_cv_could_not_see(tmp_path, monkeypatch, groups):
+    """Without a group column, CV's folds mix the training sources: when [] wins there, train-head says that on new
+    sources [256] generalised better and asks for the group (issue #31: never silently pick the head that
+    generalises worse); with groups CV saw new sources and says nothing of the kind."""
+    import pipeline.stages.train as train
+    monkeypatch.setattr(train, "prefer", lambda options: ("[]", "[] beat [256]"))  # what CV found: not this test's
+    store = synthetic_store(tmp_path / "s.h5", n=240, dim=8, groups=groups)
+    lines = []
+    m = train_head(stores=[store], out=str(tmp_path / "m"), progress=lines.append,
+                   params=params(head={"hidden": "auto", "epochs": 5, "adapt": "none"}, cv={"folds": 3, "repeats": 1}))
+    assert m["head_choice"]["chosen"] == []
+    caveat = "without a group column CV saw only sources like the training ones, and on new ones [256] generalised"
+    assert (caveat in m["head_choice"]["why"]) == (groups is None)
+    assert any(caveat in line for line in lines) == (groups is None), lines
 
 
 def test_prefer_keeps_the_first_option_on_a_tie_and_says_why():

@@ -54,6 +54,9 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                                                           (h.adapt, "set in params"))))
     name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in tried]) if len(tried) > 1 else \
         (tried[0][0], "set in params")
+    if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
+        why += f"; without a group column CV saw only sources like the training ones, and on new ones {tried[0][0]} " \
+               "generalised better (docs/evaluation.md): give the group to choose for them"
     _, cand, transform, why_t = next(t for t in tried if t[0] == name)
     chosen = dataclasses.replace(cand.params, head=dataclasses.replace(cand.params.head, adapt=transform))
     choice = {"head_choice": {"chosen": json.loads(name), "why": why,
