@@ -63,10 +63,6 @@ def figure(path: Path, alt: str, extra: str = "") -> str:
     return f"<img class=plot {extra}alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{data}'>"
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def card(split: Split, names: list[str], i: int, pred: int, p_true: float, word: str = "pred") -> str:
     e = html.escape
     src = thumb(split.root, split.paths[i], box=split.boxes[i] if split.boxes is not None else None)

@@ -27,11 +27,13 @@ Deterministic and independent of row order: an array's rows are visited in an or
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
+from features.text import plural
 from pipeline.heads.head import Head, Reference, softmax
 
 TRANSFORMS = ("none", "scale", "affine")  # 'none': each image on its own, as the exported model
@@ -145,6 +147,17 @@ def describe(shift: Shift | None, n: int, transform: str) -> str:
     if transform != "none" and n < MIN_IMAGES:
         return f"no ({n} image{'s' if n != 1 else ''} < {MIN_IMAGES})"
     return "no"
+
+
+def sources_note(per_source: dict[str, str]) -> str:
+    """One line from describe's word per source: '2 sources adapted (affine); 1 source too small to adapt
+    (3 images < 5)', or 'not adapted (the model's transform is none)'."""
+    adapted = Counter(a for a in per_source.values() if not a.startswith("no"))
+    small = [a[len("no ("):-1] for a in per_source.values() if a.startswith("no (")]
+    parts = [f"{plural(k, 'source')} adapted ({a})" for a, k in sorted(adapted.items())]
+    if small:
+        parts.append(f"{plural(len(small), 'source')} too small to adapt ({small[0]}{', ...' if len(small) > 1 else ''})")
+    return "; ".join(parts) or "not adapted (the model's transform is none)"
 
 
 def rows_logits(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transform: str

@@ -3,7 +3,6 @@ source (the store's groups, else the whole store) adapted as the model's CV chos
 Stores from other backbones or with classes the model does not know are refused."""
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +51,3 @@ def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]) -> Heldout
     return Heldout([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root, rows.face_columns(lab),
                    sources[lab].tolist(), adapted, per_source)
 
-
-def adapted_note(per_source: dict[str, str]) -> str:
-    """'2 sources adapted (affine)', '1 source not adapted (3 images < 5)' or 'not adapted'."""
-    kinds = Counter(per_source.values())
-    return ", ".join(f"{n} source{'s' if n > 1 else ''} " + (f"adapted ({a})" if not a.startswith("no") else
-                                                            "not adapted" + a[2:]) for a, n in sorted(kinds.items()))

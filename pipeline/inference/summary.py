@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 from features.errors import short_reason
-from features.text import safe_text
+from features.text import plural, safe_text
+from pipeline.heads.adapt import sources_note
 from pipeline.inference.predictions import Predictions, faces_csv
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def label_lines(pred: Predictions) -> list[str]:
@@ -30,13 +27,7 @@ def adaptation_note(pred: Predictions) -> str:
     """'2 sources adapted (affine); 1 source too small to adapt (3 images < 5)', or why nothing was adapted."""
     if not pred.sources or not any(pred.sources):
         return "each image on its own (--source none)"
-    said = {s: a for s, a, e in zip(pred.sources, pred.adapted, pred.errors) if not e}  # source -> what it rests on
-    adapted = Counter(a for a in said.values() if not a.startswith("no"))
-    small = [a[len("no ("):-1] for a in said.values() if a.startswith("no (")]
-    parts = [f"{plural(k, 'source')} adapted ({a})" for a, k in sorted(adapted.items())]
-    if small:
-        parts.append(f"{plural(len(small), 'source')} too small to adapt ({small[0]}{', ...' if len(small) > 1 else ''})")
-    return "; ".join(parts) or "not adapted (the model's CV chose none)"
+    return sources_note({s: a for s, a, e in zip(pred.sources, pred.adapted, pred.errors) if not e})
 
 
 def summary_line(pred: Predictions, out: str | None) -> str:

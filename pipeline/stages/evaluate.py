@@ -11,7 +11,8 @@ from features.storage.atomic import atomic_dir, check_output, holds_only
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_predictions)
 from pipeline.heads.head import softmax
-from pipeline.inference.heldout import adapted_note, heldout_logits
+from pipeline.heads.adapt import sources_note
+from pipeline.inference.heldout import heldout_logits
 from pipeline.inference.modeldir import load_model_dir
 
 
@@ -62,5 +63,5 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     over = (f" over the {len(names) - len(absent)} classes present ({', '.join(absent)} absent; over all "
             f"{len(names)}: {test['macro_f1_all_classes']:.3f})") if absent else ""
     progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'}); {adapted_note(h.per_source)}")
+             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'}); {sources_note(h.per_source)}")
     return metrics

@@ -19,11 +19,13 @@ import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
-from pipeline.inference.heldout import adapted_note, heldout_logits
+from features.text import plural
+from pipeline.heads.adapt import sources_note
+from pipeline.inference.heldout import heldout_logits
 from pipeline.heads.head import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
-from pipeline.analysis.html import CSS, Split, bootstrap_ci, card, figure, plural
+from pipeline.analysis.html import CSS, Split, bootstrap_ci, card, figure
 from pipeline.analysis.sections import insight_sections
 from pipeline.analysis.plots import plot_confusion, plot_reliability
 
@@ -138,7 +140,7 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
     test = None
     if test_stores:
         h = heldout_logits(head=head, info=info, stores=test_stores)
-        test = Split(f"held-out test store ({adapted_note(h.per_source)})", h.paths, h.labels,
+        test = Split(f"held-out test store ({sources_note(h.per_source)})", h.paths, h.labels,
                      softmax(h.logits, info.temperature), h.root,
                      boxes=np.array([h.faces[k] for k in "xywh"]).T.reshape(-1, 4) if h.faces else None,
                      face=np.array(h.faces["face"]) if h.faces else None)

@@ -16,7 +16,8 @@ from features.errors import UserError
 from features.text import safe_text
 from pipeline.heads.head import softmax
 from pipeline.heads.adapt import rows_logits
-from pipeline.inference.heldout import WHOLE_STORE, adapted_note
+from pipeline.heads.adapt import sources_note
+from pipeline.inference.heldout import WHOLE_STORE
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.inference.ood import knn_distance, load_ood, normalise
 from pipeline.data.rows import image_means, open_rows
@@ -110,5 +111,5 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
                         *[f"{q:.6f}" for q in probs[i]]])
     progress(f"{out}: {len(chosen)} of {len(paths)} unlabelled images to label next, most uncertain first"
              f"{'' if len(chosen) == n else f' (the others are near-duplicates of these at cosine >= {max_similarity})'}"
-             f"{sure_note(probs[chosen].max(1))}; {adapted_note(per_source)}")
+             f"{sure_note(probs[chosen].max(1))}; {sources_note(per_source)}")
     return [paths[i] for i in chosen]
