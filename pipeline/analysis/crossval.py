@@ -141,6 +141,18 @@ def stress_loss(cand: Candidate, transform: str) -> dict[str, tuple[float, float
     return {k: paired_difference(cand.stress[transform][k], cand.stress["none"][k]) for k in cand.stress[transform]}
 
 
+def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) -> dict:
+    """metrics.json's `adaptation`: the transform chosen and why, what CV took as a source, each transform's CV
+    macro-F1, and its stress-batch accuracy, also against none (mean ± two standard errors)."""
+    return {"transform": transform, "why": why, "sources": "manifest groups" if grouped else
+            "each fold's test part (no groups: CV cannot measure a new source)",
+            "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
+            "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
+                                for t, acc in cand.stress.items()},
+            "stress_vs_none": {t: {k: f"{d:+.3f} ± {n:.3f}" for k, (d, n) in stress_loss(cand, t).items()}
+                               for t in cand.oof if t != "none"}}
+
+
 def choose_transform(cand: Candidate) -> tuple[str, str]:
     """`adapt: auto`: the preferred transform (PREFERRED_TRANSFORMS) among those not refused on the stress batches
     (clearly worse than none by more than STRESS_TOLERANCE), unless another of them beats it by more than the

@@ -21,8 +21,8 @@ from features.errors import UserError
 from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
-from pipeline.analysis.crossval import (Candidate, choose_transform, cross_validate, cv_sources, prefer,
-                                        stress_loss)
+from pipeline.analysis.crossval import (Candidate, adaptation_record, choose_transform, cross_validate, cv_sources,
+                                        prefer)
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import AUTO_CANDIDATES, fit_rows
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
@@ -62,13 +62,7 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     choice = {"head_choice": {"chosen": json.loads(name), "why": why,
                               "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
                               "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried}},
-              "adaptation": {"transform": transform, "why": why_t, "sources": "manifest groups" if rows.groups else
-                             "each fold's test part (no groups: CV cannot measure a new source)",
-                             "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
-                             "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
-                                                 for t, acc in cand.stress.items()},
-                             "stress_vs_none": {t: {k: f"{d:+.3f} ± {n:.3f}" for k, (d, n) in stress_loss(cand, t).items()}
-                                                for t in cand.oof if t != "none"}}}
+              "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
     return chosen, cand, transform, choice
 
 
