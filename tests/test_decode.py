@@ -2,7 +2,6 @@
 by replication, as nvJPEG does), damaged JPEGs are refused, decode threads keep order and a bounded window, and 'auto' resolves as documented."""
 import io
 import threading
-import time
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
