@@ -74,24 +74,33 @@ def score(head, x: np.ndarray, y: np.ndarray, transform: str, rng: np.random.Gen
     return out | {k: float(np.mean(v)) for k, v in hits.items()}
 
 
-def main() -> None:
+def arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every LOSO script takes: data sets, backbones, seeds, where the stores go."""
     shared = ROOT.parent / "shared" / "data"
-    ap = argparse.ArgumentParser()
     ap.add_argument("--data", nargs="+", default=[str(shared / "emoji-faces7"), str(shared / "emoji-polarity3")])
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "fer_mini_xception"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work", default="out/bench/loso")
-    args = ap.parse_args()
+    return ap
+
+
+def feature_sets(data: Path, backbones: list[str], work: str) -> dict[str, list[str]]:
+    """Each backbone's store of `data` (extracted under `work`, the style as the group) and, with several, their
+    fusion: name -> store paths."""
+    csv_path = manifest(data, Path(work) / f"{data.name}.csv")
+    stores = {b: str(Path(work) / f"{data.name}_{b}.h5") for b in backbones}
+    for b, s in stores.items():
+        extract(images=str(csv_path), out=s, backbone=b, allow_outside=True, progress=False)
+    return {b: [s] for b, s in stores.items()} | ({"+".join(backbones): list(stores.values())}
+                                                  if len(backbones) > 1 else {})
+
+
+def main() -> None:
+    args = arguments(argparse.ArgumentParser()).parse_args()
     params = load_params(str(ROOT / "params.yaml"))
     for data in map(Path, args.data):
-        csv_path = manifest(data, Path(args.work) / f"{data.name}.csv")
-        stores = {b: str(Path(args.work) / f"{data.name}_{b}.h5") for b in args.backbones}
-        for b, s in stores.items():
-            extract(images=str(csv_path), out=s, backbone=b, allow_outside=True, progress=False)
-        sets = {b: [b] for b in args.backbones} | ({"+".join(args.backbones): args.backbones}
-                                                   if len(args.backbones) > 1 else {})
-        for name, bbs in sets.items():
-            rows = open_rows([stores[b] for b in bbs])
+        for name, paths in feature_sets(data, args.backbones, args.work).items():
+            rows = open_rows(paths)
             groups = np.asarray(rows.groups)
             res: dict[str, list[dict]] = {}  # row of the table -> per seed, the mean over styles of score()
             chose: Counter = Counter()

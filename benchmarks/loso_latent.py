@@ -21,8 +21,7 @@ from sklearn.cluster import KMeans
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from loso import held_out, manifest, score  # noqa: E402
-from features.extract import extract  # noqa: E402
+from loso import arguments, feature_sets, held_out, score  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 
@@ -41,23 +40,13 @@ def latent_groups(rows, train: np.ndarray, style: str, clusters: int) -> list[st
 
 
 def main() -> None:
-    shared = ROOT.parent / "shared" / "data"
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", nargs="+", default=[str(shared / "emoji-faces7"), str(shared / "emoji-polarity3")])
-    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "fer_mini_xception"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap = arguments(argparse.ArgumentParser())
     ap.add_argument("--clusters", type=int, default=6)
-    ap.add_argument("--work", default="out/bench/loso")
     args = ap.parse_args()
     params = load_params(str(ROOT / "params.yaml"))
     for data in map(Path, args.data):
-        csv_path = manifest(data, Path(args.work) / f"{data.name}.csv")
-        stores = {b: str(Path(args.work) / f"{data.name}_{b}.h5") for b in args.backbones}
-        for b, s in stores.items():
-            extract(images=str(csv_path), out=s, backbone=b, allow_outside=True, progress=False)
-        sets = {b: [b] for b in args.backbones} | {"+".join(args.backbones): args.backbones}
-        for name, bbs in sets.items():
-            rows = open_rows([stores[b] for b in bbs])
+        for name, paths in feature_sets(data, args.backbones, args.work).items():
+            rows = open_rows(paths)
             styles = np.asarray(rows.groups)
             f1: dict[str, list[float]] = {"grouped": [], "none": [], "latent": []}
             for seed in args.seeds:
