@@ -42,6 +42,8 @@ MIN_IMAGES = 5
 CLASS_MIX_STEPS = 3
 MAX_RATIO = 10.0  # never amplify or damp a dimension by more than this
 CHUNK = 4096  # rows per step over an in-memory source
+RECIPE = {"prior_images": PRIOR_IMAGES, "min_images": MIN_IMAGES, "class_mix_steps": CLASS_MIX_STEPS}  # model.json
+# records it; a model adapted by another recipe is refused
 
 Chunks = Callable[[], Iterator[np.ndarray]]  # a source's raw features (r, D), the same rows in the same order each call
 

@@ -16,6 +16,11 @@ from pipeline.inference.modeldir import ModelInfo
 WHOLE_STORE = "(whole store)"  # the source name of a store without groups
 
 
+def store_sources(rows) -> np.ndarray:
+    """The source of each store row (N,) as predict would adapt it: its group, else the whole store."""
+    return np.asarray(rows.groups if rows.groups is not None else [WHOLE_STORE] * len(rows), dtype=str)
+
+
 @dataclass
 class Heldout:
     """The labelled rows of held-out store(s)."""
@@ -46,7 +51,7 @@ def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]) -> Heldout
     lab = labels >= 0
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
-    sources = np.asarray(rows.groups if rows.groups is not None else [WHOLE_STORE] * len(rows), dtype=str)
+    sources = store_sources(rows)
     logits, adapted, per_source = rows_logits(head, rows, lab, sources, info.adapt)
     return Heldout([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root, rows.face_columns(lab),
                    sources[lab].tolist(), adapted, per_source)

@@ -1,7 +1,8 @@
 """The model directory on disk: head.npz (the head's arrays and the training statistics a new source is adapted
 to, read with allow_pickle=False: no code, no torch) + model.json (classes, backbone fingerprints, head shape,
-temperature, the adaptation chosen, params, store paths, the checksum of head.npz). Written whole or not at all by the train stage; every field is validated against head.npz before
-use, and any mismatch is one line naming the file.
+temperature, the adaptation chosen, params, store paths, the checksum of head.npz). Written whole or not at all
+by the train stage; every field is validated against head.npz before use, and any mismatch is one line naming
+the file.
 """
 from __future__ import annotations
 
@@ -85,8 +86,7 @@ def save_model_dir(d: Path, head: Head, info: ModelInfo) -> None:
             # relative to the model directory: model.json is then the same file in every checkout of a project
             "stores": [_relative(s, d) for s in info.stores], "image_root": _relative(info.image_root, d),
             "head_sha256": sha256_file(d / HEAD), "ood": info.ood,
-            "adaptation": {"transform": info.adapt, "prior_images": adapt.PRIOR_IMAGES, "min_images": adapt.MIN_IMAGES,
-                           "class_mix_steps": adapt.CLASS_MIX_STEPS}}
+            "adaptation": {"transform": info.adapt, **adapt.RECIPE}}
     (d / "model.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -146,11 +146,11 @@ def _parse_info(f: Path) -> tuple[ModelInfo, str]:
     _need(ood is None or isinstance(ood, dict) and isinstance(ood.get("sha256"), str), f,
           "ood must be null or a record with the sha256 of ood.npz")
     a = meta.get("adaptation")
-    recipe = {"prior_images": adapt.PRIOR_IMAGES, "min_images": adapt.MIN_IMAGES, "class_mix_steps": adapt.CLASS_MIX_STEPS}
     _need(isinstance(a, dict) and a.get("transform") in adapt.TRANSFORMS, f,
           f"adaptation must name a transform ({', '.join(adapt.TRANSFORMS)})")
-    _need({k: a.get(k) for k in recipe} == recipe, f, f"adapted by another recipe ({ {k: a.get(k) for k in recipe} } "
-          f"!= this imgsent's {recipe}), made by another imgsent")
+    theirs = {k: a.get(k) for k in adapt.RECIPE}
+    _need(theirs == adapt.RECIPE, f, f"adapted by another recipe ({theirs} != this imgsent's {adapt.RECIPE}), made by "
+          "another imgsent")
     info = ModelInfo(class_names=names, backbones=bbs, backbone_weights=weights, hidden=tuple(h["hidden"]),
                      dim=h["dim"], dropout=float(h["dropout"]), temperature=float(t),
                      stores=[_absolute(s, f.parent) for s in stores],

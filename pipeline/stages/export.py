@@ -2,8 +2,9 @@
 
 Contract of the exported model: input uint8 (B, H, W, 3) RGB, any H and W (resizing happens inside the
 graph, by the same `resize_crop` the extractor uses); output float (B, C) calibrated class probabilities
-in class order, each image on its own: no adaptation to its source (heads/adapt.py), as `predict --source none`. Class names and fingerprints travel in the file's metadata:
-TorchScript `_extra_files["imgsent.json"]`, ONNX `metadata_props["imgsent"]`.
+in class order, each image on its own: no adaptation to its source (heads/adapt.py), as `predict --source none`.
+Class names and fingerprints travel in the file's metadata: TorchScript `_extra_files["imgsent.json"]`, ONNX
+`metadata_props["imgsent"]`.
 """
 from __future__ import annotations
 

@@ -15,9 +15,8 @@ from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
 from features.text import safe_text
 from pipeline.heads.head import softmax
-from pipeline.heads.adapt import rows_logits
-from pipeline.heads.adapt import sources_note
-from pipeline.inference.heldout import WHOLE_STORE
+from pipeline.heads.adapt import rows_logits, sources_note
+from pipeline.inference.heldout import store_sources
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.inference.ood import knn_distance, load_ood, normalise
 from pipeline.data.rows import image_means, open_rows
@@ -76,8 +75,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
                         "CSV without a label column) to get suggestions")
     ref = load_ood(Path(model_dir), info.ood, info.dim)[0] if info.ood else None
     # as predict would: each source (the store's groups, else the whole store) adapted by the model's transform
-    sources = np.asarray(rows.groups if rows.groups is not None else [WHOLE_STORE] * len(rows), dtype=str)
-    logits, _, per_source = rows_logits(head, rows, todo, sources, info.adapt)
+    logits, _, per_source = rows_logits(head, rows, todo, store_sources(rows), info.adapt)
     probs = softmax(logits, info.temperature)  # (M, C) calibrated
     ood = []  # out-of-distribution score (b,) per block of the store
     for start, x in rows.blocks(todo):
