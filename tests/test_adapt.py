@@ -137,3 +137,24 @@ def test_a_streamed_store_adapts_as_the_array_does(transform, tmp_path):
     b = rows_logits(head, Streamed(), test, np.asarray(rows.groups), transform)[0]
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert fit_shift(head, lambda: iter([rows.features[test]]), transform) is not None
+
+
+@pytest.mark.parametrize("edit", [{"prior_images": 16}, {"class_mix_steps": None}, {"transform": "rank"}])
+def test_a_model_adapted_by_another_recipe_is_refused_naming_the_file(tmp_path, edit):
+    """model.json records the adaptation recipe (heads/adapt.RECIPE) and its transform; a model made with another
+    one would predict other numbers here, so loading it is one line naming model.json."""
+    import json
+    from features.errors import UserError
+    from features.synthetic import synthetic_store
+    from pipeline.inference.modeldir import load_model_dir
+    from pipeline.stages.train import train_head
+    store = synthetic_store(tmp_path / "s.h5", n=120, dim=8, groups=3)
+    train_head(stores=[store], out=str(tmp_path / "m"), progress=lambda s: None,
+               params=params(head={"hidden": [], "adapt": "affine"}, cv={"folds": 3, "repeats": 1}))
+    load_model_dir(tmp_path / "m")  # as written: loads
+    f = tmp_path / "m" / "model.json"
+    meta = json.loads(f.read_text())
+    meta["adaptation"] |= edit
+    f.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"{f}: .*(another recipe|must name a transform)"):
+        load_model_dir(tmp_path / "m")
