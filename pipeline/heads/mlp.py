@@ -17,6 +17,8 @@ from pipeline.heads.head import Head
 # ~1.7x faster head training (benchmarks/head_speed.py); inference stays fp32.
 BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 VAL_EVERY = 50  # steps between validation checks, at most
+MIN_CHECK_STEPS = 5  # steps between checks, at least: on small data an epoch is one or two mini-batches, too
+# noisy under dropout to judge progress by (docs/benchmarks.md, "Stopping on small data")
 
 
 class Dropout(nn.Dropout):
@@ -125,9 +127,9 @@ def _weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weigh
 class MLPHead:
     """fit(X, y) -> self; then predict_proba(X), and the fitted `head_` (a Head), `mean_`, `scale_`, `n_steps_`.
     Adam on mini-batches of the standardised rows; with `val`, the head that was best on it (checked once per
-    epoch, or every VAL_EVERY steps on long epochs); without, the last one, once the mean training loss of an
-    epoch improved by less than `tol` over `patience` epochs (or after `epochs`). Deterministic given
-    random_state; torch's global RNG is left as it was."""
+    epoch, or every VAL_EVERY steps on long epochs); without, the last one, once the mean training loss (of whole
+    epochs, at least MIN_CHECK_STEPS steps) improved by less than `tol` over `patience` checks (or after `epochs`).
+    Deterministic given random_state; torch's global RNG is left as it was."""
 
     def __init__(self, *, n_classes: int, hidden: tuple[int, ...] = (256,), dropout: float = 0.3, lr: float = 1e-3,
                  weight_decay: float = 1e-4, epochs: int = 60, batch_size: int = 128, patience: int = 3,
@@ -147,8 +149,10 @@ class MLPHead:
                                np.random.default_rng(seed), torch.Generator().manual_seed(seed))
         # What is checked, and when: the loss on `val` once per epoch, or every VAL_EVERY steps when epochs are
         # longer (on large data the best head often comes within the first epoch); without `val`, the mean
-        # training loss of each epoch at its end.
-        check_every = max(1, min(-(-len(y) // bs), VAL_EVERY))
+        # training loss per row since the last check, at the end of an epoch. Either way MIN_CHECK_STEPS steps
+        # apart. Per row, not per batch: 133 rows are batches of 128 and 5, and the 5 rows' loss weighed as much
+        # as the 128's stopped the head after 16-48 steps at 0.66-0.88 training accuracy.
+        check_every = max(MIN_CHECK_STEPS, min(-(-len(y) // bs), VAL_EVERY))
         xv = torch.from_numpy((np.asarray(val[0], np.float32) - self.mean_) / self.scale_) \
             if val is not None and len(val[1]) else None  # (V, D)
         yv = torch.from_numpy(np.asarray(val[1])) if xv is not None else None
@@ -157,7 +161,8 @@ class MLPHead:
             model = HeadNet(len(self.mean_), tuple(self.hidden), C, self.dropout)
             opt = Adam(model.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             loss_fn = nn.CrossEntropyLoss(weight=weight)
-            stopper, best, step, epoch_loss, epoch_steps = EarlyStopping(self.patience, self.tol), None, 0, 0.0, 0
+            stopper, best, step = EarlyStopping(self.patience, self.tol), None, 0
+            seen_loss, seen_rows, last_check = 0.0, 0, 0  # the training loss summed per row since the last check
             for xb, yb, wb, epoch_ends in batches:
                 # one Adam step on a mini-batch (bs, D)
                 model.train()
@@ -167,18 +172,17 @@ class MLPHead:
                 loss = _weighted_loss(logits.float(), yb, wb, weight, loss_fn, sample_weight is not None)
                 loss.backward()
                 opt.step()
-                step, epoch_steps, epoch_loss = step + 1, epoch_steps + 1, epoch_loss + loss.detach()
+                step, seen_loss, seen_rows = step + 1, seen_loss + loss.detach() * len(yb), seen_rows + len(yb)
                 # a check now? then the one stop rule (EarlyStopping): no new best for `patience` checks, or converged
                 checked = None
                 if xv is not None and step % check_every == 0:
                     model.eval()
                     with torch.no_grad():
                         checked = loss_fn(model(xv), yv).item()
-                elif xv is None and epoch_ends:
-                    checked = float(epoch_loss) / epoch_steps
-                if epoch_ends:
-                    epoch_loss, epoch_steps = 0.0, 0
+                elif xv is None and epoch_ends and step - last_check >= MIN_CHECK_STEPS:
+                    checked = float(seen_loss) / seen_rows
                 if checked is not None:
+                    seen_loss, seen_rows, last_check = 0.0, 0, step
                     stopper.update(checked)
                     if xv is not None and stopper.improved:
                         best = model.layers()  # with `val`, the head that was best on it is kept
