@@ -275,7 +275,7 @@ def test_integer_sample_weights_equal_repeated_rows(Head):
 
 def test_hidden_auto_keeps_the_preferred_head_unless_the_other_wins_beyond_the_noise(tmp_path):
     """`hidden: auto` cross-validates [256] and [] on the same folds and keeps [256] unless [] beats it by more than
-    two standard errors of their per-fold differences (issue #31: a tie decided by noise chose the head that
+    the noise of their per-fold differences (issue #31: a tie decided by noise chose the head that
     generalised worse); the model, its CV score, metrics.json and the printed line agree with that rule."""
     from pipeline.analysis.crossval import paired_difference
     from pipeline.inference.modeldir import load_model_dir
@@ -319,8 +319,19 @@ def test_prefer_keeps_the_first_option_on_a_tie_and_says_why():
     assert prefer([("[256]", [0.70, 0.60, 0.65]), ("[]", [0.72, 0.58, 0.69])])[0] == "[256]"  # +0.013 +- 0.04
     name, why = prefer([("[256]", [0.70, 0.60, 0.65]), ("[]", [0.75, 0.66, 0.70])])  # +0.053 every fold
     assert name == "[]" and why.startswith("[] beat [256] by 0.053")
+    # ahead by 0.02, 0.05, 0.08: a tie, since with 3 folds the noise is t(2 df) = 4.30 standard errors (0.075);
+    # two standard errors (0.035) would call it a win
+    name, why = prefer([("[256]", [0.70, 0.60, 0.65]), ("[]", [0.72, 0.65, 0.73])])
+    assert name == "[256]" and why.startswith("a tie: [] was ahead of [256] by 0.050, within the noise (0.075)"), why
     name, why = prefer([("affine", [0.5, 0.6]), ("none", [0.53, 0.58])])
     assert name == "affine" and why.startswith("a tie: none was ahead of affine by 0.005")
+
+
+def test_the_noise_quantile_is_students_t():
+    from scipy.stats import t
+    from pipeline.analysis.crossval import t975
+    for df in range(1, 300):
+        assert abs(t975(df) - t.ppf(0.975, df)) < 0.003, df
 
 
 def test_a_transform_that_clearly_loses_on_stress_batches_is_refused():
