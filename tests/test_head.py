@@ -148,8 +148,8 @@ def test_no_slice_when_a_class_would_put_too_few_images_in_it():
 
 
 def test_mlp_without_a_slice_stops_once_its_training_loss_converges(tmp_path, monkeypatch):
-    """No validation slice: the hidden-layer head stops when an epoch's mean training loss improves by less than
-    `tol` over `patience` epochs, long before a huge `epochs` budget."""
+    """No validation slice: the hidden-layer head stops when its mean training loss improves by less than `tol`
+    over `patience` checks, long before a huge `epochs` budget."""
     import pipeline.heads.mlp as mlp
     epochs = []
     real = mlp._epoch
