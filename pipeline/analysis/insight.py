@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.analysis.crossval import cv_sources
+from pipeline.analysis.crossval import cv_sources, t975
 from pipeline.heads.adapt import rows_logits
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.params import Params
@@ -49,7 +49,8 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
                    sizes: tuple[int, ...] = SIZES) -> list[dict]:
     """Per size n: every class's training rows in each fold cut to at most n (a seeded random subset), the head
     trained as train-head trains it, macro-F1 on the fold's full test rows; mean over folds and a 95% interval
-    (mean +- 1.96 standard errors, clipped to [0, 1]). The last point is every training image."""
+    (mean +- Student's t with k - 1 degrees of freedom times the standard error, as crossval.paired_difference;
+    clipped to [0, 1]). The last point is every training image."""
 
     lab = rows.labels >= 0
     k = int(fold.max()) + 1
@@ -73,10 +74,10 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
             te = fold == j
             pred = rows_logits(head, rows, te, sources, params.head.adapt)[0].argmax(1)  # as CV predicted
             f1.append(classification_metrics(rows.labels[te], pred, rows.class_names)["macro_f1"])
-        m, se = float(np.mean(f1)), float(np.std(f1, ddof=1) / np.sqrt(k)) if k > 1 else 0.0
+        m, half = float(np.mean(f1)), float(t975(k - 1) * np.std(f1, ddof=1) / np.sqrt(k)) if k > 1 else 0.0
         most = max(int(np.bincount(rows.labels[lab & (fold != j)]).max()) for j in range(k))  # all training rows
         out.append({"per_class": n if n is not None else most,
-                    "all": n is None, "macro_f1": m, "lo": max(0.0, m - 1.96 * se), "hi": min(1.0, m + 1.96 * se)})
+                    "all": n is None, "macro_f1": m, "lo": max(0.0, m - half), "hi": min(1.0, m + half)})
     return out
 
 
