@@ -11,6 +11,7 @@ from pipeline.data.folds import assign_folds
 from pipeline.data.rows import Rows
 from pipeline.heads.adapt import MIN_IMAGES, fit_shift, rows_logits, source_logits, value_order
 from pipeline.heads.fitting import fit_rows
+from pipeline.heads.head import softmax
 from tests.conftest import params
 
 D, C = 24, 3
@@ -55,6 +56,24 @@ def test_a_shifted_new_source_is_recovered_and_a_skewed_known_one_is_left_alone(
     plain = (source_logits(head, xk, "none")[0].argmax(1) == yk).mean()
     for t in ("scale", "affine"):
         assert (source_logits(head, xk, t)[0].argmax(1) == yk).mean() >= plain - 0.02, t
+
+
+def test_an_unsure_head_reads_a_two_class_batch_as_two_classes():
+    """The class mix is estimated by counting the head's answers, not by its mean probability: a head that answers
+    right but unsure (probabilities near even, as on a new source) would read a batch of two classes as a mix of all
+    three, centre it on the wrong training statistics and lose accuracy to no adaptation."""
+    rows = _world(separation=3.0)
+    test = np.asarray(rows.groups) == "style3"
+    sure = _head(rows, ~test)
+    *hidden, (w, b) = sure.layers
+    unsure = dataclasses.replace(sure, layers=[*hidden, (w / 50, b / 50)])  # the same answers, softer
+    known = ~test & (rows.labels < 2)  # a training source's images of classes a and b only
+    x, y = rows.features[known], rows.labels[known]
+    assert (unsure.logits(x).argmax(1) == y).mean() > 0.95 and softmax(unsure.logits(x)).max(1).mean() < 0.5
+    shift = source_logits(unsure, x, "affine")[1]
+    np.testing.assert_allclose(shift.class_mix, np.bincount(y, minlength=C) / len(y), atol=0.05)
+    plain = (unsure.logits(x).argmax(1) == y).mean()
+    assert (source_logits(unsure, x, "affine")[0].argmax(1) == y).mean() >= plain - 0.02
 
 
 def test_fewer_than_min_images_are_never_adapted():
@@ -139,7 +158,8 @@ def test_a_streamed_store_adapts_as_the_array_does(transform, tmp_path):
     assert fit_shift(head, lambda: iter([rows.features[test]]), transform) is not None
 
 
-@pytest.mark.parametrize("edit", [{"prior_images": 16}, {"class_mix_steps": None}, {"transform": "rank"}])
+@pytest.mark.parametrize("edit", [{"prior_images": 16}, {"class_mix_steps": None}, {"class_mix": "probabilities"},
+                                  {"transform": "rank"}])
 def test_a_model_adapted_by_another_recipe_is_refused_naming_the_file(tmp_path, edit):
     """model.json records the adaptation recipe (heads/adapt.RECIPE) and its transform; a model made with another
     one would predict other numbers here, so loading it is one line naming model.json."""

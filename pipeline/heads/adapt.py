@@ -14,10 +14,14 @@ Wang et al. 2021, adapts the same statistics). Here a source is compared with wh
     offset     = n / (n + N0) * (mean_b - ratio * centre(pi))           ('affine'; 0 for 'scale')
     z          = (x - offset) / ratio                                    what the head sees
 
-pi starts as the head's mean probability on the batch as it is, and is re-estimated CLASS_MIX_STEPS times as its
-mean probability on the adapted batch (Saerens et al. 2002's class-mix estimate, without its re-weighting, which
-measured worse). Starting from the training class mix instead, a skewed batch of a known source was dragged
-toward the training centre and misread (tests/test_adapt.py).
+pi starts as the share of the batch's images the head assigns to each class (classify and count, Forman 2008),
+and is re-estimated CLASS_MIX_STEPS times as that share on the adapted batch. The head's mean probability instead
+(probabilistic classify and count, Bella et al. 2010) is pulled toward an even mix wherever the head is unsure,
+which a new source makes it: on a weak head (the FER expert alone) a batch of two classes was read as a mix of
+all, centred on the wrong training statistics, and lost 0.03 accuracy to no adaptation; counting, at most 0.005
+(docs/benchmarks.md). Saerens et al. 2002's re-weighting needs calibrated probabilities and measured worse still.
+Starting from the training class mix instead, a skewed batch of a known source was dragged toward the training
+centre and misread (tests/test_adapt.py).
 N0 = PRIOR_IMAGES: the training statistics count as that many images (the prior strength of Schneider et al.
 2020), so a small batch moves little and one image not at all. Sources of fewer than MIN_IMAGES are not
 adapted. Measured on 5 emoji styles (benchmarks/loso.py, docs/evaluation.md).
@@ -34,7 +38,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from features.text import plural
-from pipeline.heads.head import Head, Reference, softmax
+from pipeline.heads.head import Head, Reference
 
 TRANSFORMS = ("none", "scale", "affine")  # 'none': each image on its own, as the exported model
 PRIOR_IMAGES = 8
@@ -42,8 +46,9 @@ MIN_IMAGES = 5
 CLASS_MIX_STEPS = 3
 MAX_RATIO = 10.0  # never amplify or damp a dimension by more than this
 CHUNK = 4096  # rows per step over an in-memory source
-RECIPE = {"prior_images": PRIOR_IMAGES, "min_images": MIN_IMAGES, "class_mix_steps": CLASS_MIX_STEPS}  # model.json
-# records it; a model adapted by another recipe is refused
+# model.json records the recipe; a model adapted by another recipe is refused
+RECIPE = {"prior_images": PRIOR_IMAGES, "min_images": MIN_IMAGES, "class_mix_steps": CLASS_MIX_STEPS,
+          "class_mix": "counts"}
 
 Chunks = Callable[[], Iterator[np.ndarray]]  # a source's raw features (r, D), the same rows in the same order each call
 
@@ -101,11 +106,16 @@ def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
         raise ValueError("the head has no reference statistics to adapt to")
     mean = s1 / n
     var = np.maximum(s2 / n - mean ** 2, 0.0)
-    pi = sum(softmax(head.logits(np.asarray(x, np.float32))).sum(0, dtype=np.float64) for x in chunks()) / n
+    pi = class_mix(head, (np.asarray(x, np.float32) for x in chunks()), n)
     for _ in range(CLASS_MIX_STEPS):
         shift = _shift(transform, n, mean, var, head.reference, pi)
-        pi = sum(softmax(head.logits(shift.apply(x))).sum(0, dtype=np.float64) for x in chunks()) / n
+        pi = class_mix(head, (shift.apply(x) for x in chunks()), n)
     return _shift(transform, n, mean, var, head.reference, pi)
+
+
+def class_mix(head: Head, xs: Iterator[np.ndarray], n: int) -> np.ndarray:
+    """(C,) the share of the n rows of xs (chunks (r, D)) that the head assigns to each class (module docstring)."""
+    return sum(np.bincount(head.logits(x).argmax(1), minlength=head.n_classes) for x in xs) / n
 
 
 @functools.lru_cache(maxsize=8)
