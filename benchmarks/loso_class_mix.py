@@ -6,8 +6,11 @@ and count, Bella et al. 2010: until 2026-12-03), and Saerens et al. 2002's EM re
 
 Leave-one-style-out on the shared emoji as benchmarks/loso.py (its stores under --work), with the head fixed to
 `[256]` and the transform to `affine`, so that only the estimator differs: macro-F1 on the held-out style (± the
-std over seeds) and accuracy on its batches, each against no adaptation; the last column is the worst of the
-four stress-batch differences (one class at 60%, two classes, 5 and 10 images).
+std over seeds) and accuracy on its batches, each against no adaptation; then the worst of the four stress-batch
+differences (one class at 60%, two classes, 5 and 10 images), and how far each estimate is from the batch's true
+class mix (total variation) on the whole style and on the skewed batches. The `none` row's distances are the
+training class mix's: every shared style holds the same emoji, so a whole held-out style has the training mix,
+which favours an estimate that leans toward it; a user's folder need not.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from loso import arguments, feature_sets, score  # noqa: E402
-from pipeline.analysis.crossval import STRESS  # noqa: E402
+from pipeline.analysis.crossval import STRESS, stress_batches  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
 from pipeline.heads import adapt  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
@@ -45,6 +48,17 @@ def saerens_em(head, xs, n: int, steps: int = 20) -> np.ndarray:
     return q
 
 
+def mix_error(head, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, prior: bool = False) -> dict[str, float]:
+    """Total variation between the estimated class mix (adapt: affine) and the true one: the whole style, and the
+    mean over its skewed stress batches (one class at 60%, two classes). prior: the training class mix instead."""
+    def tv(rows: np.ndarray) -> float:
+        true = np.bincount(y[rows], minlength=head.n_classes) / len(rows)
+        est = head.reference.prior if prior else adapt.source_logits(head, x[rows], "affine")[1].class_mix
+        return 0.5 * float(np.abs(est - true).sum())
+    skewed = [tv(b) for kind, b in stress_batches(y, np.arange(len(y)), rng) if kind in STRESS[:2]]
+    return {"mix error, whole": tv(np.arange(len(y))), "mix error, skewed": float(np.mean(skewed))}
+
+
 ESTIMATORS = {"counts (default)": adapt.class_mix, "mean probability": mean_probability, "Saerens EM": saerens_em}
 
 
@@ -63,11 +77,13 @@ def main() -> None:
                     te = groups == style
                     head = fit_rows(rows, ~te, head_params, seed)
                     x, y = rows.features[te], rows.labels[te]
-                    per.setdefault("none", []).append(score(head, x, y, "none", np.random.default_rng(seed)))
+                    per.setdefault("none", []).append(score(head, x, y, "none", np.random.default_rng(seed))
+                                                      | mix_error(head, x, y, np.random.default_rng(seed), True))
                     for key, estimator in ESTIMATORS.items():
                         adapt.class_mix = estimator  # fit_shift looks it up at each call
                         try:
-                            per.setdefault(key, []).append(score(head, x, y, "affine", np.random.default_rng(seed)))
+                            per.setdefault(key, []).append(score(head, x, y, "affine", np.random.default_rng(seed))
+                                                           | mix_error(head, x, y, np.random.default_rng(seed)))
                         finally:
                             adapt.class_mix = ESTIMATORS["counts (default)"]
                 for key, scores in per.items():
@@ -75,13 +91,14 @@ def main() -> None:
             mean = {key: {k: np.mean([s[k] for s in seeds]) for k in seeds[0]} for key, seeds in res.items()}
             print(f"\n{data.name} {name}: [256] affine, {len(set(groups))} styles x {len(args.seeds)} seeds")
             print(f"{'':18s} {'macro-F1':>14s}  " + " ".join(f"{k:>17s}" for k in ("whole", *STRESS))
-                  + f" {'worst vs none':>14s}")
+                  + f" {'worst vs none':>14s} {'mix error, whole':>17s} {'mix error, skewed':>18s}")
             for key, seeds in res.items():
                 f1 = [s["F1"] for s in seeds]
                 worst = min(mean[key][k] - mean["none"][k] for k in STRESS)
                 print(f"{key:18s} {np.mean(f1):7.3f} ± {np.std(f1):.3f}  "
                       + " ".join(f"{mean[key][k]:17.3f}" for k in ("whole", *STRESS))
-                      + ("" if key == "none" else f" {worst:+14.3f}"), flush=True)
+                      + (f" {'':>14s}" if key == "none" else f" {worst:+14.3f}")
+                      + f" {mean[key]['mix error, whole']:17.3f} {mean[key]['mix error, skewed']:18.3f}", flush=True)
 
 
 if __name__ == "__main__":
