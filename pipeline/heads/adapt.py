@@ -106,7 +106,7 @@ def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
         raise ValueError("the head has no reference statistics to adapt to")
     mean = s1 / n
     var = np.maximum(s2 / n - mean ** 2, 0.0)
-    pi = class_mix(head, (np.asarray(x, np.float32) for x in chunks()), n)
+    pi = class_mix(head, chunks(), n)  # head.logits takes the raw chunks as they are
     for _ in range(CLASS_MIX_STEPS):
         shift = _shift(transform, n, mean, var, head.reference, pi)
         pi = class_mix(head, (shift.apply(x) for x in chunks()), n)
