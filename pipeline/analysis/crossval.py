@@ -83,17 +83,20 @@ def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Gener
 def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
                    on_fold=lambda: None, stress: bool = True) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
-    source adapted on its own) and, with `stress`, its stress batches scored."""
+    source adapted on its own) and, with `stress`, its stress batches scored (only when some transform adapts:
+    they measure what adapting costs against none)."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     sources = cv_sources(rows.groups, fold)
     cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
                      {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms})
+    adapts = any(t != "none" for t in transforms)  # else no reference statistics and no stress batches are needed
+    stress = stress and adapts
     scored = tuple(dict.fromkeys(("none", *transforms)))  # stress batches are scored against none as well
     hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in scored}
     rng = np.random.default_rng(seed)
     for j in range(int(fold.max()) + 1):
-        head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val)
+        head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapts)
         te = fold == j
         for t in transforms:
             cand.oof[t][te], said, _ = rows_logits(head, rows, te, sources, t)

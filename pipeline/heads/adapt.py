@@ -54,19 +54,21 @@ Chunks = Callable[[], Iterator[np.ndarray]]  # a source's raw features (r, D), t
 
 
 def fit_reference(pairs, n_classes: int) -> Reference:
-    """The Reference of training rows given as (raw features (r, D), labels (r,)) pairs, sums in float64."""
+    """The Reference of training rows given as (raw features (r, D), labels (r,)) pairs. One pass: each pair's
+    rows class by class (a stable sort of the labels), summed in float64 from the float32 rows without a float64
+    copy, so every sum is the same sequence of additions on every machine."""
     sums = sqs = None
     counts = np.zeros(n_classes)
     for x, y in pairs:
         if sums is None:
             sums, sqs = np.zeros((n_classes, x.shape[1])), np.zeros((n_classes, x.shape[1]))
-        order = np.argsort(y, kind="stable")  # rows class by class: one reduceat per class run
-        x, y = np.asarray(x, np.float64)[order], y[order]
-        starts = np.flatnonzero(np.r_[True, y[1:] != y[:-1]]) if len(y) else np.zeros(0, int)
-        if len(starts):
-            sums[y[starts]] += np.add.reduceat(x, starts)
-            sqs[y[starts]] += np.add.reduceat(x * x, starts)
-            counts += np.bincount(y, minlength=n_classes)
+        order = np.argsort(y, kind="stable")
+        bounds = np.searchsorted(y[order], np.arange(n_classes + 1))  # class c: order[bounds[c]:bounds[c + 1]]
+        for c in np.flatnonzero(np.diff(bounds)):
+            xc = np.asarray(x[order[bounds[c]:bounds[c + 1]]], np.float32)  # (r_c, D)
+            sums[c] += xc.sum(0, dtype=np.float64)
+            sqs[c] += np.einsum("ij,ij->j", xc, xc, dtype=np.float64)
+        counts += np.bincount(y, minlength=n_classes)
     n = np.maximum(counts, 1)[:, None]
     return Reference((sums / n).astype(np.float32), (sqs / n).astype(np.float32),
                      (counts / counts.sum()).astype(np.float32))
@@ -82,7 +84,8 @@ class Shift:
     class_mix: np.ndarray  # (C,) the source's estimated class mix
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.offset) / self.ratio).astype(np.float32)
+        """Raw features (r, D) -> adapted (r, D) float32, computed in float32 (a float64 pass cost 4x)."""
+        return (np.asarray(x, np.float32) - self.offset.astype(np.float32)) / self.ratio.astype(np.float32)
 
 
 def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Reference, pi: np.ndarray) -> Shift:
@@ -96,11 +99,13 @@ def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Refer
 def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
     """The Shift of one source (None: 'none', or fewer than MIN_IMAGES images). Needs head.reference.
     Passes over the source: one for its moments, one for the class mix as it is, one per class-mix step."""
+    if transform == "none":
+        return None
     n, s1, s2 = 0, 0.0, 0.0
-    for x in chunks():
-        x = np.asarray(x, np.float64)
-        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
-    if transform == "none" or n < MIN_IMAGES:
+    for x in chunks():  # sums in float64 of the float32 rows, without a float64 copy of them
+        x = np.asarray(x, np.float32)
+        n, s1, s2 = n + len(x), s1 + x.sum(0, dtype=np.float64), s2 + np.einsum("ij,ij->j", x, x, dtype=np.float64)
+    if n < MIN_IMAGES:
         return None
     if head.reference is None:
         raise ValueError("the head has no reference statistics to adapt to")
@@ -143,6 +148,9 @@ def array_chunks(x: np.ndarray, order: np.ndarray) -> Chunks:
 def source_logits(head: Head, x: np.ndarray, transform: str) -> tuple[np.ndarray, Shift | None]:
     """Uncalibrated logits (N, C) of one source's raw features x (N, D), adapted by `transform`, in x's row
     order; and the Shift applied (None: not adapted)."""
+    if transform == "none":  # each image on its own: no statistics, no row order to fix
+        return np.concatenate([head.logits(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)] or
+                              [np.zeros((0, head.n_classes), np.float32)]), None
     order = value_order(x)
     chunks = array_chunks(x, order)
     shift = fit_shift(head, chunks, transform)

@@ -53,17 +53,20 @@ def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParam
     return train & ~val, val
 
 
-def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max_val: int | None = None) -> Head:
+def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max_val: int | None = None,
+             reference: bool = True) -> Head:
     """One head on the store rows (pipeline/data/rows.py) where `train` is True, early-stopping on a slice of them by
-    split_validation's rule, with the Reference statistics of all of them. Holds one copy of the fit's rows
-    (standardised in place), or none when streamed."""
+    split_validation's rule, with the Reference statistics of all of them (unless `reference` is False: a CV fit
+    that no transform adapts to). Holds one copy of the fit's rows (standardised in place), or none when
+    streamed."""
     fit, val = split_validation(labels=rows.labels, train=train, params=params, random_state=random_state,
                                 max_rows=max_val)
     n_classes = len(rows.class_names)
     head = make_head(params, n_classes, random_state)
     head.fit(rows.features_of(fit), rows.labels[fit], val=(rows.take(val), rows.labels[val]) if val.any() else None,
              copy=False)
-    head.head_.reference = fit_reference(_labelled(rows, train), n_classes)
+    if reference:
+        head.head_.reference = fit_reference(_labelled(rows, train), n_classes)
     return head.head_
 
 

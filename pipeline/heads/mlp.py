@@ -3,7 +3,6 @@ mini-batches, with early stopping on a validation slice. Imported only when a he
 import is 1.7 s); the fitted head is numpy arrays (heads/head.py) like the linear one."""
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import numpy as np
@@ -52,14 +51,17 @@ class HeadNet(nn.Module):
 
 
 class Adam:
-    """torch.optim.Adam's update (L2 weight decay added to the gradient, bias-corrected moments), not
-    torch.optim's: its first use imports torch._dynamo, 1.3 s of every train-head (benchmarks/solver_choice.py)."""
+    """torch.optim.Adam(fused=True)'s update (L2 weight decay added to the gradient, bias-corrected moments) by the
+    same fused kernel, torch._fused_adam_, one call for every parameter: not torch.optim itself, whose first use
+    imports torch._dynamo, 1.3 s of every train-head (benchmarks/solver_choice.py). A loop of tensor ops per
+    parameter instead made a [256] step 2.6x slower on 2 cores (benchmarks/mlp_step.py)."""
 
     def __init__(self, params, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
-        self.lr, self.wd, self.betas, self.eps, self.t = lr, weight_decay, betas, eps, 0
+        self.lr, self.wd, self.betas, self.eps = lr, weight_decay, betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in self.params]  # the kernel counts per parameter
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -67,14 +69,10 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad if self.wd == 0 else p.grad.add(p, alpha=self.wd)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, v.sqrt().div_(c2).add_(self.eps), value=-self.lr / c1)
+        torch._foreach_add_(self.steps, 1)
+        torch._fused_adam_(self.params, [p.grad for p in self.params], self.m, self.v, [], self.steps, lr=self.lr,
+                           beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.wd, eps=self.eps,
+                           amsgrad=False, maximize=False)
 
 
 def _epoch(blocks: Blocks, y: np.ndarray, w: np.ndarray, bs: int, rng: np.random.Generator, gen: torch.Generator,
