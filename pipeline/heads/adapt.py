@@ -30,6 +30,7 @@ Deterministic and independent of row order: an array's rows are visited in an or
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -84,8 +85,14 @@ class Shift:
     class_mix: np.ndarray  # (C,) the source's estimated class mix
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """Raw features (r, D) -> adapted (r, D) float32, computed in float32 (a float64 pass cost 4x)."""
+        """Raw features (r, D) -> adapted (r, D) float32."""
         return (np.asarray(x, np.float32) - self.offset.astype(np.float32)) / self.ratio.astype(np.float32)
+
+    def adapt(self, head: Head) -> Head:
+        """`head` with the shift folded into its standardisation: ((x - offset) / ratio - mean) / scale =
+        (x - (offset + ratio mean)) / (ratio scale), so an adapted pass over a source costs what a plain one does."""
+        return dataclasses.replace(head, mean=(self.offset + self.ratio * head.mean).astype(np.float32),
+                                   scale=(self.ratio * head.scale).astype(np.float32))
 
 
 def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Reference, pi: np.ndarray) -> Shift:
@@ -96,26 +103,36 @@ def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Refer
     return Shift(transform, n, ratio, offset, pi)
 
 
-def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
-    """The Shift of one source (None: 'none', or fewer than MIN_IMAGES images). Needs head.reference.
-    Passes over the source: one for its moments, one for the class mix as it is, one per class-mix step."""
-    if transform == "none":
-        return None
+def fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[str, Shift | None]:
+    """The Shift of one source under each transform (None: 'none', or fewer than MIN_IMAGES images). Needs
+    head.reference. The transforms share the passes they have in common, one for the source's moments and one
+    for the class mix as it is; then each makes one pass per class-mix step."""
+    shifts: dict[str, Shift | None] = dict.fromkeys(transforms)
+    adapting = [t for t in transforms if t != "none"]
+    if not adapting:
+        return shifts
     n, s1, s2 = 0, 0.0, 0.0
     for x in chunks():  # sums in float64 of the float32 rows, without a float64 copy of them
         x = np.asarray(x, np.float32)
         n, s1, s2 = n + len(x), s1 + x.sum(0, dtype=np.float64), s2 + np.einsum("ij,ij->j", x, x, dtype=np.float64)
     if n < MIN_IMAGES:
-        return None
+        return shifts
     if head.reference is None:
         raise ValueError("the head has no reference statistics to adapt to")
     mean = s1 / n
     var = np.maximum(s2 / n - mean ** 2, 0.0)
-    pi = class_mix(head, chunks(), n)  # head.logits takes the raw chunks as they are
-    for _ in range(CLASS_MIX_STEPS):
-        shift = _shift(transform, n, mean, var, head.reference, pi)
-        pi = class_mix(head, (shift.apply(x) for x in chunks()), n)
-    return _shift(transform, n, mean, var, head.reference, pi)
+    as_is = class_mix(head, chunks(), n)
+    for t in adapting:
+        pi = as_is
+        for _ in range(CLASS_MIX_STEPS):
+            pi = class_mix(_shift(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n)
+        shifts[t] = _shift(t, n, mean, var, head.reference, pi)
+    return shifts
+
+
+def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
+    """fit_shifts for one transform."""
+    return fit_shifts(head, chunks, (transform,))[transform]
 
 
 def class_mix(head: Head, xs: Iterator[np.ndarray], n: int) -> np.ndarray:
@@ -141,23 +158,36 @@ def value_order(x: np.ndarray) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
-def array_chunks(x: np.ndarray, order: np.ndarray) -> Chunks:
-    return lambda: (x[order[i:i + CHUNK]] for i in range(0, len(order), CHUNK))
+def _logits(head: Head, x: np.ndarray) -> np.ndarray:
+    """head.logits of x (N, D) a CHUNK of rows at a time, in x's order: (N, C)."""
+    return np.concatenate([head.logits(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)] or
+                          [np.zeros((0, head.n_classes), np.float32)])
+
+
+def source_logits_each(head: Head, x: np.ndarray, transforms: tuple[str, ...]
+                       ) -> dict[str, tuple[np.ndarray, Shift | None]]:
+    """Per transform: uncalibrated logits (N, C) of one source's raw features x (N, D), in x's row order, and the
+    Shift applied (None: not adapted, and then the logits are 'none''s, bit for bit). The shifts are fitted over
+    the rows in value order (one gathered copy of x), sharing the passes fit_shifts shares."""
+    out, plain = {}, None
+    if any(t != "none" for t in transforms):
+        order = value_order(x)
+        xs = x[order]  # (N, D) in value order
+        shifts = fit_shifts(head, lambda: (xs[i:i + CHUNK] for i in range(0, len(xs), CHUNK)), transforms)
+        for t, shift in shifts.items():
+            if shift is not None:
+                out[t] = (np.empty((len(x), head.n_classes), np.float32), shift)
+                out[t][0][order] = _logits(shift.adapt(head), xs)
+    for t in transforms:
+        if t not in out:  # each image on its own: no statistics, no row order to fix
+            plain = _logits(head, x) if plain is None else plain
+            out[t] = (plain, None)
+    return out
 
 
 def source_logits(head: Head, x: np.ndarray, transform: str) -> tuple[np.ndarray, Shift | None]:
-    """Uncalibrated logits (N, C) of one source's raw features x (N, D), adapted by `transform`, in x's row
-    order; and the Shift applied (None: not adapted)."""
-    if transform == "none":  # each image on its own: no statistics, no row order to fix
-        return np.concatenate([head.logits(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)] or
-                              [np.zeros((0, head.n_classes), np.float32)]), None
-    order = value_order(x)
-    chunks = array_chunks(x, order)
-    shift = fit_shift(head, chunks, transform)
-    out = np.empty((len(x), head.n_classes), np.float32)
-    for i, xc in zip(range(0, len(x), CHUNK), chunks()):
-        out[order[i:i + CHUNK]] = head.logits(xc if shift is None else shift.apply(xc))
-    return out, shift
+    """source_logits_each for one transform."""
+    return source_logits_each(head, x, (transform,))[transform]
 
 
 def describe(shift: Shift | None, n: int, transform: str) -> str:
@@ -180,30 +210,37 @@ def sources_note(per_source: dict[str, str]) -> str:
     return "; ".join(parts) or "not adapted (the model's transform is none)"
 
 
-def rows_logits(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transform: str
-                ) -> tuple[np.ndarray, list[str], dict[str, str]]:
-    """Uncalibrated logits (M, C) of the store rows (pipeline/data/rows.py) where `mask` is True, in row order, each
-    source adapted on its own; sources: a name per row (N,), or None (all rows one source, named ''). Also what
-    each row's prediction rests on (describe), and that per source. A streamed store's source is read in blocks,
-    in store order."""
+def rows_logits_each(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transforms: tuple[str, ...]
+                     ) -> dict[str, tuple[np.ndarray, list[str], dict[str, str]]]:
+    """Per transform: uncalibrated logits (M, C) of the store rows (pipeline/data/rows.py) where `mask` is True, in
+    row order, each source adapted on its own; sources: a name per row (N,), or None (all rows one source, named
+    ''). Also what each row's prediction rests on (describe), and that per source. A streamed store's source is
+    read in blocks, in store order."""
     idx = np.flatnonzero(mask)
     names, which = np.unique(np.asarray(sources, dtype=str)[idx] if sources is not None else
                              np.zeros(len(idx), dtype=str), return_inverse=True)
-    out = np.empty((len(idx), head.n_classes), np.float32)
-    said, per_source = [""] * len(idx), {}
+    out = {t: (np.empty((len(idx), head.n_classes), np.float32), [""] * len(idx), {}) for t in transforms}
     for k, name in enumerate(names):
         pos = np.flatnonzero(which == k)  # positions in idx
         if rows.in_memory:
-            out[pos], shift = source_logits(head, rows.features[idx[pos]], transform)
+            each = source_logits_each(head, rows.features[idx[pos]], transforms)
         else:
             m = np.zeros(len(rows), bool)
             m[idx[pos]] = True
 
             def chunks():
                 return (x[m[s:s + len(x)]] for s, x in rows.blocks(m))
-            shift = fit_shift(head, chunks, transform)
-            out[pos] = np.concatenate([head.logits(x if shift is None else shift.apply(x)) for x in chunks()])
-        per_source[str(name)] = describe(shift, len(pos), transform)
-        for p in pos:
-            said[p] = per_source[str(name)]
-    return out, said, per_source
+            each = {t: (np.concatenate([(head if shift is None else shift.adapt(head)).logits(x) for x in chunks()]),
+                        shift) for t, shift in fit_shifts(head, chunks, transforms).items()}
+        for t, (logits, shift) in each.items():
+            out[t][0][pos] = logits
+            word = out[t][2][str(name)] = describe(shift, len(pos), t)
+            for p in pos:
+                out[t][1][p] = word
+    return out
+
+
+def rows_logits(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transform: str
+                ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """rows_logits_each for one transform."""
+    return rows_logits_each(head, rows, mask, sources, (transform,))[transform]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.heads.adapt import fit_reference
-from pipeline.heads.head import Head
+from pipeline.heads.head import Head, Reference
 from pipeline.params import HeadParams
 
 AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden layer and the linear head; a tie
@@ -66,8 +66,13 @@ def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max
     head.fit(rows.features_of(fit), rows.labels[fit], val=(rows.take(val), rows.labels[val]) if val.any() else None,
              copy=False)
     if reference:
-        head.head_.reference = fit_reference(_labelled(rows, train), n_classes)
+        head.head_.reference = training_reference(rows, train)
     return head.head_
+
+
+def training_reference(rows, train: np.ndarray) -> Reference:
+    """The Reference statistics (heads/adapt.py) of the labelled store rows where `train` is True, one pass."""
+    return fit_reference(_labelled(rows, train), len(rows.class_names))
 
 
 def _labelled(rows, mask: np.ndarray, size: int = 65536):

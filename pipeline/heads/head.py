@@ -52,7 +52,8 @@ class Head:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw features (B, D) -> uncalibrated logits (B, C)."""
-        z = (np.asarray(x, np.float32) - self.mean) / self.scale
+        z = np.asarray(x, np.float32) - self.mean  # (B, D), a new array...
+        z /= self.scale  # ...divided in place: the same values as one expression, one (B, D) temporary less (2x)
         for i, (w, b) in enumerate(self.layers):
             z = z @ w.T + b
             if i < len(self.layers) - 1:

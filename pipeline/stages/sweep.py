@@ -87,7 +87,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     configs = parse_grid(grid, params)  # every argument checked before any work
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = load_rows(stores, params, intersect)
-    results, best, done = [], None, {}
+    results, best, done, references = [], None, {}, {}  # references: each fold's statistics, computed once
     fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
     with tqdm(total=fits, desc="sweep", unit="fit", disable=not bar, file=sys.stderr, dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
@@ -97,7 +97,8 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 (p, per_fold), cand, transform, choice = done[key], None, None, None  # equal scores never
                 pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replace the best: no logits
             else:
-                p, cand, transform, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1))
+                p, cand, transform, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1),
+                                                           references=references)
                 per_fold = cand.per_fold[transform]
                 done[key] = (p, per_fold)
             f1 = np.array([f["macro_f1"] for f in per_fold])

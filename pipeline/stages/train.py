@@ -18,9 +18,11 @@ import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output
 from features.errors import UserError
+from features.timing import Phases
 from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
+from pipeline.analysis import crossval
 from pipeline.analysis.crossval import (Candidate, adaptation_record, choose_transform, cross_validate, cv_sources,
                                         prefer)
 from pipeline.heads.adapt import TRANSFORMS
@@ -34,26 +36,37 @@ from pipeline.data.memory import memory_budget
 from pipeline.data.rows import Rows, open_rows
 
 
+REPEATS_MAX_IMAGES = 20_000  # past this many labelled images the reseeded runs are skipped (repeats_for)
+
+
 def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
 
 
-def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None
-                ) -> tuple[Params, Candidate, str, dict]:
+def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
+                phases: Phases | None = None, references: dict | None = None) -> tuple[Params, Candidate, str, dict]:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
     first candidate unless the other beats it by more than the fold-to-fold noise). Returns the params with
     `hidden` and `adapt` resolved, the chosen candidate, its transform, and what was chosen and why."""
     h = params.head
     transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
-    tried = []
-    for hidden in AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,):
+    heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
+    references = {} if references is None else references  # each fold's training statistics, shared by the heads
+    tried: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
+    lead = None  # (head, per-fold scores) of the first head CV'd: a later one's CV stops once clearly behind it
+    for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap (crossval.behind)
+        give_up = crossval.behind(*lead, int(fold.max()) + 1) if lead else (lambda cand: None)
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
-                              transforms, max_val, on_fold)
-        tried.append((json.dumps(list(hidden)), cand, *(choose_transform(cand) if h.adapt == "auto" else
-                                                          (h.adapt, "set in params"))))
-    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in tried]) if len(tried) > 1 else \
-        (tried[0][0], "set in params")
+                              transforms, max_val, on_fold, phases=phases, references=references, give_up=give_up)
+        t, why_t = choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")
+        tried[json.dumps(list(hidden))] = (cand, t, why_t)
+        lead = lead or (json.dumps(list(hidden)), cand.f1s(t))
+    tried = [(key, *tried[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
+    finished = [t for t in tried if t[1].stopped is None]
+    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished]) if len(finished) > 1 else \
+        (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")
+    why += "".join(f"; {key}: {cand.stopped}" for key, cand, _, _ in tried if cand.stopped)
     if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
         why += f"; without a group column CV saw only sources like the training ones, and on new ones {tried[0][0]} " \
                "generalised better (docs/evaluation.md): give the group to choose for them"
@@ -88,13 +101,14 @@ def folds_of(rows: Rows, k: int, seed: int) -> np.ndarray:
 
 
 def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max_val: int | None,
-             on_fold=lambda: None) -> list[float]:
-    """Mean CV macro-F1 of the chosen head in each of cv.repeats runs: the choosing run's, then the same CV with
+             on_fold=lambda: None, repeats: int | None = None) -> list[float]:
+    """Mean CV macro-F1 of the chosen head in each of `repeats` runs (default cv.repeats; repeats_for says how
+    many train-head runs): the choosing run's, then the same CV with
     the folds and the fits reseeded (seed + r). Their spread is the run-to-run noise shown beside the score: on
     the demo, reseeding moves CV macro-F1 by 0.008 (std) where 1e-6 of feature noise moves nothing
     (benchmarks/repro_noise.py)."""
     out = [float(np.mean(first))]
-    for r in range(1, params.cv.repeats):
+    for r in range(1, params.cv.repeats if repeats is None else repeats):
         p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
         cand = cross_validate(rows, folds_of(rows, p.cv.folds, p.cv.seed), p, (transform,), max_val, on_fold,
                               stress=False)
@@ -102,26 +116,42 @@ def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max
     return out
 
 
+def repeats_for(rows: Rows, params: Params) -> tuple[int, str | None]:
+    """(CV runs to make, why fewer than cv.repeats, or None). Past REPEATS_MAX_IMAGES labelled images one run:
+    there the reseeded runs cost as much again as the choosing CV twice over and measure a spread far inside the
+    one across folds, which is shown (35,887 images: ± 0.0005 reseeded vs ± 0.002 across folds,
+    docs/benchmarks.md). Said in metrics.json and on the summary line."""
+    n = int((rows.labels >= 0).sum())
+    if params.cv.repeats == 1 or n <= REPEATS_MAX_IMAGES:
+        return params.cv.repeats, None
+    return 1, (f"{params.cv.repeats - 1} of cv.repeats {params.cv.repeats} skipped: {n} labelled images > "
+               f"{REPEATS_MAX_IMAGES}, where reseeding moves the score far less than the spread across folds")
+
+
 def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
     """The train stage: CV, calibration, final fit; writes head.npz, model.json, metrics.json, oof_logits.npy,
     oof_predictions.csv and confusion.csv into `out`. `progress` gets a line per step; the result is
-    metrics.json's content (summary_line says it in one line)."""
-    t0 = time.time()
+    metrics.json's content (summary_line says it in one line), plus `seconds` and `phase_seconds` (the run's
+    wall time, whole and by phase, which metrics.json does not hold)."""
+    t0, phases = time.time(), Phases()
     out_dir = check_model_out(out)
-    rows, fold, max_val = load_rows(stores, params, intersect)
+    with phases("read"):
+        rows, fold, max_val = load_rows(stores, params, intersect)
     k = int(fold.max()) + 1
+    repeats, skipped = repeats_for(rows, params)
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
              f"{rows.dim} features; cross-validating {k} folds")
-    fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1) + k * (params.cv.repeats - 1)
+    fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1) + k * (repeats - 1)
     done = iter(range(1, fits + 1))
     on_fold = lambda: progress(f"{out}: fit {next(done)} of {fits} done")  # noqa: E731 - heads x folds, repeats
-    params, cand, transform, choice = choose_head(rows, fold, params, max_val, on_fold)
+    params, cand, transform, choice = choose_head(rows, fold, params, max_val, on_fold, phases)
     progress(f"{out}: {describe_choice(choice)}")
-    runs = reseeded(rows, params, transform, cand.f1s(transform), max_val, on_fold)
+    with phases("repeats"):
+        runs = reseeded(rows, params, transform, cand.f1s(transform), max_val, on_fold, repeats)
     progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, cand, transform, params, max_val, d, t0, choice, runs)
-    return metrics
+        metrics = finish(rows, fold, cand, transform, params, max_val, d, t0, choice, runs, skipped, phases)
+    return metrics | {"phase_seconds": phases.seconds}
 
 
 def summary_line(out: str, metrics: dict) -> str:
@@ -130,7 +160,8 @@ def summary_line(out: str, metrics: dict) -> str:
     c, h = metrics["cv"], metrics["head_choice"]
     faces = (f" ({metrics['n_faces']} face crops; per image, mean of its faces: macro-F1 "
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
-    runs = (f", ± {c['repeats_std']:.3f} over {len(c['repeats'])} reseeded runs" if len(c["repeats"]) > 1 else "")
+    runs = (f", ± {c['repeats_std']:.3f} over {len(c['repeats'])} reseeded runs" if len(c["repeats"]) > 1 else
+            f"; reseeded runs: {c['repeats_skipped']}" if "repeats_skipped" in c else "")
     return (f"{out}: {c['folds']}-fold CV on {metrics['n_images']} images{faces}, head {json.dumps(h['chosen'])}, "
             f"adaptation {metrics['adaptation']['transform']}: macro-F1 {c['macro_f1_mean']:.3f} (mean of folds; "
             f"± {c['macro_f1_std']:.3f} across folds{runs}), accuracy {c['accuracy_mean']:.3f}; pooled out-of-fold "
@@ -139,23 +170,29 @@ def summary_line(out: str, metrics: dict) -> str:
 
 
 def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params: Params, max_val: int | None,
-           d: Path, t0: float, choice: dict, repeats: list[float] | None = None) -> dict:
+           d: Path, t0: float, choice: dict, repeats: list[float] | None = None, skipped: str | None = None,
+           phases: Phases | None = None) -> dict:
     """The model directory in `d`, from the chosen candidate's out-of-fold logits (N, C) under `transform`: fit
     the final head on every labelled row, calibrate it on the out-of-fold logits, fit its out-of-distribution
     reference, then write head.npz, model.json, ood.npz, metrics.json and the out-of-fold files. `params` has
     `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns metrics.json's
     content (plus `seconds`)."""
     lab = rows.labels >= 0
+    phases = phases or Phases()
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
-    final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
-    final.temperature = fit_temperature(oof[lab], rows.labels[lab])
-    ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), params.cv.seed)
-    ood = save_ood(d, ref, loo)
+    with phases("final fit"):
+        final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
+    with phases("calibration"):
+        final.temperature = fit_temperature(oof[lab], rows.labels[lab])
+    with phases("out-of-distribution reference"):
+        ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), params.cv.seed)
+        ood = save_ood(d, ref, loo)
     repeats = repeats or [float(np.mean([f["macro_f1"] for f in per_fold]))]  # mean CV macro-F1 per reseeded run
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
                **choice,
                "mode": "in-memory" if rows.in_memory else "streamed", "seconds": round(time.time() - t0, 3)}
-    metrics["cv"] |= {"repeats": [round(r, 4) for r in repeats], "repeats_std": float(np.std(repeats))}
+    metrics["cv"] |= {"repeats": [round(r, 4) for r in repeats], "repeats_std": float(np.std(repeats)),
+                      **({"repeats_skipped": skipped} if skipped else {})}
     info = ModelInfo(class_names=rows.class_names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
                      hidden=params.head.hidden, dim=rows.dim, dropout=params.head.dropout,
                      temperature=final.temperature, stores=rows.stores, image_root=rows.root,
