@@ -331,7 +331,7 @@ def test_the_noise_quantile_is_students_t():
     from scipy.stats import t
     from pipeline.analysis.crossval import t975
     for df in range(1, 300):
-        assert abs(t975(df) - t.ppf(0.975, df)) < 0.003, df
+        assert abs(t975(df) - t.ppf(0.975, df)) < 0.001, df
 
 
 def test_a_transform_that_clearly_loses_on_stress_batches_is_refused():

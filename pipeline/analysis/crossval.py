@@ -148,10 +148,12 @@ def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: 
 
 def t975(df: int, table: dict[int, float] = T975, z: float = 1.959964) -> float:
     """Student's t 97.5% quantile (or another `table`'s, with its normal quantile z): the table, or beyond it the
-    Cornish-Fisher expansion around the normal quantile (within 0.003 of scipy's at 97.5%, 0.01 at 99.5%)."""
+    Cornish-Fisher expansion around the normal quantile to 1/df^3 (within 0.0002 of scipy's at 97.5%, 0.0013 at
+    99.5%)."""
     if df in table:
         return table[df]
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2) +
+            (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
 def behind(leader: str, scores: list[float], folds: int):

@@ -1,0 +1,140 @@
+"""What stage two shares, skips and stops early to stay fast (issue #40), and that none of it changes a result
+it did not say it changed: shared passes give the same logits, shared statistics the same numbers, a skipped or
+stopped phase is said in metrics.json and on the summary line."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import pipeline.analysis.crossval as crossval
+import pipeline.stages.train as train
+from features.synthetic import synthetic_store
+from pipeline.analysis.crossval import Candidate, behind, cross_validate, t975
+from pipeline.data.rows import open_rows
+from pipeline.heads import adapt
+from pipeline.heads.fitting import fit_rows
+from pipeline.stages.train import summary_line, train_head
+from tests.conftest import params
+from tests.test_adapt import _world
+
+
+def _fold_rows(seed=0):
+    rows = _world(seed=seed)
+    test = np.asarray(rows.groups) == "style3"
+    return rows, test, fit_rows(rows, ~test, params(head={"hidden": (), "adapt": "affine"}).head, 0)
+
+
+def test_transforms_fitted_together_equal_each_fitted_alone():
+    """source_logits_each shares the value order, the moments and the unadapted class mix between transforms: the
+    logits and shifts are those of each transform fitted on its own, bit for bit, for a large and a small source."""
+    rows, test, head = _fold_rows()
+    for x in (rows.features[test], rows.features[test][:3]):
+        together = adapt.source_logits_each(head, x, adapt.TRANSFORMS)
+        for t in adapt.TRANSFORMS:
+            alone, shift = adapt.source_logits(head, x, t)
+            assert np.array_equal(together[t][0], alone), t
+            assert (shift is None) == (together[t][1] is None), t
+            if shift is not None:
+                assert np.array_equal(shift.ratio, together[t][1].ratio) and np.array_equal(shift.offset,
+                                                                                            together[t][1].offset)
+
+
+def test_a_shift_folded_into_the_head_predicts_as_the_adapted_features_do():
+    """Shift.adapt(head) moves the shift into the head's standardisation: the same logits as the head on the
+    adapted features, to float32 rounding."""
+    rows, test, head = _fold_rows()
+    x = rows.features[test]
+    shift = adapt.source_logits(head, x, "affine")[1]
+    assert shift is not None and np.abs(shift.offset).max() > 0.5  # a real shift, not the identity
+    np.testing.assert_allclose(shift.adapt(head).logits(x), head.logits(shift.apply(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_statistics_are_the_float64_class_moments_whatever_the_row_order():
+    rng = np.random.default_rng(0)
+    x, y = (rng.normal(3, 2, (500, 6)) ** 2).astype(np.float32), rng.integers(0, 4, 500)
+    y[y == 2] = 1  # a class without rows
+    ref = adapt.fit_reference([(x[:200], y[:200]), (x[200:], y[200:])], 4)
+    x64 = x.astype(np.float64)
+    for c in (0, 1, 3):
+        np.testing.assert_allclose(ref.mean[c], x64[y == c].mean(0), rtol=1e-6)
+        np.testing.assert_allclose(ref.sq[c], (x64[y == c] ** 2).mean(0), rtol=1e-6)
+    assert not ref.mean[2].any() and ref.prior[2] == 0 and abs(ref.prior.sum() - 1) < 1e-6
+    perm = rng.permutation(500)
+    again = adapt.fit_reference([(x[perm], y[perm])], 4)
+    np.testing.assert_allclose(again.mean, ref.mean, rtol=1e-6)
+
+
+def test_cv_without_adaptation_computes_no_statistics_and_no_stress_batches(monkeypatch):
+    """adapt: none never uses the training statistics or the stress batches: neither is computed."""
+    rows, _, _ = _fold_rows()
+    monkeypatch.setattr(crossval, "training_reference", lambda *a: pytest.fail("statistics computed for 'none'"))
+    monkeypatch.setattr(crossval, "stress_batches", lambda *a: pytest.fail("stress batches drawn for 'none'"))
+    fold = np.arange(len(rows)) % 3
+    cand = cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none"}), ("none",), None)
+    assert len(cand.per_fold["none"]) == 3
+
+
+def test_the_heads_of_one_cv_share_each_folds_statistics(monkeypatch):
+    """The training statistics of a fold are the same rows whatever the head: computed once per fold."""
+    rows, _, _ = _fold_rows()
+    calls = []
+    real = crossval.training_reference
+    monkeypatch.setattr(crossval, "training_reference", lambda r, m: calls.append(1) or real(r, m))
+    train.choose_head(rows, np.arange(len(rows)) % 3, params(head={"hidden": "auto", "epochs": 3}, cv={"folds": 3}),
+                      None)
+    assert len(calls) == 3
+
+
+def test_a_candidate_clearly_behind_stops_its_cv_and_a_close_one_does_not():
+    check = behind("[]", [0.94, 0.93, 0.95, 0.94, 0.92], 5)
+
+    def cand(scores):
+        return Candidate(None, {}, {"none": [{"macro_f1": v} for v in scores], "affine": [{"macro_f1": v - 0.01}
+                                                                                          for v in scores]})
+    assert check(cand([0.83])) is None  # one fold: no noise to weigh the gap against
+    why = check(cand([0.83, 0.82]))
+    assert why and why.startswith("its CV stopped after 2 of 5 folds, [] ahead by 0.110"), why
+    assert check(cand([0.95, 0.90])) is None  # behind by 0.01 on average, but not on every fold: inside the noise
+    assert check(cand([0.93, 0.92, 0.945])) is None  # behind by 0.008 +- 0.004: beyond 95%, not beyond 99%
+
+
+def test_cross_validate_stops_where_give_up_says_and_records_why(tmp_path):
+    rows, _, _ = _fold_rows()
+    fold = np.arange(len(rows)) % 4
+    seen = []
+    cand = cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none"}), ("none",), None,
+                          on_fold=lambda: seen.append(1),
+                          give_up=lambda c: "enough" if len(c.per_fold["none"]) == 2 else None)
+    assert len(seen) == 2 and cand.stopped == "enough" and len(cand.f1s("none")) == 2
+
+
+def test_the_99_percent_quantile_is_students_t():
+    from scipy.stats import t
+    for df in range(1, 200):
+        assert abs(t975(df, crossval.T995, 2.575829) - t.ppf(0.995, df)) < 0.002, df
+
+
+def test_repeats_are_skipped_past_the_size_limit_and_the_summary_says_so(tmp_path, monkeypatch):
+    """Past REPEATS_MAX_IMAGES labelled images one CV run, not cv.repeats: metrics.json and the summary line say
+    which were skipped and why; below it every reseeded run is made."""
+    store = synthetic_store(tmp_path / "s.h5", n=300, dim=8)
+    p = params(head={"hidden": (), "adapt": "none"}, cv={"folds": 3, "repeats": 3})
+    m = train_head(stores=[store], out=str(tmp_path / "a"), params=p, progress=lambda line: None)
+    assert len(m["cv"]["repeats"]) == 3 and "repeats_skipped" not in m["cv"]
+    monkeypatch.setattr(train, "REPEATS_MAX_IMAGES", 299)
+    m = train_head(stores=[store], out=str(tmp_path / "b"), params=p, progress=lambda line: None)
+    assert len(m["cv"]["repeats"]) == 1
+    assert m["cv"]["repeats_skipped"].startswith("2 of cv.repeats 3 skipped: 300 labelled images > 299")
+    assert "reseeded runs: 2 of cv.repeats 3 skipped" in summary_line("b", m)
+    assert set(m["phase_seconds"]) >= {"read", "fit []", "final fit", "calibration"}
+
+
+def test_rows_fitted_together_per_source_equal_each_transform_alone():
+    """rows_logits_each (several sources, several transforms) = rows_logits one transform at a time."""
+    rows, test, head = _fold_rows(seed=2)
+    sources = np.asarray(rows.groups)
+    mask = np.ones(len(rows), bool)
+    together = adapt.rows_logits_each(head, rows, mask, sources, adapt.TRANSFORMS)
+    for t in adapt.TRANSFORMS:
+        logits, said, per_source = adapt.rows_logits(head, rows, mask, sources, t)
+        assert np.array_equal(together[t][0], logits) and together[t][1] == said and together[t][2] == per_source
