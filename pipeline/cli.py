@@ -118,6 +118,9 @@ def train_head(
     p = load_params(params)
     m = run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=_steps)
     typer.echo(summary_line(out, m))
+    if not m["n_groups"]:  # the one caveat a user must see: CV never met a new source
+        typer.echo("note: no group column, so CV tested new images of the training sources, never a new source "
+                   "(a style, a camera, a person); give the manifest a group column to measure that (README)", err=True)
 
 
 @app.command()

@@ -138,3 +138,17 @@ def test_rows_fitted_together_per_source_equal_each_transform_alone():
     for t in adapt.TRANSFORMS:
         logits, said, per_source = adapt.rows_logits(head, rows, mask, sources, t)
         assert np.array_equal(together[t][0], logits) and together[t][1] == said and together[t][2] == per_source
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_train_head_says_on_the_terminal_when_there_is_no_group_column(tmp_path, groups):
+    """Issue #42: without a group column only metrics.json said that CV could not measure a new source."""
+    from tests.conftest import ROOT, run_cli
+    store = synthetic_store(tmp_path / "s.h5", n=240, dim=8, groups=groups)
+    text = (ROOT / "params.yaml").read_text().replace("hidden: auto ", "hidden: [] ").replace("repeats: 3 ", "repeats: 1 ")
+    (tmp_path / "p.yaml").write_text(text)
+    r = run_cli("train-head", store, "--out", str(tmp_path / "m"), "--params", str(tmp_path / "p.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # the one summary line
+    note = "note: no group column, so CV tested new images of the training sources, never a new source"
+    assert (note in r.stderr) == (groups is None), r.stderr

@@ -291,7 +291,9 @@ def test_hidden_auto_keeps_the_preferred_head_unless_the_other_wins_beyond_the_n
     head, info = load_model_dir(tmp_path / "m")
     assert list(head.hidden) == list(info.hidden) == json.loads(want)
     said = (f"[] beat [256] by {diff:.3f}, more than the noise ({noise:.3f})" if want == "[]" else
-            "[256] scored highest" if diff <= 0 else f"a tie: [] was ahead of [256] by {diff:.3f}")
+            f"a tie: [256] was ahead of [] by {-diff:.3f}" if -noise <= diff < 0 else
+            f"[256] scored highest, ahead of [] by {-diff:.3f}" if diff < 0 else
+            "a tie: [256] and [] scored the same" if diff == 0 else f"a tie: [] was ahead of [256] by {diff:.3f}")
     assert any(said in line for line in lines), lines
     caveat = "without a group column CV saw only sources like the training ones"  # the store has no groups
     assert (caveat in m["head_choice"]["why"]) == (want == "[]"), m["head_choice"]["why"]
@@ -316,6 +318,13 @@ def test_a_linear_head_chosen_without_groups_says_what_cv_could_not_see(tmp_path
 
 def test_prefer_keeps_the_first_option_on_a_tie_and_says_why():
     from pipeline.analysis.crossval import prefer
+    # issue #42: equal scores were reported as a win ("[256] scored highest")
+    name, why = prefer([("[256]", [1.0, 1.0, 1.0]), ("[]", [1.0, 1.0, 1.0])])
+    assert name == "[256]" and why == "a tie: [256] and [] scored the same (1.000); [256] by the tie rule", why
+    name, why = prefer([("affine", [0.99, 1.0, 0.98]), ("scale", [0.99, 0.97, 0.99]), ("none", [0.98, 0.99, 0.97])])
+    assert name == "affine" and why.startswith("a tie: affine was ahead of scale by 0.007, within the noise"), why
+    name, why = prefer([("[256]", [0.80, 0.82, 0.81]), ("[]", [0.70, 0.71, 0.72])])
+    assert why.startswith("[256] scored highest, ahead of [] by 0.100, more than the noise"), why
     assert prefer([("[256]", [0.70, 0.60, 0.65]), ("[]", [0.72, 0.58, 0.69])])[0] == "[256]"  # +0.013 +- 0.04
     name, why = prefer([("[256]", [0.70, 0.60, 0.65]), ("[]", [0.75, 0.66, 0.70])])  # +0.053 every fold
     assert name == "[]" and why.startswith("[] beat [256] by 0.053")

@@ -324,6 +324,17 @@ def test_a_torchvision_built_for_another_torch_is_one_line_with_the_reinstall(mo
     assert "do not belong together" in err and "pip install --force-reinstall --no-deps 'torchvision==0." in err
 
 
+def test_init_given_a_yaml_name_writes_that_file_not_a_folder(tmp_path):
+    """Issue #42: `imgsent init my_params.yaml` made a folder named my_params.yaml."""
+    r = run_cli("init", str(tmp_path / "sub" / "my_params.yaml"))
+    assert r.returncode == 0 and (tmp_path / "sub" / "my_params.yaml").is_file(), r.stderr
+    assert "head:" in (tmp_path / "sub" / "my_params.yaml").read_text()
+    r = run_cli("init", str(tmp_path / "sub" / "my_params.yaml"))
+    assert r.returncode == 2 and "exists; edit it, or pass --force" in r.stderr
+    r = run_cli("train-head", "s.h5", "--out", "m", "--params", str(tmp_path / "sub" / "my_params.yaml"))
+    assert "is a folder" not in r.stderr and "my_params.yaml" not in r.stderr, r.stderr  # it reads as params
+
+
 def test_init_creates_its_folder_names_a_file_and_says_what_extract_takes(tmp_path):
     """Issue #32/#33: `init DIR` refused a folder that did not exist yet, and given a file said 'no such folder';
     its template listed two backbones while the command-line path extracts one, without saying so."""

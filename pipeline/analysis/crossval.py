@@ -188,8 +188,18 @@ def prefer(options: list[tuple[str, list[float]]]) -> tuple[str, str]:
     beats it by more than the noise (paired_difference). Returns (name, why)."""
     first = options[0]
     best = max(options, key=lambda o: np.mean(o[1]))
-    if best is first:
-        return first[0], f"{first[0]} scored highest"
+    if best is first:  # the first leads: by more than the noise, or it is still a tie, said as one
+        if len(options) == 1:
+            return first[0], f"{first[0]} scored highest"
+        runner = max(options[1:], key=lambda o: np.mean(o[1]))
+        diff, noise = paired_difference(first[1], runner[1])
+        if diff == 0:
+            return first[0], (f"a tie: {first[0]} and {runner[0]} scored the same ({np.mean(first[1]):.3f}); "
+                              f"{first[0]} by the tie rule")
+        if diff <= noise:
+            return first[0], (f"a tie: {first[0]} was ahead of {runner[0]} by {diff:.3f}, within the noise "
+                              f"({noise:.3f}); {first[0]} by the tie rule")
+        return first[0], f"{first[0]} scored highest, ahead of {runner[0]} by {diff:.3f}, more than the noise ({noise:.3f})"
     diff, noise = paired_difference(best[1], first[1])
     if diff > noise:
         return best[0], f"{best[0]} beat {first[0]} by {diff:.3f}, more than the noise ({noise:.3f})"

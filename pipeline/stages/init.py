@@ -40,15 +40,19 @@ head:
 cv:
   folds: 3                            # k-fold CV; with a group column at most the number of groups
   seed: 0
-  repeats: 3                          # CV reseeded this many times: the spread beside the score (run-to-run noise)
+  repeats: 3                          # CV reseeded this many times: the spread beside the score (run-to-run noise);
+                                      # one run past 20,000 labelled images, said on the summary line
   memory_budget_mb: 0                 # 0 = a quarter of available RAM
 """
 
 
 def write_params(folder: str, *, force: bool = False) -> Path:
-    """Write FOLDER/params.yaml, creating FOLDER (refusing to replace a params.yaml unless `force`); returns its
-    path."""
-    out = Path(folder) / "params.yaml"
+    """Write FOLDER/params.yaml, creating FOLDER, or the file itself when `folder` ends in .yaml / .yml (refusing
+    to replace a file unless `force`); returns its path."""
+    if Path(folder).suffix.lower() in (".yaml", ".yml") and not Path(folder).is_dir():  # a file name, not a folder
+        folder, out = str(Path(folder).parent), Path(folder)
+    else:
+        out = Path(folder) / "params.yaml"
     if Path(folder).exists() and not Path(folder).is_dir():
         raise UserError(f"{folder}: is a file; imgsent init writes FOLDER/params.yaml, pass a folder")
     try:

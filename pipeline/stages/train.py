@@ -223,6 +223,7 @@ def cv_metrics(rows: Rows, oof: np.ndarray, per_fold: list[dict], temperature: f
                "temperature": temperature, "per_fold": per_fold},
         "per_class": overall["per_class"],
         "n_images": int(lab.sum()), "n_unlabelled": int((~lab).sum()),
+        "n_groups": 0 if rows.groups is None else len(set(rows.groups)),  # 0: no group column
         **({} if rows.face_index is None else  # face mode: rows are face crops, each scored on its own...
            {"n_images": len(set(paths)), "n_faces": int(lab.sum()),
             # ...and each image by the mean of its faces' out-of-fold probabilities, as predict decides
