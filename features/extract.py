@@ -38,7 +38,7 @@ from features.storage.statcache import read_stat_cache, write_stat_cache
 from features.storage.store import describe_mismatch, is_store, store_fingerprint
 from features.storage.write import StoreContent, unchanged, write_store
 from features.plan import Plan, Reusable, Summary, images_in, make_plan, reusable_rows, shard_path, store_rows
-from features.text import safe_text
+from features.text import safe_text, plural
 
 
 class Interrupted(Exception):
@@ -77,7 +77,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
     # pipes get the summary line only
     say = ((lambda msg: print(f"{target}: {msg}", file=sys.stderr, flush=True)) if progress and sys.stderr.isatty()
            else (lambda msg: None))
-    say(f"{len(source.items)} images found; on {dev}, {workers} decode threads")
+    say(f"{plural(len(source.items), 'image')} found; on {dev}, {workers} decode threads")
     bb = None
     if fp is None:
         say(f"loading {backbone}")
@@ -131,7 +131,8 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                    face_capped=sum(1 for n in Counter(plan.paths[i] for i in keep).values()
                                    if n >= spec.max_faces) if faced else 0,
                    max_faces=spec.max_faces if faced else 0,
-                   seen=len(source.items) + len(source.problems) if num_shards == 1 else None)
+                   seen=len(source.items) + len(source.problems) if num_shards == 1 else None,
+                   labelled=sum(1 for i in keep if plan.labels[i] >= 0))
 
 
 def _stat_cache(target: Path, reuse: Reusable) -> tuple[dict, int]:

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from features.text import plural
 from features.errors import UserError
 from features.models.faces import NO_FACE, FaceSpec
 from features.input.images import hash_items
@@ -36,6 +37,7 @@ class Summary:
     face_capped: int = 0  # face mode `all`: images with FaceSpec.max_faces crops (more faces may be there)
     max_faces: int = 0
     seen: int | None = None  # files and unread folders found under the root: rows + skipped + label conflicts
+    labelled: int | None = None  # rows with a label (None: not counted)
 
     def line(self) -> str:
         rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.extracted and self.embed_seconds > 0 else ""
@@ -46,14 +48,17 @@ class Summary:
             noface = sum(1 for _, why in self.skipped if why == NO_FACE)
             faces = (f" -> {self.face_rows} rows: face crops, and the whole image where no face was found "
                      "(--faces-fallback whole)" if self.face_fallback == "whole" else
-                     f" -> {self.face_rows} face crops ({noface} images without a face skipped)")
+                     f" -> {plural(self.face_rows, 'face crop')} ({plural(noface, 'image')} without a face skipped)")
             if self.face_capped:
                 faces += (f" [{self.face_capped} images reached the limit of {self.max_faces} faces: their "
                           f"{self.max_faces} largest were kept]")
         bb = f" ({self.backbone})" if self.backbone else ""
-        return (f"{self.out}{bb}: {self.rows} images{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
+        return (f"{self.out}{bb}: {plural(self.rows, 'image')}{faces} ({self.reused} reused, {self.extracted} extracted, {self.removed} removed, "
                 f"{len(self.skipped)} skipped, {len(self.conflicts)} label conflicts{dmg}; {self.hashed} files hashed"
-                f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else ""))
+                f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else "")
+                + ("; stored unlabelled: no class sub-folders or label column (fine for predict and suggest; to "
+                   "train, pass the folder that holds one sub-folder per class)" if self.labelled == 0 and self.rows
+                   else ""))
 
 
 @dataclass

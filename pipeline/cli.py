@@ -16,10 +16,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _steps(line: str) -> None:
-    """A command's progress lines: shown on a terminal (stderr), kept out of logs and pipes, where each command
-    prints its one summary line."""
+    """A command's progress lines: on a terminal (stderr) only; logs and pipes get its one summary line."""
     if sys.stderr.isatty():
         typer.echo(line, err=True)
+
+
+def _bar(asked: bool) -> bool:  # a bar where a person watches; logs and pipes get the summary line only
+    return asked and sys.stderr.isatty()
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -64,7 +67,7 @@ def extract(
     rank, world = torchrun_rank()
     kw = dict(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
               device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
-              allow_outside=allow_outside, commit_every=commit_every, progress=progress, engine=engine,
+              allow_outside=allow_outside, commit_every=commit_every, progress=_bar(progress), engine=engine,
               faces=faces, faces_fallback=faces_fallback, verify=verify)
     try:
         if num_shards is None and world > 1:
@@ -119,8 +122,8 @@ def train_head(
     m = run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=_steps)
     typer.echo(summary_line(out, m))
     if not m["n_groups"]:  # the one caveat a user must see: CV never met a new source
-        typer.echo("note: no group column, so CV tested new images of the training sources, never a new source "
-                   "(a style, a camera, a person); give the manifest a group column to measure that (README)", err=True)
+        typer.echo("note: no group column, so CV tested new images of the training sources, never a new source (a "
+                   "style, a camera, a person); give the manifest a group column to measure that (README)", err=True)
 
 
 @app.command()
@@ -138,7 +141,7 @@ def sweep(
     from pipeline.stages.sweep import sweep as run
     p = load_params(params)
     run(stores=stores or p.stores("train_stores"), out=out, params=p, grid=grid, intersect=intersect,
-        progress=typer.echo, bar=progress)
+        progress=typer.echo, bar=_bar(progress))
 
 
 @app.command()
@@ -217,7 +220,7 @@ def predict(model_dir: str = typer.Argument(...),
     if out is not None:
         check_prediction_out(out, faces=model.faces is not None)
     pred = model.predict(paths, min_confidence=min_confidence, batch_size=batch_size, workers=workers,
-                         progress=progress, engine=engine, ood_quantile=ood_quantile, source=source)
+                         progress=_bar(progress), engine=engine, ood_quantile=ood_quantile, source=source)
     if out is not None:
         write_prediction_csv(out, pred)
     else:

@@ -137,6 +137,31 @@ def test_manifest_problems(tmp_path, tiny_weights):
     assert s2.rows == 4
 
 
+def test_an_unknown_manifest_column_is_refused_naming_it_and_the_close_one(tmp_path):
+    """Issue #42: 'path,lable' was accepted as an unlabelled manifest; train-head then said 'no labelled images'."""
+    root = make_images(tmp_path / "imgs", per_class=1)
+    (root / "m.csv").write_text("path,lable\nred/red_00.jpg,red\n")
+    r = run_cli("extract", str(root / "m.csv"), "--out", str(tmp_path / "s.h5"), "--backbone", TINY)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: {root / 'm.csv'}: unknown column 'lable' in the header (did you mean 'label'?); the columns are "
+        "path, label, group"), r.stderr
+    assert not (tmp_path / "s.h5").exists()
+    (root / "m.csv").write_text("path,label,group\nred/red_00.jpg,red,a\n")  # the known ones are accepted
+    from features.input.sources import discover
+    assert [it.label for it in discover(str(root / "m.csv")).items] == ["red"]
+
+
+def test_a_folder_without_class_sub_folders_says_it_is_stored_unlabelled(tmp_path, tiny_weights):
+    """Issue #42: `extract data/happy` (one class's folder) stored its images unlabelled without a word."""
+    root = make_images(tmp_path / "imgs", per_class=2)
+    args = ["--backbone", TINY, "--weights", tiny_weights, "--no-progress"]
+    r = run_cli("extract", str(root / "red"), "--out", str(tmp_path / "flat.h5"), *args)
+    assert r.returncode == 0 and "stored unlabelled: no class sub-folders or label column" in r.stdout, r.stdout
+    r = run_cli("extract", str(root), "--out", str(tmp_path / "classes.h5"), *args[:-1])  # a bar asked for...
+    assert r.returncode == 0 and "unlabelled" not in r.stdout and "6 images" in r.stdout, r.stdout
+    assert "%|" not in r.stderr, r.stderr  # ...but stderr is no terminal: no bar in a log (issue #42)
+
+
 def test_identical_images_under_two_labels_are_a_conflict(tmp_path, tiny_weights):
     root = make_images(tmp_path / "imgs", per_class=2)
     (root / "blue" / "dup.jpg").write_bytes((root / "red" / "red_00.jpg").read_bytes())

@@ -152,3 +152,15 @@ def test_train_head_says_on_the_terminal_when_there_is_no_group_column(tmp_path,
     assert len(r.stdout.strip().splitlines()) == 1  # the one summary line
     note = "note: no group column, so CV tested new images of the training sources, never a new source"
     assert (note in r.stderr) == (groups is None), r.stderr
+
+
+def test_predicts_summary_says_once_that_an_adapted_label_depends_on_the_other_images():
+    """Issue #42: the screen said '1 source adapted (affine)' and nothing of what that means for a label."""
+    from types import SimpleNamespace
+    from pipeline.inference.summary import adaptation_note
+    adapted = adaptation_note(SimpleNamespace(sources=["a"] * 6 + ["b"] * 2, adapted=["affine"] * 6 + ["no (2 images < 5)"] * 2,
+                                              errors=[""] * 8))
+    assert adapted.startswith("1 source adapted (affine); 1 source too small to adapt (2 images < 5)")
+    assert adapted.count("depends on the other images passed with it; --source none labels each image") == 1
+    small = adaptation_note(SimpleNamespace(sources=["b"] * 2, adapted=["no (2 images < 5)"] * 2, errors=["", ""]))
+    assert "depends on" not in small

@@ -280,3 +280,15 @@ def test_a_12_bit_jpeg_and_a_url_in_a_manifest_are_named_as_such(tmp_path):
     why = dict(discover(tmp_path / "m.csv").problems)
     assert why["https://example.com/a.png"].startswith("a URL (line 3); imgsent reads local files only and never "
                                                         "downloads")
+
+
+def test_files_named_are_one_source_and_the_readme_says_so(tmp_path):
+    """Issue #42: predict adapts the image files named on the command line together, as one source, where the
+    README said only 'each folder you pass'."""
+    from pipeline.inference.predictions import FILES_NAMED, expand_paths
+    root = make_images(tmp_path / "imgs", per_class=2)
+    files = [str(root / "red" / "red_00.jpg"), str(root / "blue" / "blue_01.png")]
+    paths, _, sources = expand_paths([*files, str(root / "green")])
+    assert sources == [FILES_NAMED, FILES_NAMED, str(root / "green"), str(root / "green")], sources
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "each folder you pass; the image files you name, together as one source" in readme

@@ -99,11 +99,20 @@ def test_embedding_separates_what_the_features_separate():
     assert abs(xy[y == 0, 0].mean() - xy[y == 1, 0].mean()) > 3 * xy[:, 0].std() / 2
 
 
-def test_learning_curve_tick_labels_never_overlap():
-    """Issue #32: the ticks at 20 and at 24 (every image) were drawn on top of each other."""
-    from pipeline.analysis.plots import _spaced
-    assert _spaced(["2", "5", "10", "20", "24"], [2, 5, 10, 20, 24]) == ["2", "5", "10", "", "24"]
-    assert _spaced(["2", "5", "10"], [2, 5, 10]) == ["2", "5", "10"]
+def test_learning_curve_ticks_are_all_labelled_and_turn_when_crowded():
+    """Issue #32: the ticks at 20 and at 24 (every image) were drawn on top of each other; issue #42: blanking one
+    of them left the tick at 10 without a label. Every tick keeps its label; crowded ones are turned upright."""
+    from pipeline.analysis.plots import tick_rotation
+    assert tick_rotation([2, 5, 10, 20, 24]) == 90 and tick_rotation([2, 5, 10, 13]) == 90
+    assert tick_rotation([2, 5, 10]) == 0
+
+
+def test_the_learning_curve_never_says_still_rising_at_a_perfect_score():
+    """Issue #42: 'still rising: more labelled images per class should help' was printed at CV 1.000."""
+    from pipeline.analysis.sections import learning_verdict
+    assert learning_verdict(1.0, 0.05).startswith("at the ceiling: CV already scores 1.000")
+    assert learning_verdict(0.80, 0.05).startswith("still rising")
+    assert learning_verdict(0.80, 0.01).startswith("flat at the end")
 
 
 def test_crops_of_one_photo_across_folds_come_first_among_the_closest_pairs():
@@ -121,3 +130,24 @@ def test_crops_of_one_photo_across_folds_come_first_among_the_closest_pairs():
     top = closest_across_folds(x, fold, top=10)
     assert len(top) == 10 and all(i < 24 and j < 24 and fold[i] != fold[j] for i, j, _ in top)
     assert all(0.6 < s < 0.97 for _, _, s in top)
+
+
+@pytest.mark.parametrize("pairs", [[], [(0, 1), (2, 3)]])
+def test_the_maps_near_duplicates_are_visible_and_in_the_legend_only_when_there_are_some(tmp_path, monkeypatch, pairs):
+    """Issue #42: the legend text named a grey line for near-duplicate pairs, which sit on one spot of the map and
+    so drew nothing visible, though two pairs were listed."""
+    import matplotlib.figure
+    from pipeline.analysis.plots import plot_embedding
+    seen = {}
+
+    def keep(fig, *a, **k):
+        ax = fig.axes[0]
+        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["rings"] = sum(len(c.get_offsets()) for c in ax.collections if c.get_label().startswith("near-dup"))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    xy = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [2, 0], [0, 2]], float)  # each pair on one spot
+    plot_embedding(xy, np.array([0, 0, 1, 1, 0, 1]), ["a", "b"], np.zeros(6, bool), np.zeros(6, bool), pairs,
+                   tmp_path / "m.png")
+    named = [t for t in seen["legend"] if t.startswith("near-duplicates across folds")]
+    assert named == ([] if not pairs else ["near-duplicates across folds (2 pairs)"]), seen["legend"]
+    assert seen["rings"] == (4 if pairs else 0)

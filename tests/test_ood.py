@@ -120,10 +120,10 @@ def test_threshold_holds_on_small_training_sets_and_says_how_it_was_set():
     assert note == "" and thr == pytest.approx(np.quantile(big, 0.99))
     small = np.sort(rng.normal(0.3, 0.05, 40))
     thr, note = threshold(small, 0.99)
-    assert "normal fit" in note and thr == pytest.approx(small.mean() + 2.3263 * small.std(ddof=1), rel=1e-3)
+    assert "estimated, not counted" in note and "only" in note and thr == pytest.approx(small.mean() + 2.3263 * small.std(ddof=1), rel=1e-3)
     assert abs(thr - np.quantile(big, 0.99)) < abs(small.max() - np.quantile(big, 0.99)) + 0.02
     thr, note = threshold(small[:MIN_JUDGE - 1], 0.99)
-    assert thr == float("inf") and "too few to judge" in note
+    assert thr == float("inf") and "too few to tell what is unlike them" in note
 
 
 def test_a_tiny_model_does_not_flag_and_says_why(tmp_path, tiny_weights):
@@ -134,7 +134,7 @@ def test_a_tiny_model_does_not_flag_and_says_why(tmp_path, tiny_weights):
     _strangers(tmp_path / "far")
     r = run_cli("predict", str(tmp_path / "m"), str(tmp_path / "far"), "--out", str(tmp_path / "p.csv"),
                 "--no-progress", check=True)
-    assert "OOD check off: 15 training images are too few to judge" in r.stdout
+    assert "no image marked unsure: 15 training images are too few" in r.stdout
 
 
 def test_a_small_model_still_tells_photos_from_emoji(tmp_path):
@@ -161,5 +161,5 @@ def test_a_small_model_still_tells_photos_from_emoji(tmp_path):
     m = load_model(tmp_path / "m", device="cpu")
     photos = m.predict([str(tmp_path / "photos")], source="none")
     unseen = m.predict([str(p) for p in sorted((noto / "happy").glob("*.png"))[7:]], source="none")
-    assert photos.labels == ["unsure"] * 5 and photos.ood_note.startswith("OOD threshold from 20 "), photos.ood_scores
+    assert photos.labels == ["unsure"] * 5 and photos.ood_note.startswith("'unsure' judged from only 20 training images"), photos.ood_scores
     assert np.mean([lab == "unsure" for lab in unseen.labels]) <= 0.25, unseen.ood_scores

@@ -321,7 +321,21 @@ def test_a_torchvision_built_for_another_torch_is_one_line_with_the_reinstall(mo
         main()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "unexpected" not in err
-    assert "do not belong together" in err and "pip install --force-reinstall --no-deps 'torchvision==0." in err
+    assert "do not belong together" in err and "pip install --force-reinstall 'torch==" in err
+
+
+def test_the_torch_pair_message_names_both_builds_and_reinstalls_them_together():
+    """Issue #42: with the CPU index unreachable pip took PyPI's torchvision (built for PyPI's torch); the printed
+    fix reinstalled torchvision alone, the same wheel, and failed again."""
+    from features.errors import torch_pair_message
+    msg = torch_pair_message("2.14.1+cpu", "0.29.1")
+    assert msg.startswith("torch 2.14.1+cpu and torchvision 0.29.1 do not belong together: this torch needs "
+                          "torchvision 0.29.* built for cpu (+cpu)")
+    assert ("pip install --force-reinstall 'torch==2.14.1' 'torchvision==0.29.*' --index-url "
+            "https://download.pytorch.org/whl/cpu;") in msg
+    assert "both from PyPI instead: pip install --force-reinstall 'torch==2.14.1' 'torchvision==0.29.*' (" in msg
+    assert "--no-deps" not in msg and len(msg.splitlines()) == 1
+    assert "needs torchvision 0.28.* from PyPI" in torch_pair_message("2.13.0", "0.29.1+cpu")
 
 
 def test_init_given_a_yaml_name_writes_that_file_not_a_folder(tmp_path):

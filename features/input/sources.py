@@ -5,6 +5,8 @@ exception: one bad line in a million must not stop an extraction, and the user s
 """
 from __future__ import annotations
 
+import difflib
+
 import csv
 import io
 import os
@@ -181,6 +183,9 @@ def _read_manifest(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]
     return header, rows
 
 
+MANIFEST_COLUMNS = ("path", "label", "group")
+
+
 def _from_manifest(csv_path: Path, *, classes: list[str] | None, allow_outside: bool) -> Source:
     root = csv_path.resolve().parent
     header, rows = _read_manifest(csv_path)
@@ -189,6 +194,12 @@ def _from_manifest(csv_path: Path, *, classes: list[str] | None, allow_outside: 
                         f"{','.join(header) or 'nothing'})")
     if len(set(header)) != len(header):
         raise UserError(f"{csv_path}: header repeats a column ({','.join(header)}); name each column once")
+    for h in header:  # 'path,lable' was read as an unlabelled manifest, and only train-head complained
+        if h not in MANIFEST_COLUMNS:
+            close = difflib.get_close_matches(h, MANIFEST_COLUMNS, n=1, cutoff=0.5)
+            raise UserError(f"{csv_path}: unknown column {h!r} in the header"
+                            f"{f' (did you mean {close[0]!r}?)' if close else ''}; the columns are "
+                            f"{', '.join(MANIFEST_COLUMNS)}")
     col = {h: i for i, h in enumerate(header)}
     has_labels, has_groups = "label" in col, "group" in col
     items: list[Item] = []

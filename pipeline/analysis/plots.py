@@ -54,17 +54,10 @@ def plot_reliability(probs: np.ndarray, y: np.ndarray, out: Path, bins: int = 10
     plt.close(fig)
 
 
-def _spaced(labels: list[str], x: list[float], gap: float = 0.15) -> list[str]:
-    """Tick labels on a log axis with those too close to a later one blanked (20 beside 24 overlapped); the last
-    point (every image) always keeps its label."""
-    keep = [True] * len(x)
-    last = np.log10(x[-1])
-    for i in range(len(x) - 2, -1, -1):
-        if last - np.log10(x[i]) < gap:
-            keep[i] = False
-        else:
-            last = np.log10(x[i])
-    return [s if k else "" for s, k in zip(labels, keep)]
+def tick_rotation(x: list[float], gap: float = 0.15) -> int:
+    """Degrees to turn the learning curve's tick labels: 90 when two points lie closer than `gap` on the log axis
+    (20 beside 24 overlapped; blanking one instead left the tick at 10 without a label), else 0."""
+    return 90 if any(np.log10(b) - np.log10(a) < gap for a, b in zip(x, x[1:])) else 0
 
 
 def plot_learning_curve(points: list[dict], out: Path) -> None:
@@ -77,7 +70,8 @@ def plot_learning_curve(points: list[dict], out: Path) -> None:
     ax.fill_between(n, [p["lo"] for p in points], [p["hi"] for p in points], alpha=0.25)
     ax.plot(n, [p["macro_f1"] for p in points], "o-")
     ax.set_xscale("log")
-    ax.set_xticks(n, _spaced([str(v) for v in n], n))  # the measured points, not log-scale minor labels
+    ax.set_xticks(n, [str(v) for v in n], rotation=tick_rotation(n), fontsize=8)  # every measured point labelled,
+    # not log-scale minor labels
     from matplotlib.ticker import NullLocator
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("training images per class (at most)")
@@ -91,13 +85,17 @@ def plot_learning_curve(points: list[dict], out: Path) -> None:
 def plot_embedding(xy: np.ndarray, y: np.ndarray, names: list[str], wrong: np.ndarray, issues: np.ndarray,
                    pairs: list[tuple[int, int]], out: Path) -> None:
     """2-D map of the training features: colour = label, x = misclassified out of fold, ring = suspected label
-    error, grey line = near-duplicate pair split across folds."""
+    error, grey ring (and line) = near-duplicate pair split across folds, in the legend only when there is one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 6))
-    for i, j in pairs:
+    for i, j in pairs:  # a near-duplicate pair lies on one spot of the map: a line alone is invisible, so a ring too
         ax.plot(xy[[i, j], 0], xy[[i, j], 1], "-", color="grey", lw=0.8, zorder=1)
+    if pairs:
+        both = np.unique(np.array(pairs).ravel())
+        ax.scatter(xy[both, 0], xy[both, 1], s=160, facecolors="none", edgecolors="grey", lw=1.5, zorder=1,
+                   label=f"near-duplicates across folds ({len(pairs)} pair{'s' if len(pairs) != 1 else ''})")
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     for c, name in enumerate(names):
         m = (y == c) & ~wrong

@@ -81,12 +81,22 @@ def _learning_curve_section(rows, at, oof: Split, info: ModelInfo, d: Path) -> t
         w.writerows([p["per_class"], f"{p['macro_f1']:.4f}", f"{p['lo']:.4f}", f"{p['hi']:.4f}"] for p in points)
     plot_learning_curve(points, d / "learning_curve.png")
     gain = points[-1]["macro_f1"] - points[-2]["macro_f1"] if len(points) > 1 else 0.0
-    verdict = ("still rising: more labelled images per class should help" if gain > 0.02 else
-               "flat at the end: more images of the same kind will help little; look at the label errors and "
-               "the most-confused pairs instead")
+    verdict = learning_verdict(points[-1]["macro_f1"], gain)
     return ("<h3>Learning curve</h3><p>Macro-F1 under the same cross-validation with every class cut to at most "
             f"N training images (95% interval over folds). From the last step to all images: {gain:+.3f}, "
             f"{verdict}.</p>" + figure(d / "learning_curve.png", "learning curve")), points
+
+
+def learning_verdict(last: float, gain: float) -> str:
+    """What the learning curve's end says: at the ceiling (CV macro-F1 >= 0.995: more of the same cannot show a
+    gain), still rising (gained > 0.02 over the last step), or flat."""
+    if last >= 0.995:
+        return (f"at the ceiling: CV already scores {last:.3f}, so more images of the same kind cannot show a gain; "
+                "test on a source the model has not seen (a new style, camera or person) instead")
+    if gain > 0.02:
+        return "still rising: more labelled images per class should help"
+    return ("flat at the end: more images of the same kind will help little; look at the label errors and the "
+            "most-confused pairs instead")
 
 
 def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarray, pairs, d: Path) -> str:
@@ -102,8 +112,8 @@ def _embedding_section(rows, at, oof: Split, names: list[str], issues: np.ndarra
     plot_embedding(xy, oof.y, names, pred != oof.y, issues, pairs, d / "embedding.png")
     return ("<h3>Map of the training features</h3><p>The first two principal components of the standardised "
             "features (embedding_2d.csv): colour = label, x = misclassified out of fold, ring = suspected label "
-            "error, grey line = near-duplicates split across folds. Classes that overlap here are the ones the "
-            "head confuses.</p>" + figure(d / "embedding.png", "embedding map"))
+            f"error{', grey ring = near-duplicates split across folds' if len(pairs) else ''}. Classes that overlap "
+            "here are the ones the head confuses.</p>" + figure(d / "embedding.png", "embedding map"))
 
 
 def insight_sections(info: ModelInfo, oof: Split, names: list[str], d: Path, gallery: int) -> tuple[list[str], dict]:

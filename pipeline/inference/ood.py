@@ -95,14 +95,15 @@ def threshold(loo: np.ndarray, quantile: float) -> tuple[float, str]:
     (mean + z * std); under MIN_JUDGE scores there is no threshold (inf) and the note says why."""
     n = len(loo)
     if n < MIN_JUDGE:
-        return float("inf"), f"OOD check off: {n} training images are too few to judge (needs {MIN_JUDGE})"
+        return float("inf"), (f"no image marked unsure: {n} training images are too few to tell what is unlike "
+                              f"them (needs {MIN_JUDGE}); label more to turn the check on")
     if n >= 1.0 / (1.0 - quantile):
         return float(np.quantile(loo, quantile)), ""
     from statistics import NormalDist
     z = NormalDist().inv_cdf(quantile)
     return (float(np.mean(loo) + z * np.std(loo, ddof=1)),
-            f"OOD threshold from {n} training images (a normal fit: {1.0 / (1.0 - quantile):.0f} are needed for the "
-            "quantile itself)")
+            f"'unsure' judged from only {n} training images: where unlike becomes too unlike is estimated, not "
+            f"counted ({1.0 / (1.0 - quantile):.0f} labelled images would count it); more labels make it firmer")
 
 
 def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:

@@ -27,7 +27,12 @@ def adaptation_note(pred: Predictions) -> str:
     """'2 sources adapted (affine); 1 source too small to adapt (3 images < 5)', or why nothing was adapted."""
     if not pred.sources or not any(pred.sources):
         return "each image on its own (--source none)"
-    return sources_note({s: a for s, a, e in zip(pred.sources, pred.adapted, pred.errors) if not e})
+    said = {s: a for s, a, e in zip(pred.sources, pred.adapted, pred.errors) if not e}
+    note = sources_note(said)
+    if any(not a.startswith("no") for a in said.values()):  # said once: a label there rests on its neighbours
+        note += (" (an adapted image's label depends on the other images passed with it; --source none labels each "
+                 "image on its own)")
+    return note
 
 
 def summary_line(pred: Predictions, out: str | None) -> str:

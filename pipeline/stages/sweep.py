@@ -19,6 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from features.storage.atomic import atomic_dir, check_output, holds_only
+from features.text import plural
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
 from pipeline.stages.train import choose_head, finish, load_rows
@@ -126,7 +127,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     for row in results:
         del row["_i"]
     top = ", ".join(f"{k}={json.dumps(v)}" for k, v in results[0].items() if k.startswith("head."))
-    progress(f"{out}: {len(configs)} configs x {params.cv.folds} folds on {int((rows.labels >= 0).sum())} images in "
+    progress(f"{out}: {len(configs)} configs x {params.cv.folds} folds on {plural(int((rows.labels >= 0).sum()), 'image')} in "
              f"{time.time() - t0:.1f} s; best {top}: macro-F1 {results[0]['macro_f1_mean']:.3f} ± "
              f"{results[0]['macro_f1_std']:.3f} -> {out}/best")
     return results

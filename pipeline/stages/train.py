@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output
+from features.text import plural
 from features.errors import UserError
 from features.timing import Phases
 from pipeline.data.folds import assign_folds
@@ -162,7 +163,7 @@ def summary_line(out: str, metrics: dict) -> str:
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
     runs = (f", ± {c['repeats_std']:.3f} over {len(c['repeats'])} reseeded runs" if len(c["repeats"]) > 1 else
             f"; reseeded runs: {c['repeats_skipped']}" if "repeats_skipped" in c else "")
-    return (f"{out}: {c['folds']}-fold CV on {metrics['n_images']} images{faces}, head {json.dumps(h['chosen'])}, "
+    return (f"{out}: {c['folds']}-fold CV on {plural(metrics['n_images'], 'image')}{faces}, head {json.dumps(h['chosen'])}, "
             f"adaptation {metrics['adaptation']['transform']}: macro-F1 {c['macro_f1_mean']:.3f} (mean of folds; "
             f"± {c['macro_f1_std']:.3f} across folds{runs}), accuracy {c['accuracy_mean']:.3f}; pooled out-of-fold "
             f"macro-F1 {c['oof_macro_f1']:.3f} (the report's); ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f} "
