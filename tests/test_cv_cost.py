@@ -164,3 +164,19 @@ def test_predicts_summary_says_once_that_an_adapted_label_depends_on_the_other_i
     assert adapted.count("depends on the other images passed with it; --source none labels each image") == 1
     small = adaptation_note(SimpleNamespace(sources=["b"] * 2, adapted=["no (2 images < 5)"] * 2, errors=["", ""]))
     assert "depends on" not in small
+
+
+def test_metrics_json_holds_headline_numbers_and_details_json_the_rest(tmp_path):
+    """Issue #42: metrics.json held text ('+0.060 ± 0.021', 'affine scored highest'), a column each in
+    `dvc metrics show`. Numbers only there, rounded to the 4 decimals they are read at; the whys in details.json."""
+    import json
+    store = synthetic_store(tmp_path / "s.h5", n=300, dim=8, groups=3)
+    m = train_head(stores=[store], out=str(tmp_path / "m"), params=params(cv={"folds": 3, "repeats": 2},
+                                                                        head={"hidden": "auto", "epochs": 5}),
+                   progress=lambda line: None)
+    top = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert set(top["cv"]) == set(train.HEADLINE["cv"]) and list(top) == ["cv"]
+    assert all(isinstance(v, (int, float)) and round(v, 4) == v for v in top["cv"].values()), top
+    details = json.loads((tmp_path / "m" / "details.json").read_text())
+    assert details["head_choice"]["why"] == m["head_choice"]["why"] and "adaptation" in details
+    assert top["cv"]["macro_f1_mean"] == round(details["cv"]["macro_f1_mean"], 4)

@@ -162,7 +162,7 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     assert [r["face"] for r in oof if r["path"] == "astronaut/two.png"] == ["0", "1"]
     # train-head scores face rows, and each image by the mean of its faces' probabilities (predict's verdict)
     import json
-    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "m" / "details.json").read_text())
     by_image: dict[str, list] = {}
     for r in oof:
         by_image.setdefault(r["path"], []).append((r["label"], [float(r["p_astronaut"]), float(r["p_grace"])]))

@@ -95,7 +95,7 @@ def test_train_head_killed_at_any_moment_leaves_a_complete_model(tmp_path):
         p.wait()
         marker.unlink()
         head, info = load_model_dir(out)  # whichever run's model is there, it is whole and consistent
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / "details.json").read_text())
         assert len(np.load(out / "oof_logits.npy")) == metrics["n_images"] == 600, target
     assert _cli(*args).returncode == 0  # the SIGKILLed holder's lock is stale: taken over
 

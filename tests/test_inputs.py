@@ -174,7 +174,7 @@ def test_evaluate_maps_a_store_with_fewer_classes_by_name(world, tmp_path, tiny_
     run_cli("evaluate", str(world / "model"), str(tmp_path / "two.h5"), "--out", str(tmp_path / "e"), check=True)
     rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
     assert len(rows) == 6 and all(r["label"] == r["path"].split("/")[0] for r in rows)
-    per_class = json.loads((tmp_path / "e" / "metrics.json").read_text())["per_class"]
+    per_class = json.loads((tmp_path / "e" / "details.json").read_text())["per_class"]
     assert [per_class[c]["support"] for c in ("blue", "green", "red")] == [0, 3, 3]
 
 

@@ -172,7 +172,7 @@ def test_train_evaluate_predict_outputs(tmp_path, store, tiny_weights):
     assert meta["class_names"] == ["blue", "green", "red"] and meta["backbones"][0]["backbone"] == TINY
     with np.load(m / "head.npz", allow_pickle=False) as z:
         assert {"mean", "scale", "temperature", "w0", "b0", "card"} <= set(z.files)
-    metrics = json.loads((m / "metrics.json").read_text())
+    metrics = json.loads((m / "details.json").read_text())
     assert len(metrics["cv"]["per_fold"]) == 3 and metrics["cv"]["macro_f1_mean"] > 0.8  # colours are separable
     rows = list(csv.DictReader(open(m / "oof_predictions.csv")))
     assert len(rows) == 18 and {"path", "label", "predicted", "confidence", "p_blue", "p_green", "p_red"} <= set(rows[0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,16 @@ _LOW3 = _HIGH3 << 24
 def _field(s: str) -> str:
     """A CSV field as csv.writer's QUOTE_MINIMAL writes it: quoted when it holds a comma, quote or line break."""
     return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\r\n') else s
+
+
+def write_metrics(d: Path, record: dict, headline: dict[str, tuple[str, ...]]) -> None:
+    """metrics.json: the `headline` numbers of `record` (section -> keys), rounded to the 4 decimals they are read
+    at: what DVC shows as metrics, one column each (`dvc metrics show` stays narrow). details.json: the whole
+    record, with every why and per-class, per-fold and per-source figure (DVC does not read it as metrics)."""
+    top = {sec: {k: round(record[sec][k], 4) if isinstance(record[sec][k], float) else record[sec][k]
+                 for k in keys if k in record[sec]} for sec, keys in headline.items()}
+    (d / "metrics.json").write_text(json.dumps(top, indent=2))
+    (d / "details.json").write_text(json.dumps(record, indent=2))
 
 
 def write_confusion(path: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> None:

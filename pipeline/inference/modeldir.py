@@ -53,8 +53,8 @@ class ModelInfo:
         return int(self.params.get("cv", {}).get("memory_budget_mb", 0))
 
 
-is_model_dir = holds_only(HEAD, "head.pt", "model.json", "metrics.json", "oof_logits.npy", "oof_predictions.csv",
-                          "confusion.csv", "ood.npz")  # a folder holding nothing else: ours to replace
+is_model_dir = holds_only(HEAD, "head.pt", "model.json", "metrics.json", "details.json", "oof_logits.npy",
+                          "oof_predictions.csv", "confusion.csv", "ood.npz")  # a folder holding nothing else: ours to replace
 
 
 def card_digest(info: ModelInfo) -> bytes:

@@ -1,15 +1,14 @@
-"""Evaluate a trained head on a labelled held-out store (never seen in CV): metrics.json, confusion.csv,
+"""Evaluate a trained head on a labelled held-out store (never seen in CV): metrics.json (headline), details.json,
 predictions.csv and misclassified.csv (sorted by loss, worst first), written whole or not at all."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
-                                       write_confusion, write_predictions)
+                                       write_confusion, write_metrics, write_predictions)
 from pipeline.heads.head import softmax
 from pipeline.heads.adapt import sources_note
 from pipeline.inference.heldout import heldout_logits
@@ -17,7 +16,7 @@ from pipeline.inference.modeldir import load_model_dir
 
 
 def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> dict:
-    out_dir = check_output(out, folder=True, is_ours=holds_only("metrics.json", "logits.npy", "confusion.csv",
+    out_dir = check_output(out, folder=True, is_ours=holds_only("metrics.json", "details.json", "logits.npy", "confusion.csv",
                                                                    "predictions.csv", "misclassified.csv"),
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)
@@ -47,7 +46,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-loss[wrong])]
     with atomic_dir(out_dir) as d:
-        (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_metrics(d, metrics, {"test": ("macro_f1", "accuracy", "n")})  # details.json: everything
         np.save(d / "logits.npy", logits)
         write_confusion(d / "confusion.csv", y, pred, names)
         write_predictions(d / "predictions.csv", paths=paths, labels=[names[i] for i in y], probs=probs,

@@ -29,7 +29,7 @@ from pipeline.analysis.crossval import (Candidate, adaptation_record, choose_tra
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import AUTO_CANDIDATES, fit_rows
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
-                              write_confusion, write_predictions)
+                                       write_confusion, write_metrics, write_predictions)
 from pipeline.inference.modeldir import ModelInfo, is_model_dir, save_model_dir
 from pipeline.inference.ood import fit_ood, reference_rows, save_ood
 from pipeline.params import Params
@@ -37,6 +37,7 @@ from pipeline.data.memory import memory_budget
 from pipeline.data.rows import Rows, open_rows
 
 
+HEADLINE = {"cv": ("macro_f1_mean", "macro_f1_std", "repeats_std", "accuracy_mean", "ece_after")}  # metrics.json
 REPEATS_MAX_IMAGES = 20_000  # past this many labelled images the reseeded runs are skipped (repeats_for)
 
 
@@ -130,8 +131,8 @@ def repeats_for(rows: Rows, params: Params) -> tuple[int, str | None]:
 
 
 def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
-    """The train stage: CV, calibration, final fit; writes head.npz, model.json, metrics.json, oof_logits.npy,
-    oof_predictions.csv and confusion.csv into `out`. `progress` gets a line per step; the result is
+    """The train stage: CV, calibration, final fit; writes head.npz, model.json, metrics.json (HEADLINE numbers),
+    details.json (everything, with the whys), oof_logits.npy, oof_predictions.csv and confusion.csv into `out`. `progress` gets a line per step; the result is
     metrics.json's content (summary_line says it in one line), plus `seconds` and `phase_seconds` (the run's
     wall time, whole and by phase, which metrics.json does not hold)."""
     t0, phases = time.time(), Phases()
@@ -175,8 +176,8 @@ def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params
            phases: Phases | None = None) -> dict:
     """The model directory in `d`, from the chosen candidate's out-of-fold logits (N, C) under `transform`: fit
     the final head on every labelled row, calibrate it on the out-of-fold logits, fit its out-of-distribution
-    reference, then write head.npz, model.json, ood.npz, metrics.json and the out-of-fold files. `params` has
-    `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns metrics.json's
+    reference, then write head.npz, model.json, ood.npz, metrics.json, details.json and the out-of-fold files. `params` has
+    `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns details.json's
     content (plus `seconds`)."""
     lab = rows.labels >= 0
     phases = phases or Phases()
@@ -199,9 +200,9 @@ def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params
                      temperature=final.temperature, stores=rows.stores, image_root=rows.root,
                      params=params.to_dict(), ood=ood, adapt=transform)
     save_model_dir(d, final, info)
-    # the run time is said on the command line, not stored: metrics.json changes only when the model does, so
+    # the run time is said on the command line, not stored: the metrics change only when the model does, so
     # `dvc repro` of unchanged inputs leaves git clean and `dvc metrics diff` lists what matters
-    (d / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "seconds"}, indent=2))
+    write_metrics(d, {k: v for k, v in metrics.items() if k != "seconds"}, HEADLINE)
     write_out_of_fold(d, rows, fold, oof, final.temperature, cand.said[transform])
     return metrics
 
