@@ -326,3 +326,10 @@ def test_non_utf8_names_rerun_train_and_conflict_cleanly(tmp_path, tiny_weights)
     r = run_cli("extract", imgs, "--out", out, "--backbone", TINY, "--weights", tiny_weights, "--no-progress")
     assert r.returncode == 0 and "1 label conflicts" in r.stdout and "unexpected" not in r.stderr
     assert not os.path.exists(out + ".partial")
+
+
+def test_counts_in_summaries_agree_with_their_nouns():
+    """Issue #42: '1 images'."""
+    from features.plan import Summary
+    assert Summary(out="s.h5", rows=1).line().startswith("s.h5: 1 image (")
+    assert Summary(out="s.h5", rows=2).line().startswith("s.h5: 2 images (")
