@@ -46,12 +46,32 @@ def test_sweep_ranks_configs_exactly_as_train_head_scores_them(tmp_path, store):
         assert m["cv"]["accuracy_std"] == pytest.approx(float(x["accuracy_std"]), abs=1e-4)
     head, info = load_model_dir(tmp_path / "sw" / "best")  # best/ is a model directory predict etc. accept
     best = json.loads((tmp_path / "sw" / "best" / "metrics.json").read_text())
-    assert best["cv"]["macro_f1_mean"] == pytest.approx(f1[0], abs=1e-4)
-    assert list(info.hidden) == json.loads(rows[0]["head.hidden"])
+    assert best["cv"]["macro_f1_mean"] == pytest.approx(float([x for x in rows if x["chosen"] == "1"][0]
+                                                                ["macro_f1_mean"]), abs=1e-4)
+    chosen = [x for x in rows if x["chosen"] == "1"]
+    assert len(chosen) == 1 and list(info.hidden) == json.loads(chosen[0]["head.hidden"])
     # a second sweep replaces its own folder
     run_cli("sweep", store, "--out", str(tmp_path / "sw"), "--params", str(pf), "--no-progress",
             "--grid", "head.dropout=0.1,0.2", check=True)
     assert len(list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))) == 2
+
+
+def test_sweep_and_train_head_choose_the_same_head_on_a_tie(tmp_path):
+    """Issue #43: sweep kept the highest mean (on equal means the first in the grid), train-head kept [256] unless
+    [] won beyond the noise: on the same folds they chose differently. Planted: classes so far apart that both
+    heads score 1.000 on every fold, and the grid lists [] first."""
+    store = synthetic_store(tmp_path / "s.h5", n=240, dim=16, classes=3, separation=3.0)
+    pf = _params_file(tmp_path, [("epochs: 60", "epochs: 10"), ("repeats: 3 ", "repeats: 1 ")])
+    r = run_cli("sweep", store, "--out", str(tmp_path / "sw"), "--params", str(pf), "--no-progress",
+                "--grid", "head.hidden=[],[256]", check=True)
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [float(x["macro_f1_mean"]) for x in rows] == [1.0, 1.0]
+    chosen = [json.loads(x["head.hidden"]) for x in rows if x["chosen"] == "1"]
+    m = train_head(stores=[store], out=str(tmp_path / "m"), progress=lambda s: None,
+                   params=params(head={"hidden": "auto", "epochs": 10}, cv={"repeats": 1}))
+    assert chosen == [m["head_choice"]["chosen"]] == [[256]], (chosen, m["head_choice"])
+    assert "a tie: head.hidden=[256] and head.hidden=[] scored the same (1.000)" in r.stdout, r.stdout
+    assert list(load_model_dir(tmp_path / "sw" / "best")[1].hidden) == [256]
 
 
 @pytest.mark.parametrize("grid, message", [

@@ -1,9 +1,9 @@
 """`imgsent sweep`: every combination of a grid of head settings, cross-validated on the same features and the
-same folds in one process (features read once, no process start per config), ranked by CV macro-F1; the best
-config becomes a normal model directory.
+same folds in one process (features read once, no process start per config), ranked by CV macro-F1; the config
+train-head's rule chooses (crossval.prefer: a difference inside the noise is a tie) becomes a model directory.
 
-    DIR/sweep.csv   rank, the grid values, CV macro-F1 / accuracy mean and std, seconds; best first
-    DIR/best/       the model directory of the best config (predict, evaluate, report, export read it)
+    DIR/sweep.csv   rank, the grid values, CV macro-F1 / accuracy mean and std, seconds, chosen; highest first
+    DIR/best/       the model directory of the chosen config (predict, evaluate, report, export read it)
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.text import plural
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
+from pipeline.analysis.crossval import prefer
+from pipeline.heads.fitting import AUTO_CANDIDATES
 from pipeline.stages.train import choose_head, finish, load_rows
 
 MAX_CONFIGS = 1000  # a grid is multiplied out: refuse a typo that asks for days of work
@@ -80,23 +82,38 @@ def _effective(h: HeadParams) -> HeadParams:
     return dataclasses.replace(h, lr=1.0, dropout=0.0, batch_size=1) if h.hidden == () else h
 
 
+def preference(values: dict) -> int:
+    """A config's place when CV cannot tell configs apart: by its hidden layers in AUTO_CANDIDATES' order (the
+    order `hidden: auto` keeps on a tie, so sweep and train-head choose alike), else after them."""
+    hidden = tuple(values["head.hidden"]) if isinstance(values.get("head.hidden"), list) else None
+    return AUTO_CANDIDATES.index(hidden) if hidden in AUTO_CANDIDATES else len(AUTO_CANDIDATES)
+
+
+def describe(values: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
 def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], intersect: bool = False,
           progress=print, bar: bool = True) -> list[dict]:
-    """Cross-validate every grid config on shared folds; write DIR/sweep.csv and DIR/best/. Returns the rows of
-    sweep.csv, best first."""
+    """Cross-validate every grid config on shared folds; write DIR/sweep.csv and DIR/best/. The config kept in
+    best/ is chosen by train-head's rule (analysis/crossval.prefer): the first in preference order unless another
+    beats it by more than the fold-to-fold noise. Returns the rows of sweep.csv, highest mean first."""
     t0 = time.time()
     configs = parse_grid(grid, params)  # every argument checked before any work
+    configs = [c for _, c in sorted(enumerate(configs), key=lambda ic: (preference(ic[1][0]), ic[0]))]
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = load_rows(stores, params, intersect)
-    results, best, done, references = [], None, {}, {}  # references: each fold's statistics, computed once
+    results, f1s, done, references = [], [], {}, {}  # references: each fold's statistics, computed once
+    first = best = None  # (row, params, candidate, transform, choice) of the first config in preference order and
+    # of the highest mean so far: the only two prefer() can choose, so only their logits are kept
     fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
     with tqdm(total=fits, desc="sweep", unit="fit", disable=not bar, file=sys.stderr, dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                (p, per_fold), cand, transform, choice = done[key], None, None, None  # equal scores never
-                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replace the best: no logits
+                (p, per_fold), cand, transform, choice = done[key], None, None, None  # an equal mean never
+                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replaces the best
             else:
                 p, cand, transform, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1),
                                                            references=references)
@@ -108,26 +125,32 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                  "macro_f1_std": float(f1.std()), "accuracy_mean": float(acc.mean()),
                  "accuracy_std": float(acc.std()), "seconds": round(time.time() - t, 3), "_i": i}
             results.append(r)
-            if best is None or (r["macro_f1_mean"], -r["macro_f1_std"]) > (best[0]["macro_f1_mean"],
-                                                                           -best[0]["macro_f1_std"]):
-                best = (r, p, cand, transform, choice)  # only the best config's out-of-fold logits are kept
-    r, p, cand, transform, choice = best
-    results.sort(key=lambda r: (-r["macro_f1_mean"], r["macro_f1_std"], r["_i"]))
+            f1s.append(f1.tolist())
+            entry = (r, p, cand, transform, choice)
+            first = first or entry
+            if best is None or r["macro_f1_mean"] > best[0]["macro_f1_mean"]:
+                best = entry
+    # the one rule train-head uses (prefer: it returns the first option or the highest mean, whose logits were kept)
+    heads = [describe({k: v for k, v in x.items() if k.startswith("head.")}) for x in results]  # preference order
+    name, why = prefer([(h, f1s[i]) for i, h in enumerate(heads)])
+    r, p, cand, transform, choice = first if name == heads[0] else best
+    results.sort(key=lambda x: (-x["macro_f1_mean"], x["macro_f1_std"], x["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
         finish(rows, fold, cand, transform, p, max_val, d / "best", t0, choice)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])
-            w.writerow(["rank", *keys, "macro_f1_mean", "macro_f1_std", "accuracy_mean", "accuracy_std", "seconds"])
+            w.writerow(["rank", *keys, "macro_f1_mean", "macro_f1_std", "accuracy_mean", "accuracy_std", "seconds",
+                        "chosen"])
             for rank, row in enumerate(results, 1):
                 w.writerow([rank, *(json.dumps(row[k]) if isinstance(row[k], list) else row[k] for k in keys),
                             *(f"{row[k]:.4f}" for k in ("macro_f1_mean", "macro_f1_std", "accuracy_mean",
-                                                        "accuracy_std")), row["seconds"]])
+                                                        "accuracy_std")), row["seconds"], int(row is r)])
     for row in results:
         del row["_i"]
-    top = ", ".join(f"{k}={json.dumps(v)}" for k, v in results[0].items() if k.startswith("head."))
-    progress(f"{out}: {len(configs)} configs x {params.cv.folds} folds on {plural(int((rows.labels >= 0).sum()), 'image')} in "
-             f"{time.time() - t0:.1f} s; best {top}: macro-F1 {results[0]['macro_f1_mean']:.3f} ± "
-             f"{results[0]['macro_f1_std']:.3f} -> {out}/best")
+    top = describe({k: v for k, v in r.items() if k.startswith("head.")})
+    progress(f"{out}: {len(configs)} configs x {params.cv.folds} folds on "
+             f"{plural(int((rows.labels >= 0).sum()), 'image')} in {time.time() - t0:.1f} s; chose {top}: macro-F1 "
+             f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} ({why}) -> {out}/best")
     return results
