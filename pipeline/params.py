@@ -1,6 +1,7 @@
 """params.yaml -> frozen dataclasses, parsed once. Unknown, missing, duplicated, mistyped or out-of-range keys
-are one-line errors naming the key, its value and what is allowed, before any work starts. There are no
-built-in defaults: params.yaml is the single source of truth."""
+are one-line errors naming the key, its value and what is allowed, before any work starts. Every key is required:
+the stages take no default from the code, params.yaml is their single source of truth (the command-line-only
+`extract` and `predict` options have typer defaults of their own, listed by --help)."""
 from __future__ import annotations
 
 import dataclasses

@@ -14,7 +14,8 @@ AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden 
 
 
 def make_head(params: HeadParams, n_classes: int, random_state: int):
-    """The estimator for `params` (hidden: [] -> LinearHead, else MLPHead; never 'auto', which train resolves)."""
+    """The estimator for `params` (hidden: [] -> LinearHead, else MLPHead; never 'auto', which train resolves).
+    `epochs` caps the MLP's passes over the data and the linear head's L-BFGS iterations (each about two passes)."""
     if not params.hidden:
         from pipeline.heads.linear import LinearHead
         return LinearHead(n_classes=n_classes, weight_decay=params.weight_decay, max_iter=params.epochs,

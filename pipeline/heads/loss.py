@@ -1,6 +1,6 @@
-"""The heads' objective, stateless (as scikit-learn's LinearModelLoss): class-weighted softmax cross-entropy on
-logits, and the linear head's loss and gradient in its parameters. The solvers (heads/linear.py, heads/mlp.py)
-only call these."""
+"""The linear head's objective, stateless (as scikit-learn's LinearModelLoss): class-weighted softmax cross-entropy
+on logits, and the loss and gradient in its parameters, which heads/linear.py's L-BFGS calls. The hidden-layer head
+(heads/mlp.py) trains on torch's cross-entropy, the same weighted loss, through autograd."""
 from __future__ import annotations
 
 import numpy as np

@@ -27,7 +27,7 @@ head:
   dropout: 0.3
   lr: 0.001
   weight_decay: 0.0001
-  epochs: 60
+  epochs: 60                          # [256]: passes over the data at most; []: L-BFGS iterations at most
   batch_size: 128
   patience: 3                         # checks without improvement (each epoch, or every 50 steps)
   tol: 0.01                           # ...or converged: best val loss gained < 1% over `patience` checks
