@@ -187,13 +187,13 @@ def report(model_dir: str = typer.Argument(...),
 
 @app.command()
 def export(model_dir: str = typer.Argument(...), format: str = typer.Option("torchscript", "--format", help="torchscript|onnx"),
-           out: str = typer.Option(..., "--out")) -> None:
+           out: str = typer.Option(..., "--out"), adapt_to: Optional[str] = typer.Option(
+               None, "--adapt-to", help="a folder of one source's images: its shift baked in (default: none)")) -> None:
     """One file with backbone(s) + head + preprocessing: uint8 (B, H, W, 3) RGB in, calibrated (B, C) out."""
     from pipeline.stages.export import export as run
-    if sys.stderr.isatty():  # a person waits up to a minute for the ONNX exporter; logs get the result line only
-        typer.echo(f"{out}: exporting backbone(s) and head to {format}" + (" (up to a minute)" if format == "onnx"
-                                                                            else ""), err=True)
-    typer.echo(f"{run(model_dir=model_dir, fmt=format, out=out)}: exported ({format})")
+    _steps(f"{out}: exporting backbone(s) and head to {format}{' (up to a minute)' if format == 'onnx' else ''}")
+    typer.echo(f"{run(model_dir=model_dir, fmt=format, out=out, adapt_to=adapt_to)}: exported ({format}"
+               f"{f', adapted to {adapt_to}' if adapt_to else ''})")
 
 
 @app.command()

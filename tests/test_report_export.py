@@ -153,3 +153,30 @@ def test_onnx_export_matches_predict(trained):
     # onnxruntime's uint8 antialiased Resize rounds a few pixels (~0.2%) one level away from torch's
     np.testing.assert_allclose(out, pred.probs, atol=1e-3)
     assert s.run(None, {"images": np.zeros((2, 51, 77, 3), np.uint8)})[0].shape == (2, 3)
+
+
+def test_an_export_adapted_to_a_folder_predicts_as_predict_does_on_that_folder(trained, tmp_path):
+    """Issue #41: `export --adapt-to FOLDER` bakes that source's shift into the file; each image of the folder then
+    gets what `predict MODEL FOLDER` gives it (the folder adapted as one source), and the metadata names the
+    source and the transform. Without it the file predicts each image alone (test above)."""
+    from pipeline import load_model
+    from pipeline.stages.export import export, load_exported
+    from tests.conftest import run_cli
+    model = trained / "affine_model"
+    train_head(stores=[str(trained / "train.h5")], out=str(model), progress=lambda s: None,
+               params=params(cv={"folds": 3, "repeats": 1}, head={"epochs": 20, "adapt": "affine"}))
+    folder = trained / "test"  # 9 images of another draw: one source
+    dst = export(model_dir=str(model), fmt="torchscript", out=str(tmp_path / "a.pt"), adapt_to=str(folder))
+    m, meta = load_exported(str(dst))
+    assert meta["adapted_to"] == str(folder) and meta["adaptation"].startswith(f"affine: the shift of {folder} (9 ")
+    pred = load_model(model, device="cpu").predict([str(folder)])  # predict's default: the folder is one source
+    assert set(pred.adapted) == {"affine"}
+    with torch.no_grad():
+        out = torch.cat([m(torch.from_numpy(decode(p))[None]) for p in pred.paths]).numpy()
+    np.testing.assert_allclose(out, pred.probs, atol=1e-4)
+    plain = load_model(model, device="cpu").predict([str(folder)], source="none")
+    assert np.abs(plain.probs - pred.probs).max() > 1e-3  # the shift is real: baking it in changed the output
+    r = run_cli("export", str(trained / "model"), "--out", str(tmp_path / "b.pt"), "--adapt-to", str(folder / "red"))
+    few = len(list((folder / "red").iterdir()))
+    assert r.returncode == 2 and (f"{few} images could be read, too few to adapt" in r.stderr or
+                                  "the model's transform is none" in r.stderr), r.stderr

@@ -2,7 +2,9 @@
 
 Contract of the exported model: input uint8 (B, H, W, 3) RGB, any H and W (resizing happens inside the
 graph, by the same `resize_crop` the extractor uses); output float (B, C) calibrated class probabilities
-in class order, each image on its own: no adaptation to its source (heads/adapt.py), as `predict --source none`.
+in class order, each image on its own: no adaptation to its source (heads/adapt.py), as `predict --source none`;
+or, with `adapt_to` (a folder of one source's images), that source's shift fitted once and folded into the head
+(Shift.adapt): each image then gets what `predict MODEL FOLDER` gives it, for a deployment serving that source.
 Class names and fingerprints travel in the file's metadata: TorchScript `_extra_files["imgsent.json"]`, ONNX
 `metadata_props["imgsent"]`.
 """
@@ -65,7 +67,27 @@ class Exported(nn.Module):
         return self.head(torch.cat(feats, 1))
 
 
-def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
+def adapted_head(m, folder: str) -> tuple[Head, str]:
+    """The model's head with the shift of `folder`'s images (one source, as predict adapts a folder) folded in, and
+    the metadata's words for it. Refused in one line when there is nothing to fold: transform none, too few images."""
+    from pipeline.heads.adapt import MIN_IMAGES, source_logits
+    from pipeline.inference.predictions import expand_paths
+    if m.info.adapt == "none":
+        raise UserError(f"--adapt-to {folder}: the model's transform is none (adapt in model.json): nothing to bake "
+                        "in; export without --adapt-to, or retrain with head.adapt: affine or scale")
+    if not Path(folder).is_dir():
+        raise UserError(f"--adapt-to {folder}: not a folder; pass the folder of the source's images")
+    feats, rows, _, errors = m.embed(expand_paths([folder])[0])  # (R, D), one row per image that decoded
+    shift = source_logits(m.head, feats, m.info.adapt)[1]
+    if shift is None:
+        raise UserError(f"--adapt-to {folder}: {len(feats)} images could be read, too few to adapt (needs "
+                        f"{MIN_IMAGES}); add images of that source")
+    return shift.adapt(m.head), (f"{shift.transform}: the shift of {folder} ({shift.n} images) baked in: each image "
+                                 f"gets what imgsent predict MODEL {folder} gives it; images of another source get "
+                                 "the same fixed shift")
+
+
+def build_exported(model_dir: str, adapt_to: str | None = None) -> tuple[Exported, dict, list[Backbone]]:
     """The exportable module, its metadata and the loaded backbones (each loaded once)."""
     m = load_model(model_dir, device="cpu")
     if m.faces is not None:
@@ -79,12 +101,13 @@ def build_exported(model_dir: str) -> tuple[Exported, dict, list[Backbone]]:
             warnings.simplefilter("ignore")
             embedders.append(torch.jit.trace(bb.embedder, example, check_trace=False))  # fixed size after resize_crop
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
+    head, said = adapted_head(m, adapt_to) if adapt_to else \
+        (m.head, f"none: each image on its own (imgsent predict --source none; predict itself adapts each folder or "
+                 f"group by '{m.info.adapt}')")  # predict adapts each source (model.json); the file, one image
     meta = {"class_names": m.class_names, "backbones": m.info.backbones, "temperature": m.info.temperature,
             "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order",
-            # each image on its own: imgsent predict --source none. predict adapts each source (model.json)
-            "adaptation": f"none: each image on its own (imgsent predict --source none; predict itself adapts each "
-                          f"folder or group by '{m.info.adapt}')"}
-    return Exported(embedders, configs, TorchHead(m.head), m.class_names).eval(), meta, m.backbones
+            "adaptation": said, "adapted_to": adapt_to}
+    return Exported(embedders, configs, TorchHead(head), m.class_names).eval(), meta, m.backbones
 
 
 def _is_export(fmt: str):
@@ -100,7 +123,7 @@ def _is_export(fmt: str):
     return ours
 
 
-def export(*, model_dir: str, fmt: str, out: str) -> Path:
+def export(*, model_dir: str, fmt: str, out: str, adapt_to: str | None = None) -> Path:
     if fmt not in ("torchscript", "onnx"):
         raise UserError(f"--format {fmt}: expected torchscript or onnx")
     dst = check_output(out, folder=False, is_ours=_is_export(fmt), what=f"{fmt} export")
@@ -111,7 +134,7 @@ def export(*, model_dir: str, fmt: str, out: str) -> Path:
         except ImportError:
             raise UserError("--format onnx needs onnx and onnxscript (imgsent's dependencies): reinstall imgsent, "
                             "e.g. pip install -e .") from None
-    model, meta, backbones = build_exported(model_dir)
+    model, meta, backbones = build_exported(model_dir, adapt_to)
     with OutputLock(dst), atomic_file(dst) as tmp:
         if fmt == "torchscript":
             with warnings.catch_warnings():
