@@ -18,17 +18,20 @@ from tests.conftest import params
 from tests.test_adapt import _world
 
 
-def _fold_rows(seed=0):
-    rows = _world(seed=seed)
+def _fold_rows(seed=0, separation=1.0):
+    rows = _world(seed=seed, separation=separation)
     test = np.asarray(rows.groups) == "style3"
     return rows, test, fit_rows(rows, ~test, params(head={"hidden": (), "adapt": "affine"}).head, 0)
 
 
 def test_transforms_fitted_together_equal_each_fitted_alone():
     """source_logits_each shares the value order, the moments and the unadapted class mix between transforms: the
-    logits and shifts are those of each transform fitted on its own, bit for bit, for a large and a small source."""
+    logits and shifts are those of each transform fitted on its own, bit for bit, for a large and a small source,
+    and where the transforms' class-mix steps end apart (classes close together: each starts from the mix as is)."""
     rows, test, head = _fold_rows()
-    for x in (rows.features[test], rows.features[test][:3]):
+    hard_rows, hard_test, hard_head = _fold_rows(seed=1, separation=0.3)
+    for head, x in ((head, rows.features[test]), (head, rows.features[test][:3]),
+                    (hard_head, hard_rows.features[hard_test])):
         together = adapt.source_logits_each(head, x, adapt.TRANSFORMS)
         for t in adapt.TRANSFORMS:
             alone, shift = adapt.source_logits(head, x, t)

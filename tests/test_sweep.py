@@ -74,6 +74,33 @@ def test_sweep_and_train_head_choose_the_same_head_on_a_tie(tmp_path):
     assert list(load_model_dir(tmp_path / "sw" / "best")[1].hidden) == [256]
 
 
+def test_sweep_keeps_the_preferred_head_when_the_other_leads_inside_the_noise(tmp_path, monkeypatch, store):
+    """Issue #43, the planted near-tie: [] ahead of [256] by 0.007 on the mean, inside the fold-to-fold noise. The
+    highest mean is [], the rule train-head applies (prefer) keeps [256], and sweep must do the same."""
+    import pipeline.stages.sweep as sweep_stage
+    from pipeline.analysis.crossval import prefer
+    planted = {(): [0.81, 0.80, 0.82], (16,): [0.80, 0.81, 0.80]}
+    real = sweep_stage.choose_head
+
+    def choose(rows, fold, p, *args, **kw):
+        p, cand, transform, choice = real(rows, fold, p, *args, **kw)
+        for f, v in zip(cand.per_fold[transform], planted[tuple(p.head.hidden)]):
+            f["macro_f1"] = v
+        return p, cand, transform, choice
+    monkeypatch.setattr(sweep_stage, "choose_head", choose)
+    monkeypatch.setattr(sweep_stage, "AUTO_CANDIDATES", ((16,), ()))  # the preference order hidden: auto keeps
+    assert prefer([("[16]", planted[(16,)]), ("[]", planted[()])])[0] == "[16]"  # train-head's verdict
+    lines = []
+    results = sweep_stage.sweep(stores=[store], out=str(tmp_path / "sw"), grid=["head.hidden=[],[16]"], bar=False,
+                                params=params(head={"epochs": 5, "adapt": "none"}, cv={"repeats": 1}),
+                                progress=lines.append)
+    assert results[0]["head.hidden"] == []  # the highest mean...
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [x["head.hidden"] for x in rows if x["chosen"] == "1"] == ["[16]"]  # ...is not the one kept
+    assert list(load_model_dir(tmp_path / "sw" / "best")[1].hidden) == [16]
+    assert "a tie: head.hidden=[] was ahead of head.hidden=[16] by 0.007, within the noise" in lines[-1], lines
+
+
 @pytest.mark.parametrize("grid, message", [
     (["cv.folds=2,3"], "only head keys can be swept"),
     (["head.nope=1,2"], "only head keys can be swept"),
