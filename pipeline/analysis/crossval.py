@@ -199,7 +199,8 @@ def prefer(options: list[tuple[str, list[float]]]) -> tuple[str, str]:
         if diff <= noise:
             return first[0], (f"a tie: {first[0]} was ahead of {runner[0]} by {diff:.3f}, within the noise "
                               f"({noise:.3f}); {first[0]} by the tie rule")
-        return first[0], f"{first[0]} scored highest, ahead of {runner[0]} by {diff:.3f}, more than the noise ({noise:.3f})"
+        return first[0], (f"{first[0]} scored highest, ahead of {runner[0]} by {diff:.3f}, more than the noise "
+                          f"({noise:.3f})")
     diff, noise = paired_difference(best[1], first[1])
     if diff > noise:
         return best[0], f"{best[0]} beat {first[0]} by {diff:.3f}, more than the noise ({noise:.3f})"

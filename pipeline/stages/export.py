@@ -77,7 +77,7 @@ def adapted_head(m, folder: str) -> tuple[Head, str]:
                         "in; export without --adapt-to, or retrain with head.adapt: affine or scale")
     if not Path(folder).is_dir():
         raise UserError(f"--adapt-to {folder}: not a folder; pass the folder of the source's images")
-    feats, rows, _, errors = m.embed(expand_paths([folder])[0])  # (R, D), one row per image that decoded
+    feats = m.embed(expand_paths([folder])[0])[0]  # (R, D), one row per image that decoded
     shift = source_logits(m.head, feats, m.info.adapt)[1]
     if shift is None:
         raise UserError(f"--adapt-to {folder}: {len(feats)} images could be read, too few to adapt (needs "
@@ -93,6 +93,9 @@ def build_exported(model_dir: str, adapt_to: str | None = None) -> tuple[Exporte
     if m.faces is not None:
         raise UserError(f"{model_dir}: trained on face crops (--faces {m.faces.mode}); an exported model cannot "
                         "carry the face detector, so export refuses it: use `imgsent predict` or the Python API")
+    head, said = adapted_head(m, adapt_to) if adapt_to else \
+        (m.head, f"none: each image on its own (imgsent predict --source none; predict itself adapts each folder or "
+                 f"group by '{m.info.adapt}')")  # predict adapts each source (model.json); the file, one image
     embedders, configs = [], []
     for bb in m.backbones:
         c = 1 if bb.pre.grayscale else 3
@@ -101,9 +104,6 @@ def build_exported(model_dir: str, adapt_to: str | None = None) -> tuple[Exporte
             warnings.simplefilter("ignore")
             embedders.append(torch.jit.trace(bb.embedder, example, check_trace=False))  # fixed size after resize_crop
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
-    head, said = adapted_head(m, adapt_to) if adapt_to else \
-        (m.head, f"none: each image on its own (imgsent predict --source none; predict itself adapts each folder or "
-                 f"group by '{m.info.adapt}')")  # predict adapts each source (model.json); the file, one image
     meta = {"class_names": m.class_names, "backbones": m.info.backbones, "temperature": m.info.temperature,
             "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order",
             "adaptation": said, "adapted_to": adapt_to}

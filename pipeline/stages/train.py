@@ -55,16 +55,16 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
     heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
     references = {} if references is None else references  # each fold's training statistics, shared by the heads
-    tried: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
-    lead = None  # (head, per-fold scores) of the first head CV'd: a later one's CV stops once clearly behind it
-    for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap (crossval.behind)
-        give_up = crossval.behind(*lead, int(fold.max()) + 1) if lead else (lambda cand: None)
+    cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
+    for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
+        # once it is clearly behind the first one's (crossval.behind)
+        give_up = (lambda cand: None) if not cvs else \
+            crossval.behind(*next((key, c.f1s(t)) for key, (c, t, _) in cvs.items()), int(fold.max()) + 1)
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
                               transforms, max_val, on_fold, phases=phases, references=references, give_up=give_up)
-        t, why_t = choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")
-        tried[json.dumps(list(hidden))] = (cand, t, why_t)
-        lead = lead or (json.dumps(list(hidden)), cand.f1s(t))
-    tried = [(key, *tried[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
+        cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
+                                                 (h.adapt, "set in params")))
+    tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
     finished = [t for t in tried if t[1].stopped is None]
     name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished]) if len(finished) > 1 else \
         (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")
@@ -132,9 +132,9 @@ def repeats_for(rows: Rows, params: Params) -> tuple[int, str | None]:
 
 def train_head(*, stores: list[str], out: str, params: Params, intersect: bool = False, progress=print) -> dict:
     """The train stage: CV, calibration, final fit; writes head.npz, model.json, metrics.json (HEADLINE numbers),
-    details.json (everything, with the whys), oof_logits.npy, oof_predictions.csv and confusion.csv into `out`. `progress` gets a line per step; the result is
-    metrics.json's content (summary_line says it in one line), plus `seconds` and `phase_seconds` (the run's
-    wall time, whole and by phase, which metrics.json does not hold)."""
+    details.json (everything, with the whys), oof_logits.npy, oof_predictions.csv and confusion.csv into `out`.
+    `progress` gets a line per step; the result is details.json's content (summary_line says it in one line),
+    plus `seconds` and `phase_seconds` (the run's wall time, whole and by phase, which no file holds)."""
     t0, phases = time.time(), Phases()
     out_dir = check_model_out(out)
     with phases("read"):
@@ -164,7 +164,8 @@ def summary_line(out: str, metrics: dict) -> str:
              f"{metrics['per_image']['macro_f1']:.3f})") if "n_faces" in metrics else ""
     runs = (f", ± {c['repeats_std']:.3f} over {len(c['repeats'])} reseeded runs" if len(c["repeats"]) > 1 else
             f"; reseeded runs: {c['repeats_skipped']}" if "repeats_skipped" in c else "")
-    return (f"{out}: {c['folds']}-fold CV on {plural(metrics['n_images'], 'image')}{faces}, head {json.dumps(h['chosen'])}, "
+    return (f"{out}: {c['folds']}-fold CV on {plural(metrics['n_images'], 'image')}{faces}, "
+            f"head {json.dumps(h['chosen'])}, "
             f"adaptation {metrics['adaptation']['transform']}: macro-F1 {c['macro_f1_mean']:.3f} (mean of folds; "
             f"± {c['macro_f1_std']:.3f} across folds{runs}), accuracy {c['accuracy_mean']:.3f}; pooled out-of-fold "
             f"macro-F1 {c['oof_macro_f1']:.3f} (the report's); ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f} "
@@ -176,9 +177,9 @@ def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params
            phases: Phases | None = None) -> dict:
     """The model directory in `d`, from the chosen candidate's out-of-fold logits (N, C) under `transform`: fit
     the final head on every labelled row, calibrate it on the out-of-fold logits, fit its out-of-distribution
-    reference, then write head.npz, model.json, ood.npz, metrics.json, details.json and the out-of-fold files. `params` has
-    `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns details.json's
-    content (plus `seconds`)."""
+    reference, then write head.npz, model.json, ood.npz, metrics.json, details.json and the out-of-fold files.
+    `params` has `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns
+    details.json's content (plus `seconds`)."""
     lab = rows.labels >= 0
     phases = phases or Phases()
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
