@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from features.errors import UserError
+from pipeline.transforms import REGISTRY
 
 
 def _f(*, lo=None, hi=None, choices=None, lo_open=False, auto=False):
@@ -63,8 +64,10 @@ class HeadParams:
     min_val_images: int = _f(lo=1)  # smaller slices: no slice, stop on convergence of the training loss
     min_val_per_class: int = _f(lo=0)  # ...nor when some class would put fewer images than this into the slice
     class_weight: str = _f(choices=("balanced", "none"))
-    adapt: str = _f(choices=("auto", "none", "scale", "affine"))  # each predicted source's features adapted to the
-    # training statistics (heads/adapt.py); auto: grouped CV and stress batches decide (analysis/crossval.py)
+    adapt: str = _f(choices=("auto", *REGISTRY))  # each predicted source's features adapted to the training
+    # statistics by a transform of pipeline/transforms.py; auto: grouped CV and stress batches decide (analysis/crossval.py)
+    align: str = _f(choices=("groups", "none"))  # groups: each training group's features aligned onto the training
+    # statistics before the head is fitted, as each predicted source is (heads/align.py); none: as stored
 
 
 @dataclass(frozen=True)

@@ -68,21 +68,28 @@ def test_reference_statistics_are_the_float64_class_moments_whatever_the_row_ord
 
 
 def test_cv_without_adaptation_computes_no_statistics_and_no_stress_batches(monkeypatch):
-    """adapt: none never uses the training statistics or the stress batches: neither is computed."""
+    """adapt: none (and align: none) never uses the training statistics or the stress batches: neither is
+    computed. With align: groups the statistics are computed (the groups are aligned to them), the stress batches
+    still not."""
     rows, _, _ = _fold_rows()
-    monkeypatch.setattr(crossval, "training_reference", lambda *a: pytest.fail("statistics computed for 'none'"))
+    real = crossval.training_view
+    monkeypatch.setattr(crossval, "training_view", lambda *a: pytest.fail("statistics computed for 'none'"))
     monkeypatch.setattr(crossval, "stress_batches", lambda *a: pytest.fail("stress batches drawn for 'none'"))
     fold = np.arange(len(rows)) % 3
-    cand = cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none"}), ("none",), None)
+    cand = cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none", "align": "none"}), ("none",), None)
     assert len(cand.per_fold["none"]) == 3
+    calls = []
+    monkeypatch.setattr(crossval, "training_view", lambda *a: calls.append(1) or real(*a))
+    cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none", "align": "groups"}), ("none",), None)
+    assert len(calls) == 3
 
 
 def test_the_heads_of_one_cv_share_each_folds_statistics(monkeypatch):
     """The training statistics of a fold are the same rows whatever the head: computed once per fold."""
     rows, _, _ = _fold_rows()
     calls = []
-    real = crossval.training_reference
-    monkeypatch.setattr(crossval, "training_reference", lambda r, m: calls.append(1) or real(r, m))
+    real = crossval.training_view
+    monkeypatch.setattr(crossval, "training_view", lambda *a: calls.append(1) or real(*a))
     train.choose_head(rows, np.arange(len(rows)) % 3, params(head={"hidden": "auto", "epochs": 3}, cv={"folds": 3}),
                       None)
     assert len(calls) == 3

@@ -75,7 +75,7 @@ def test_no_import_cycles_even_through_lazy_imports():
 # top-level modules of each package are layers of their own: errors/text under everything, the stages on top.
 LAYERS = (("features.errors", "features.text", "features.timing"), ("features.storage",), ("features.input",), ("features.models",),
           ("features.extract", "features.plan", "features.shards", "features.synthetic"),
-          ("pipeline.params",), ("pipeline.data",), ("pipeline.heads",), ("pipeline.inference",),
+          ("pipeline.transforms",), ("pipeline.params",), ("pipeline.data",), ("pipeline.heads",), ("pipeline.inference",),
           ("pipeline.analysis",), ("pipeline.stages",), ("pipeline.cli",))
 
 

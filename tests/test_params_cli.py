@@ -362,3 +362,24 @@ def test_init_creates_its_folder_names_a_file_and_says_what_extract_takes(tmp_pa
                                                      "FOLDER/params.yaml, pass a folder"
     r = run_cli("train-head", "s.h5", "--out", "m", "--params", str(tmp_path / "new" / "project"))
     assert r.returncode == 2 and f"is a folder; pass {tmp_path / 'new' / 'project' / 'params.yaml'}" in r.stderr
+
+
+def test_every_registered_transform_is_offered_and_nothing_else():
+    """Issue #43: the transforms were listed in four places with nothing checking they agree. Params, the init
+    template and params.yaml now read pipeline/transforms.REGISTRY; an unknown name is refused by each."""
+    from pipeline.heads.adapt import TRANSFORMS, shift_for
+    from pipeline.stages.init import TEMPLATE
+    from pipeline.transforms import REGISTRY, transform
+    line = next(s for s in TEMPLATE.splitlines() if s.strip().startswith("adapt:"))
+    assert f"auto | {' | '.join(REGISTRY)}:" in line
+    assert line in (ROOT / "params.yaml").read_text()
+    assert set(TRANSFORMS) == set(REGISTRY)
+    text = (ROOT / "params.yaml").read_text()
+    for name in REGISTRY:
+        assert parse_params(yaml.safe_load(text.replace("adapt: auto", f"adapt: {name}")), "p").head.adapt == name
+    with pytest.raises(UserError, match="adapt"):
+        parse_params(yaml.safe_load(text.replace("adapt: auto", "adapt: centre")), "p")
+    with pytest.raises(ValueError, match="unknown adaptation transform 'centre': one of affine, scale, none"):
+        transform("centre")
+    with pytest.raises(ValueError, match="unknown adaptation transform"):
+        shift_for("centre", 10, np.zeros(3), np.ones(3), None, np.ones(2) / 2)

@@ -23,12 +23,11 @@ import numpy as np
 from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.heads.adapt import rows_logits_each, source_logits_each
-from pipeline.heads.fitting import fit_rows, training_reference
-from pipeline.heads.head import Reference
+from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
 from pipeline.params import Params
+from pipeline.transforms import NONE, REGISTRY, adapts
 
-PREFERRED_TRANSFORMS = ("affine", "scale", "none")  # on a tie: in this order they gained most on unseen emoji
-# styles (benchmarks/loso.py); every one of heads/adapt.TRANSFORMS
+PREFERRED_TRANSFORMS = tuple(REGISTRY)  # on a tie, in this order (pipeline/transforms.py)
 STRESS_TOLERANCE = 0.02  # accuracy a transform may lose against none on a stress batch
 STRESS = ("one class at 60%", "two classes", "5 images", "10 images")
 STRESS_MAX = 256  # images per stress batch
@@ -88,30 +87,33 @@ def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Gener
 
 def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
                    on_fold=lambda: None, stress: bool = True, phases: Phases | None = None,
-                   references: dict[int, Reference] | None = None, give_up=lambda cand: None) -> Candidate:
+                   views: dict[tuple, TrainingView] | None = None, give_up=lambda cand: None) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
     source adapted on its own) and, with `stress`, its stress batches scored (only when some transform adapts:
-    they measure what adapting costs against none). `references`: each fold's training statistics by fold
-    index, filled as needed: pass the same dict to every head CV'd on these folds and each is computed once.
+    they measure what adapting costs against none). `views`: each fold's training rows as the head sees them
+    (aligned or not) and their statistics (fitting.training_view), by (fold, align), filled as needed: pass the
+    same dict to every head CV'd on these folds and each is computed once.
     give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     sources = cv_sources(rows.groups, fold)
     cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
                      {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms})
-    adapts = any(t != "none" for t in transforms)  # else no reference statistics and no stress batches are needed
-    stress = stress and adapts
-    scored = tuple(dict.fromkeys(("none", *transforms)))  # stress batches are scored against none as well
+    adapting = any(map(adapts, transforms))  # else no reference statistics and no stress batches are needed
+    stress = stress and adapting
+    scored = tuple(dict.fromkeys((NONE, *transforms)))  # stress batches are scored against none as well
     hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in scored}
     rng = np.random.default_rng(seed)
-    phases, references = phases or Phases(), {} if references is None else references
+    phases, views = phases or Phases(), {} if views is None else views
+    align = params.head.align
     for j in range(int(fold.max()) + 1):
         with phases(f"fit {list(params.head.hidden)}"):
-            head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=False)
-            if adapts:  # the statistics a source is adapted to: the fold's training rows, whatever the head
-                if j not in references:
-                    references[j] = training_reference(rows, lab & (fold != j))
-                head = dataclasses.replace(head, reference=references[j])
+            if adapting or aligns(rows, params.head):  # what the head is fitted on and a source adapted to: the
+                # fold's training rows, whatever the head
+                if (j, align) not in views:
+                    views[j, align] = training_view(rows, lab & (fold != j), align)
+            head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting,
+                            view=views.get((j, align)))
         te = fold == j
         with phases("held-out sources adapted"):
             for t, (logits, said, _) in rows_logits_each(head, rows, te, sources, transforms).items():
@@ -210,19 +212,24 @@ def prefer(options: list[tuple[str, list[float]]]) -> tuple[str, str]:
 
 def stress_loss(cand: Candidate, transform: str) -> dict[str, tuple[float, float]]:
     """Per kind of stress batch: (mean accuracy of `transform` minus none's, its noise: paired_difference)."""
-    return {k: paired_difference(cand.stress[transform][k], cand.stress["none"][k]) for k in cand.stress[transform]}
+    return {k: paired_difference(cand.stress[transform][k], cand.stress[NONE][k]) for k in cand.stress[transform]}
 
 
 def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) -> dict:
-    """metrics.json's `adaptation`: the transform chosen and why, what CV took as a source, each transform's CV
-    macro-F1, and its stress-batch accuracy, also against none (mean ± the half-width of its 95% interval)."""
+    """details.json's `adaptation`: the transform chosen and why, what CV took as a source, whether the head was
+    fitted on each training group aligned (heads/align.py), each transform's CV macro-F1, and its stress-batch
+    accuracy, also against none (mean ± the half-width of its 95% interval)."""
+    align = cand.params.head.align
     return {"transform": transform, "why": why, "sources": "manifest groups" if grouped else
             "each fold's test part (no groups: CV cannot measure a new source)",
+            "align": "groups: each training group aligned onto the training statistics before the head was fitted"
+            if grouped and align == "groups" else "none: set in params" if align == "none" else
+            "none: no group column, nothing to align",
             "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
             "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                                 for t, acc in cand.stress.items()},
             "stress_vs_none": {t: {k: f"{d:+.3f} ± {n:.3f}" for k, (d, n) in stress_loss(cand, t).items()}
-                               for t in cand.oof if t != "none"}}
+                               for t in cand.oof if t != NONE}}
 
 
 def choose_transform(cand: Candidate) -> tuple[str, str]:
@@ -232,7 +239,7 @@ def choose_transform(cand: Candidate) -> tuple[str, str]:
     ok, refused = [], []
     for t in PREFERRED_TRANSFORMS:
         bad = [(k, d) for k, (d, noise) in stress_loss(cand, t).items() if d + noise < -STRESS_TOLERANCE]
-        (refused if bad and t != "none" else ok).append((t, bad))
+        (refused if bad and t != NONE else ok).append((t, bad))
     name, why = prefer([(t, cand.f1s(t)) for t, _ in ok])
     return name, why + "".join(f"; {t} refused: {-d:.3f} less accuracy than none on '{k}' batches"
                                for t, bad in refused for k, d in bad[:1])

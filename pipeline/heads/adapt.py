@@ -11,7 +11,7 @@ Wang et al. 2021, adapts the same statistics). Here a source is compared with wh
     centre(pi) = pi @ ref.mean                       (D,)  the training mean of a batch with class mix pi (C,)
     var(pi)    = pi @ ref.sq - centre(pi)**2         (D,)  ...and its variance
     ratio      = sqrt((n var_b + N0 var(pi)) / ((n + N0) var(pi)))     per dimension, in [1/10, 10]
-    offset     = n / (n + N0) * (mean_b - ratio * centre(pi))           ('affine'; 0 for 'scale')
+    offset     = n / (n + N0) * (mean_b - ratio * centre(pi))           ('affine'; 0 for 'scale': pipeline/transforms.py)
     z          = (x - offset) / ratio                                    what the head sees
 
 pi starts as the share of the batch's images the head assigns to each class (classify and count, Forman 2008),
@@ -40,12 +40,11 @@ import numpy as np
 
 from features.text import plural
 from pipeline.heads.head import Head, Reference
+from pipeline.transforms import PRIOR_IMAGES, REGISTRY, adapts, transform as registered
 
-TRANSFORMS = ("none", "scale", "affine")  # 'none': each image on its own, as the exported model
-PRIOR_IMAGES = 8
+TRANSFORMS = tuple(REGISTRY)  # pipeline/transforms.py: the transforms, in order of preference
 MIN_IMAGES = 5
 CLASS_MIX_STEPS = 3
-MAX_RATIO = 10.0  # never amplify or damp a dimension by more than this
 CHUNK = 4096  # rows per step over an in-memory source
 # model.json records the recipe; a model adapted by another recipe is refused
 RECIPE = {"prior_images": PRIOR_IMAGES, "min_images": MIN_IMAGES, "class_mix_steps": CLASS_MIX_STEPS,
@@ -95,11 +94,10 @@ class Shift:
                                    scale=(self.ratio * head.scale).astype(np.float32))
 
 
-def _shift(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Reference, pi: np.ndarray) -> Shift:
-    centre, ref_var = ref.moments(pi)
-    ratio = np.clip(np.sqrt((n * var + PRIOR_IMAGES * ref_var) / ((n + PRIOR_IMAGES) * ref_var)),
-                    1 / MAX_RATIO, MAX_RATIO)  # (D,)
-    offset = n / (n + PRIOR_IMAGES) * (mean - ratio * centre) if transform == "affine" else np.zeros_like(mean)
+def shift_for(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Reference, pi: np.ndarray) -> Shift:
+    """The Shift of a source of n images with per-dimension mean and variance (D,) onto ref's statistics for the
+    class mix pi (C,): the transform's formulas (pipeline/transforms.py; an unknown name is refused)."""
+    ratio, offset = registered(transform).shift(n, mean, var, *ref.moments(pi))  # (D,) each
     return Shift(transform, n, ratio, offset, pi)
 
 
@@ -108,7 +106,7 @@ def fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[
     head.reference. The transforms share the passes they have in common, one for the source's moments and one
     for the class mix as it is; then each makes one pass per class-mix step."""
     shifts: dict[str, Shift | None] = dict.fromkeys(transforms)
-    adapting = [t for t in transforms if t != "none"]
+    adapting = [t for t in transforms if adapts(t)]
     if not adapting:
         return shifts
     n, s1, s2 = 0, 0.0, 0.0
@@ -125,8 +123,8 @@ def fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[
     for t in adapting:
         pi = as_is
         for _ in range(CLASS_MIX_STEPS):
-            pi = class_mix(_shift(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n)
-        shifts[t] = _shift(t, n, mean, var, head.reference, pi)
+            pi = class_mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n)
+        shifts[t] = shift_for(t, n, mean, var, head.reference, pi)
     return shifts
 
 
@@ -170,7 +168,7 @@ def source_logits_each(head: Head, x: np.ndarray, transforms: tuple[str, ...]
     Shift applied (None: not adapted, and then the logits are 'none''s, bit for bit). The shifts are fitted over
     the rows in value order (one gathered copy of x), sharing the passes fit_shifts shares."""
     out, plain = {}, None
-    if any(t != "none" for t in transforms):
+    if any(adapts(t) for t in transforms):
         order = value_order(x)
         xs = x[order]  # (N, D) in value order
         shifts = fit_shifts(head, lambda: (xs[i:i + CHUNK] for i in range(0, len(xs), CHUNK)), transforms)
@@ -194,7 +192,7 @@ def describe(shift: Shift | None, n: int, transform: str) -> str:
     """What one source's predictions rest on, for a CSV column: 'affine' / 'no (3 images < 5)' / 'no'."""
     if shift is not None:
         return shift.transform
-    if transform != "none" and n < MIN_IMAGES:
+    if adapts(transform) and n < MIN_IMAGES:
         return f"no ({n} image{'s' if n != 1 else ''} < {MIN_IMAGES})"
     return "no"
 

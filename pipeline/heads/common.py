@@ -1,4 +1,5 @@
-"""What both estimators share: their input as blocks, standardisation, class weights and early stopping.
+"""What both estimators share: their input as blocks, standardisation, class weights and early stopping; and
+the labelled rows of a store a slice at a time.
 
 A head's input X is either an array (N, D) of raw features (the store in memory) or a sequence of such blocks
 in row order, read from the store on access (pipeline/data/rows.py RowBlocks: stores beyond the memory budget).
@@ -92,3 +93,12 @@ class EarlyStopping:
         then = self.history[-1 - self.patience] if len(self.history) > self.patience else None
         converged = then is not None and then - self.best_loss < self.tol * then
         self.stop = self.bad >= self.patience or converged
+
+
+def labelled_blocks(rows, mask: np.ndarray, size: int = 65536):
+    """(features (r, D), labels (r,)) of the store rows (pipeline/data/rows.py) in `mask`, a bounded slice at a
+    time, in row order."""
+    for start, x in rows.blocks(mask):
+        m, y = mask[start:start + len(x)], rows.labels[start:start + len(x)]
+        for i in range(0, len(x), size):
+            yield x[i:i + size][m[i:i + size]], y[i:i + size][m[i:i + size]]

@@ -1,11 +1,15 @@
 """How train-head fits a head on a set of store rows: the estimator its params name, the early-stopping slice
-carved from the training rows, and the training statistics a new source is adapted to (heads/adapt.py). CV folds,
-the final fit, the sweep and the learning curve all call fit_rows."""
+carved from the training rows, each group aligned (heads/align.py), and the training statistics a new source is
+adapted to (heads/adapt.py). CV folds, the final fit, the sweep and the learning curve all call fit_rows."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.heads.adapt import fit_reference
+from pipeline.heads.align import fit_alignment
+from pipeline.heads.common import labelled_blocks
 from pipeline.heads.head import Head, Reference
 from pipeline.params import HeadParams
 
@@ -55,30 +59,49 @@ def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParam
 
 
 def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max_val: int | None = None,
-             reference: bool = True) -> Head:
+             reference: bool = True, view: "TrainingView | None" = None) -> Head:
     """One head on the store rows (pipeline/data/rows.py) where `train` is True, early-stopping on a slice of them by
     split_validation's rule, with the Reference statistics of all of them (unless `reference` is False: a CV fit
-    that no transform adapts to). Holds one copy of the fit's rows (standardised in place), or none when
-    streamed."""
+    that no transform adapts to). With `align: groups` and a group column the head is fitted on the rows with
+    each group aligned (heads/align.py). `view`: training_view(rows, train, params.align), when the caller has
+    it (CV shares each fold's among its heads). Holds one copy of the fit's rows (standardised in place), or
+    none when streamed."""
+    if view is None and (reference or aligns(rows, params)):
+        view = training_view(rows, train, params.align)
+    on = view.rows if view is not None else rows
     fit, val = split_validation(labels=rows.labels, train=train, params=params, random_state=random_state,
                                 max_rows=max_val)
-    n_classes = len(rows.class_names)
-    head = make_head(params, n_classes, random_state)
-    head.fit(rows.features_of(fit), rows.labels[fit], val=(rows.take(val), rows.labels[val]) if val.any() else None,
+    head = make_head(params, len(rows.class_names), random_state)
+    head.fit(on.features_of(fit), rows.labels[fit], val=(on.take(val), rows.labels[val]) if val.any() else None,
              copy=False)
     if reference:
-        head.head_.reference = training_reference(rows, train)
+        head.head_.reference = view.reference
     return head.head_
+
+
+@dataclass(frozen=True)
+class TrainingView:
+    """What a head on some training rows is fitted on (the rows as stored, or with each group aligned) and the
+    Reference statistics of those rows, which a new source is adapted to."""
+    rows: object
+    reference: Reference
+
+
+def aligns(rows, params: HeadParams) -> bool:
+    """Whether a head fitted with `params` on `rows` sees each group aligned: align: groups, and groups to align."""
+    return params.align == "groups" and rows.groups is not None
+
+
+def training_view(rows, train: np.ndarray, align: str) -> TrainingView:
+    """The TrainingView of the rows where `train` is True: with align 'groups' and a group column, each group
+    aligned onto the statistics of the rows as stored (heads/align.py), else the rows as stored."""
+    ref = training_reference(rows, train)
+    if align != "groups" or rows.groups is None:
+        return TrainingView(rows, ref)
+    aligned = fit_alignment(rows, train, ref)
+    return TrainingView(aligned.rows, aligned.reference)
 
 
 def training_reference(rows, train: np.ndarray) -> Reference:
     """The Reference statistics (heads/adapt.py) of the labelled store rows where `train` is True, one pass."""
-    return fit_reference(_labelled(rows, train), len(rows.class_names))
-
-
-def _labelled(rows, mask: np.ndarray, size: int = 65536):
-    """(features (r, D), labels (r,)) of the rows in `mask`, a bounded slice at a time, in row order."""
-    for start, x in rows.blocks(mask):
-        m, y = mask[start:start + len(x)], rows.labels[start:start + len(x)]
-        for i in range(0, len(x), size):
-            yield x[i:i + size][m[i:i + size]], y[i:i + size][m[i:i + size]]
+    return fit_reference(labelled_blocks(rows, train), len(rows.class_names))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from features.storage.atomic import atomic_file
 from features.errors import UserError
+from pipeline.transforms import REGISTRY
 
 TEMPLATE = """\
 # imgsent settings (imgsent init). Every key below is required; unknown keys are refused.
@@ -35,15 +36,17 @@ head:
   min_val_images: 200                 # ...used only when it holds at least this many images
   min_val_per_class: 20               # ...and at least this many of every class (else: converge on all of them)
   class_weight: balanced              # balanced | none
-  adapt: auto                         # auto | none | scale | affine: adapt each predicted folder / group to the
+  adapt: auto                         # auto | @TRANSFORMS@: adapt each predicted folder / group to the
                                       # training statistics; auto: CV on held-out sources decides (README)
+  align: groups                       # groups: each training group (the manifest's group column) aligned onto the
+                                      # training statistics before the head is fitted, as predicted sources are; none
 cv:
   folds: 3                            # k-fold CV; with a group column at most the number of groups
   seed: 0
   repeats: 3                          # CV reseeded this many times: the spread beside the score (run-to-run noise);
                                       # one run past 20,000 labelled images, said on the summary line
   memory_budget_mb: 0                 # 0 = a quarter of available RAM
-"""
+""".replace("@TRANSFORMS@", " | ".join(REGISTRY))  # pipeline/transforms.py: every registered one
 
 
 def write_params(folder: str, *, force: bool = False) -> Path:

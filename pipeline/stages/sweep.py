@@ -103,7 +103,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     configs = [c for _, c in sorted(enumerate(configs), key=lambda ic: (preference(ic[1][0]), ic[0]))]
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = load_rows(stores, params, intersect)
-    results, f1s, done, references = [], [], {}, {}  # references: each fold's statistics, computed once
+    results, f1s, done, views = [], [], {}, {}  # views: each fold's training rows and statistics, computed once
     first = best = None  # (row, params, candidate, transform, choice) of the first config in preference order and
     # of the highest mean so far: the only two prefer() can choose, so only their logits are kept
     fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
@@ -116,7 +116,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replaces the best
             else:
                 p, cand, transform, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1),
-                                                           references=references)
+                                                           views=views)
                 per_fold = cand.per_fold[transform]
                 done[key] = (p, per_fold)
             f1 = np.array([f["macro_f1"] for f in per_fold])

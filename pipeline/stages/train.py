@@ -46,7 +46,7 @@ def check_model_out(out: str | Path) -> Path:
 
 
 def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
-                phases: Phases | None = None, references: dict | None = None) -> tuple[Params, Candidate, str, dict]:
+                phases: Phases | None = None, views: dict | None = None) -> tuple[Params, Candidate, str, dict]:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
     first candidate unless the other beats it by more than the fold-to-fold noise). Returns the params with
@@ -54,14 +54,14 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     h = params.head
     transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
     heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
-    references = {} if references is None else references  # each fold's training statistics, shared by the heads
+    views = {} if views is None else views  # each fold's training rows and statistics, shared by the heads
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
     for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
         # once it is clearly behind the first one's (crossval.behind)
         give_up = (lambda cand: None) if not cvs else \
             crossval.behind(*next((key, c.f1s(t)) for key, (c, t, _) in cvs.items()), int(fold.max()) + 1)
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
-                              transforms, max_val, on_fold, phases=phases, references=references, give_up=give_up)
+                              transforms, max_val, on_fold, phases=phases, views=views, give_up=give_up)
         cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
                                                  (h.adapt, "set in params")))
     tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
