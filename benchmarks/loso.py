@@ -9,7 +9,7 @@ Rows: none / scale / affine (each forced on the head the default chose); `defaul
 train-head chose with the style as the manifest group; `default, no groups`: the same data without the group
 column (CV cannot see styles then). Columns: macro-F1 on the whole held-out folder (mean over styles, ± the std
 over seeds), then accuracy on batches of that style: the whole folder, one class at 60%, two classes only, 10 and
-5 random images (analysis/crossval.stress_batches), and each image alone.
+5 random images (selection/crossval.stress_batches), and each image alone.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.extract import extract  # noqa: E402
-from pipeline.analysis.crossval import STRESS, stress_batches  # noqa: E402
+from pipeline.selection.crossval import STRESS, stress_batches  # noqa: E402
 from pipeline.analysis.metrics import classification_metrics  # noqa: E402
 from pipeline.data.folds import assign_folds  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
 from pipeline.heads.adapt import TRANSFORMS, source_logits  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.stages.train import choose_head  # noqa: E402
+from pipeline.selection.heads import choose_head  # noqa: E402
 
 BATCHES = ("whole", *STRESS, "1 image")
 
@@ -58,7 +58,7 @@ def held_out(rows, params, style: str, seed: int, grouped: bool):
     p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=seed))
     fold = assign_folds(labels=labels, groups=train.groups, sha256=train.sha256, k=p.cv.folds,
                         class_names=train.class_names, random_state=seed)
-    chosen = choose_head(train, fold, p, None)[0]
+    chosen = choose_head(train, fold, p, None).params
     return fit_rows(train, labels >= 0, chosen.head, seed), chosen
 
 

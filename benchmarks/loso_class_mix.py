@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from loso import arguments, feature_sets, score  # noqa: E402
-from pipeline.analysis.crossval import STRESS, stress_batches  # noqa: E402
+from pipeline.selection.crossval import STRESS, stress_batches  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
 from pipeline.heads import adapt  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402

@@ -22,7 +22,7 @@ from pipeline.data.rows import open_rows  # noqa: E402
 from pipeline.heads.adapt import rows_logits  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.stages.train import choose_head  # noqa: E402
+from pipeline.selection.heads import choose_head  # noqa: E402
 
 
 def run(train, test, params, seed: int, noise: float, rng: np.random.Generator) -> tuple[float, float, str]:
@@ -33,7 +33,8 @@ def run(train, test, params, seed: int, noise: float, rng: np.random.Generator) 
     p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=seed))
     fold = assign_folds(labels=tr.labels, groups=tr.groups, sha256=tr.sha256, k=p.cv.folds,
                         class_names=tr.class_names, random_state=seed)
-    chosen, cand, transform, _ = choose_head(tr, fold, p, None)
+    c = choose_head(tr, fold, p, None)
+    chosen, cand, transform = c.params, c.cv, c.transform
     head = fit_rows(tr, tr.labels >= 0, chosen.head, seed)
     lab = te.labels >= 0
     pred = rows_logits(head, te, lab, None, transform)[0].argmax(1)

@@ -65,7 +65,7 @@ class HeadParams:
     min_val_per_class: int = _f(lo=0)  # ...nor when some class would put fewer images than this into the slice
     class_weight: str = _f(choices=("balanced", "none"))
     adapt: str = _f(choices=("auto", *REGISTRY))  # each predicted source's features adapted to the training
-    # statistics by a transform of pipeline/transforms.py; auto: grouped CV and stress batches decide (analysis/crossval.py)
+    # statistics by a transform of pipeline/transforms.py; auto: grouped CV and stress batches decide (selection/)
     align: str = _f(choices=("groups", "none"))  # groups: each training group's features aligned onto the training
     # statistics before the head is fitted, as each predicted source is (heads/align.py); none: as stored
 

@@ -1,12 +1,13 @@
 """Adapting a source to the training statistics (pipeline/heads/adapt.py) and measuring it in CV
-(pipeline/analysis/crossval.py), on synthetic features where the truth is known: a new source is the training
+(pipeline/selection/), on synthetic features where the truth is known: a new source is the training
 distribution with every dimension scaled and shifted."""
 import dataclasses
 
 import numpy as np
 import pytest
 
-from pipeline.analysis.crossval import cross_validate, cv_sources
+from pipeline.data.folds import cv_sources
+from pipeline.selection.crossval import cross_validate
 from pipeline.data.folds import assign_folds
 from pipeline.data.rows import Rows
 from pipeline.heads.adapt import MIN_IMAGES, fit_shift, rows_logits, source_logits, value_order

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 
 from features.synthetic import synthetic_store
-from pipeline.analysis.crossval import cross_validate
+from pipeline.selection.crossval import cross_validate
 from pipeline.data.rows import open_rows
 from pipeline.heads.adapt import MIN_IMAGES, source_logits
 from pipeline.heads.align import fit_alignment

@@ -6,10 +6,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-import pipeline.analysis.crossval as crossval
+import pipeline.selection.crossval as crossval
+import pipeline.selection.heads as selection
 import pipeline.stages.train as train
 from features.synthetic import synthetic_store
-from pipeline.analysis.crossval import Candidate, behind, cross_validate, t975
+from pipeline.analysis.noise import t975
+from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.data.rows import open_rows
 from pipeline.heads import adapt
 from pipeline.heads.fitting import fit_rows
@@ -90,7 +92,7 @@ def test_the_heads_of_one_cv_share_each_folds_statistics(monkeypatch):
     calls = []
     real = crossval.training_view
     monkeypatch.setattr(crossval, "training_view", lambda *a: calls.append(1) or real(*a))
-    train.choose_head(rows, np.arange(len(rows)) % 3, params(head={"hidden": "auto", "epochs": 3}, cv={"folds": 3}),
+    selection.choose_head(rows, np.arange(len(rows)) % 3, params(head={"hidden": "auto", "epochs": 3}, cv={"folds": 3}),
                       None)
     assert len(calls) == 3
 

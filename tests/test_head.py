@@ -277,7 +277,7 @@ def test_hidden_auto_keeps_the_preferred_head_unless_the_other_wins_beyond_the_n
     """`hidden: auto` cross-validates [256] and [] on the same folds and keeps [256] unless [] beats it by more than
     the noise of their per-fold differences (issue #31: a tie decided by noise chose the head that
     generalised worse); the model, its CV score, metrics.json and the printed line agree with that rule."""
-    from pipeline.analysis.crossval import paired_difference
+    from pipeline.analysis.noise import paired_difference
     from pipeline.inference.modeldir import load_model_dir
     store = synthetic_store(tmp_path / "s.h5", n=1500, dim=32, classes=20, separation=0.35)
     lines = []
@@ -304,8 +304,8 @@ def test_a_linear_head_chosen_without_groups_says_what_cv_could_not_see(tmp_path
     """Without a group column, CV's folds mix the training sources: when [] wins there, train-head says that on new
     sources [256] generalised better and asks for the group (issue #31: never silently pick the head that
     generalises worse); with groups CV saw new sources and says nothing of the kind."""
-    import pipeline.stages.train as train
-    monkeypatch.setattr(train, "prefer", lambda options: ("[]", "[] beat [256]"))  # what CV found: not this test's
+    import pipeline.selection.heads as selection
+    monkeypatch.setattr(selection, "prefer", lambda options: ("[]", "[] beat [256]"))  # what CV found: not this test's
     store = synthetic_store(tmp_path / "s.h5", n=240, dim=8, groups=groups)
     lines = []
     m = train_head(stores=[store], out=str(tmp_path / "m"), progress=lines.append,
@@ -317,7 +317,7 @@ def test_a_linear_head_chosen_without_groups_says_what_cv_could_not_see(tmp_path
 
 
 def test_prefer_keeps_the_first_option_on_a_tie_and_says_why():
-    from pipeline.analysis.crossval import prefer
+    from pipeline.selection.rules import prefer
     # issue #42: equal scores were reported as a win ("[256] scored highest")
     name, why = prefer([("[256]", [1.0, 1.0, 1.0]), ("[]", [1.0, 1.0, 1.0])])
     assert name == "[256]" and why == "a tie: [256] and [] scored the same (1.000); [256] by the tie rule", why
@@ -338,14 +338,15 @@ def test_prefer_keeps_the_first_option_on_a_tie_and_says_why():
 
 def test_the_noise_quantile_is_students_t():
     from scipy.stats import t
-    from pipeline.analysis.crossval import t975
+    from pipeline.analysis.noise import t975
     for df in range(1, 300):
         assert abs(t975(df) - t.ppf(0.975, df)) < 0.001, df
 
 
 def test_a_transform_that_clearly_loses_on_stress_batches_is_refused():
     """Refused only when its loss against none is beyond STRESS_TOLERANCE by more than the batch-to-batch noise."""
-    from pipeline.analysis.crossval import Candidate, choose_transform
+    from pipeline.selection.crossval import Candidate
+    from pipeline.selection.rules import choose_transform
     f1 = {"none": [{"macro_f1": v} for v in (0.5, 0.5, 0.5)], "scale": [{"macro_f1": v} for v in (0.6, 0.6, 0.6)],
           "affine": [{"macro_f1": v} for v in (0.7, 0.7, 0.7)]}
     rng = np.random.default_rng(0)

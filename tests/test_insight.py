@@ -65,7 +65,7 @@ def test_label_issues_rank_flipped_labels_first():
 
 def test_learning_curve_rises_and_ends_at_the_full_cv(tmp_path):
     rows = open_rows([synthetic_store(tmp_path / "s.h5", n=3000, dim=32, classes=3, separation=0.25)])
-    p = params(cv={"folds": 3}, head={"hidden": [], "min_val_images": 50})
+    p = params(cv={"folds": 3}, head={"hidden": [], "adapt": "affine", "min_val_images": 50})
     _, fold, _ = load_rows([str(tmp_path / "s.h5")], p, False)
     points = learning_curve(rows=rows, fold=fold, params=p, max_val=None)
     assert [q["per_class"] for q in points][:-1] == [2, 5, 10, 20, 50, 100, 200, 500]

@@ -76,7 +76,7 @@ def test_no_import_cycles_even_through_lazy_imports():
 LAYERS = (("features.errors", "features.text", "features.timing"), ("features.storage",), ("features.input",), ("features.models",),
           ("features.extract", "features.plan", "features.shards", "features.synthetic"),
           ("pipeline.transforms",), ("pipeline.params",), ("pipeline.data",), ("pipeline.heads",), ("pipeline.inference",),
-          ("pipeline.analysis",), ("pipeline.stages",), ("pipeline.cli",))
+          ("pipeline.analysis",), ("pipeline.selection",), ("pipeline.stages",), ("pipeline.cli",))
 
 
 def _layer(module: str) -> int:

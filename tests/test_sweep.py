@@ -78,15 +78,15 @@ def test_sweep_keeps_the_preferred_head_when_the_other_leads_inside_the_noise(tm
     """Issue #43, the planted near-tie: [] ahead of [256] by 0.007 on the mean, inside the fold-to-fold noise. The
     highest mean is [], the rule train-head applies (prefer) keeps [256], and sweep must do the same."""
     import pipeline.stages.sweep as sweep_stage
-    from pipeline.analysis.crossval import prefer
+    from pipeline.selection.rules import prefer
     planted = {(): [0.81, 0.80, 0.82], (16,): [0.80, 0.81, 0.80]}
     real = sweep_stage.choose_head
 
     def choose(rows, fold, p, *args, **kw):
-        p, cand, transform, choice = real(rows, fold, p, *args, **kw)
-        for f, v in zip(cand.per_fold[transform], planted[tuple(p.head.hidden)]):
+        choice = real(rows, fold, p, *args, **kw)
+        for f, v in zip(choice.cv.per_fold[choice.transform], planted[tuple(choice.params.head.hidden)]):
             f["macro_f1"] = v
-        return p, cand, transform, choice
+        return choice
     monkeypatch.setattr(sweep_stage, "choose_head", choose)
     monkeypatch.setattr(sweep_stage, "AUTO_CANDIDATES", ((16,), ()))  # the preference order hidden: auto keeps
     assert prefer([("[16]", planted[(16,)]), ("[]", planted[()])])[0] == "[16]"  # train-head's verdict

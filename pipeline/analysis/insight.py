@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.analysis.crossval import cv_sources, t975
+from pipeline.analysis.noise import t975
+from pipeline.data.folds import cv_sources
 from pipeline.heads.adapt import rows_logits
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.params import Params
@@ -49,7 +50,7 @@ def learning_curve(*, rows: Rows, fold: np.ndarray, params: Params, max_val: int
                    sizes: tuple[int, ...] = SIZES) -> list[dict]:
     """Per size n: every class's training rows in each fold cut to at most n (a seeded random subset), the head
     trained as train-head trains it, macro-F1 on the fold's full test rows; mean over folds and a 95% interval
-    (mean +- Student's t with k - 1 degrees of freedom times the standard error, as crossval.paired_difference;
+    (mean +- Student's t with k - 1 degrees of freedom times the standard error, as noise.paired_difference;
     clipped to [0, 1]). The last point is every training image."""
 
     lab = rows.labels >= 0

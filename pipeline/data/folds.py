@@ -111,3 +111,10 @@ def _group_keys(groups: list[str], sha256: list[str]) -> np.ndarray:
             if a != b:
                 parent[a] = b
     return np.array([find(i) for i in range(n)])
+
+
+def cv_sources(groups: list[str] | None, fold: np.ndarray) -> np.ndarray:
+    """The source of each row in CV: its group, or without groups its fold (each fold's test part is one source)."""
+    if groups is not None:
+        return np.asarray(groups, dtype=str)
+    return np.array([f"fold {j + 1}" for j in fold], dtype=str)

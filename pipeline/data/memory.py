@@ -16,7 +16,7 @@ def memory_budget(budget_mb: int) -> int:
 
 
 SCORE_COPIES = 8  # (N, C) float64 arrays' worth held at once: out-of-fold logits (float32) of 3 transforms x 2
-# head candidates (analysis/crossval.py), their labelled slice, probabilities before and after calibration, softmax
+# head candidates (selection/crossval.py), their labelled slice, probabilities before and after calibration, softmax
 # temporaries; evaluate, report and suggest hold fewer
 
 

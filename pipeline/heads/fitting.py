@@ -13,9 +13,6 @@ from pipeline.heads.common import labelled_blocks
 from pipeline.heads.head import Head, Reference
 from pipeline.params import HeadParams
 
-AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden layer and the linear head; a tie
-# (within the fold-to-fold noise) goes to the first: on 5 unseen emoji styles it generalised better (benchmarks/loso.py)
-
 
 def make_head(params: HeadParams, n_classes: int, random_state: int):
     """The estimator for `params` (hidden: [] -> LinearHead, else MLPHead; never 'auto', which train resolves).

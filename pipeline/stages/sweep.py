@@ -22,9 +22,9 @@ from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.text import plural
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
-from pipeline.analysis.crossval import prefer
-from pipeline.heads.fitting import AUTO_CANDIDATES
-from pipeline.stages.train import choose_head, finish, load_rows
+from pipeline.selection.heads import AUTO_CANDIDATES, choose_head
+from pipeline.selection.rules import prefer
+from pipeline.stages.train import finish, load_rows
 
 MAX_CONFIGS = 1000  # a grid is multiplied out: refuse a typo that asks for days of work
 
@@ -96,7 +96,7 @@ def describe(values: dict) -> str:
 def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], intersect: bool = False,
           progress=print, bar: bool = True) -> list[dict]:
     """Cross-validate every grid config on shared folds; write DIR/sweep.csv and DIR/best/. The config kept in
-    best/ is chosen by train-head's rule (analysis/crossval.prefer): the first in preference order unless another
+    best/ is chosen by train-head's rule (selection/rules.prefer): the first in preference order unless another
     beats it by more than the fold-to-fold noise. Returns the rows of sweep.csv, highest mean first."""
     t0 = time.time()
     configs = parse_grid(grid, params)  # every argument checked before any work
@@ -104,21 +104,19 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = load_rows(stores, params, intersect)
     results, f1s, done, views = [], [], {}, {}  # views: each fold's training rows and statistics, computed once
-    first = best = None  # (row, params, candidate, transform, choice) of the first config in preference order and
-    # of the highest mean so far: the only two prefer() can choose, so only their logits are kept
+    first = best = None  # (row, Choice) of the first config in preference order and of the highest mean so far:
+    # the only two prefer() can choose, so only their logits are kept
     fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
     with tqdm(total=fits, desc="sweep", unit="fit", disable=not bar, file=sys.stderr, dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                (p, per_fold), cand, transform, choice = done[key], None, None, None  # an equal mean never
-                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))  # replaces the best
+                per_fold, choice = done[key], None  # an equal mean never replaces the best
+                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))
             else:
-                p, cand, transform, choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1),
-                                                           views=views)
-                per_fold = cand.per_fold[transform]
-                done[key] = (p, per_fold)
+                choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1), views=views)
+                per_fold = done[key] = choice.cv.per_fold[choice.transform]
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**values, "macro_f1_mean": float(f1.mean()),
@@ -126,18 +124,18 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                  "accuracy_std": float(acc.std()), "seconds": round(time.time() - t, 3), "_i": i}
             results.append(r)
             f1s.append(f1.tolist())
-            entry = (r, p, cand, transform, choice)
+            entry = (r, choice)
             first = first or entry
             if best is None or r["macro_f1_mean"] > best[0]["macro_f1_mean"]:
                 best = entry
     # the one rule train-head uses (prefer: it returns the first option or the highest mean, whose logits were kept)
     heads = [describe({k: v for k, v in x.items() if k.startswith("head.")}) for x in results]  # preference order
     name, why = prefer([(h, f1s[i]) for i, h in enumerate(heads)])
-    r, p, cand, transform, choice = first if name == heads[0] else best
+    r, choice = first if name == heads[0] else best
     results.sort(key=lambda x: (-x["macro_f1_mean"], x["macro_f1_std"], x["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
-        finish(rows, fold, cand, transform, p, max_val, d / "best", t0, choice)
+        finish(rows, fold, choice, max_val, d / "best", t0)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])

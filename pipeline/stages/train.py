@@ -4,6 +4,7 @@ model directory, written whole or not at all.
 
     rows, fold = load_rows(stores)     in memory, or read in blocks past cv.memory_budget_mb; one fold rule
     choose_head(rows, fold, params)    CV of the head(s) under every transform, stress batches; the choices
+                                       (pipeline/selection/)
     reseeded(...)                      the chosen head's CV again, reseeded: the run-to-run spread
     finish(...)                        calibration, final fit, out-of-distribution reference, the model directory
 """
@@ -23,11 +24,10 @@ from features.timing import Phases
 from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
-from pipeline.analysis import crossval
-from pipeline.analysis.crossval import (Candidate, adaptation_record, choose_transform, cross_validate, cv_sources,
-                                        prefer)
-from pipeline.heads.adapt import TRANSFORMS
-from pipeline.heads.fitting import AUTO_CANDIDATES, fit_rows
+from pipeline.data.folds import cv_sources
+from pipeline.heads.fitting import fit_rows
+from pipeline.selection.crossval import cross_validate
+from pipeline.selection.heads import AUTO_CANDIDATES, Choice, choose_head, describe_choice
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_metrics, write_predictions)
 from pipeline.inference.modeldir import ModelInfo, is_model_dir, save_model_dir
@@ -45,46 +45,8 @@ def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
 
 
-def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
-                phases: Phases | None = None, views: dict | None = None) -> tuple[Params, Candidate, str, dict]:
-    """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
-    (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
-    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the params with
-    `hidden` and `adapt` resolved, the chosen candidate, its transform, and what was chosen and why."""
-    h = params.head
-    transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
-    heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
-    views = {} if views is None else views  # each fold's training rows and statistics, shared by the heads
-    cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
-    for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
-        # once it is clearly behind the first one's (crossval.behind)
-        give_up = (lambda cand: None) if not cvs else \
-            crossval.behind(*next((key, c.f1s(t)) for key, (c, t, _) in cvs.items()), int(fold.max()) + 1)
-        cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
-                              transforms, max_val, on_fold, phases=phases, views=views, give_up=give_up)
-        cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
-                                                 (h.adapt, "set in params")))
-    tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
-    finished = [t for t in tried if t[1].stopped is None]
-    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished]) if len(finished) > 1 else \
-        (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")
-    why += "".join(f"; {key}: {cand.stopped}" for key, cand, _, _ in tried if cand.stopped)
-    if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
-        why += f"; without a group column CV saw only sources like the training ones, and on new ones {tried[0][0]} " \
-               "generalised better (docs/evaluation.md): give the group to choose for them"
-    _, cand, transform, why_t = next(t for t in tried if t[0] == name)
-    chosen = dataclasses.replace(cand.params, head=dataclasses.replace(cand.params.head, adapt=transform))
-    choice = {"head_choice": {"chosen": json.loads(name), "why": why,
-                              "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
-                              "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried}},
-              "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
-    return chosen, cand, transform, choice
 
 
-def describe_choice(choice: dict) -> str:
-    h, a = choice["head_choice"], choice["adaptation"]
-    scores = ", ".join(f"hidden {k}: {v:.3f}" for k, v in h["cv_macro_f1"].items())
-    return f"head {json.dumps(h['chosen'])} ({scores}: {h['why']}); adaptation {a['transform']} ({a['why']})"
 
 
 def load_rows(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
@@ -146,13 +108,14 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1) + k * (repeats - 1)
     done = iter(range(1, fits + 1))
     on_fold = lambda: progress(f"{out}: fit {next(done)} of {fits} done")  # noqa: E731 - heads x folds, repeats
-    params, cand, transform, choice = choose_head(rows, fold, params, max_val, on_fold, phases)
-    progress(f"{out}: {describe_choice(choice)}")
+    choice = choose_head(rows, fold, params, max_val, on_fold, phases)
+    progress(f"{out}: {describe_choice(choice.record)}")
     with phases("repeats"):
-        runs = reseeded(rows, params, transform, cand.f1s(transform), max_val, on_fold, repeats)
+        runs = reseeded(rows, choice.params, choice.transform, choice.cv.f1s(choice.transform), max_val, on_fold,
+                        repeats)
     progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, cand, transform, params, max_val, d, t0, choice, runs, skipped, phases)
+        metrics = finish(rows, fold, choice, max_val, d, t0, runs, skipped, phases)
     return metrics | {"phase_seconds": phases.seconds}
 
 
@@ -172,16 +135,15 @@ def summary_line(out: str, metrics: dict) -> str:
             f"(T={c['temperature']:.2f}) in {metrics['seconds']:.1f} s ({metrics['mode']})")
 
 
-def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params: Params, max_val: int | None,
-           d: Path, t0: float, choice: dict, repeats: list[float] | None = None, skipped: str | None = None,
-           phases: Phases | None = None) -> dict:
-    """The model directory in `d`, from the chosen candidate's out-of-fold logits (N, C) under `transform`: fit
-    the final head on every labelled row, calibrate it on the out-of-fold logits, fit its out-of-distribution
-    reference, then write head.npz, model.json, ood.npz, metrics.json, details.json and the out-of-fold files.
-    `params` has `hidden` and `adapt` resolved (choose_head); `choice` records what was chosen and why. Returns
-    details.json's content (plus `seconds`)."""
+def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d: Path, t0: float,
+           repeats: list[float] | None = None, skipped: str | None = None, phases: Phases | None = None) -> dict:
+    """The model directory in `d`, from the chosen config's out-of-fold logits (N, C) under its transform
+    (choose_head's Choice): fit the final head on every labelled row, calibrate it on the out-of-fold logits, fit
+    its out-of-distribution reference, then write head.npz, model.json, ood.npz, metrics.json, details.json and
+    the out-of-fold files. Returns details.json's content (plus `seconds`)."""
     lab = rows.labels >= 0
     phases = phases or Phases()
+    params, cand, transform = choice.params, choice.cv, choice.transform
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
     with phases("final fit"):
         final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
@@ -192,7 +154,7 @@ def finish(rows: Rows, fold: np.ndarray, cand: Candidate, transform: str, params
         ood = save_ood(d, ref, loo)
     repeats = repeats or [float(np.mean([f["macro_f1"] for f in per_fold]))]  # mean CV macro-F1 per reseeded run
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
-               **choice,
+               **choice.record,
                "mode": "in-memory" if rows.in_memory else "streamed", "seconds": round(time.time() - t0, 3)}
     metrics["cv"] |= {"repeats": [round(r, 4) for r in repeats], "repeats_std": float(np.std(repeats)),
                       **({"repeats_skipped": skipped} if skipped else {})}

@@ -1,20 +1,15 @@
-"""Cross-validation of head candidates with each held-out source adapted (heads/adapt.py), stress batches that
-adaptation can fail on, and the choices of head and transform, which never hinge on a difference inside the
-fold-to-fold noise.
+"""Cross-validation of one head config: one fit per fold, each held-out source adapted under every transform
+(heads/adapt.py), and the stress batches that adaptation can fail on; and the early stop of a candidate clearly
+behind. The choices made from it are pipeline/selection/rules.py's.
 
     cand = cross_validate(rows, fold, params, transforms, ...)   one fit per fold; every transform per fold
-    t, why = choose_transform(cand)        the preferred transform that passes the stress batches, unless another
-                                           beats it by more than the noise
-    pick, why = prefer([(name, per-fold scores), ...])   the same rule for the head
 
 A source in CV is a manifest group (each held-out group adapted by its own statistics), or without groups each
-fold's test part. Stress batches come from held-out sources: one class making 60% of the batch, two classes
-only, 5 and 10 random images. A transform is refused when it loses more than STRESS_TOLERANCE accuracy against
-none on a kind of stress batch, by more than the batch-to-batch noise (paired: the same batches either way).
+fold's test part (data/folds.cv_sources). Stress batches come from held-out sources: one class making 60% of the
+batch, two classes only, 5 and 10 random images.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -22,21 +17,17 @@ import numpy as np
 
 from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
+from pipeline.analysis.noise import T995, paired_difference
+from pipeline.data.folds import cv_sources
 from pipeline.heads.adapt import rows_logits_each, source_logits_each
 from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
 from pipeline.params import Params
-from pipeline.transforms import NONE, REGISTRY, adapts
+from pipeline.transforms import NONE, adapts
 
-PREFERRED_TRANSFORMS = tuple(REGISTRY)  # on a tie, in this order (pipeline/transforms.py)
-STRESS_TOLERANCE = 0.02  # accuracy a transform may lose against none on a stress batch
 STRESS = ("one class at 60%", "two classes", "5 images", "10 images")
 STRESS_MAX = 256  # images per stress batch
 PER_KIND = 10  # skewed stress batches of each kind per source (one class at 60%, two classes)
 DRAWS = 30  # random draws of 5 and of 10 images per source
-# Student's t 97.5% quantiles for 1-9 degrees of freedom (scipy.stats.t.ppf(0.975, df); its import costs 1.2 s)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-# ...and 99.5%: the 99% interval that a CV stopped early must clear (a look after each fold is a test of its own)
-T995 = {1: 63.657, 2: 9.925, 3: 5.841, 4: 4.604, 5: 4.032, 6: 3.707, 7: 3.499, 8: 3.355, 9: 3.250}
 
 
 @dataclass
@@ -53,13 +44,6 @@ class Candidate:
 
     def f1s(self, transform: str) -> list[float]:
         return [f["macro_f1"] for f in self.per_fold[transform]]
-
-
-def cv_sources(groups: list[str] | None, fold: np.ndarray) -> np.ndarray:
-    """The source of each row in CV: its group, or without groups its fold (each fold's test part is one source)."""
-    if groups is not None:
-        return np.asarray(groups, dtype=str)
-    return np.array([f"fold {j + 1}" for j in fold], dtype=str)
 
 
 def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
@@ -148,16 +132,6 @@ def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: 
             hits[t][kind].append(float((logits.argmax(1) == rows.labels[b]).mean()))
 
 
-def t975(df: int, table: dict[int, float] = T975, z: float = 1.959964) -> float:
-    """Student's t 97.5% quantile (or another `table`'s, with its normal quantile z): the table, or beyond it the
-    Cornish-Fisher expansion around the normal quantile to 1/df^3 (within 0.0002 of scipy's at 97.5%, 0.0013 at
-    99.5%)."""
-    if df in table:
-        return table[df]
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2) +
-            (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-
-
 def behind(leader: str, scores: list[float], folds: int):
     """A give_up for cross_validate: stop a candidate's CV once `leader` (per-fold scores on the same folds, all
     of them) beats it by more than the noise at 99%, from the second fold on (Student's t with 1 degree of freedom
@@ -172,75 +146,3 @@ def behind(leader: str, scores: list[float], folds: int):
         return (f"its CV stopped after {n} of {folds} folds, {leader} ahead by {diff:.3f}, more than the noise at "
                 f"99% ({noise:.3f})") if diff > noise else None
     return check
-
-
-def paired_difference(a: list[float], b: list[float], table: dict[int, float] = T975, z: float = 1.959964
-                      ) -> tuple[float, float]:
-    """(mean over folds of a - b, the half-width of its 95% interval): the fold-to-fold noise of a difference
-    between two candidates scored on the same folds (or batches). Student's t with n - 1 degrees of freedom times
-    the standard error: with 3 folds t is 4.30, and two standard errors, the normal quantile, would call a win
-    what one run in five shows by chance (p = 0.18); with many stress batches t is about 2."""
-    d = np.asarray(a) - np.asarray(b)
-    n = len(d)
-    return float(d.mean()), float(t975(n - 1, table, z) * d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
-
-
-def prefer(options: list[tuple[str, list[float]]]) -> tuple[str, str]:
-    """options: (name, per-fold scores) in order of preference. The first, unless the one with the highest mean
-    beats it by more than the noise (paired_difference). Returns (name, why)."""
-    first = options[0]
-    best = max(options, key=lambda o: np.mean(o[1]))
-    if best is first:  # the first leads: by more than the noise, or it is still a tie, said as one
-        if len(options) == 1:
-            return first[0], f"{first[0]} scored highest"
-        runner = max(options[1:], key=lambda o: np.mean(o[1]))
-        diff, noise = paired_difference(first[1], runner[1])
-        if diff == 0:
-            return first[0], (f"a tie: {first[0]} and {runner[0]} scored the same ({np.mean(first[1]):.3f}); "
-                              f"{first[0]} by the tie rule")
-        if diff <= noise:
-            return first[0], (f"a tie: {first[0]} was ahead of {runner[0]} by {diff:.3f}, within the noise "
-                              f"({noise:.3f}); {first[0]} by the tie rule")
-        return first[0], (f"{first[0]} scored highest, ahead of {runner[0]} by {diff:.3f}, more than the noise "
-                          f"({noise:.3f})")
-    diff, noise = paired_difference(best[1], first[1])
-    if diff > noise:
-        return best[0], f"{best[0]} beat {first[0]} by {diff:.3f}, more than the noise ({noise:.3f})"
-    return first[0], (f"a tie: {best[0]} was ahead of {first[0]} by {diff:.3f}, within the noise ({noise:.3f}); "
-                      f"{first[0]} by the tie rule")
-
-
-def stress_loss(cand: Candidate, transform: str) -> dict[str, tuple[float, float]]:
-    """Per kind of stress batch: (mean accuracy of `transform` minus none's, its noise: paired_difference)."""
-    return {k: paired_difference(cand.stress[transform][k], cand.stress[NONE][k]) for k in cand.stress[transform]}
-
-
-def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) -> dict:
-    """details.json's `adaptation`: the transform chosen and why, what CV took as a source, whether the head was
-    fitted on each training group aligned (heads/align.py), each transform's CV macro-F1, and its stress-batch
-    accuracy, also against none (mean ± the half-width of its 95% interval)."""
-    align = cand.params.head.align
-    return {"transform": transform, "why": why, "sources": "manifest groups" if grouped else
-            "each fold's test part (no groups: CV cannot measure a new source)",
-            "align": "groups: each training group aligned onto the training statistics before the head was fitted"
-            if grouped and align == "groups" else "none: set in params" if align == "none" else
-            "none: no group column, nothing to align",
-            "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
-            "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
-                                for t, acc in cand.stress.items()},
-            "stress_vs_none": {t: {k: f"{d:+.3f} ± {n:.3f}" for k, (d, n) in stress_loss(cand, t).items()}
-                               for t in cand.oof if t != NONE}}
-
-
-def choose_transform(cand: Candidate) -> tuple[str, str]:
-    """`adapt: auto`: the preferred transform (PREFERRED_TRANSFORMS) among those not refused on the stress batches
-    (clearly worse than none by more than STRESS_TOLERANCE), unless another of them beats it by more than the
-    noise. cand holds every transform."""
-    ok, refused = [], []
-    for t in PREFERRED_TRANSFORMS:
-        bad = [(k, d) for k, (d, noise) in stress_loss(cand, t).items() if d + noise < -STRESS_TOLERANCE]
-        (refused if bad and t != NONE else ok).append((t, bad))
-    name, why = prefer([(t, cand.f1s(t)) for t, _ in ok])
-    return name, why + "".join(f"; {t} refused: {-d:.3f} less accuracy than none on '{k}' batches"
-                               for t, bad in refused for k, d in bad[:1])
-

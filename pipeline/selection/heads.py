@@ -1,0 +1,71 @@
+"""Choosing the head: each candidate config cross-validated on the same folds under every transform, then the
+transform per head and the head by the rules of selection/rules.py; the result as one record. train-head and sweep
+both choose here."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.timing import Phases
+from pipeline.data.rows import Rows
+from pipeline.heads.adapt import TRANSFORMS
+from pipeline.params import Params
+from pipeline.selection.crossval import Candidate, behind, cross_validate
+from pipeline.selection.rules import adaptation_record, choose_transform, prefer
+
+AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden layer and the linear head; a tie
+# (within the fold-to-fold noise) goes to the first: on 5 unseen emoji styles it generalised better (benchmarks/loso.py)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What choose_head picked: the params with `hidden` and `adapt` resolved, the chosen config's CV, its
+    transform, and details.json's record of what was chosen and why (head_choice, adaptation)."""
+    params: Params
+    cv: Candidate
+    transform: str
+    record: dict
+
+
+def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
+                phases: Phases | None = None, views: dict | None = None) -> Choice:
+    """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
+    (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
+    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice."""
+    h = params.head
+    transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
+    heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
+    views = {} if views is None else views  # each fold's training rows and statistics, shared by the heads
+    cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
+    for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
+        # once it is clearly behind the first one's (crossval.behind)
+        give_up = (lambda cand: None) if not cvs else \
+            behind(*next((key, c.f1s(t)) for key, (c, t, _) in cvs.items()), int(fold.max()) + 1)
+        cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
+                              transforms, max_val, on_fold, phases=phases, views=views, give_up=give_up)
+        cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
+                                                 (h.adapt, "set in params")))
+    tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
+    finished = [t for t in tried if t[1].stopped is None]
+    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished]) if len(finished) > 1 else \
+        (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")
+    why += "".join(f"; {key}: {cand.stopped}" for key, cand, _, _ in tried if cand.stopped)
+    if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
+        why += f"; without a group column CV saw only sources like the training ones, and on new ones {tried[0][0]} " \
+               "generalised better (docs/evaluation.md): give the group to choose for them"
+    _, cand, transform, why_t = next(t for t in tried if t[0] == name)
+    chosen = dataclasses.replace(cand.params, head=dataclasses.replace(cand.params.head, adapt=transform))
+    choice = {"head_choice": {"chosen": json.loads(name), "why": why,
+                              "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
+                              "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried}},
+              "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
+    return Choice(chosen, cand, transform, choice)
+
+
+def describe_choice(choice: dict) -> str:
+    h, a = choice["head_choice"], choice["adaptation"]
+    scores = ", ".join(f"hidden {k}: {v:.3f}" for k, v in h["cv_macro_f1"].items())
+    return f"head {json.dumps(h['chosen'])} ({scores}: {h['why']}); adaptation {a['transform']} ({a['why']})"

@@ -1,0 +1,80 @@
+"""The choice rules: which transform and which head (or sweep config) CV's scores pick, never on a difference
+inside the noise, and the record of why (details.json).
+
+    t, why = choose_transform(cand)        the preferred transform that passes the stress batches, unless another
+                                           beats it by more than the noise
+    pick, why = prefer([(name, per-fold scores), ...])   the same rule for the head and for sweep's configs
+
+A transform is refused when it loses more than STRESS_TOLERANCE accuracy against none on a kind of stress batch,
+by more than the batch-to-batch noise (paired: the same batches either way).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.analysis.noise import paired_difference
+from pipeline.selection.crossval import Candidate
+from pipeline.transforms import NONE, REGISTRY
+
+PREFERRED_TRANSFORMS = tuple(REGISTRY)  # on a tie, in this order (pipeline/transforms.py)
+STRESS_TOLERANCE = 0.02  # accuracy a transform may lose against none on a stress batch
+
+
+def prefer(options: list[tuple[str, list[float]]]) -> tuple[str, str]:
+    """options: (name, per-fold scores) in order of preference. The first, unless the one with the highest mean
+    beats it by more than the noise (paired_difference). Returns (name, why)."""
+    first = options[0]
+    best = max(options, key=lambda o: np.mean(o[1]))
+    if best is first:  # the first leads: by more than the noise, or it is still a tie, said as one
+        if len(options) == 1:
+            return first[0], f"{first[0]} scored highest"
+        runner = max(options[1:], key=lambda o: np.mean(o[1]))
+        diff, noise = paired_difference(first[1], runner[1])
+        if diff == 0:
+            return first[0], (f"a tie: {first[0]} and {runner[0]} scored the same ({np.mean(first[1]):.3f}); "
+                              f"{first[0]} by the tie rule")
+        if diff <= noise:
+            return first[0], (f"a tie: {first[0]} was ahead of {runner[0]} by {diff:.3f}, within the noise "
+                              f"({noise:.3f}); {first[0]} by the tie rule")
+        return first[0], (f"{first[0]} scored highest, ahead of {runner[0]} by {diff:.3f}, more than the noise "
+                          f"({noise:.3f})")
+    diff, noise = paired_difference(best[1], first[1])
+    if diff > noise:
+        return best[0], f"{best[0]} beat {first[0]} by {diff:.3f}, more than the noise ({noise:.3f})"
+    return first[0], (f"a tie: {best[0]} was ahead of {first[0]} by {diff:.3f}, within the noise ({noise:.3f}); "
+                      f"{first[0]} by the tie rule")
+
+
+def stress_loss(cand: Candidate, transform: str) -> dict[str, tuple[float, float]]:
+    """Per kind of stress batch: (mean accuracy of `transform` minus none's, its noise: paired_difference)."""
+    return {k: paired_difference(cand.stress[transform][k], cand.stress[NONE][k]) for k in cand.stress[transform]}
+
+
+def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) -> dict:
+    """details.json's `adaptation`: the transform chosen and why, what CV took as a source, whether the head was
+    fitted on each training group aligned (heads/align.py), each transform's CV macro-F1, and its stress-batch
+    accuracy, also against none (mean ± the half-width of its 95% interval)."""
+    align = cand.params.head.align
+    return {"transform": transform, "why": why, "sources": "manifest groups" if grouped else
+            "each fold's test part (no groups: CV cannot measure a new source)",
+            "align": "groups: each training group aligned onto the training statistics before the head was fitted"
+            if grouped and align == "groups" else "none: set in params" if align == "none" else
+            "none: no group column, nothing to align",
+            "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
+            "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
+                                for t, acc in cand.stress.items()},
+            "stress_vs_none": {t: {k: f"{d:+.3f} ± {n:.3f}" for k, (d, n) in stress_loss(cand, t).items()}
+                               for t in cand.oof if t != NONE}}
+
+
+def choose_transform(cand: Candidate) -> tuple[str, str]:
+    """`adapt: auto`: the preferred transform (PREFERRED_TRANSFORMS) among those not refused on the stress batches
+    (clearly worse than none by more than STRESS_TOLERANCE), unless another of them beats it by more than the
+    noise. cand holds every transform."""
+    ok, refused = [], []
+    for t in PREFERRED_TRANSFORMS:
+        bad = [(k, d) for k, (d, noise) in stress_loss(cand, t).items() if d + noise < -STRESS_TOLERANCE]
+        (refused if bad and t != NONE else ok).append((t, bad))
+    name, why = prefer([(t, cand.f1s(t)) for t, _ in ok])
+    return name, why + "".join(f"; {t} refused: {-d:.3f} less accuracy than none on '{k}' batches"
+                               for t, bad in refused for k, d in bad[:1])
