@@ -2,16 +2,17 @@
 transformations (outlines, flat colour, greyscale, blur, hue, inversion, emboss, noise, tiny JPEG), each a shift
 family; leave-one-family-out as a user runs it, per family and the worst, spread over seeds.
 
-    python benchmarks/shift_families.py [--data ../shared/data/emoji-faces7] [--seeds 0 1 2]
+    python benchmarks/shift_families.py [--data ../shared/data/emoji-faces7] [--seeds 0 1 2] [--forced]
                                         [--backbones efficientnet_lite0] [--families ...]
 
 For each held-out family F: train-head on every other family (the untouched images are the family 'original';
 the family is the manifest group, so `auto` chooses on held-out families), then F's folder predicted as predict
-does. Rows: the default (grouped; and without the group column); the default's head with each transform forced;
-each head forced (`hidden: []`, `[256]`) with the transform auto then chose; the default with `align: none` (the
-training families pooled as stored, not each aligned onto the training statistics: heads/align.py).
-Columns: macro-F1 per held-out family (mean over seeds), the mean over families ± its std over seeds, the worst
-family ± its std over seeds. Nothing here is tuned to one family: they are made once, by the fixed recipes below.
+does. Rows: the default (grouped; and without the group column); the default with `align: none` (the training
+families pooled as stored, not each aligned onto the training statistics: heads/align.py); with --forced also
+the default's head under each transform, and each head forced (`hidden: []`, `[256]`) with the transform auto
+then chose. Columns: macro-F1 per held-out family (mean over seeds), the mean over families ± its std over
+seeds, the worst family ± its std over seeds; then accuracy on batches of the held-out family (whole, skewed,
+small, each image alone). Nothing here is tuned to one family: they are made once, by the fixed recipes below.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
     ap.add_argument("--work", default="out/bench/families")
+    ap.add_argument("--forced", action="store_true", help="also each transform and each head forced (slower)")
     args = ap.parse_args()
     params = load_params(str(ROOT / "params.yaml"))
     for data in map(Path, args.data):
@@ -110,7 +112,7 @@ def main() -> None:
             extract(images=str(csv_path), out=store, backbone=backbone, allow_outside=True, progress=False)
             rows = open_rows([store])
             groups = np.asarray(rows.groups)
-            table: dict[str, dict[str, list[float]]] = {}  # row -> family -> F1 per seed
+            table: dict[str, dict[str, list[dict]]] = {}  # row -> family -> score() per seed
             chose: dict[str, list[str]] = {}
             for seed in args.seeds:
                 for fam in args.families:
@@ -118,33 +120,38 @@ def main() -> None:
                     x, y = rows.features[te], rows.labels[te]
 
                     def add(key, head, transform):
-                        f1 = score(head, x, y, transform, np.random.default_rng(seed))["F1"]
-                        table.setdefault(key, {}).setdefault(fam, []).append(f1)
+                        got = score(head, x, y, transform, np.random.default_rng(seed))
+                        table.setdefault(key, {}).setdefault(fam, []).append(got)
                     head, chosen = held_out(rows, params, fam, seed, grouped=True)
                     chose.setdefault(fam, []).append(f"{list(chosen.head.hidden)} {chosen.head.adapt}")
                     add("default", head, chosen.head.adapt)
-                    for t in TRANSFORMS:
+                    for t in TRANSFORMS if args.forced else ():
                         add(f"default's head, {t}", head, t)
                     before = dataclasses.replace(params, head=dataclasses.replace(params.head, align="none"))
                     h, c = held_out(rows, before, fam, seed, grouped=True)
                     add("default with align: none", h, c.head.adapt)
-                    for hidden in ((), (256,)):
+                    for hidden in ((), (256,)) if args.forced else ():
                         forced = dataclasses.replace(params, head=dataclasses.replace(params.head, hidden=hidden))
                         h, c = held_out(rows, forced, fam, seed, grouped=True)
                         add(f"{list(hidden)}, auto transform", h, c.head.adapt)
                     head, chosen = held_out(rows, params, fam, seed, grouped=False)
                     add("default, no groups", head, chosen.head.adapt)
-                    print(f"  seed {seed} {fam}: " + ", ".join(f"{k} {v[fam][-1]:.3f}" for k, v in table.items()),
+                    print(f"  seed {seed} {fam}: " + ", ".join(f"{k} {v[fam][-1]['F1']:.3f}" for k, v in table.items()),
                           flush=True)
             fams = args.families
             print(f"\n{data.name} {backbone}: leave-one-family-out, {len(args.seeds)} seeds; default chose: "
                   + "; ".join(f"{f}: {', '.join(sorted(set(c)))}" for f, c in chose.items()))
             print(f"{'':28s}" + "".join(f"{f[:9]:>10s}" for f in fams) + f"{'mean':>16s}{'worst':>16s}")
             for key, per in table.items():
-                f1 = np.array([per[f] for f in fams])  # (families, seeds)
+                f1 = np.array([[s["F1"] for s in per[f]] for f in fams])  # (families, seeds)
                 mean, worst = f1.mean(0), f1.min(0)  # per seed
                 print(f"{key:28s}" + "".join(f"{v:10.3f}" for v in f1.mean(1))
                       + f"{mean.mean():9.3f} ± {mean.std():.3f}{worst.mean():9.3f} ± {worst.std():.3f}", flush=True)
+            kinds = [k for k in next(iter(table["default"].values()))[0] if k != "F1"]
+            print(f"\naccuracy on batches of the held-out family (mean over families and seeds)\n{'':28s}"
+                  + "".join(f"{k:>18s}" for k in kinds))
+            for key, per in table.items():
+                print(f"{key:28s}" + "".join(f"{np.mean([s[k] for f in fams for s in per[f]]):18.3f}" for k in kinds))
 
 
 if __name__ == "__main__":

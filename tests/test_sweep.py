@@ -88,6 +88,9 @@ def test_sweep_keeps_the_preferred_head_when_the_other_leads_inside_the_noise(tm
             f["macro_f1"] = v
         return choice
     monkeypatch.setattr(sweep_stage, "choose_head", choose)
+    import pipeline.selection.rules as rules  # the planted scores are per fold; the worst source (a tie-break,
+    monkeypatch.setattr(rules, "worst_source", lambda *a, **k: None)  # tests/test_selection.py) would read the
+    # real predictions, which the planting does not change
     monkeypatch.setattr(sweep_stage, "AUTO_CANDIDATES", ((16,), ()))  # the preference order hidden: auto keeps
     assert prefer([("[16]", planted[(16,)]), ("[]", planted[()])])[0] == "[16]"  # train-head's verdict
     lines = []

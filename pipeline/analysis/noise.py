@@ -1,7 +1,9 @@
-"""The noise beside a number: Student's t quantiles without scipy, and the interval of a difference between two
-candidates scored on the same folds or batches. Every choice (a head, a transform, a config) and every early
-stop is made outside it (pipeline/selection/)."""
+"""The noise beside a number: Student's t quantiles without scipy, the interval of a difference between two
+candidates scored on the same folds or batches, and of the difference between their worst held-out sources.
+Every choice (a head, a transform, a config) and every early stop is made outside it (pipeline/selection/)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,3 +32,49 @@ def paired_difference(a: list[float], b: list[float], table: dict[int, float] = 
     d = np.asarray(a) - np.asarray(b)
     n = len(d)
     return float(d.mean()), float(t975(n - 1, table, z) * d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+
+
+WORST_DRAWS = 200  # bootstrap draws of the held-out images for the worst-source interval
+
+
+@dataclass(frozen=True)
+class WorstSource:
+    """Two candidates' worst held-out source, and the 95% bootstrap interval of b's worst minus a's."""
+    a: float  # macro-F1 of a on its worst source
+    a_source: str
+    b: float
+    b_source: str
+    lo: float  # interval of (b's worst) - (a's worst)
+    hi: float
+
+
+def _macro_f1(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
+    """Macro-F1 (D,) of predictions pred (n,) of labels y (n,) under each row of weights (D, n) (how often each
+    image is drawn), over the classes each draw holds or predicts: a source without some class is not marked
+    down for it."""
+    truth, said = np.eye(c)[y], np.eye(c)[pred]  # (n, C) one-hot
+    tp, support, predicted = weights @ (truth * said), weights @ truth, weights @ said  # (D, C) each
+    seen = support + predicted > 0
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=seen)
+    return f1.sum(1) / np.maximum(seen.sum(1), 1)
+
+
+def worst_source(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, sources: np.ndarray, c: int,
+                 random_state: int = 0) -> WorstSource:
+    """The lowest per-source macro-F1 of predictions a and of b (y, pred_*, sources: (n,) over the same held-out
+    images), with the interval of their difference from WORST_DRAWS bootstrap draws of each source's images (the
+    same draws for both: paired). A source of a few images is the worst by chance as often as by fact; its
+    draws then spread wide and the interval says so."""
+    rng = np.random.default_rng(random_state)
+    names = np.unique(sources)
+    point_a, point_b, draws_a, draws_b = [], [], [], []
+    for s in names:
+        m = sources == s
+        n = int(m.sum())
+        w = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=WORST_DRAWS)])  # (1 + D, n)
+        fa, fb = _macro_f1(w, y[m], pred_a[m], c), _macro_f1(w, y[m], pred_b[m], c)
+        point_a.append(fa[0]), point_b.append(fb[0]), draws_a.append(fa[1:]), draws_b.append(fb[1:])
+    diff = np.min(draws_b, axis=0) - np.min(draws_a, axis=0)  # (D,)
+    ia, ib = int(np.argmin(point_a)), int(np.argmin(point_b))
+    return WorstSource(float(point_a[ia]), str(names[ia]), float(point_b[ib]), str(names[ib]),
+                       float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5)))

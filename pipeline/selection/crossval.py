@@ -33,7 +33,8 @@ DRAWS = 30  # random draws of 5 and of 10 images per source
 @dataclass
 class Candidate:
     """One head config's CV: out-of-fold logits (N, C) per transform (0 for unlabelled rows), per-fold metrics,
-    stress accuracy per transform and kind, and per row what its out-of-fold prediction rested on."""
+    stress accuracy per transform and kind, per row what its out-of-fold prediction rested on; and the rows' labels,
+    sources and whether their fold was scored (a CV stopped early leaves some unscored)."""
     params: Params
     oof: dict[str, np.ndarray]
     per_fold: dict[str, list[dict]]
@@ -41,6 +42,9 @@ class Candidate:
     # batches in the same order for every transform
     said: dict[str, list[str]] = field(default_factory=dict)
     stopped: str | None = None  # why its CV ended before the last fold (cross_validate's give_up)
+    labels: np.ndarray | None = None  # (N,) -1 = unlabelled
+    sources: np.ndarray | None = None  # (N,) data/folds.cv_sources
+    scored: np.ndarray | None = None  # (N,) bool
 
     def f1s(self, transform: str) -> list[float]:
         return [f["macro_f1"] for f in self.per_fold[transform]]
@@ -82,7 +86,8 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     lab = rows.labels >= 0
     sources = cv_sources(rows.groups, fold)
     cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
-                     {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms})
+                     {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms},
+                     labels=rows.labels, sources=sources, scored=np.zeros(len(rows), bool))
     adapting = any(map(adapts, transforms))  # else no reference statistics and no stress batches are needed
     stress = stress and adapting
     scored = tuple(dict.fromkeys((NONE, *transforms)))  # stress batches are scored against none as well
@@ -99,6 +104,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
             head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting,
                             view=views.get((j, align)))
         te = fold == j
+        cand.scored |= te & lab
         with phases("held-out sources adapted"):
             for t, (logits, said, _) in rows_logits_each(head, rows, te, sources, transforms).items():
                 cand.oof[t][te] = logits

@@ -14,7 +14,7 @@ from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.params import Params
 from pipeline.selection.crossval import Candidate, behind, cross_validate
-from pipeline.selection.rules import adaptation_record, choose_transform, prefer
+from pipeline.selection.rules import adaptation_record, choose_transform, prefer, worst_of
 
 AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden layer and the linear head; a tie
 # (within the fold-to-fold noise) goes to the first: on 5 unseen emoji styles it generalised better (benchmarks/loso.py)
@@ -50,7 +50,8 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                                                  (h.adapt, "set in params")))
     tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
     finished = [t for t in tried if t[1].stopped is None]
-    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished]) if len(finished) > 1 else \
+    name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished],
+                       worst_of({key: (cand, t) for key, cand, t, _ in finished})) if len(finished) > 1 else \
         (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")
     why += "".join(f"; {key}: {cand.stopped}" for key, cand, _, _ in tried if cand.stopped)
     if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
@@ -60,7 +61,9 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     chosen = dataclasses.replace(cand.params, head=dataclasses.replace(cand.params.head, adapt=transform))
     choice = {"head_choice": {"chosen": json.loads(name), "why": why,
                               "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
-                              "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried}},
+                              "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried},
+                              "worst_source": {key: f"{w.a_source} ({w.a:.3f})" for key, c, t, _ in finished
+                                               if (w := worst_of({key: (c, t)})(key, key))}},
               "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
     return Choice(chosen, cand, transform, choice)
 

@@ -23,7 +23,7 @@ from features.text import plural
 from features.errors import UserError
 from pipeline.params import HeadParams, Params, parse_params
 from pipeline.selection.heads import AUTO_CANDIDATES, choose_head
-from pipeline.selection.rules import prefer
+from pipeline.selection.rules import prefer, worst_of
 from pipeline.stages.train import finish, load_rows
 
 MAX_CONFIGS = 1000  # a grid is multiplied out: refuse a typo that asks for days of work
@@ -130,7 +130,8 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 best = entry
     # the one rule train-head uses (prefer: it returns the first option or the highest mean, whose logits were kept)
     heads = [describe({k: v for k, v in x.items() if k.startswith("head.")}) for x in results]  # preference order
-    name, why = prefer([(h, f1s[i]) for i, h in enumerate(heads)])
+    kept = {heads[e[0]["_i"]]: (e[1].cv, e[1].transform) for e in (first, best)}  # the two with their logits
+    name, why = prefer([(h, f1s[i]) for i, h in enumerate(heads)], worst_of(kept))
     r, choice = first if name == heads[0] else best
     results.sort(key=lambda x: (-x["macro_f1_mean"], x["macro_f1_std"], x["_i"]))
     with atomic_dir(out_dir) as d:
