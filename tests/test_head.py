@@ -305,7 +305,8 @@ def test_a_linear_head_chosen_without_groups_says_what_cv_could_not_see(tmp_path
     sources [256] generalised better and asks for the group (issue #31: never silently pick the head that
     generalises worse); with groups CV saw new sources and says nothing of the kind."""
     import pipeline.selection.heads as selection
-    monkeypatch.setattr(selection, "prefer", lambda options, worst=None: ("[]", "[] beat [256]"))  # what CV found: not this test's
+    monkeypatch.setattr(selection, "prefer",  # what CV found: not this test's
+                        lambda options, worst=None: ("[]", "[] beat [256]"))
     store = synthetic_store(tmp_path / "s.h5", n=240, dim=8, groups=groups)
     lines = []
     m = train_head(stores=[store], out=str(tmp_path / "m"), progress=lines.append,

@@ -39,8 +39,8 @@ def prefer(options: list[tuple[str, list[float]]], worst=None) -> tuple[str, str
                 f"; {_said(w, best[0], first[0])}" if w else "")
         if diff > noise:
             return first[0], (f"{best[0]} beat {first[0]} by {diff:.3f} on the mean, more than the noise "
-                              f"({noise:.3f}), but did worse on the worst held-out source: {_said(w, best[0], first[0])};"
-                              f" {first[0]} kept")
+                              f"({noise:.3f}), but did worse on the worst held-out source: "
+                              f"{_said(w, best[0], first[0])}; {first[0]} kept")
         why = (f"a tie: {best[0]} was ahead of {first[0]} by {diff:.3f}, within the noise ({noise:.3f}); "
                f"{first[0]} by the tie rule")
     elif len(options) == 1:
