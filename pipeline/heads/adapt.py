@@ -208,34 +208,43 @@ def sources_note(per_source: dict[str, str]) -> str:
     return "; ".join(parts) or "not adapted (the model's transform is none)"
 
 
-def rows_logits_each(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transforms: tuple[str, ...]
-                     ) -> dict[str, tuple[np.ndarray, list[str], dict[str, str]]]:
-    """Per transform: uncalibrated logits (M, C) of the store rows (pipeline/data/rows.py) where `mask` is True, in
-    row order, each source adapted on its own; sources: a name per row (N,), or None (all rows one source, named
-    ''). Also what each row's prediction rests on (describe), and that per source. A streamed store's source is
-    read in blocks, in store order."""
-    idx = np.flatnonzero(mask)
-    names, which = np.unique(np.asarray(sources, dtype=str)[idx] if sources is not None else
-                             np.zeros(len(idx), dtype=str), return_inverse=True)
-    out = {t: (np.empty((len(idx), head.n_classes), np.float32), [""] * len(idx), {}) for t in transforms}
+def per_source(head: Head, sources: np.ndarray | None, n: int, transforms: tuple[str, ...], each
+               ) -> dict[str, tuple[np.ndarray, list[str], dict[str, str]]]:
+    """The one loop over sources that CV, evaluate and predict share. Per transform: uncalibrated logits (n, C) of
+    n rows, each source adapted on its own; sources: a name per row (n,), or None (all rows one source, named '');
+    what each row's prediction rests on (describe), and that per source. each(pos): source_logits_each of the
+    rows at positions pos (one source's, in order)."""
+    names, which = np.unique(np.asarray(sources if sources is not None else [""] * n, dtype=str),
+                             return_inverse=True)
+    out = {t: (np.empty((n, head.n_classes), np.float32), [""] * n, {}) for t in transforms}
     for k, name in enumerate(names):
-        pos = np.flatnonzero(which == k)  # positions in idx
-        if rows.in_memory:
-            each = source_logits_each(head, rows.features[idx[pos]], transforms)
-        else:
-            m = np.zeros(len(rows), bool)
-            m[idx[pos]] = True
-
-            def chunks():
-                return (x[m[s:s + len(x)]] for s, x in rows.blocks(m))
-            each = {t: (np.concatenate([(head if shift is None else shift.adapt(head)).logits(x) for x in chunks()]),
-                        shift) for t, shift in fit_shifts(head, chunks, transforms).items()}
-        for t, (logits, shift) in each.items():
+        pos = np.flatnonzero(which == k)
+        for t, (logits, shift) in each(pos).items():
             out[t][0][pos] = logits
             word = out[t][2][str(name)] = describe(shift, len(pos), t)
             for p in pos:
                 out[t][1][p] = word
     return out
+
+
+def rows_logits_each(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transforms: tuple[str, ...]
+                     ) -> dict[str, tuple[np.ndarray, list[str], dict[str, str]]]:
+    """per_source over the store rows (pipeline/data/rows.py) where `mask` is True, in row order (sources: a name
+    per store row (N,), or None). A streamed store's source is read in blocks, in store order."""
+    idx = np.flatnonzero(mask)
+
+    def each(pos: np.ndarray):
+        if rows.in_memory:
+            return source_logits_each(head, rows.features[idx[pos]], transforms)
+        m = np.zeros(len(rows), bool)
+        m[idx[pos]] = True
+
+        def chunks():
+            return (x[m[s:s + len(x)]] for s, x in rows.blocks(m))
+        return {t: (np.concatenate([(head if shift is None else shift.adapt(head)).logits(x) for x in chunks()]),
+                    shift) for t, shift in fit_shifts(head, chunks, transforms).items()}
+    return per_source(head, None if sources is None else np.asarray(sources, dtype=str)[idx], len(idx), transforms,
+                      each)
 
 
 def rows_logits(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transform: str

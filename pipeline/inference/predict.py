@@ -23,12 +23,13 @@ from features.models.engine import ENGINES
 from features.errors import UserError
 from features.models.faces import spec_of, without_faces
 from features.storage.store import describe_mismatch, other_imgsent
-from pipeline.heads.adapt import describe, source_logits
+from pipeline.heads.adapt import per_source, source_logits_each
 from pipeline.heads.head import Head, softmax
 from pipeline.data.rows import means_by_owner
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.inference.predictions import FaceRows, Predictions, expand_paths
 from pipeline.inference.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
+from pipeline.transforms import NONE
 
 
 NAMES = ("the model", "this imgsent")  # describe_mismatch's roles here
@@ -121,16 +122,10 @@ class Predictor:
                          ) -> tuple[np.ndarray, dict[str, str], list[str]]:
         """Raw features (N, D) -> calibrated probabilities (N, C), each source (a name per row; None: each row on its
         own) adapted by the model's transform; and per source and per row what the prediction rests on."""
-        transform = self.info.adapt if sources is not None else "none"
-        names, which = np.unique(np.asarray(sources if sources is not None else [""] * len(features), dtype=str),
-                                 return_inverse=True)
-        logits = np.empty((len(features), len(self.class_names)), np.float32)
-        said = {}
-        for k, name in enumerate(names):
-            pos = np.flatnonzero(which == k)
-            logits[pos], shift = source_logits(self.head, features[pos], transform)
-            said[str(name)] = describe(shift, len(pos), transform)
-        return softmax(logits, self.head.temperature).astype(np.float32), said, [said[str(n)] for n in names[which]]
+        t = self.info.adapt if sources is not None else NONE
+        logits, per_row, said = per_source(self.head, sources, len(features), (t,),
+                                           lambda pos: source_logits_each(self.head, features[pos], (t,)))[t]
+        return softmax(logits, self.head.temperature).astype(np.float32), said, per_row
 
     def predict(self, inputs: list[str], *, min_confidence: float = 0.0, batch_size: int = 32,
                 workers: int | str = "auto", progress: bool = False, engine: str = "auto",
