@@ -90,12 +90,15 @@ def main() -> None:
     assert "hidden: auto " in text, "params.yaml's head is expected to be hidden: auto"
     for name, extra in CONFIGS.items():
         (work / f"{name}.yaml").write_text(text.replace("hidden: auto ", extra) if extra else text)
+    if args.baseline:  # the older checkout's own params.yaml (its keys may differ), at 5 folds as well
+        (work / "default_before.yaml").write_text(
+            (Path(args.baseline) / "params.yaml").read_text().replace("folds: 3 ", "folds: 5 "))
     print(f"{os.cpu_count()} CPUs; 5-fold CV; wall seconds of fresh processes, start-up included")
     for sname, store in stores(args, work).items():
         lr_wall, lr_cv, lr_f1 = lr_process(store, work / "lr_pred.npy")
         print(f"\n{sname}: LogisticRegression 5-fold CV {lr_cv:.1f} s (process {lr_wall:.1f} s), macro-F1 {lr_f1:.4f}")
         if args.baseline:
-            base = ours(store, work / "default.yaml", work / "model_before", Path(args.baseline).resolve())
+            base = ours(store, work / "default_before.yaml", work / "model_before", Path(args.baseline).resolve())
             print(f"  default before ({args.baseline}): {base['wall']:.1f} s, macro-F1 {base['f1']:.4f}")
         for cname in CONFIGS:
             fig = ours(store, work / f"{cname}.yaml", work / f"model_{sname}")

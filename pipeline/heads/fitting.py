@@ -3,6 +3,7 @@ carved from the training rows, each group aligned (heads/align.py), and the trai
 adapted to (heads/adapt.py). CV folds, the final fit, the sweep and the learning curve all call fit_rows."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +72,7 @@ def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max
     head = make_head(params, len(rows.class_names), random_state)
     head.fit(on.features_of(fit), rows.labels[fit], val=(on.take(val), rows.labels[val]) if val.any() else None,
              copy=False)
-    if reference:
-        head.head_.reference = view.reference
-    return head.head_
+    return dataclasses.replace(head.head_, reference=view.reference) if reference else head.head_
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class Reference:
         return centre, np.maximum(var, (0.1 * np.sqrt(var).mean()) ** 2 + 1e-24)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Head:
     """What `LinearHead.fit` / `MLPHead.fit` produce and `load_model_dir` validates and loads."""
     layers: list[tuple[np.ndarray, np.ndarray]]  # (W (out, in), b (out,)) float32 per Linear layer

@@ -148,7 +148,7 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     with phases("final fit"):
         final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
     with phases("calibration"):
-        final.temperature = fit_temperature(oof[lab], rows.labels[lab])
+        final = dataclasses.replace(final, temperature=fit_temperature(oof[lab], rows.labels[lab]))
     with phases("out-of-distribution reference"):
         ref, loo = fit_ood(rows.take(reference_rows(lab, params.cv.seed)), params.cv.seed)
         ood = save_ood(d, ref, loo)
