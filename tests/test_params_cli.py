@@ -378,8 +378,8 @@ def test_every_registered_transform_is_offered_and_nothing_else():
     for name in REGISTRY:
         assert parse_params(yaml.safe_load(text.replace("adapt: auto", f"adapt: {name}")), "p").head.adapt == name
     with pytest.raises(UserError, match="adapt"):
-        parse_params(yaml.safe_load(text.replace("adapt: auto", "adapt: centre")), "p")
-    with pytest.raises(ValueError, match="unknown adaptation transform 'centre': one of affine, scale, none"):
-        transform("centre")
+        parse_params(yaml.safe_load(text.replace("adapt: auto", "adapt: sideways")), "p")
+    with pytest.raises(ValueError, match="unknown adaptation transform 'sideways': one of affine, scale, none"):
+        transform("sideways")
     with pytest.raises(ValueError, match="unknown adaptation transform"):
-        shift_for("centre", 10, np.zeros(3), np.ones(3), None, np.ones(2) / 2)
+        shift_for("sideways", 10, np.zeros(3), np.ones(3), None, np.ones(2) / 2)

@@ -107,9 +107,9 @@ def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) 
 def choose_transform(cand: Candidate) -> tuple[str, str]:
     """`adapt: auto`: the preferred transform (PREFERRED_TRANSFORMS) among those not refused on the stress batches
     (clearly worse than none by more than STRESS_TOLERANCE), unless another of them beats it by more than the
-    noise. cand holds every transform."""
+    noise. cand holds the transforms to choose from (every one, for auto) and none."""
     ok, refused = [], []
-    for t in PREFERRED_TRANSFORMS:
+    for t in (t for t in PREFERRED_TRANSFORMS if t in cand.oof):
         bad = [(k, d) for k, (d, noise) in stress_loss(cand, t).items() if d + noise < -STRESS_TOLERANCE]
         (refused if bad and t != NONE else ok).append((t, bad))
     name, why = prefer([(t, cand.f1s(t)) for t, _ in ok], worst_of({t: (cand, t) for t, _ in ok}))
