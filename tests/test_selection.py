@@ -1,5 +1,5 @@
 """The worst held-out source in the choice rule (issue #41): a veto on a mean win that costs the worst source more
-than its noise, a tie-break between options tied on the mean, and never a choice on a difference inside the noise."""
+than its noise; never a choice on a difference inside the noise, nor a tie broken by it."""
 import numpy as np
 
 from pipeline.analysis.noise import WorstSource, worst_source
@@ -20,13 +20,13 @@ def test_a_mean_win_that_loses_the_worst_source_beyond_its_noise_is_refused():
     assert prefer([first, other], lambda a, b: None)[0] == "scale"  # unknown: the mean decides
 
 
-def test_a_tie_on_the_mean_goes_to_the_better_worst_source_only_beyond_its_noise():
-    first, other = ("affine", [0.70, 0.74, 0.72]), ("scale", [0.72, 0.71, 0.73])  # a tie on the mean
-    name, why = prefer([first, other])
-    assert name == "affine" and "a tie" in why
-    name, why = prefer([first, other], _worst(0.02, 0.2, a=0.5, b=0.6))
-    assert name == "scale" and "scale chosen: scale's worst source (s2) scored 0.600" in why, why
-    assert prefer([first, other], _worst(-0.05, 0.2))[0] == "affine"  # inside the noise: the tie rule
+def test_a_tie_on_the_mean_stays_with_the_preference_order_whatever_the_worst_source():
+    """As a tie-break the worst source of a few held-out sources chose by chance (leave-one-style-out, FER
+    features: 0.610 -> 0.571): a tie goes to the preferred option, said as a tie."""
+    first, other = ("affine", [0.70, 0.74, 0.72]), ("scale", [0.72, 0.72, 0.73])  # a tie on the mean
+    for worst in (None, _worst(0.02, 0.2, a=0.5, b=0.6), _worst(-0.2, -0.02)):
+        name, why = prefer([first, other], worst)
+        assert name == "affine" and why.startswith("a tie: scale was ahead of affine by 0.003"), why
 
 
 def test_worst_source_finds_the_weak_source_and_its_noise_shrinks_with_its_size():
