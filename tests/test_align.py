@@ -93,3 +93,17 @@ def test_cv_aligns_each_fold_on_its_training_groups_only():
     assert set(views[1, "groups"].rows.shifts) == {"style0", "style2"}
     ref = training_view(rows, fold != 0, "groups").reference
     np.testing.assert_array_equal(views[0, "groups"].reference.mean, ref.mean)
+
+
+def test_details_say_whether_the_groups_were_aligned(tmp_path):
+    from pipeline.stages.train import train_head
+    p = params(head={"hidden": (), "epochs": 5}, cv={"folds": 3, "repeats": 1})
+    said = {}
+    for groups in (3, None):
+        store = synthetic_store(tmp_path / f"s{groups}.h5", n=240, dim=8, groups=groups)
+        m = train_head(stores=[store], out=str(tmp_path / f"m{groups}"), params=p, progress=lambda s: None)
+        said[groups] = m["adaptation"]["align"]
+    assert said[3].startswith("groups: each training group aligned") and said[None].startswith("none: no group")
+    m = train_head(stores=[str(tmp_path / "s3.h5")], out=str(tmp_path / "m_none"), progress=lambda s: None,
+                   params=params(head={"hidden": (), "epochs": 5, "align": "none"}, cv={"folds": 3, "repeats": 1}))
+    assert m["adaptation"]["align"] == "none: set in params"
