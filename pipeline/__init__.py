@@ -3,12 +3,7 @@
     from pipeline import load_model
     p = load_model("out/model").predict(["a.jpg", "more/"])   # p.labels, p.probs (N, C), p.class_names
 """
-import os
-
-# Before torch loads its OpenMP runtime: its threads sleep instead of spinning while they wait. Beside two busy
-# processes a hidden-layer head's fit took 37x its time alone with spinning threads, 2.2x with sleeping ones (5%
-# slower alone); one thread would change the results (benchmarks/contention.py). Set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import features  # noqa: F401  first: it sets the environment torch must start with (features/__init__.py)
 
 __all__ = ["Predictor", "Predictions", "load_model"]
 
