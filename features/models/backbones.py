@@ -230,7 +230,7 @@ def load_backbone(name: str, *, weights: str | None = None, keep_classifier: boo
         pre = Preprocess(**{**pre.__dict__, "interpolation": "bilinear"})
     weights_sha = state_dict_sha256(sd)
     model = Embedder(net, pre).eval().requires_grad_(False).to(device)
-    channels = 1 if pre.grayscale else 3
+    channels = pre.channels
     with torch.inference_mode():
         dim = model(torch.zeros(1, channels, size, size, dtype=torch.uint8, device=device)).shape[1]
     return Backbone(name=name, embedder=model, pre=pre, dim=int(dim), weights_sha256=weights_sha)

@@ -94,7 +94,7 @@ def work_batch(backbone: Backbone, batch_size: int, images: int) -> int:
     --batch-size 65536 for 18 images asked for 9.9 GB), refused in one line when one forward pass of it cannot fit
     in the memory available."""
     b = max(1, min(batch_size, images))
-    c = 1 if backbone.pre.grayscale else 3
+    c = backbone.pre.channels
     per_image = FORWARD_MEMORY * c * backbone.pre.size ** 2
     free = psutil.virtual_memory().available
     if b * per_image > free:
@@ -124,7 +124,7 @@ def _input_batches(backbone: Backbone, paths: list[str], batch_size: int, worker
     chunk of one batch's rows in a decode thread; rows of images that failed hold garbage (their reason says so)."""
     n = resolve_workers(workers)
     chunk = max(1, -(-batch_size // (2 * max(n, 1))))  # >= 2 chunks per thread and batch: threads stay balanced
-    c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
+    c, size = backbone.pre.channels, backbone.pre.size
 
     def tasks():  # pulled lazily by ordered_map, so only the batches in flight are allocated
         for start in range(0, len(paths), batch_size):
@@ -160,7 +160,7 @@ def _gpu_jpeg_batches(backbone: Backbone, paths: list[str], batch_size: int, wor
     checked against the CPU recipe, the first of each kind met (gpu_jpeg.unchecked); on a difference or any GPU
     failure, the run goes on through _input_batches from the batch at hand (one line says so), so no row ever holds
     other pixels than the CPU's."""
-    c, size = (1 if backbone.pre.grayscale else 3), backbone.pre.size
+    c, size = backbone.pre.channels, backbone.pre.size
     start, seen = 0, {}  # JPEG kind -> images of it compared with the CPU recipe
     batches = _batches(lambda p: _load(p, backbone, defer_jpeg=True), paths, batch_size, workers)
     for batch in batches:

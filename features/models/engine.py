@@ -58,7 +58,7 @@ class OrtEmbedder:
 
 def _export(backbone: Backbone, dst: Path) -> None:
     from torch.export import Dim
-    c = 1 if backbone.pre.grayscale else 3
+    c = backbone.pre.channels
     example = torch.zeros(2, c, backbone.pre.size, backbone.pre.size, dtype=torch.uint8)
     with atomic_file(dst) as tmp, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.onnx narrates every step
@@ -80,7 +80,7 @@ def _session(path: Path):
 
 def _parity_batch(backbone: Backbone) -> torch.Tensor:
     """4 fixed pseudo-random images (4, C, S, S) uint8."""
-    c = 1 if backbone.pre.grayscale else 3
+    c = backbone.pre.channels
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (4, c, backbone.pre.size, backbone.pre.size), dtype=torch.uint8, generator=g)
 
@@ -140,7 +140,7 @@ def cuda_model(backbone: Backbone, batch_size: int):
     slower to start than on CPU."""
     _ieee_fp32_on_cuda()
     eager = backbone.embedder.to("cuda").to(memory_format=torch.channels_last)
-    c = 1 if backbone.pre.grayscale else 3
+    c = backbone.pre.channels
     try:
         model = GraphedForward(eager, torch.zeros(batch_size, c, backbone.pre.size, backbone.pre.size,
                                                   dtype=torch.uint8, device="cuda"))
@@ -222,7 +222,7 @@ def torch_model(backbone: Backbone, device: str, batch_size: int) -> torch.nn.Mo
     """channels_last + TorchScript freeze (folds BatchNorm into convs): ~2x eager NCHW on CPU.
     Falls back to the eager model for architectures that do not trace."""
     model = backbone.embedder.to(device).to(memory_format=torch.channels_last)
-    c = 1 if backbone.pre.grayscale else 3
+    c = backbone.pre.channels
     example = torch.zeros(batch_size, c, backbone.pre.size, backbone.pre.size, dtype=torch.uint8, device=device)
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -85,7 +85,7 @@ def decode_inputs(jpegs: list[JpegBytes], pre: Preprocess, device: str) -> torch
     """Validated JPEGs -> the network's inputs (n, C, size, size) uint8 on `device`, equal to the CPU recipe's
     `prepare(decode_tensor(path), pre)`. Images of one size are resized together."""
     imgs = _decode(jpegs, device)
-    out = torch.empty((len(imgs), 1 if pre.grayscale else 3, pre.size, pre.size), dtype=torch.uint8, device=device)
+    out = torch.empty((len(imgs), pre.channels, pre.size, pre.size), dtype=torch.uint8, device=device)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for k, x in enumerate(imgs):
         by_shape.setdefault(tuple(x.shape[1:]), []).append(k)

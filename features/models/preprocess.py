@@ -24,6 +24,11 @@ class Preprocess:
     # (4: uint8 antialiased resize, within 3 levels of version 3's float one; 5: JPEG chroma upsampled by
     # replication (libjpeg-turbo's fast upsampling), the pixels nvJPEG gives, so a GPU decodes the same inputs)
 
+    @property
+    def channels(self) -> int:
+        """Channels of the network's input: 1 grey, else 3."""
+        return 1 if self.grayscale else 3
+
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
 

@@ -98,7 +98,7 @@ def build_exported(model_dir: str, adapt_to: str | None = None) -> tuple[Exporte
                  f"group by '{m.info.adapt}')")  # predict adapts each source (model.json); the file, one image
     embedders, configs = [], []
     for bb in m.backbones:
-        c = 1 if bb.pre.grayscale else 3
+        c = bb.pre.channels
         example = torch.zeros(2, c, bb.pre.size, bb.pre.size, dtype=torch.uint8)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
