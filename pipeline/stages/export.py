@@ -25,7 +25,6 @@ from features.models.backbones import Backbone
 from features.models.preprocess import resize_crop
 from features.errors import UserError
 from pipeline.heads.head import Head
-from pipeline.heads.mlp import HeadNet
 from pipeline.inference.predict import load_model
 
 
@@ -34,11 +33,13 @@ class TorchHead(nn.Module):
 
     def __init__(self, head: Head):
         super().__init__()
-        self.net = HeadNet(len(head.mean), head.hidden, head.n_classes, 0.0).net
-        linears = [m for m in self.net if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for m, (w, b) in zip(linears, head.layers):
-                m.weight.copy_(torch.from_numpy(w)), m.bias.copy_(torch.from_numpy(b))
+        layers: list[nn.Module] = []  # Head.logits' layers: Linear, with ReLU between them
+        for w, b in head.layers:
+            linear = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(w)), linear.bias.copy_(torch.from_numpy(b))
+            layers += [linear, nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
         self.register_buffer("mean", torch.from_numpy(head.mean.copy()))  # (D,)
         self.register_buffer("scale", torch.from_numpy(head.scale.copy()))  # (D,)
         self.register_buffer("temperature", torch.tensor(float(head.temperature)))
