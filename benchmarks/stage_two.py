@@ -45,12 +45,13 @@ def run_train(store: str, out: str, params: str) -> None:
 
 
 def ours(store: Path, params: Path, out: Path, tree: Path = ROOT) -> dict:
-    """A fresh process of the code in `tree`: its wall time with start-up, and what run_train printed (only the
-    wall time and the score for an older tree, which may not report phases)."""
+    """A fresh process of the code in `tree`: its wall time with start-up, and what run_train printed (an older
+    tree without this script: only the wall time and the score)."""
     t = time.time()
-    if tree == ROOT:
-        res = subprocess.run([sys.executable, __file__, "--run", str(store), str(out), str(params)], check=True,
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    script = Path(tree) / "benchmarks" / "stage_two.py"  # an older tree with this script reports its phases too
+    if tree == ROOT or script.exists():
+        res = subprocess.run([sys.executable, str(script), "--run", str(store), str(out), str(params)], check=True,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
         fig = json.loads(res.stdout.strip().splitlines()[-1])
     else:
         subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "train-head", str(store),
@@ -100,6 +101,8 @@ def main() -> None:
         if args.baseline:
             base = ours(store, work / "default_before.yaml", work / "model_before", Path(args.baseline).resolve())
             print(f"  default before ({args.baseline}): {base['wall']:.1f} s, macro-F1 {base['f1']:.4f}")
+            if "phases" in base:
+                print("           " + ", ".join(f"{k} {v:.1f}" for k, v in base["phases"].items() if v >= 0.05))
         for cname in CONFIGS:
             fig = ours(store, work / f"{cname}.yaml", work / f"model_{sname}")
             phases = fig["phases"]
