@@ -51,12 +51,17 @@ class Head:
         return self.layers[-1][0].shape[0]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Raw features (B, D) -> uncalibrated logits (B, C). The standardisation is folded into the first layer,
-        ((x - mean) / scale) @ W.T + b = x @ (W / scale).T + (b - (W / scale) @ mean), so no (B, D) pass precedes
-        the product: the linear head's logits are then one (B, D) x (D, C) product, 6x faster on 4,096 x 1280."""
+        """Raw features (B, D) -> uncalibrated logits (B, C). On a batch at least as long as the first layer is
+        wide the standardisation is folded into that layer, ((x - mean) / scale) @ W.T + b = x @ (W / scale).T +
+        (b - (W / scale) @ mean): a (width, D) pass instead of a (B, D) one (the linear head's logits on 4,096
+        x 1280: 6x faster); a shorter batch (5 images adapted in CV's stress batches) standardises itself."""
+        x = np.asarray(x, np.float32)
         w, b = self.layers[0]
-        w = w / self.scale  # (out, D)
-        z = np.asarray(x, np.float32) @ w.T + (b - w.astype(np.float64) @ self.mean).astype(np.float32)  # (B, out)
+        if len(x) >= len(w):
+            w = w / self.scale  # (out, D)
+            z = x @ w.T + (b - w @ self.mean)  # (B, out)
+        else:
+            z = (x - self.mean) / self.scale @ w.T + b
         for w, b in self.layers[1:]:
             np.maximum(z, 0, out=z)
             z = z @ w.T + b
