@@ -1,6 +1,7 @@
 """Each training group aligned onto the training statistics before the head is fitted (pipeline/heads/align.py):
 what it maps, what it leaves alone, that a streamed store gets the same, and that CV aligns on training rows only."""
 import dataclasses
+import json
 
 import numpy as np
 
@@ -107,3 +108,7 @@ def test_details_say_whether_the_groups_were_aligned(tmp_path):
     m = train_head(stores=[str(tmp_path / "s3.h5")], out=str(tmp_path / "m_none"), progress=lambda s: None,
                    params=params(head={"hidden": (), "epochs": 5, "align": "none"}, cv={"folds": 3, "repeats": 1}))
     assert m["adaptation"]["align"] == "none: set in params"
+    m = train_head(stores=[str(tmp_path / "s3.h5")], out=str(tmp_path / "m_raw"), progress=lambda s: None,
+                   params=params(head={"hidden": (), "epochs": 5, "adapt": "none"}, cv={"folds": 3, "repeats": 1}))
+    assert m["adaptation"]["align"].startswith("none: adapt is none")  # a head for raw features meets raw ones
+    assert json.loads((tmp_path / "m_raw" / "model.json").read_text())["params"]["head"]["align"] == "none"

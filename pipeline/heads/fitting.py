@@ -84,7 +84,8 @@ class TrainingView:
 
 
 def aligns(rows, params: HeadParams) -> bool:
-    """Whether a head fitted with `params` on `rows` sees each group aligned: align: groups, and groups to align."""
+    """Whether a head fitted with `params` on `rows` sees each group aligned: align: groups, and groups to align
+    (selection/heads.choose_head sets align: none where adapt: none is set, and the head meets raw features)."""
     return params.align == "groups" and rows.groups is not None
 
 

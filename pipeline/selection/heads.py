@@ -15,6 +15,7 @@ from pipeline.heads.adapt import TRANSFORMS
 from pipeline.params import Params
 from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.selection.rules import adaptation_record, choose_transform, prefer, worst_of
+from pipeline.transforms import NONE
 
 AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden layer and the linear head; a tie
 # (within the fold-to-fold noise) goes to the first: on 5 unseen emoji styles it generalised better (benchmarks/loso.py)
@@ -36,6 +37,8 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
     first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice."""
     h = params.head
+    if h.adapt == NONE:  # predictions on raw features: a head trained on aligned groups would never meet its inputs
+        h = dataclasses.replace(h, align="none")
     transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
     heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
     views = {} if views is None else views  # each fold's training rows and statistics, shared by the heads

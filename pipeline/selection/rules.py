@@ -88,9 +88,10 @@ def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) 
     align = cand.params.head.align
     return {"transform": transform, "why": why, "sources": "manifest groups" if grouped else
             "each fold's test part (no groups: CV cannot measure a new source)",
-            "align": "groups: each training group aligned onto the training statistics before the head was fitted"
-            if grouped and align == "groups" else "none: set in params" if align == "none" else
-            "none: no group column, nothing to align",
+            "align": "none: adapt is none, nothing adapts a source at prediction" if cand.params.head.adapt == NONE
+            else "none: set in params" if align == "none" else "none: no group column, nothing to align"
+            if not grouped else "groups: each training group aligned onto the training statistics before the head "
+            "was fitted",
             "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
             "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                                 for t, acc in cand.stress.items()},
