@@ -49,11 +49,14 @@ class WorstSource:
 
 
 def _macro_f1(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
-    """Macro-F1 (D,) of predictions pred (n,) of labels y (n,) under each row of weights (D, n) (how often each
-    image is drawn), over the classes each draw holds or predicts: a source without some class is not marked
-    down for it."""
-    truth, said = np.eye(c)[y], np.eye(c)[pred]  # (n, C) one-hot
-    tp, support, predicted = weights @ (truth * said), weights @ truth, weights @ said  # (D, C) each
+    """Macro-F1 (D,) of predictions pred (k,) of labels y (k,) under each row of weights (D, k) (how many images
+    each (label, prediction) cell holds in each draw), over the classes each draw holds or predicts: a source
+    without some class is not marked down for it."""
+    tp, support, predicted = (np.zeros((len(weights), c)) for _ in range(3))  # (D, C) each
+    hit = y == pred
+    np.add.at(tp, (slice(None), y[hit]), weights[:, hit])
+    np.add.at(support, (slice(None), y), weights)
+    np.add.at(predicted, (slice(None), pred), weights)
     seen = support + predicted > 0
     f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=seen)
     return f1.sum(1) / np.maximum(seen.sum(1), 1)
@@ -63,16 +66,19 @@ def worst_source(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, sources:
                  random_state: int = 0) -> WorstSource:
     """The lowest per-source macro-F1 of predictions a and of b (y, pred_*, sources: (n,) over the same held-out
     images), with the interval of their difference from WORST_DRAWS bootstrap draws of each source's images (the
-    same draws for both: paired). A source of a few images is the worst by chance as often as by fact; its
-    draws then spread wide and the interval says so."""
+    same draws for both: paired). A draw of a source's images is a multinomial draw over its (label, a's
+    prediction, b's prediction) cells, so memory is WORST_DRAWS x cells, not x images. A source of a few images
+    is the worst by chance as often as by fact; its draws then spread wide and the interval says so."""
     rng = np.random.default_rng(random_state)
     names = np.unique(sources)
     point_a, point_b, draws_a, draws_b = [], [], [], []
     for s in names:
         m = sources == s
-        n = int(m.sum())
-        w = np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=WORST_DRAWS)])  # (1 + D, n)
-        fa, fb = _macro_f1(w, y[m], pred_a[m], c), _macro_f1(w, y[m], pred_b[m], c)
+        cells, counts = np.unique((y[m] * c + pred_a[m]) * c + pred_b[m], return_counts=True)  # (k,) each
+        n = int(counts.sum())
+        w = np.vstack([counts, rng.multinomial(n, counts / n, size=WORST_DRAWS)]).astype(float)  # (1 + D, k)
+        label, a, b = cells // (c * c), cells // c % c, cells % c
+        fa, fb = _macro_f1(w, label, a, c), _macro_f1(w, label, b, c)
         point_a.append(fa[0]), point_b.append(fb[0]), draws_a.append(fa[1:]), draws_b.append(fb[1:])
     diff = np.min(draws_b, axis=0) - np.min(draws_a, axis=0)  # (D,)
     ia, ib = int(np.argmin(point_a)), int(np.argmin(point_b))
