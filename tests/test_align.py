@@ -22,9 +22,9 @@ def test_each_group_is_mapped_by_its_own_shift_and_reads_the_same_every_way():
     train = np.asarray(rows.groups) != "style3"
     ref = training_reference(rows, train)
     al = fit_alignment(rows, train, ref)
-    assert set(al.shifts) == {"style0", "style1", "style2"}  # style3 is not in training: never mapped
+    assert set(al.rows.shifts) == {"style0", "style1", "style2"}  # style3 is not in training: never mapped
     expect = rows.features.copy()
-    for g, shift in al.shifts.items():
+    for g, shift in al.rows.shifts.items():
         m = np.asarray(rows.groups) == g
         expect[m] = shift.apply(rows.features[m])
     mask = np.arange(len(rows)) % 3 != 1
@@ -34,7 +34,7 @@ def test_each_group_is_mapped_by_its_own_shift_and_reads_the_same_every_way():
     assert not np.array_equal(expect[train], rows.features[train])
     # the aligned groups now share their statistics: each group's mean moves to the training centre of its mix
     # (all the way but for the prior's pull, PRIOR_IMAGES against the group's 60 images)
-    for g in al.shifts:
+    for g in al.rows.shifts:
         m = np.asarray(rows.groups) == g
         centre, _ = ref.moments(np.bincount(rows.labels[m], minlength=3) / m.sum())
         assert np.abs(expect[m].mean(0) - centre).mean() < 0.3 * np.abs(rows.features[m].mean(0) - centre).mean()
@@ -48,7 +48,7 @@ def test_a_group_holding_mostly_one_class_is_not_pulled_onto_the_average():
     rows = dataclasses.replace(rows, groups=np.where(skewed, "skewed", "rest").tolist())
     train = np.ones(len(rows), bool)
     al = fit_alignment(rows, train, training_reference(rows, train))
-    shift = al.shifts["skewed"]
+    shift = al.rows.shifts["skewed"]
     naive = rows.features[skewed].mean(0) - rows.features.mean(0)  # what a class-blind centring would move
     assert np.abs(shift.offset).mean() < 0.25 * np.abs(naive).mean()
     assert np.abs(np.log(shift.ratio)).mean() < 0.2
@@ -59,7 +59,7 @@ def test_a_group_too_small_to_adapt_is_not_aligned_either():
     small = (np.asarray(rows.groups) == "style2") & (np.arange(len(rows)) % 60 < 60 - (MIN_IMAGES - 1))
     train = ~small  # style2 keeps MIN_IMAGES - 1 training rows
     al = fit_alignment(rows, train, training_reference(rows, train))
-    assert "style2" not in al.shifts and len(al.shifts) == 3
+    assert "style2" not in al.rows.shifts and len(al.rows.shifts) == 3
     m = train & (np.asarray(rows.groups) == "style2")
     np.testing.assert_array_equal(al.rows.take(m), rows.features[m])
 

@@ -62,6 +62,24 @@ def _macro_f1(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, c: int) -> n
     return f1.sum(1) / np.maximum(seen.sum(1), 1)
 
 
+def source_cells(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, c: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One source's images as (label, a's prediction, b's prediction) cells, (k,) each, and their counts (k,)."""
+    cells, counts = np.unique((y * c + pred_a) * c + pred_b, return_counts=True)
+    return cells // (c * c), cells // c % c, cells % c, counts
+
+
+def weakest_source(y: np.ndarray, pred: np.ndarray, sources: np.ndarray, c: int) -> tuple[str, float]:
+    """(the source, its macro-F1) where predictions pred (n,) of labels y (n,) score lowest, without the noise."""
+    scores = {}
+    for s in np.unique(sources):
+        m = sources == s
+        label, p, _, counts = source_cells(y[m], pred[m], pred[m], c)
+        scores[str(s)] = float(_macro_f1(counts[None].astype(float), label, p, c)[0])
+    name = min(scores, key=scores.get)
+    return name, scores[name]
+
+
 def worst_source(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, sources: np.ndarray, c: int,
                  random_state: int = 0) -> WorstSource:
     """The lowest per-source macro-F1 of predictions a and of b (y, pred_*, sources: (n,) over the same held-out
@@ -74,10 +92,9 @@ def worst_source(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, sources:
     point_a, point_b, draws_a, draws_b = [], [], [], []
     for s in names:
         m = sources == s
-        cells, counts = np.unique((y[m] * c + pred_a[m]) * c + pred_b[m], return_counts=True)  # (k,) each
+        label, a, b, counts = source_cells(y[m], pred_a[m], pred_b[m], c)  # (k,) each
         n = int(counts.sum())
         w = np.vstack([counts, rng.multinomial(n, counts / n, size=WORST_DRAWS)]).astype(float)  # (1 + D, k)
-        label, a, b = cells // (c * c), cells // c % c, cells % c
         fa, fb = _macro_f1(w, label, a, c), _macro_f1(w, label, b, c)
         point_a.append(fa[0]), point_b.append(fb[0]), draws_a.append(fa[1:]), draws_b.append(fb[1:])
     diff = np.min(draws_b, axis=0) - np.min(draws_a, axis=0)  # (D,)

@@ -12,7 +12,7 @@ again. Leave-one-family-out on shifts made from the emoji (benchmarks/shift_fami
 
     view = fit_alignment(rows, train)   two passes over the training rows: each group's moments, then the
                                         statistics of the aligned rows (what a new source is adapted to)
-    view.rows                           the rows with each group mapped, read as the store's rows are read
+    view.rows                           AlignedRows: each group mapped as it is read; .shifts per group
 """
 from __future__ import annotations
 
@@ -81,15 +81,14 @@ class _MappedBlocks(Sequence):
 
 
 @dataclass(frozen=True)
-class Alignment:
-    """What a head on some training rows is fitted on and adapted to: the rows (each group mapped), each group's
-    Shift, and the Reference statistics of the mapped rows."""
-    rows: AlignedRows
-    shifts: dict[str, Shift]
+class TrainingView:
+    """What a head on some training rows is fitted on (the rows as stored, or AlignedRows) and the Reference
+    statistics of those rows, which a new source is adapted to."""
+    rows: object
     reference: Reference
 
 
-def fit_alignment(rows, train: np.ndarray, reference: Reference) -> Alignment:
+def fit_alignment(rows, train: np.ndarray, reference: Reference) -> TrainingView:
     """Each group's affine Shift onto `reference` (the statistics of the training rows where `train` is True, as
     stored) for its own moments and true class mix; a group of fewer than MIN_IMAGES training rows stays as it
     is, as such a source does at prediction. One pass for the groups' moments (float64 sums, (G, D)), one for
@@ -121,4 +120,4 @@ def fit_alignment(rows, train: np.ndarray, reference: Reference) -> Alignment:
             shifts[str(name)] = shift_for("affine", int(n[k]), mean, np.maximum(s2[k] / n[k] - mean ** 2, 0.0),
                                           reference, counts[k] / n[k])
     aligned = AlignedRows(rows, shifts)
-    return Alignment(aligned, shifts, fit_reference(labelled_blocks(aligned, train), C))
+    return TrainingView(aligned, fit_reference(labelled_blocks(aligned, train), C))

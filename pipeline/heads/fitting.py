@@ -4,12 +4,11 @@ adapted to (heads/adapt.py). CV folds, the final fit, the sweep and the learning
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.heads.adapt import fit_reference
-from pipeline.heads.align import fit_alignment
+from pipeline.heads.align import TrainingView, fit_alignment
 from pipeline.heads.common import labelled_blocks
 from pipeline.heads.head import Head, Reference
 from pipeline.params import HeadParams
@@ -64,7 +63,7 @@ def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max
     each group aligned (heads/align.py). `view`: training_view(rows, train, params.align), when the caller has
     it (CV shares each fold's among its heads). Holds one copy of the fit's rows (standardised in place), or
     none when streamed."""
-    if view is None and (reference or aligns(rows, params)):
+    if view is None and (reference or aligns(rows, params.align)):
         view = training_view(rows, train, params.align)
     on = view.rows if view is not None else rows
     fit, val = split_validation(labels=rows.labels, train=train, params=params, random_state=random_state,
@@ -75,28 +74,17 @@ def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max
     return dataclasses.replace(head.head_, reference=view.reference) if reference else head.head_
 
 
-@dataclass(frozen=True)
-class TrainingView:
-    """What a head on some training rows is fitted on (the rows as stored, or with each group aligned) and the
-    Reference statistics of those rows, which a new source is adapted to."""
-    rows: object
-    reference: Reference
-
-
-def aligns(rows, params: HeadParams) -> bool:
-    """Whether a head fitted with `params` on `rows` sees each group aligned: align: groups, and groups to align
+def aligns(rows, align: str) -> bool:
+    """Whether a head fitted on `rows` with this `align` sees each group aligned: align: groups, and groups to align
     (selection/heads.choose_head sets align: none where adapt: none is set, and the head meets raw features)."""
-    return params.align == "groups" and rows.groups is not None
+    return align == "groups" and rows.groups is not None
 
 
 def training_view(rows, train: np.ndarray, align: str) -> TrainingView:
     """The TrainingView of the rows where `train` is True: with align 'groups' and a group column, each group
     aligned onto the statistics of the rows as stored (heads/align.py), else the rows as stored."""
     ref = training_reference(rows, train)
-    if align != "groups" or rows.groups is None:
-        return TrainingView(rows, ref)
-    aligned = fit_alignment(rows, train, ref)
-    return TrainingView(aligned.rows, aligned.reference)
+    return fit_alignment(rows, train, ref) if aligns(rows, align) else TrainingView(rows, ref)
 
 
 def training_reference(rows, train: np.ndarray) -> Reference:

@@ -97,7 +97,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     align = params.head.align
     for j in range(int(fold.max()) + 1):
         with phases(f"fit {list(params.head.hidden)}"):
-            if adapting or aligns(rows, params.head):  # what the head is fitted on and a source adapted to: the
+            if adapting or aligns(rows, align):  # what the head is fitted on and a source adapted to: the
                 # fold's training rows, whatever the head
                 if (j, align) not in views:
                     views[j, align] = training_view(rows, lab & (fold != j), align)

@@ -14,7 +14,7 @@ from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.params import Params
 from pipeline.selection.crossval import Candidate, behind, cross_validate
-from pipeline.selection.rules import adaptation_record, choose_transform, prefer, worst_of
+from pipeline.selection.rules import adaptation_record, choose_transform, prefer, weakest, worst_of
 from pipeline.transforms import NONE
 
 AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden layer and the linear head; a tie
@@ -65,8 +65,7 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     choice = {"head_choice": {"chosen": json.loads(name), "why": why,
                               "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
                               "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried},
-                              "worst_source": {key: f"{w.a_source} ({w.a:.3f})" for key, c, t, _ in finished
-                                               if (w := worst_of({key: (c, t)})(key, key))}},
+                              "worst_source": {key: weakest(c, t) for key, c, t, _ in finished}},
               "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
     return Choice(chosen, cand, transform, choice)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.analysis.noise import paired_difference, worst_source
+from pipeline.analysis.noise import paired_difference, weakest_source, worst_source
 from pipeline.selection.crossval import Candidate
 from pipeline.transforms import NONE, REGISTRY
 
@@ -63,6 +63,25 @@ def _said(w, b: str, a: str) -> str:
             f"(95% interval {w.lo:+.3f} to {w.hi:+.3f})")
 
 
+def weakest(cand: Candidate, transform: str) -> str:
+    """details.json's worst held-out source of a CV under `transform`: 'name (macro-F1)'."""
+    m = cand.scored
+    name, f1 = weakest_source(cand.labels[m], cand.oof[transform][m].argmax(1), cand.sources[m],
+                              cand.oof[transform].shape[1])
+    return f"{name} ({f1:.3f})"
+
+
+def align_said(cand: Candidate, grouped: bool) -> str:
+    """details.json's adaptation.align: whether the head was fitted on each training group aligned, or why not."""
+    if cand.params.head.adapt == NONE:
+        return "none: adapt is none, nothing adapts a source at prediction"
+    if cand.params.head.align == "none":
+        return "none: set in params"
+    if not grouped:
+        return "none: no group column, nothing to align"
+    return "groups: each training group aligned onto the training statistics before the head was fitted"
+
+
 def worst_of(cvs: dict[str, tuple[Candidate, str]]):
     """The `worst` of prefer for options named in cvs (name -> its CV and transform), compared on the labelled rows
     both scored; None for an option not in cvs."""
@@ -85,13 +104,8 @@ def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) 
     """details.json's `adaptation`: the transform chosen and why, what CV took as a source, whether the head was
     fitted on each training group aligned (heads/align.py), each transform's CV macro-F1, and its stress-batch
     accuracy, also against none (mean ± the half-width of its 95% interval)."""
-    align = cand.params.head.align
     return {"transform": transform, "why": why, "sources": "manifest groups" if grouped else
-            "each fold's test part (no groups: CV cannot measure a new source)",
-            "align": "none: adapt is none, nothing adapts a source at prediction" if cand.params.head.adapt == NONE
-            else "none: set in params" if align == "none" else "none: no group column, nothing to align"
-            if not grouped else "groups: each training group aligned onto the training statistics before the head "
-            "was fitted",
+            "each fold's test part (no groups: CV cannot measure a new source)", "align": align_said(cand, grouped),
             "cv_macro_f1": {t: round(float(np.mean(cand.f1s(t))), 4) for t in cand.oof},
             "stress_accuracy": {t: {k: round(float(np.mean(v)), 4) for k, v in acc.items()}
                                 for t, acc in cand.stress.items()},
