@@ -1,9 +1,9 @@
-"""The hidden-layer head's fit beside other busy processes (issue #32: a train-head that took 2.5 s alone took 3.4x
-as long beside two busy processes, where a fair share of 2 cores among 3 is ~1.5-2x): torch's intra-op threads as
-they are (2 here, spinning while they wait), one thread, and two that sleep while they wait (OMP_WAIT_POLICY=PASSIVE).
-Each fit runs in a fresh process, the settings interleaved, alone and beside `--busy` pure-Python loops.
+"""The hidden-layer head's fit alone and beside busy processes, by how torch's threads run its mini-batch steps:
+one intra-op thread (MLPHead.fit's own setting, heads/mlp.py one_thread), or every core's thread, sleeping while
+they wait (OMP_WAIT_POLICY=PASSIVE, what the packages set before torch loads) or spinning (ACTIVE). Each fit runs
+in a fresh process, the settings interleaved; on 1,000 rows (60 epochs: per-step overhead shows) and 20,000 (3).
 
-    python benchmarks/contention.py [--rounds 3] [--busy 2]
+    python benchmarks/contention.py [--rounds 3] [--busy 1] [--rows 1000 20000]
 """
 from __future__ import annotations
 
@@ -18,47 +18,54 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT = """
-import sys, time, numpy as np, torch
+import contextlib, sys, time, numpy as np, torch
 sys.path.insert(0, {root!r})
-threads = int(sys.argv[1])
-if threads: torch.set_num_threads(threads)
-from pipeline.heads.mlp import MLPHead
+import pipeline.heads.mlp as mlp
+if sys.argv[1] == "all": mlp.one_thread = contextlib.nullcontext  # every core's thread inside the fit
+n = int(sys.argv[2])
 rng = np.random.default_rng(0)
-X = rng.normal(size=(20000, 1280)).astype(np.float32); y = rng.integers(0, 7, 20000); X[np.arange(20000), y] += 2
-t = time.perf_counter(); MLPHead(n_classes=7, hidden=(256,), epochs=3, patience=100).fit(X, y)
+X = rng.normal(size=(n, 1280)).astype(np.float32); y = rng.integers(0, 7, n); X[np.arange(n), y] += 2
+mlp.MLPHead(n_classes=7, epochs=1).fit(X[:300], y[:300])  # oneDNN builds its kernels outside the timing
+t = time.perf_counter(); mlp.MLPHead(n_classes=7, epochs=max(3, 60_000 // n), patience=10 ** 6, tol=0).fit(X, y)
 print(time.perf_counter() - t)
 """
-SETTINGS = {"as is (spinning)": ("0", {}), "1 thread": ("1", {}), "passive wait": ("0", {"OMP_WAIT_POLICY": "PASSIVE"})}
+SETTINGS = {"one thread (default)": ("one", "PASSIVE"), "all threads, sleeping": ("all", "PASSIVE"),
+            "all threads, spinning": ("all", "ACTIVE")}
 
 
-def fit_seconds(threads: str, env: dict) -> float:
-    out = subprocess.run([sys.executable, "-c", FIT.format(root=str(ROOT)), threads], capture_output=True, text=True,
-                         env={**os.environ, **env}, check=True)
+def fit_seconds(threads: str, policy: str, rows: int) -> float:
+    out = subprocess.run([sys.executable, "-c", FIT.format(root=str(ROOT)), threads, str(rows)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_WAIT_POLICY": policy}, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--busy", type=int, default=2)
+    ap.add_argument("--busy", type=int, default=1)
+    ap.add_argument("--rows", nargs="+", type=int, default=[1000, 20_000])
     args = ap.parse_args()
-    times: dict[tuple[str, str], list[float]] = {}
-    for where in ("alone", f"beside {args.busy} busy"):
+    beside = f"beside {args.busy} busy"
+    times: dict[tuple, list[float]] = {}
+    for where in ("alone", beside):
         hogs = [] if where == "alone" else [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                                             for _ in range(args.busy)]
         try:
             time.sleep(0.5 if hogs else 0)
             for _ in range(args.rounds):
-                for name, (threads, env) in SETTINGS.items():
-                    times.setdefault((name, where), []).append(fit_seconds(threads, env))
+                for rows in args.rows:
+                    for name, setting in SETTINGS.items():
+                        times.setdefault((name, rows, where), []).append(fit_seconds(*setting, rows))
         finally:
             for h in hogs:
                 h.kill()
-    print(f"MLP head fit (20,000 x 1280, 3 epochs), median of {args.rounds} fresh processes; ratio to the same setting alone")
-    for name in SETTINGS:
-        alone, busy = (np.median(times[name, w]) for w in ("alone", f"beside {args.busy} busy"))
-        print(f"{name:18s} alone {alone:5.2f} s   beside {args.busy} busy {busy:5.2f} s   {busy / alone:4.2f}x   "
-              f"(runs: {', '.join(f'{t:.2f}' for t in times[name, f'beside {args.busy} busy'])})")
+    print(f"{os.cpu_count()} CPUs; MLP head fit (x 1280, 7 classes), median of {args.rounds} fresh processes")
+    for rows in args.rows:
+        first = np.median(times[next(iter(SETTINGS)), rows, "alone"])
+        for name in SETTINGS:
+            alone, busy = (np.median(times[name, rows, w]) for w in ("alone", beside))
+            print(f"{rows:6d} rows  {name:22s} alone {alone:5.2f} s ({alone / first:4.2f}x the first)   {beside} "
+                  f"{busy:5.2f} s ({busy / alone:4.2f}x alone)")
 
 
 if __name__ == "__main__":

@@ -74,12 +74,15 @@ def sample_weights(y: np.ndarray, n_classes: int, class_weight: str, sample_weig
 
 
 class EarlyStopping:
-    """Stop after `patience` checks without a new best validation loss, or once the best improved by less than
-    `tol` (relative) over the last `patience` checks: converged. `improved`: the last check set a new best (the
-    caller keeps that head)."""
+    """Stop after `patience` checks without a new best loss, or once the best improved by less than `tol` over the
+    last `patience` checks: converged. `tol` is relative to the best loss then (a validation loss, which levels off
+    above zero), or with `of_first`, to the first check's loss (a training loss: on rows a head can separate it
+    falls toward zero, each check gaining a steady fraction of what is left, so gains relative to the loss itself
+    never fall below `tol` and the fit ran to its epoch cap). `improved`: the last check set a new best (the caller
+    keeps that head)."""
 
-    def __init__(self, patience: int, tol: float):
-        self.patience, self.tol = patience, tol
+    def __init__(self, patience: int, tol: float, of_first: bool = False):
+        self.patience, self.tol, self.of_first = patience, tol, of_first
         self.history: list[float] = []  # best loss after each check
         self.best_loss, self.bad, self.stop, self.improved = float("inf"), 0, False, False
 
@@ -91,7 +94,8 @@ class EarlyStopping:
             self.bad += 1
         self.history.append(self.best_loss)
         then = self.history[-1 - self.patience] if len(self.history) > self.patience else None
-        converged = then is not None and then - self.best_loss < self.tol * then
+        scale = self.history[0] if self.of_first else then
+        converged = then is not None and then - self.best_loss < self.tol * scale
         self.stop = self.bad >= self.patience or converged
 
 

@@ -5,9 +5,28 @@ Every consumer (predict, evaluate, report, the model directory) needs only this 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+
+SMALL_BATCH = 1024  # rows: a shorter batch's products run on one BLAS thread (Head.logits)
+
+
+@functools.cache
+def _blas():
+    """threadpoolctl's handle on the BLAS numpy calls, found once (a limit() then costs ~16 us)."""
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController().select(user_api="blas")
+
+
+def blas_threads_for(rows: int):
+    """A context in which numpy's products on `rows` rows run: one BLAS thread below SMALL_BATCH, else as set.
+    OpenBLAS's threads spin while they wait; on the small products of adapted 5-image batches they gained nothing
+    alone and, beside one busy process, made each product up to 40x slower (60 x 1280 @ 1280 x 256: 31 ms vs
+    0.7 ms on one thread; benchmarks/contention.py)."""
+    return _blas().limit(limits=1) if rows < SMALL_BATCH else contextlib.nullcontext()
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -57,14 +76,15 @@ class Head:
         x 1280: 6x faster); a shorter batch (5 images adapted in CV's stress batches) standardises itself."""
         x = np.asarray(x, np.float32)
         w, b = self.layers[0]
-        if len(x) >= len(w):
-            w = w / self.scale  # (out, D)
-            z = x @ w.T + (b - w @ self.mean)  # (B, out)
-        else:
-            z = (x - self.mean) / self.scale @ w.T + b
-        for w, b in self.layers[1:]:
-            np.maximum(z, 0, out=z)
-            z = z @ w.T + b
+        with blas_threads_for(len(x)):
+            if len(x) >= len(w):
+                w = w / self.scale  # (out, D)
+                z = x @ w.T + (b - w @ self.mean)  # (B, out)
+            else:
+                z = (x - self.mean) / self.scale @ w.T + b
+            for w, b in self.layers[1:]:
+                np.maximum(z, 0, out=z)
+                z = z @ w.T + b
         return z
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.heads.common import Blocks, EarlyStopping, class_weights, sample_weights, standardise
-from pipeline.heads.head import Head
+from pipeline.heads.head import Head, blas_threads_for
 from pipeline.heads.lbfgs import lbfgs
 from pipeline.heads.loss import linear_loss_gradient, softmax_cross_entropy, split_coef
 
@@ -50,8 +50,10 @@ class LinearHead:
                 return stopper.stop
         else:
             check = None
-        x, self.n_iter_ = lbfgs(lambda coef: linear_loss_gradient(coef, blocks, y, w, self.weight_decay, C),
-                                np.zeros(C * (D + 1), np.float32), max_iter=self.max_iter, gtol=GTOL, callback=check)
+        with blas_threads_for(len(y)):  # a few hundred rows: one BLAS thread (heads/head.py)
+            x, self.n_iter_ = lbfgs(lambda coef: linear_loss_gradient(coef, blocks, y, w, self.weight_decay, C),
+                                    np.zeros(C * (D + 1), np.float32), max_iter=self.max_iter, gtol=GTOL,
+                                    callback=check)
         self.coef_, self.intercept_ = split_coef(best["coef"] if best["coef"] is not None else x, C)
         self.head_ = Head([(self.coef_, self.intercept_)], self.mean_, self.scale_)
         return self

@@ -3,6 +3,7 @@ mini-batches, with early stopping on a validation slice. Imported only when a he
 import is 1.7 s); the fitted head is numpy arrays (heads/head.py) like the linear one."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +19,21 @@ BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False
 VAL_EVERY = 50  # steps between validation checks, at most
 MIN_CHECK_STEPS = 5  # steps between checks, at least: on small data an epoch is one or two mini-batches, too
 # noisy under dropout to judge progress by (docs/benchmarks.md, "Stopping on small data")
+
+
+@contextmanager
+def one_thread():
+    """torch on one intra-op thread inside: a mini-batch step is ~30 small ops (128 x 1280 x 256), and waking a
+    second, sleeping thread (OMP_WAIT_POLICY=PASSIVE, features/__init__.py) for each costs more than it brings.
+    On 2 cores a [256] fit took 0.69x the time of 2 threads, and stays as fast beside a busy process, where
+    spinning threads took 3x (benchmarks/contention.py). The fitted head no longer depends on the
+    machine's core count either."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Dropout(nn.Dropout):
@@ -155,12 +171,12 @@ class MLPHead:
         xv = torch.from_numpy((np.asarray(val[0], np.float32) - self.mean_) / self.scale_) \
             if val is not None and len(val[1]) else None  # (V, D)
         yv = torch.from_numpy(np.asarray(val[1])) if xv is not None else None
-        with torch.random.fork_rng(devices=[]):  # init and dropout use torch's RNG: fork it, never seed globally
+        with torch.random.fork_rng(devices=[]), one_thread():  # init and dropout use torch's RNG: fork it
             torch.manual_seed(seed)
             model = HeadNet(len(self.mean_), tuple(self.hidden), C, self.dropout)
             opt = Adam(model.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             loss_fn = nn.CrossEntropyLoss(weight=weight)
-            stopper, best, step = EarlyStopping(self.patience, self.tol), None, 0
+            stopper, best, step = EarlyStopping(self.patience, self.tol, of_first=xv is None), None, 0
             seen_loss, seen_rows, last_check = 0.0, 0, 0  # the training loss summed per row since the last check
             for xb, yb, wb, epoch_ends in batches:
                 # one Adam step on a mini-batch (bs, D)
