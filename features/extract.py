@@ -53,7 +53,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
             batch_size: int = 32, workers: int | str = "auto", device: str = "auto", dtype: str = "float32",
             force: bool = False, classes: list[str] | None = None, allow_outside: bool = False,
             commit_every: int = 256, num_shards: int = 1, shard_index: int = 0, progress: bool = True,
-            stop_after: int | None = None, engine: str = "auto", faces: str = "off",
+            engine: str = "auto", faces: str = "off",
             faces_fallback: str = "skip", verify: bool = False) -> Summary:
     """Bring the store at `out` up to date with `images`. Returns the summary (skips included).
     `faces`: off | largest | all (features/models/faces.py); `faces_fallback`: skip | whole, for images without one.
@@ -102,7 +102,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
         if plan.todo:
             extracted = _embed_and_commit(bb, plan.todo, partial, batch_size=batch_size, workers=workers, device=dev,
                                           dtype=dtype, commit_every=commit_every, progress=progress,
-                                          stop_after=stop_after, engine=engine, model=model, faces=spec)
+                                          engine=engine, model=model, faces=spec)
         embed_seconds = time.time() - t_embed if plan.todo else 0.0
         where.update(partial.where)
         boxes.update(partial.boxes)
@@ -206,7 +206,7 @@ def _content(plan: Plan, keep: list[int], keys: list[str], face_index: list[int]
 
 
 def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, *, batch_size: int, workers: int,
-                      device: str, dtype: str, commit_every: int, progress: bool, stop_after: int | None, engine: str,
+                      device: str, dtype: str, commit_every: int, progress: bool, engine: str,
                       model=None, faces: FaceSpec | None = None) -> int:
     """Embed `todo` and commit every `commit_every` images; SIGINT/SIGTERM commit and raise Interrupted. Returns the
     images embedded. Face mode: the rows of an image are its crops, keyed '<sha256>:<face index>', committed with
@@ -222,7 +222,7 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, *, b
     buf_feat: list[np.ndarray] = []
     buf_fail: dict[str, str] = {}
     buf_box: list[np.ndarray] = []
-    done = extracted = 0
+    extracted = 0
 
     def commit() -> None:
         feats = np.concatenate(buf_feat) if buf_feat else np.empty((0, bb.dim), np.float32)
@@ -244,12 +244,10 @@ def _embed_and_commit(bb: Backbone, todo: dict[str, str], partial: Partial, *, b
                 buf_box.append(boxes)
             buf_feat.append(feats)
             buf_fail.update({shas[i]: e for i, e in errors.items()})
-            images = len(set(idx))
-            extracted += images
-            done += images + len(errors)
+            extracted += len(set(idx))
             if len(buf_sha) + len(buf_fail) >= commit_every:
                 commit()
-            if stop["signal"] is not None or (stop_after is not None and done >= stop_after):
+            if stop["signal"] is not None:
                 commit()
                 raise Interrupted(f"interrupted: {len(partial.where)} embeddings committed in {partial.dir}; "
                                   "re-run the same command to resume")

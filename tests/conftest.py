@@ -45,6 +45,33 @@ def tiny_weights(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def ctrl_c_after(monkeypatch):
+    """ctrl_c_after(n): the next extract in this test gets SIGINT, as from a user's Ctrl-C, once n images are
+    embedded (errors counted), then never again: the product's own interrupt path (signal -> commit ->
+    Interrupted), with no hook for tests inside it."""
+    import signal
+
+    import features.extract as ex
+
+    def arm(images: int) -> None:
+        seen, fired = [0], [False]
+
+        def wrap(embed, counted):
+            def batches(*args, **kw):
+                for batch in embed(*args, **kw):
+                    seen[0] += counted(batch)
+                    if seen[0] >= images and not fired[0]:
+                        fired[0] = True
+                        os.kill(os.getpid(), signal.SIGINT)  # extract's handler sets its stop flag
+                    yield batch
+            return batches
+        monkeypatch.setattr(ex, "iter_embeddings", wrap(ex.iter_embeddings, lambda b: len(b[0]) + len(b[2])))
+        monkeypatch.setattr(ex, "iter_face_embeddings",
+                            wrap(ex.iter_face_embeddings, lambda b: len(set(b[0])) + len(b[3])))
+    return arm
+
+
+@pytest.fixture
 def images(tmp_path) -> Path:
     return make_images(tmp_path / "imgs")
 

@@ -116,11 +116,12 @@ def test_images_at_the_face_limit_are_said_not_silently_cut(tmp_path, monkeypatc
     assert "1 images reached the limit of 1 faces: their 1 largest were kept" in s.line()
 
 
-def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, people, monkeypatch):
+def test_face_rows_survive_interruption_and_rerun_like_whole_images(tmp_path, people, monkeypatch, ctrl_c_after):
     out = tmp_path / "s.h5"
+    ctrl_c_after(5)
     with pytest.raises(Interrupted):
-        extract(images=str(people), out=str(out), backbone=FER, faces="all", commit_every=2, stop_after=5,
-                progress=False, batch_size=2)
+        extract(images=str(people), out=str(out), backbone=FER, faces="all", commit_every=2, progress=False,
+                batch_size=2)
     resumed = extract(images=str(people), out=str(out), backbone=FER, faces="all", progress=False)
     assert resumed.reused >= 4 and resumed.reused + resumed.extracted == 13  # committed images not embedded again
     fresh = extract(images=str(people), out=str(tmp_path / "fresh.h5"), backbone=FER, faces="all", progress=False)

@@ -154,12 +154,13 @@ def test_empty_and_single_class_inputs(tmp_path, tiny_weights):
     assert (tmp_path / "one.h5").exists()  # nothing already computed is lost
 
 
-def test_train_refuses_incomplete_store(tmp_path, tiny_weights):
+def test_train_refuses_incomplete_store(tmp_path, tiny_weights, ctrl_c_after):
     from features.extract import Interrupted, extract
     images = make_images(tmp_path / "imgs", per_class=6)
+    ctrl_c_after(4)
     with pytest.raises(Interrupted):
         extract(images=str(images), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
-                workers=0, batch_size=2, commit_every=2, stop_after=4)
+                workers=0, batch_size=2, commit_every=2)
     r = run_cli("train-head", str(tmp_path / "s.h5"), "--out", str(tmp_path / "m"), "--params", PARAMS, cwd=tmp_path)
     assert r.returncode == 2 and "incomplete store, re-run extract to resume" in r.stderr
 

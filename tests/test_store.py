@@ -98,11 +98,12 @@ def test_second_writer_fails_naming_pid(images, tmp_path, tiny_weights):
     assert not OutputLock(out).path.exists()
 
 
-def test_interrupted_run_is_incomplete_then_resumes(images, tmp_path, tiny_weights):
+def test_interrupted_run_is_incomplete_then_resumes(images, tmp_path, tiny_weights, ctrl_c_after):
     from features.extract import Interrupted
     out = tmp_path / "s.h5"
+    ctrl_c_after(8)
     with pytest.raises(Interrupted, match="re-run the same command"):
-        run(images, out, tiny_weights, commit_every=4, batch_size=4, stop_after=8)
+        run(images, out, tiny_weights, commit_every=4, batch_size=4)
     assert not out.exists() and partial_dir(out).exists()
     with pytest.raises(UserError, match="incomplete store, re-run extract to resume"):
         read_store(out)
