@@ -21,12 +21,18 @@ def _blas():
     return ThreadpoolController().select(user_api="blas")
 
 
+def one_blas_thread():
+    """A context in which numpy's products run on one BLAS thread (process-wide: threads calling numpy inside it
+    each compute on their own)."""
+    return _blas().limit(limits=1)
+
+
 def blas_threads_for(rows: int):
     """A context in which numpy's products on `rows` rows run: one BLAS thread below SMALL_BATCH, else as set.
-    OpenBLAS's threads spin while they wait; on the small products of adapted 5-image batches they gained nothing
-    alone and, beside one busy process, made each product up to 40x slower (60 x 1280 @ 1280 x 256: 31 ms vs
-    0.7 ms on one thread; benchmarks/contention.py)."""
-    return _blas().limit(limits=1) if rows < SMALL_BATCH else contextlib.nullcontext()
+    OpenBLAS's threads spin while they wait: on small products two threads were 1.5x faster alone, and beside
+    two busy processes 2x-45x slower than one (60 x 1280 @ 1280 x 256: 15-33 ms against 0.7 ms;
+    benchmarks/contention.py)."""
+    return one_blas_thread() if rows < SMALL_BATCH else contextlib.nullcontext()
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -11,16 +11,19 @@ batch, two classes only, 5 and 10 random images.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from features.input.prefetch import available_cores
 from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.analysis.noise import T995, paired_difference
 from pipeline.data.folds import cv_sources
 from pipeline.heads.adapt import rows_logits_each, source_logits_each
 from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
+from pipeline.heads.head import one_blas_thread
 from pipeline.params import Params
 from pipeline.transforms import NONE, adapts
 
@@ -127,15 +130,23 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
 
 def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: tuple[str, ...],
                  hits: dict[str, dict[str, list[float]]]) -> None:
-    """Append each batch's accuracy under each transform to hits[transform][kind]. Every stress row is read once
-    (a streamed store: one pass), then each batch adapted alone."""
+    """Append each batch's accuracy under each transform to hits[transform][kind], in the batches' order. Every
+    stress row is read once (a streamed store: one pass), then each batch adapted alone. The batches' products
+    are small (5 to 256 rows): one BLAS thread each, the batches spread over the cores (numpy lets go of the GIL
+    in a product), which is what two BLAS threads per product bought alone, without their spinning under load."""
     union = np.zeros(len(rows), bool)
     for _, b in batches:
         union[b] = True
     x, where = rows.take(union), np.cumsum(union) - 1  # (U, D); row -> its place in x
-    for kind, b in batches:
-        for t, (logits, _) in source_logits_each(head, x[where[b]], transforms).items():
-            hits[t][kind].append(float((logits.argmax(1) == rows.labels[b]).mean()))
+
+    def score(batch: tuple[str, np.ndarray]) -> dict[str, float]:  # transform -> accuracy on this batch
+        _, b = batch
+        return {t: float((logits.argmax(1) == rows.labels[b]).mean())
+                for t, (logits, _) in source_logits_each(head, x[where[b]], transforms).items()}
+    with one_blas_thread(), ThreadPoolExecutor(available_cores()) as pool:
+        for (kind, _), accuracy in zip(batches, pool.map(score, batches)):
+            for t, a in accuracy.items():
+                hits[t][kind].append(a)
 
 
 def behind(leader: str, scores: list[float], folds: int):
