@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.loso import manifest  # noqa: E402
 from features.extract import extract  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
-from pipeline.heads.adapt import rows_logits  # noqa: E402
+from pipeline.heads.sources import rows_logits  # noqa: E402
 from pipeline.analysis.metrics import classification_metrics  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402

@@ -19,7 +19,7 @@ from features.extract import extract  # noqa: E402
 from pipeline.analysis.metrics import classification_metrics  # noqa: E402
 from pipeline.data.folds import assign_folds  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
-from pipeline.heads.adapt import rows_logits  # noqa: E402
+from pipeline.heads.sources import rows_logits  # noqa: E402
 from pipeline.heads.fitting import fit_rows  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.selection.heads import choose_head  # noqa: E402

@@ -10,7 +10,8 @@ from pipeline.data.folds import cv_sources
 from pipeline.selection.crossval import cross_validate
 from pipeline.data.folds import assign_folds
 from pipeline.data.rows import Rows
-from pipeline.heads.adapt import MIN_IMAGES, TRANSFORMS, fit_shift, rows_logits, source_logits, value_order
+from pipeline.heads.adapt import MIN_IMAGES, TRANSFORMS, fit_shift, source_logits, value_order
+from pipeline.heads.sources import rows_logits
 from pipeline.heads.fitting import fit_rows
 from pipeline.heads.head import softmax
 from tests.conftest import params

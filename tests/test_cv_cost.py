@@ -13,7 +13,7 @@ from features.synthetic import synthetic_store
 from pipeline.analysis.noise import t975
 from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.data.rows import open_rows
-from pipeline.heads import adapt
+from pipeline.heads import adapt, sources as per_source_loop
 from pipeline.heads.fitting import fit_rows
 from pipeline.stages.train import summary_line, train_head
 from tests.conftest import params
@@ -146,9 +146,9 @@ def test_rows_fitted_together_per_source_equal_each_transform_alone():
     rows, test, head = _fold_rows(seed=2)
     sources = np.asarray(rows.groups)
     mask = np.ones(len(rows), bool)
-    together = adapt.rows_logits_each(head, rows, mask, sources, adapt.TRANSFORMS)
+    together = per_source_loop.rows_logits_each(head, rows, mask, sources, adapt.TRANSFORMS)
     for t in adapt.TRANSFORMS:
-        logits, said, per_source = adapt.rows_logits(head, rows, mask, sources, t)
+        logits, said, per_source = per_source_loop.rows_logits(head, rows, mask, sources, t)
         assert np.array_equal(together[t][0], logits) and together[t][1] == said and together[t][2] == per_source
 
 
@@ -169,13 +169,14 @@ def test_train_head_says_on_the_terminal_when_there_is_no_group_column(tmp_path,
 def test_predicts_summary_says_once_that_an_adapted_label_depends_on_the_other_images():
     """Issue #42: the screen said '1 source adapted (affine)' and nothing of what that means for a label."""
     from types import SimpleNamespace
+    from pipeline.heads.sources import Adapted
     from pipeline.inference.summary import adaptation_note
-    adapted = adaptation_note(SimpleNamespace(sources=["a"] * 6 + ["b"] * 2, adapted=["affine"] * 6 + ["no (2 images < 5)"] * 2,
-                                              errors=[""] * 8))
+    both = {"a": Adapted("affine", 6), "b": Adapted(None, 2, too_small=True)}
+    adapted = adaptation_note(SimpleNamespace(sources=["a"] * 6 + ["b"] * 2, per_source=both))
     assert adapted.startswith("1 source adapted (affine); 1 source too small to adapt (2 images < 5)")
     assert adapted.count("depends on the other images passed with it; --source none labels each image") == 1
-    small = adaptation_note(SimpleNamespace(sources=["b"] * 2, adapted=["no (2 images < 5)"] * 2, errors=["", ""]))
-    assert "depends on" not in small
+    small = adaptation_note(SimpleNamespace(sources=["b"] * 2, per_source={"b": both["b"]}))
+    assert "depends on" not in small and small == "1 source too small to adapt (2 images < 5)"
 
 
 def test_metrics_json_holds_headline_numbers_and_details_json_the_rest(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 
 from features.synthetic import synthetic_store
 from pipeline.heads.fitting import fit_rows, split_validation
-from pipeline.heads.adapt import rows_logits
+from pipeline.heads.sources import rows_logits
 from pipeline.data.rows import open_rows
 from pipeline.stages.train import train_head
 from tests.conftest import ROOT, params

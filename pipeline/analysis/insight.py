@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.analysis.noise import t975
 from pipeline.data.folds import cv_sources
-from pipeline.heads.adapt import rows_logits
+from pipeline.heads.sources import rows_logits
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.params import Params
 from pipeline.data.rows import Rows

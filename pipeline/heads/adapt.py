@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
-from features.text import plural
 from pipeline.heads.head import Head, Reference
 from pipeline.transforms import PRIOR_IMAGES, REGISTRY, adapts, transform as registered
 
@@ -186,68 +184,3 @@ def source_logits_each(head: Head, x: np.ndarray, transforms: tuple[str, ...]
 def source_logits(head: Head, x: np.ndarray, transform: str) -> tuple[np.ndarray, Shift | None]:
     """source_logits_each for one transform."""
     return source_logits_each(head, x, (transform,))[transform]
-
-
-def describe(shift: Shift | None, n: int, transform: str) -> str:
-    """What one source's predictions rest on, for a CSV column: 'affine' / 'no (3 images < 5)' / 'no'."""
-    if shift is not None:
-        return shift.transform
-    if adapts(transform) and n < MIN_IMAGES:
-        return f"no ({n} image{'s' if n != 1 else ''} < {MIN_IMAGES})"
-    return "no"
-
-
-def sources_note(per_source: dict[str, str]) -> str:
-    """One line from describe's word per source: '2 sources adapted (affine); 1 source too small to adapt
-    (3 images < 5)', or 'not adapted (the model's transform is none)'."""
-    adapted = Counter(a for a in per_source.values() if not a.startswith("no"))
-    small = [a[len("no ("):-1] for a in per_source.values() if a.startswith("no (")]
-    parts = [f"{plural(k, 'source')} adapted ({a})" for a, k in sorted(adapted.items())]
-    if small:
-        parts.append(f"{plural(len(small), 'source')} too small to adapt ({small[0]}{', ...' if len(small) > 1 else ''})")
-    return "; ".join(parts) or "not adapted (the model's transform is none)"
-
-
-def per_source(head: Head, sources: np.ndarray | None, n: int, transforms: tuple[str, ...], each
-               ) -> dict[str, tuple[np.ndarray, list[str], dict[str, str]]]:
-    """The one loop over sources that CV, evaluate and predict share. Per transform: uncalibrated logits (n, C) of
-    n rows, each source adapted on its own; sources: a name per row (n,), or None (all rows one source, named '');
-    what each row's prediction rests on (describe), and that per source. each(pos): source_logits_each of the
-    rows at positions pos (one source's, in order)."""
-    names, which = np.unique(np.asarray(sources if sources is not None else [""] * n, dtype=str),
-                             return_inverse=True)
-    out = {t: (np.empty((n, head.n_classes), np.float32), [""] * n, {}) for t in transforms}
-    for k, name in enumerate(names):
-        pos = np.flatnonzero(which == k)
-        for t, (logits, shift) in each(pos).items():
-            out[t][0][pos] = logits
-            word = out[t][2][str(name)] = describe(shift, len(pos), t)
-            for p in pos:
-                out[t][1][p] = word
-    return out
-
-
-def rows_logits_each(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transforms: tuple[str, ...]
-                     ) -> dict[str, tuple[np.ndarray, list[str], dict[str, str]]]:
-    """per_source over the store rows (pipeline/data/rows.py) where `mask` is True, in row order (sources: a name
-    per store row (N,), or None). A streamed store's source is read in blocks, in store order."""
-    idx = np.flatnonzero(mask)
-
-    def each(pos: np.ndarray):
-        if rows.in_memory:
-            return source_logits_each(head, rows.features[idx[pos]], transforms)
-        m = np.zeros(len(rows), bool)
-        m[idx[pos]] = True
-
-        def chunks():
-            return (x[m[s:s + len(x)]] for s, x in rows.blocks(m))
-        return {t: (np.concatenate([(head if shift is None else shift.adapt(head)).logits(x) for x in chunks()]),
-                    shift) for t, shift in fit_shifts(head, chunks, transforms).items()}
-    return per_source(head, None if sources is None else np.asarray(sources, dtype=str)[idx], len(idx), transforms,
-                      each)
-
-
-def rows_logits(head: Head, rows, mask: np.ndarray, sources: np.ndarray | None, transform: str
-                ) -> tuple[np.ndarray, list[str], dict[str, str]]:
-    """rows_logits_each for one transform."""
-    return rows_logits_each(head, rows, mask, sources, (transform,))[transform]

@@ -9,7 +9,7 @@ import numpy as np
 
 from features.errors import UserError
 from pipeline.data.rows import open_rows
-from pipeline.heads.adapt import rows_logits
+from pipeline.heads.sources import Adapted, rows_logits
 from pipeline.heads.head import Head
 from pipeline.inference.modeldir import ModelInfo
 
@@ -30,8 +30,8 @@ class Heldout:
     root: str  # where the paths start
     faces: dict[str, list]  # face mode: face,x,y,w,h per row; else {}
     sources: list[str]  # per row: its source (a group, or WHOLE_STORE)
-    adapted: list[str]  # per row: what its prediction rests on (heads/adapt.describe)
-    per_source: dict[str, str]  # source -> that
+    adapted: list[str]  # per row: what its prediction rests on (heads/adapt.Adapted.word)
+    per_source: dict[str, Adapted]  # source -> that
 
 
 def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]) -> Heldout:

@@ -23,7 +23,8 @@ from features.models.engine import ENGINES
 from features.errors import UserError
 from features.models.faces import spec_of, without_faces
 from features.storage.store import describe_mismatch, other_imgsent
-from pipeline.heads.adapt import per_source, source_logits_each
+from pipeline.heads.adapt import source_logits_each
+from pipeline.heads.sources import Adapted, per_source
 from pipeline.heads.head import Head, softmax
 from pipeline.data.rows import means_by_owner
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
@@ -119,7 +120,7 @@ class Predictor:
                 np.array(boxes, np.int64).reshape(-1, 4) if crops else None, errors)
 
     def predict_features(self, features: np.ndarray, sources: list[str] | np.ndarray | None = None
-                         ) -> tuple[np.ndarray, dict[str, str], list[str]]:
+                         ) -> tuple[np.ndarray, dict[str, Adapted], list[str]]:
         """Raw features (N, D) -> calibrated probabilities (N, C), each source (a name per row; None: each row on its
         own) adapted by the model's transform; and per source and per row what the prediction rests on."""
         t = self.info.adapt if sources is not None else NONE
@@ -145,7 +146,7 @@ class Predictor:
             errors[i] = e
         n, c = len(paths), len(self.class_names)
         image_source = np.asarray(arg_sources if source == "argument" else [CALL] * n, dtype=str)
-        row_probs, _, row_said = self.predict_features(feats, None if source == "none" else image_source[owner]) \
+        row_probs, said, row_said = self.predict_features(feats, None if source == "none" else image_source[owner]) \
             if len(feats) else (np.zeros((0, c), np.float32), {}, [])  # (R, C)
         adapted = [""] * n
         for i, a in zip(owner, row_said):
@@ -178,7 +179,8 @@ class Predictor:
                              ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
                            scores if self.ood is not None else None, thr, faces, note, face_note,
-                           sources=["" if source == "none" else str(s) for s in image_source], adapted=adapted)
+                           sources=["" if source == "none" else str(s) for s in image_source], adapted=adapted,
+                           per_source=said)
 
 
 SOURCES = ("argument", "call", "none")

@@ -42,6 +42,7 @@ class Predictions:
     face_note: str = ""  # face mode `all`: images that reached the face limit (their other faces are not classified)
     sources: list[str] | None = None  # per image: the source it was adapted with ('' = on its own)
     adapted: list[str] | None = None  # per image: the transform its prediction rests on, or why none (heads/adapt.py)
+    per_source: dict | None = None  # source -> its heads/sources.Adapted record (the images that were read)
 
 
 FILES_NAMED = "(files named)"  # the source of the image files named on the command line, all together

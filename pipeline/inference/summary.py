@@ -6,7 +6,7 @@ from collections import Counter
 
 from features.errors import short_reason
 from features.text import plural, safe_text
-from pipeline.heads.adapt import sources_note
+from pipeline.heads.sources import sources_note
 from pipeline.inference.predictions import Predictions, faces_csv
 
 
@@ -27,9 +27,9 @@ def adaptation_note(pred: Predictions) -> str:
     """'2 sources adapted (affine); 1 source too small to adapt (3 images < 5)', or why nothing was adapted."""
     if not pred.sources or not any(pred.sources):
         return "each image on its own (--source none)"
-    said = {s: a for s, a, e in zip(pred.sources, pred.adapted, pred.errors) if not e}
-    note = sources_note(said)
-    if any(not a.startswith("no") for a in said.values()):  # said once: a label there rests on its neighbours
+    per_source = pred.per_source or {}
+    note = sources_note(per_source)
+    if any(a.transform is not None for a in per_source.values()):  # said once: a label there rests on its neighbours
         note += (" (an adapted image's label depends on the other images passed with it; --source none labels each "
                  "image on its own)")
     return note

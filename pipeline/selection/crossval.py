@@ -21,9 +21,10 @@ from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.analysis.noise import T995, paired_difference
 from pipeline.data.folds import cv_sources
-from pipeline.heads.adapt import rows_logits_each, source_logits_each
+from pipeline.heads.adapt import source_logits_each
 from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
 from pipeline.heads.head import one_blas_thread
+from pipeline.heads.sources import rows_logits_each
 from pipeline.params import Params
 from pipeline.transforms import NONE, adapts
 

@@ -10,7 +10,7 @@ from features.storage.atomic import atomic_dir, check_output, holds_only
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_metrics, write_predictions)
 from pipeline.heads.head import softmax
-from pipeline.heads.adapt import sources_note
+from pipeline.heads.sources import sources_note
 from pipeline.inference.heldout import heldout_logits
 from pipeline.inference.modeldir import load_model_dir
 
@@ -39,7 +39,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                                "ece_calibrated": expected_calibration_error(probs, y), "temperature": t},
                # what each source's predictions rest on: its features adapted to the training statistics, so each
                # image's prediction depends on the other images of its source (heads/adapt.py)
-               "adaptation": {"transform": info.adapt, "sources": h.per_source}}
+               "adaptation": {"transform": info.adapt, "sources": {s: a.word for s, a in h.per_source.items()}}}
     if faces:  # face mode: the rows above are face crops; an image's verdict is the mean of its faces (predict's)
         metrics["per_image"] = per_image_metrics(paths, y, probs, names)
     loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1))

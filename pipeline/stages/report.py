@@ -20,7 +20,7 @@ import numpy as np
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.errors import UserError
 from features.text import plural
-from pipeline.heads.adapt import sources_note
+from pipeline.heads.sources import sources_note
 from pipeline.inference.heldout import heldout_logits
 from pipeline.heads.head import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion

@@ -15,7 +15,7 @@ from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
 from features.text import safe_text
 from pipeline.heads.head import softmax
-from pipeline.heads.adapt import rows_logits, sources_note
+from pipeline.heads.sources import rows_logits, sources_note
 from pipeline.inference.heldout import store_sources
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.inference.ood import knn_distance, load_ood, normalise
