@@ -3,6 +3,7 @@ mini-batches, with early stopping on a validation slice. Imported only when a he
 import is 1.7 s); the fitted head is numpy arrays (heads/head.py) like the linear one."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -27,7 +28,7 @@ def one_thread():
     second, sleeping thread (OMP_WAIT_POLICY=PASSIVE, features/__init__.py) for each costs more than it brings.
     On 2 cores a [256] fit took 0.69x the time of 2 threads, and stays as fast beside a busy process, where
     spinning threads took 3x (benchmarks/contention.py). The fitted head no longer depends on the
-    machine's core count either."""
+    machine's core count either. torch keeps the count per thread: fits side by side in threads each set their own."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -37,26 +38,41 @@ def one_thread():
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with a uniform-threshold mask: 2.5x faster than torch's bernoulli path on CPU here."""
+    """nn.Dropout with a uniform-threshold mask drawn from the fit's own generator: 2.5x faster than torch's
+    bernoulli path on CPU here."""
+
+    def __init__(self, p: float, generator: torch.Generator):
+        super().__init__(p)
+        self.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return x * (torch.rand_like(x) >= self.p).to(x.dtype) * (1.0 / (1.0 - self.p))
+        keep = torch.rand(x.shape, generator=self.generator, dtype=x.dtype) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
 class HeadNet(nn.Module):
-    """Standardised features (B, D) -> logits (B, C)."""
+    """Standardised features (B, D) -> logits (B, C). Initialised as nn.Linear initialises itself, from
+    `generator`: torch's global random state is neither read nor moved, so fits can run side by side in threads."""
 
-    def __init__(self, dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float):
+    def __init__(self, dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float,
+                 generator: torch.Generator | None = None):
         super().__init__()
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
         layers: list[nn.Module] = []
         width = dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), Dropout(dropout)]
+            layers += [nn.Linear(width, h, device="meta"), nn.ReLU(), Dropout(dropout, generator)]
             width = h
-        layers.append(nn.Linear(width, n_classes))
-        self.net = nn.Sequential(*layers)
+        layers.append(nn.Linear(width, n_classes, device="meta"))
+        self.net = nn.Sequential(*layers).to_empty(device="cpu")  # (meta: no global random draws on creation)
+        with torch.no_grad():
+            for m in self.net:
+                if isinstance(m, nn.Linear):  # nn.Linear.reset_parameters, from the generator
+                    nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                    bound = 1 / math.sqrt(m.in_features)
+                    nn.init.uniform_(m.bias, -bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -130,6 +146,23 @@ def _minibatches(blocks: Blocks, y: np.ndarray, w: np.ndarray, bs: int, epochs: 
             yield (*ahead, True)
 
 
+class SeenLoss:
+    """The mean training loss per row since it was last taken: each step adds its batch's mean loss times its
+    rows. Per row, not per batch: 133 rows are batches of 128 and 5, and the 5 rows' loss weighed as much as the
+    128's stopped the head after 16-48 steps at 0.66-0.88 training accuracy."""
+
+    def __init__(self):
+        self.total, self.rows = 0.0, 0
+
+    def add(self, batch_mean, rows: int) -> None:
+        self.total, self.rows = self.total + batch_mean * rows, self.rows + rows
+
+    def take(self) -> float:
+        mean = float(self.total) / self.rows
+        self.total, self.rows = 0.0, 0
+        return mean
+
+
 def _weighted_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weight: torch.Tensor, loss_fn,
                    weighted: bool) -> torch.Tensor:
     """The class-weighted mean cross-entropy (CrossEntropyLoss's), times each row's sample weight when given."""
@@ -144,7 +177,8 @@ class MLPHead:
     Adam on mini-batches of the standardised rows; with `val`, the head that was best on it (checked once per
     epoch, or every VAL_EVERY steps on long epochs); without, the last one, once the mean training loss (of whole
     epochs, at least MIN_CHECK_STEPS steps) improved by less than `tol` over `patience` checks (or after `epochs`).
-    Deterministic given random_state; torch's global RNG is left as it was."""
+    Deterministic given random_state, from its own generators: torch's global RNG is neither read nor moved, and
+    fits may run side by side in threads."""
 
     def __init__(self, *, n_classes: int, hidden: tuple[int, ...] = (256,), dropout: float = 0.3, lr: float = 1e-3,
                  weight_decay: float = 1e-4, epochs: int = 60, batch_size: int = 128, patience: int = 3,
@@ -160,24 +194,22 @@ class MLPHead:
         weight = torch.from_numpy(class_weights(y, C, self.class_weight))  # (C,)
         sw = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
         bs = max(1, min(self.batch_size, len(y)))
-        batches = _minibatches(blocks, np.asarray(y, np.int64), sw, bs, self.epochs,
-                               np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)  # the shuffles, the initial weights and dropout's masks
+        batches = _minibatches(blocks, np.asarray(y, np.int64), sw, bs, self.epochs, np.random.default_rng(seed), gen)
         # What is checked, and when: the loss on `val` once per epoch, or every VAL_EVERY steps when epochs are
         # longer (on large data the best head often comes within the first epoch); without `val`, the mean
-        # training loss per row since the last check, at the end of an epoch. Either way MIN_CHECK_STEPS steps
-        # apart. Per row, not per batch: 133 rows are batches of 128 and 5, and the 5 rows' loss weighed as much
-        # as the 128's stopped the head after 16-48 steps at 0.66-0.88 training accuracy.
+        # training loss per row since the last check (SeenLoss), at the end of an epoch. Either way
+        # MIN_CHECK_STEPS steps apart.
         check_every = max(MIN_CHECK_STEPS, min(-(-len(y) // bs), VAL_EVERY))
         xv = torch.from_numpy((np.asarray(val[0], np.float32) - self.mean_) / self.scale_) \
             if val is not None and len(val[1]) else None  # (V, D)
         yv = torch.from_numpy(np.asarray(val[1])) if xv is not None else None
-        with torch.random.fork_rng(devices=[]), one_thread():  # init and dropout use torch's RNG: fork it
-            torch.manual_seed(seed)
-            model = HeadNet(len(self.mean_), tuple(self.hidden), C, self.dropout)
+        with one_thread():
+            model = HeadNet(len(self.mean_), tuple(self.hidden), C, self.dropout, generator=gen)
             opt = Adam(model.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             loss_fn = nn.CrossEntropyLoss(weight=weight)
             stopper, best, step = EarlyStopping(self.patience, self.tol, of_first=xv is None), None, 0
-            seen_loss, seen_rows, last_check = 0.0, 0, 0  # the training loss summed per row since the last check
+            seen, last_check = SeenLoss(), 0
             for xb, yb, wb, epoch_ends in batches:
                 # one Adam step on a mini-batch (bs, D)
                 model.train()
@@ -187,7 +219,8 @@ class MLPHead:
                 loss = _weighted_loss(logits.float(), yb, wb, weight, loss_fn, sample_weight is not None)
                 loss.backward()
                 opt.step()
-                step, seen_loss, seen_rows = step + 1, seen_loss + loss.detach() * len(yb), seen_rows + len(yb)
+                step = step + 1
+                seen.add(loss.detach(), len(yb))
                 # a check now? then the one stop rule (EarlyStopping): no new best for `patience` checks, or converged
                 checked = None
                 if xv is not None and step % check_every == 0:
@@ -195,9 +228,9 @@ class MLPHead:
                     with torch.no_grad():
                         checked = loss_fn(model(xv), yv).item()
                 elif xv is None and epoch_ends and step - last_check >= MIN_CHECK_STEPS:
-                    checked = float(seen_loss) / seen_rows
+                    checked = seen.take()
                 if checked is not None:
-                    seen_loss, seen_rows, last_check = 0.0, 0, step
+                    last_check = step
                     stopper.update(checked)
                     if xv is not None and stopper.improved:
                         best = model.layers()  # with `val`, the head that was best on it is kept

@@ -21,6 +21,7 @@ from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.analysis.noise import T995, paired_difference
 from pipeline.data.folds import cv_sources
+from pipeline.data.memory import IN_MEMORY_COPIES, memory_budget
 from pipeline.heads.adapt import source_logits_each
 from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
 from pipeline.heads.head import one_blas_thread
@@ -99,14 +100,20 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     rng = np.random.default_rng(seed)
     phases, views = phases or Phases(), {} if views is None else views
     align = params.head.align
-    for j in range(int(fold.max()) + 1):
-        with phases(f"fit {list(params.head.hidden)}"):
-            if adapting or aligns(rows, align):  # what the head is fitted on and a source adapted to: the
-                # fold's training rows, whatever the head
-                if (j, align) not in views:
-                    views[j, align] = training_view(rows, lab & (fold != j), align)
-            head = fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting,
-                            view=views.get((j, align)))
+
+    def fit(j: int):  # fold j's head, on the other folds' rows
+        if (adapting or aligns(rows, align)) and (j, align) not in views:  # what the head is fitted on and a
+            # source adapted to: the fold's training rows, whatever the head
+            views[j, align] = training_view(rows, lab & (fold != j), align)
+        return fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting,
+                        view=views.get((j, align)))
+    folds, at_once = int(fold.max()) + 1, side_by_side(rows, params)
+    heads: dict[int, object] = {}
+    for j in range(folds):
+        if j not in heads:  # the next round: this fold's fit and the next ones', side by side
+            with phases(f"fit {list(params.head.hidden)}"):
+                heads = fit_round(fit, list(range(j, min(folds, j + at_once))))
+        head = heads[j]
         te = fold == j
         cand.scored |= te & lab
         with phases("held-out sources adapted"):
@@ -127,6 +134,27 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
             break
     cand.stress = {t: {k: v for k, v in per.items() if v} for t, per in hits.items()}
     return cand
+
+
+def side_by_side(rows, params: Params) -> int:
+    """How many folds' heads are fitted at once: a hidden-layer head's steps run on one torch thread
+    (heads/mlp.one_thread), so on rows in memory one fit per core, as many as the memory budget holds a copy of
+    the training rows for beyond the one data/memory.py counts; else 1 (a linear fit's products already use every
+    core, and a streamed store is read one fit at a time). A round's fits all finish before its folds are scored,
+    so a CV that gives up (give_up) stops where it did, and wastes no wall time on the round's other folds."""
+    if not params.head.hidden or not rows.in_memory:
+        return 1
+    copy = 4 * len(rows.labels) * rows.dim  # bytes: a fit's float32 copy of its training rows, at most all of them
+    spare = memory_budget(params.cv.memory_budget_mb) // copy - IN_MEMORY_COPIES
+    return max(1, min(available_cores(), 1 + spare))
+
+
+def fit_round(fit, folds: list[int]) -> dict:
+    """{fold: fit(fold)}, the folds' fits side by side in threads (each its own generators and torch thread)."""
+    if len(folds) == 1:
+        return {folds[0]: fit(folds[0])}
+    with ThreadPoolExecutor(len(folds)) as pool:
+        return dict(zip(folds, pool.map(fit, folds)))
 
 
 def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: tuple[str, ...],
