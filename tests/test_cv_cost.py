@@ -193,3 +193,27 @@ def test_metrics_json_holds_headline_numbers_and_details_json_the_rest(tmp_path)
     details = json.loads((tmp_path / "m" / "details.json").read_text())
     assert details["head_choice"]["why"] == m["head_choice"]["why"] and "adaptation" in details
     assert top["cv"]["macro_f1_mean"] == round(details["cv"]["macro_f1_mean"], 4)
+
+
+def test_folds_fitted_side_by_side_give_what_one_at_a_time_gives(monkeypatch):
+    """A hidden-layer head's CV fits its folds in threads (crossval.side_by_side): every out-of-fold logit, stress
+    score and per-fold figure is the one a fold-by-fold CV gives, bit for bit, and torch's global random state is
+    left as it was."""
+    import torch
+    from pipeline.data.folds import assign_folds
+    rows = _world(groups=6)
+    fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=3,
+                        class_names=rows.class_names, random_state=0)
+    p = params(head={"hidden": (16,), "adapt": "affine", "epochs": 20}, cv={"folds": 3})
+    assert crossval.side_by_side(rows, p) == crossval.available_cores()  # a few KiB of rows: one fit per core
+    assert crossval.side_by_side(rows, params(head={"hidden": ()})) == 1  # the linear head's products use them all
+    before = torch.get_rng_state()
+    cands = {}
+    for at_once in (1, 3):
+        monkeypatch.setattr(crossval, "side_by_side", lambda rows, params, n=at_once: n)
+        cands[at_once] = cross_validate(rows, fold, p, ("none", "affine"), None)
+    one, three = cands[1], cands[3]
+    for t in ("none", "affine"):
+        assert np.array_equal(one.oof[t], three.oof[t]) and one.per_fold[t] == three.per_fold[t]
+    assert one.stress == three.stress and one.stress["affine"]
+    assert torch.equal(before, torch.get_rng_state())
