@@ -51,3 +51,11 @@ def canvas(pastes: list[tuple[np.ndarray, int, int, float]], size: tuple[int, in
         out[y:y + p.shape[0], x:x + p.shape[1]] = p
         rects.append((x, y, p.shape[1], p.shape[0]))
     return out, rects
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two (x, y, w, h) boxes."""
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / float(a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, params, run_cli
-from faces_data import ASTRONAUT_FACE, astronaut, canvas, grace, head, no_face
+from faces_data import ASTRONAUT_FACE, astronaut, canvas, grace, head, iou, no_face
 from features.errors import UserError
 from features.extract import Interrupted, extract
-from features.models.faces import NO_FACE, FaceSpec, detect, expand, face_boxes, iou
+from features.models.faces import NO_FACE, FaceSpec, detect, expand, face_boxes
 from features.storage.store import read_store
 
 FER = "fer_mini_xception"

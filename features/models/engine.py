@@ -254,10 +254,6 @@ def forward_engine(backbone: Backbone, device: str, batch_size: int, engine: str
     return torch_model(backbone, device, batch_size)
 
 
-def engine_name(model) -> str:
-    return getattr(model, "engine", "torch")
-
-
 def input_layout(model) -> torch.memory_format:
     """The memory layout a forward engine reads its uint8 batch in: channels_last for torch, NCHW for onnxruntime."""
     return getattr(model, "layout", torch.channels_last)

@@ -122,13 +122,6 @@ def face_boxes(rgb: np.ndarray, spec: FaceSpec) -> list[Box]:
     return sorted(crops, key=lambda b: (b[0], b[1]))
 
 
-def iou(a: Box, b: Box) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / float(a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
-
-
 def with_faces(fingerprint: dict, spec: FaceSpec | None) -> dict:
     """A backbone's fingerprint plus the face settings its rows were cut with."""
     return {**fingerprint, "faces": spec.to_dict()} if spec is not None else fingerprint
