@@ -7,6 +7,9 @@ import numpy as np
 
 from pipeline.heads.common import Blocks
 
+CHUNK = 4096  # rows per pair of products: the gradient's product then reads the rows the logits' product just
+# read from cache, not memory (28,700 x 1280 x 7 classes: 46 -> 35 ms an evaluation; benchmarks/loss_chunks.py)
+
 
 def softmax_cross_entropy(z: np.ndarray, y: np.ndarray, sample_weight: np.ndarray) -> tuple[float, np.ndarray]:
     """sum_i w_i * -log softmax(z_i)[y_i] and its gradient in the logits: z (n, C), y (n,), w (n,) -> (float, (n, C))."""
@@ -34,10 +37,12 @@ def linear_loss_gradient(coef: np.ndarray, blocks: Blocks, y: np.ndarray, sample
     W, b = split_coef(coef, n_classes)  # (C, D), (C,)
     d = W.shape[1]
     loss, gW, gb, start = 0.0, np.zeros((n_classes, d), np.float64), np.zeros(n_classes, np.float64), 0
-    for x in blocks:  # (r, D) each
-        end = start + len(x)
-        ce, g = softmax_cross_entropy(x @ W.T + b, y[start:end], sample_weight[start:end])  # g: (r, C)
-        loss, gW, gb, start = loss + ce, gW + g.T @ x, gb + g.sum(0), end
+    for block in blocks:  # (r, D) each
+        for i in range(0, len(block), CHUNK):  # both products on rows still in the CPU's cache
+            x = block[i:i + CHUNK]  # (c, D)
+            end = start + len(x)
+            ce, g = softmax_cross_entropy(x @ W.T + b, y[start:end], sample_weight[start:end])  # g: (c, C)
+            loss, gW, gb, start = loss + ce, gW + g.T @ x, gb + g.sum(0), end
     total = float(sample_weight.sum(dtype=np.float64))
     Wd = W.astype(np.float64)
     loss = loss / total + 0.5 * l2 * float(np.dot(Wd.ravel(), Wd.ravel()))
