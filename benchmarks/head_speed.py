@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from features.storage.write import StoreContent, write_store  # noqa: E402
-from features.synthetic import synthetic_store  # noqa: E402
+from tests.synthetic import synthetic_store  # noqa: E402
 from pipeline.data.folds import assign_folds  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
 

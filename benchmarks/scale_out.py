@@ -43,7 +43,7 @@ def extraction(images: Path, work: Path) -> None:
 
 def streaming(work: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    from features.synthetic import synthetic_store
+    from tests.synthetic import synthetic_store
     for n in (100_000, 200_000, 400_000):
         store = work / f"s{n}.h5"
         if not store.exists():

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.head_speed import lr_process, make  # noqa: E402
-from features.synthetic import synthetic_store  # noqa: E402
+from tests.synthetic import synthetic_store  # noqa: E402
 
 CONFIGS = {"default": "", "[]": "hidden: [] ", "[256]": "hidden: [256] "}
 

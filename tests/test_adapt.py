@@ -175,7 +175,7 @@ def test_a_model_adapted_by_another_recipe_is_refused_naming_the_file(tmp_path, 
     one would predict other numbers here, so loading it is one line naming model.json."""
     import json
     from features.errors import UserError
-    from features.synthetic import synthetic_store
+    from tests.synthetic import synthetic_store
     from pipeline.inference.modeldir import load_model_dir
     from pipeline.stages.train import train_head
     store = synthetic_store(tmp_path / "s.h5", n=120, dim=8, groups=3)

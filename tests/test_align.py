@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.selection.crossval import cross_validate
 from pipeline.data.rows import open_rows
 from pipeline.heads.adapt import MIN_IMAGES, source_logits

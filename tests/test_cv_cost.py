@@ -9,7 +9,7 @@ import pytest
 import pipeline.selection.crossval as crossval
 import pipeline.selection.heads as selection
 import pipeline.stages.train as train
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.analysis.noise import t975
 from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.data.rows import open_rows

@@ -15,7 +15,7 @@ import pytest
 from features.storage.atomic import OutputLock
 from features.errors import UserError
 from features.storage.store import read_store
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from tests.conftest import ROOT, TINY, make_images, run_cli
 
 

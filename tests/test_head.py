@@ -9,7 +9,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
 from pipeline.heads.common import standardise

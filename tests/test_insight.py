@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.analysis.insight import embedding_2d, label_issues, learning_curve
 from pipeline.data.rows import open_rows
 from pipeline.stages.train import load_rows, train_head

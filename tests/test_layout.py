@@ -74,7 +74,7 @@ def test_no_import_cycles_even_through_lazy_imports():
 # Lowest first: a module may import from its own layer and the ones above it in this list, never below. The
 # top-level modules of each package are layers of their own: errors/text under everything, the stages on top.
 LAYERS = (("features.errors", "features.text", "features.timing"), ("features.storage",), ("features.input",), ("features.models",),
-          ("features.extract", "features.plan", "features.shards", "features.synthetic"),
+          ("features.extract", "features.plan", "features.shards"),
           ("pipeline.transforms",), ("pipeline.params",), ("pipeline.data",), ("pipeline.heads",), ("pipeline.inference",),
           ("pipeline.analysis",), ("pipeline.selection",), ("pipeline.stages",), ("pipeline.cli",))
 

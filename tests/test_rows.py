@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.heads.fitting import fit_rows, split_validation
 from pipeline.heads.sources import rows_logits
 from pipeline.data.rows import open_rows
@@ -79,7 +79,7 @@ def test_streaming_peak_memory_is_bounded(tmp_path):
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.data.rows import open_rows
 from pipeline.heads.mlp import MLPHead
 from pipeline.stages.train import train_head

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from features.synthetic import synthetic_store
+from tests.synthetic import synthetic_store
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.stages.train import train_head
 from tests.conftest import ROOT, params, run_cli
