@@ -373,14 +373,15 @@ def test_every_registered_transform_is_offered_and_nothing_else():
     from pipeline.transforms import REGISTRY, transform
     line = next(s for s in TEMPLATE.splitlines() if s.strip().startswith("adapt:"))
     assert f"auto | {' | '.join(REGISTRY)}:" in line
-    assert line in (ROOT / "params.yaml").read_text()
+    assert line in (ROOT / "params.yaml").read_text(), "params.yaml's adapt comment lists other transforms: " \
+        f"copy this line from `imgsent init` into it: {line.strip()}"
     assert set(TRANSFORMS) == set(REGISTRY)
     text = (ROOT / "params.yaml").read_text()
     for name in REGISTRY:
         assert parse_params(yaml.safe_load(text.replace("adapt: auto", f"adapt: {name}")), "p").head.adapt == name
     with pytest.raises(UserError, match="adapt"):
         parse_params(yaml.safe_load(text.replace("adapt: auto", "adapt: sideways")), "p")
-    with pytest.raises(ValueError, match="unknown adaptation transform 'sideways': one of affine, scale, none"):
+    with pytest.raises(ValueError, match=f"unknown adaptation transform 'sideways': one of {', '.join(REGISTRY)}"):
         transform("sideways")
     with pytest.raises(ValueError, match="unknown adaptation transform"):
         shift_for("sideways", 10, np.zeros(3), np.ones(3), None, np.ones(2) / 2)
