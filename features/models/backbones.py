@@ -141,14 +141,13 @@ def _timm(name: str, weights: str | None) -> tuple[nn.Module, dict]:
     import timm
     if not timm.is_model(name):
         raise UserError(f"unknown backbone {name!r}{_suggest(name)}")
-    ncls = {"num_classes": 0}
     if weights:
-        net = timm.create_model(name, pretrained=False, **ncls)
+        net = timm.create_model(name, pretrained=False, num_classes=0)
         load_into(net, load_state_dict(weights), weights)
     else:
         try:
             with _hub_cache_only_when_offline(), contextlib.redirect_stderr(io.StringIO()):  # no stray retry lines
-                net = timm.create_model(name, pretrained=True, **ncls)
+                net = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             raise UserError(f"backbone {name}: pretrained weights not available offline ({e.__class__.__name__}); "
                             "download them once with internet, or pass --weights PATH to a local state dict") from None

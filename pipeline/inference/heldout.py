@@ -30,7 +30,7 @@ class Heldout:
     root: str  # where the paths start
     faces: dict[str, list]  # face mode: face,x,y,w,h per row; else {}
     sources: list[str]  # per row: its source (a group, or WHOLE_STORE)
-    adapted: list[str]  # per row: what its prediction rests on (heads/adapt.Adapted.word)
+    adapted: list[str]  # per row: what its prediction rests on (heads/sources.Adapted.word)
     per_source: dict[str, Adapted]  # source -> that
 
 
