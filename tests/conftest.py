@@ -1,7 +1,9 @@
 """Shared fixtures: tiny real images and a tiny backbone with locally built weights (never downloaded)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 # the onnxruntime engine's export cache: one per test session, never the user's ~/.cache (subprocesses inherit it)
 os.environ["IMGSENT_CACHE"] = tempfile.mkdtemp(prefix="imgsent-test-cache-")
+atexit.register(shutil.rmtree, os.environ["IMGSENT_CACHE"], ignore_errors=True)  # each run left 15 MB in /tmp
 TINY = "test_efficientnet"  # timm's tiny test architecture; weights are built here, never fetched
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
