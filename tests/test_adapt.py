@@ -10,7 +10,8 @@ from pipeline.data.folds import cv_sources
 from pipeline.selection.crossval import cross_validate
 from pipeline.data.folds import assign_folds
 from pipeline.data.rows import Rows
-from pipeline.heads.adapt import MIN_IMAGES, TRANSFORMS, fit_shift, source_logits, value_order
+from pipeline.heads.adapt import (MIN_IMAGES, TRANSFORMS, fit_shift, many_sources_logits_each, source_logits,
+                                  source_logits_each, value_order)
 from pipeline.heads.sources import rows_logits
 from pipeline.heads.fitting import fit_rows
 from pipeline.heads.head import softmax
@@ -99,6 +100,25 @@ def test_adaptation_does_not_depend_on_the_order_of_the_images():
         # ...down to the float64 statistics, where a sum in another order differs in its last bits
         assert np.array_equal(sa.ratio, sb.ratio) and np.array_equal(sa.offset, sb.offset), t
     assert sorted(value_order(x[perm])) == list(range(len(x)))
+
+
+@pytest.mark.parametrize("hidden", [(), (16,)])
+def test_many_sources_at_once_are_each_adapted_as_alone(hidden):
+    """CV's stress batches are adapted many at a time (many_sources_logits_each): each source by its own
+    statistics and class mix, as source_logits_each adapts it alone, a source too small left as it is. The
+    sources come from differently shifted styles, so statistics shared or cut at the wrong row would show."""
+    rows = _world()
+    head = fit_rows(rows, np.asarray(rows.groups) == "style0", params(head={"hidden": hidden}).head, 0)
+    rng = np.random.default_rng(2)
+    parts = [rng.choice(np.flatnonzero(np.asarray(rows.groups) == f"style{1 + i % 3}"), size, replace=False)
+             for i, size in enumerate((5, MIN_IMAGES - 1, 40, 10, 60, 1, 7))]
+    many = many_sources_logits_each(head, rows.features[np.concatenate(parts)], [len(p) for p in parts], TRANSFORMS)
+    alone = [source_logits_each(head, rows.features[p], TRANSFORMS) for p in parts]
+    for t in TRANSFORMS:
+        expected = np.concatenate([a[t][0] for a in alone])  # (R, C)
+        assert np.allclose(many[t], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()), t
+        assert np.array_equal(many[t].argmax(1), expected.argmax(1)), t
+    assert not np.allclose(many["affine"], many["none"])  # the sources were adapted: the check above had teeth
 
 
 def test_held_out_statistics_use_no_labels():

@@ -181,6 +181,47 @@ def source_logits_each(head: Head, x: np.ndarray, transforms: tuple[str, ...]
     return out
 
 
+def many_sources_logits_each(head: Head, x: np.ndarray, sizes: np.ndarray, transforms: tuple[str, ...]
+                             ) -> dict[str, np.ndarray]:
+    """Per transform: uncalibrated logits (R, C) of many small sources at once, each adapted on its own as
+    source_logits_each adapts it alone: source s is the next sizes[s] rows of x (R, D), sum(sizes) = R. The same
+    formulas, a step at a time for every source; only the rounding differs (each source's sums run in x's row
+    order, not value order, and the head's products cover all the rows at once). For CV's stress batches, most
+    of 5 or 10 images: one at a time, every product read the head's whole first layer (256 x 1280) for 5 rows.
+    Every size at least 1. Memory: x and a few (R, D) float32 copies, one float64; the caller bounds R."""
+    x = np.asarray(x, np.float32)
+    sizes = np.asarray(sizes)
+    starts, src = np.cumsum(sizes) - sizes, np.repeat(np.arange(len(sizes)), sizes)  # (S,), (R,) each row's source
+    plain = _logits(head, x)
+    out = {t: plain for t in transforms if not adapts(t)}
+    adapting = [t for t in transforms if adapts(t)]
+    if not adapting:
+        return out
+    if head.reference is None:
+        raise ValueError("the head has no reference statistics to adapt to")
+    n = sizes[:, None].astype(np.float64)  # (S, 1)
+    mean = np.add.reduceat(x, starts, axis=0, dtype=np.float64) / n  # (S, D)
+    var = np.maximum(np.add.reduceat(np.square(x, dtype=np.float64), starts, axis=0) / n - mean ** 2, 0.0)
+    small = sizes < MIN_IMAGES  # (S,) not adapted: their rows keep the plain logits
+
+    def mix(logits: np.ndarray) -> np.ndarray:  # (S, C) the share of each source's rows assigned to each class
+        counts = np.bincount(src * head.n_classes + logits.argmax(1), minlength=len(sizes) * head.n_classes)
+        return counts.reshape(len(sizes), head.n_classes) / n
+
+    def adapted(t: str, pi: np.ndarray) -> np.ndarray:  # (R, C) every source under its Shift for class mix pi
+        ratio, offset = registered(t).shift(n, mean, var, *head.reference.moments(pi))  # (S, D) each
+        logits = _logits(head, (x - offset.astype(np.float32)[src]) / ratio.astype(np.float32)[src])
+        logits[small[src]] = plain[small[src]]
+        return logits
+    as_is = mix(plain)
+    for t in adapting:
+        pi = as_is
+        for _ in range(CLASS_MIX_STEPS):
+            pi = mix(adapted(t, pi))
+        out[t] = adapted(t, pi)
+    return out
+
+
 def source_logits(head: Head, x: np.ndarray, transform: str) -> tuple[np.ndarray, Shift | None]:
     """source_logits_each for one transform."""
     return source_logits_each(head, x, (transform,))[transform]

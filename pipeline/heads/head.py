@@ -51,11 +51,12 @@ class Reference:
     prior: np.ndarray  # (C,) float32, sums to 1
 
     def moments(self, pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(centre (D,), variance (D,)) of training rows drawn with class mix pi, float64. A dimension with
-        (nearly) no training variance is floored at a tenth of the typical one, as heads/common.robust_scale."""
+        """(centre (D,), variance (D,)) of training rows drawn with class mix pi (C,), float64; or of many mixes
+        pi (S, C) at once, (S, D) each. A dimension with (nearly) no training variance is floored at a tenth of the
+        typical one, as heads/common.robust_scale."""
         centre = pi @ self.mean.astype(np.float64)
         var = np.maximum(pi @ self.sq.astype(np.float64) - centre ** 2, 0.0)
-        return centre, np.maximum(var, (0.1 * np.sqrt(var).mean()) ** 2 + 1e-24)
+        return centre, np.maximum(var, (0.1 * np.sqrt(var).mean(-1, keepdims=True)) ** 2 + 1e-24)
 
 
 @dataclass(frozen=True)

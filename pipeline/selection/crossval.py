@@ -22,7 +22,7 @@ from pipeline.analysis.metrics import classification_metrics
 from pipeline.analysis.noise import T995, paired_difference
 from pipeline.data.folds import cv_sources
 from pipeline.data.memory import IN_MEMORY_COPIES, memory_budget
-from pipeline.heads.adapt import source_logits_each
+from pipeline.heads.adapt import many_sources_logits_each, source_logits_each
 from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
 from pipeline.heads.head import one_blas_thread
 from pipeline.heads.sources import rows_logits_each
@@ -33,6 +33,7 @@ STRESS = ("one class at 60%", "two classes", "5 images", "10 images")
 STRESS_MAX = 256  # images per stress batch
 PER_KIND = 10  # skewed stress batches of each kind per source (one class at 60%, two classes)
 DRAWS = 30  # random draws of 5 and of 10 images per source
+ALONE_ROWS = 64  # a stress batch of this many images or more is adapted alone, smaller ones many at a time
 
 
 @dataclass
@@ -160,22 +161,35 @@ def fit_round(fit, folds: list[int]) -> dict:
 def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: tuple[str, ...],
                  hits: dict[str, dict[str, list[float]]]) -> None:
     """Append each batch's accuracy under each transform to hits[transform][kind], in the batches' order. Every
-    stress row is read once (a streamed store: one pass), then each batch adapted alone. The batches' products
-    are small (5 to 256 rows): one BLAS thread each, the batches spread over the cores (numpy lets go of the GIL
-    in a product), which is what two BLAS threads per product bought alone, without their spinning under load."""
+    stress row is read once (a streamed store: one pass); then each batch is adapted on its own: one of
+    ALONE_ROWS images or more alone (adapt.source_logits_each), the smaller ones many at a time
+    (adapt.many_sources_logits_each: 5 images alone cost what 150 do at once, and 256 cost more at once than
+    alone). The work is spread over the cores on one BLAS thread each (numpy lets go of the GIL in a product;
+    OpenBLAS's spinning threads on products this small were slower under load, heads/head.blas_threads_for)."""
     union = np.zeros(len(rows), bool)
     for _, b in batches:
         union[b] = True
     x, where = rows.take(union), np.cumsum(union) - 1  # (U, D); row -> its place in x
+    sizes = np.array([len(b) for _, b in batches])
+    small = np.flatnonzero(sizes < ALONE_ROWS)
+    groups = [np.array([i]) for i in np.flatnonzero(sizes >= ALONE_ROWS)] + \
+        [g for g in np.array_split(small, min(len(small), available_cores())) if len(g)]
 
-    def score(batch: tuple[str, np.ndarray]) -> dict[str, float]:  # transform -> accuracy on this batch
-        _, b = batch
-        return {t: float((logits.argmax(1) == rows.labels[b]).mean())
-                for t, (logits, _) in source_logits_each(head, x[where[b]], transforms).items()}
+    def score(group: np.ndarray) -> dict[str, np.ndarray]:  # transform -> accuracy (G,) of the group's batches
+        b = np.concatenate([batches[i][1] for i in group])  # (R,) store rows
+        logits = ({t: lg for t, (lg, _) in source_logits_each(head, x[where[b]], transforms).items()}
+                  if sizes[group[0]] >= ALONE_ROWS else
+                  many_sources_logits_each(head, x[where[b]], sizes[group], transforms))
+        starts = np.cumsum(sizes[group]) - sizes[group]
+        return {t: np.add.reduceat(lg.argmax(1) == rows.labels[b], starts) / sizes[group] for t, lg in logits.items()}
+    accuracy = {t: np.zeros(len(batches)) for t in transforms}  # (B,) each
     with one_blas_thread(), ThreadPoolExecutor(available_cores()) as pool:
-        for (kind, _), accuracy in zip(batches, pool.map(score, batches)):
-            for t, a in accuracy.items():
-                hits[t][kind].append(a)
+        for group, acc in zip(groups, pool.map(score, groups)):
+            for t, a in acc.items():
+                accuracy[t][group] = a
+    for t, acc in accuracy.items():
+        for (kind, _), a in zip(batches, acc):
+            hits[t][kind].append(float(a))
 
 
 def behind(leader: str, scores: list[float], folds: int):

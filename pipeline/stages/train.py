@@ -25,7 +25,7 @@ from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
 from pipeline.data.folds import cv_sources
-from pipeline.heads.fitting import fit_rows
+from pipeline.heads.fitting import fit_rows, import_torch_beside
 from pipeline.selection.crossval import cross_validate
 from pipeline.selection.heads import AUTO_CANDIDATES, Choice, choose_head, describe_choice
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
@@ -43,10 +43,6 @@ REPEATS_MAX_IMAGES = 20_000  # past this many labelled images the reseeded runs 
 
 def check_model_out(out: str | Path) -> Path:
     return check_output(out, folder=True, is_ours=is_model_dir, what="model directory")
-
-
-
-
 
 
 def load_rows(stores: list[str], params: Params, intersect: bool) -> tuple[Rows, np.ndarray, int | None]:
@@ -101,6 +97,7 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     out_dir = check_model_out(out)
     with phases("read"):
         rows, fold, max_val = load_rows(stores, params, intersect)
+    import_torch_beside([params.head.hidden])
     k = int(fold.max()) + 1
     repeats, skipped = repeats_for(rows, params)
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
