@@ -126,18 +126,25 @@ def test_the_99_percent_quantile_is_students_t():
         assert abs(t975(df, crossval.T995, 2.575829) - t.ppf(0.995, df)) < 0.002, df
 
 
-def test_repeats_are_skipped_past_the_size_limit_and_the_summary_says_so(tmp_path, monkeypatch):
-    """Past REPEATS_MAX_IMAGES labelled images one CV run, not cv.repeats: metrics.json and the summary line say
-    which were skipped and why; below it every reseeded run is made."""
-    store = synthetic_store(tmp_path / "s.h5", n=300, dim=8)
+def test_repeats_are_skipped_where_the_spread_across_folds_bounds_them_and_the_summary_says_so(tmp_path):
+    """cv.repeats CV runs where the spread across folds / sqrt(folds) allows reseeding to move the score by
+    REPEATS_NOISE; one where it does not (every fold perfect: nothing to move), said in metrics.json and on the
+    summary line with the bound."""
     p = params(head={"hidden": (), "adapt": "none"}, cv={"folds": 3, "repeats": 3})
-    m = train_head(stores=[store], out=str(tmp_path / "a"), params=p, progress=lambda line: None)
+    hard = synthetic_store(tmp_path / "hard.h5", n=120, dim=8, separation=0.4)
+    m = train_head(stores=[hard], out=str(tmp_path / "a"), params=p, progress=lambda line: None)
+    f1s = [f["macro_f1"] for f in m["cv"]["per_fold"]]
+    assert np.std(f1s) / np.sqrt(3) >= train.REPEATS_NOISE  # the premise: folds apart
     assert len(m["cv"]["repeats"]) == 3 and "repeats_skipped" not in m["cv"]
-    monkeypatch.setattr(train, "REPEATS_MAX_IMAGES", 299)
-    m = train_head(stores=[store], out=str(tmp_path / "b"), params=p, progress=lambda line: None)
+    easy = synthetic_store(tmp_path / "easy.h5", n=120, dim=8, separation=10.0)
+    said = []
+    m = train_head(stores=[easy], out=str(tmp_path / "b"), params=p, progress=said.append)
+    assert [f["macro_f1"] for f in m["cv"]["per_fold"]] == [1.0] * 3
     assert len(m["cv"]["repeats"]) == 1
-    assert m["cv"]["repeats_skipped"].startswith("2 of cv.repeats 3 skipped: 300 labelled images > 299")
+    assert m["cv"]["repeats_skipped"].startswith("2 of cv.repeats 3 skipped: the spread across folds (± 0.0000 over "
+                                                 "3) bounds the mean's run-to-run noise by ± 0.0000")
     assert "reseeded runs: 2 of cv.repeats 3 skipped" in summary_line("b", m)
+    assert any("reseeded runs: 2 of cv.repeats 3 skipped" in line for line in said)
     assert set(m["phase_seconds"]) >= {"read", "fit []", "final fit", "calibration"}
 
 
