@@ -10,7 +10,7 @@ from pipeline.selection.crossval import cross_validate
 from pipeline.data.rows import open_rows
 from pipeline.heads.adapt import MIN_IMAGES, source_logits
 from pipeline.heads.align import fit_alignment
-from pipeline.heads.fitting import fit_rows, training_reference, training_view
+from pipeline.heads.fitting import FoldViews, fit_rows, training_reference, training_view
 from tests.conftest import params
 from tests.test_adapt import _world
 
@@ -86,14 +86,13 @@ def test_cv_aligns_each_fold_on_its_training_groups_only():
     prediction like any new source, never aligned with its own labels."""
     rows = _world(groups=4)
     fold = np.array([int(g[-1]) % 2 for g in rows.groups])  # styles 0, 2 in fold 0; 1, 3 in fold 1
-    views = {}
+    views = FoldViews(rows, fold)
     cross_validate(rows, fold, params(head={"hidden": (), "adapt": "auto", "align": "groups"}, cv={"folds": 2}),
                    ("none", "affine"), None, views=views)
-    assert set(views) == {(0, "groups"), (1, "groups")}
-    assert set(views[0, "groups"].rows.shifts) == {"style1", "style3"}
-    assert set(views[1, "groups"].rows.shifts) == {"style0", "style2"}
+    assert set(views.get(0, "groups").rows.shifts) == {"style1", "style3"}
+    assert set(views.get(1, "groups").rows.shifts) == {"style0", "style2"}
     ref = training_view(rows, fold != 0, "groups").reference
-    np.testing.assert_array_equal(views[0, "groups"].reference.mean, ref.mean)
+    np.testing.assert_allclose(views.get(0, "groups").reference.mean, ref.mean, rtol=1e-6)
 
 
 def test_details_say_whether_the_groups_were_aligned(tmp_path):

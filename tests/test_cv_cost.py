@@ -14,6 +14,7 @@ from pipeline.analysis.noise import t975
 from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.data.rows import open_rows
 from pipeline.heads import adapt, sources as per_source_loop
+from pipeline.heads import fitting
 from pipeline.heads.fitting import fit_rows
 from pipeline.stages.train import summary_line, train_head
 from tests.conftest import params
@@ -74,27 +75,49 @@ def test_cv_without_adaptation_computes_no_statistics_and_no_stress_batches(monk
     computed. With align: groups the statistics are computed (the groups are aligned to them), the stress batches
     still not."""
     rows, _, _ = _fold_rows()
-    real = crossval.training_view
-    monkeypatch.setattr(crossval, "training_view", lambda *a: pytest.fail("statistics computed for 'none'"))
+    real = fitting.training_view
+    monkeypatch.setattr(fitting, "training_view", lambda *a: pytest.fail("statistics computed for 'none'"))
+    monkeypatch.setattr(fitting, "class_sums", lambda *a: pytest.fail("statistics computed for 'none'"))
     monkeypatch.setattr(crossval, "stress_batches", lambda *a: pytest.fail("stress batches drawn for 'none'"))
     fold = np.arange(len(rows)) % 3
     cand = cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none", "align": "none"}), ("none",), None)
     assert len(cand.per_fold["none"]) == 3
+    monkeypatch.setattr(fitting, "class_sums", adapt.class_sums)
     calls = []
-    monkeypatch.setattr(crossval, "training_view", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fitting, "training_view", lambda *a: calls.append(1) or real(*a))
     cross_validate(rows, fold, params(head={"hidden": (), "adapt": "none", "align": "groups"}), ("none",), None)
     assert len(calls) == 3
 
 
 def test_the_heads_of_one_cv_share_each_folds_statistics(monkeypatch):
-    """The training statistics of a fold are the same rows whatever the head: computed once per fold."""
+    """The training statistics of a fold are the same rows whatever the head: each fold's view made once, and
+    every fold's statistics from one pass over the rows."""
     rows, _, _ = _fold_rows()
-    calls = []
-    real = crossval.training_view
-    monkeypatch.setattr(crossval, "training_view", lambda *a: calls.append(1) or real(*a))
+    calls, passes = [], []
+    real, sums = fitting.training_view, fitting.class_sums
+    monkeypatch.setattr(fitting, "training_view", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fitting, "class_sums", lambda *a: passes.append(1) or sums(*a))
     selection.choose_head(rows, np.arange(len(rows)) % 3, params(head={"hidden": "auto", "epochs": 3}, cv={"folds": 3}),
                       None)
-    assert len(calls) == 3
+    assert len(calls) == 3 and len(passes) == 1
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_each_folds_statistics_from_one_pass_are_those_of_its_training_rows(tmp_path, streamed):
+    """FoldViews' one pass (class sums per fold, each fold's the sum over the others) gives each fold the
+    statistics of its own training rows, a class missing from some fold included; in memory and streamed."""
+    store = synthetic_store(tmp_path / "s.h5", n=40_000, dim=8, classes=4, random_state=3)  # 1.3 MB > 1 MB
+    rows = open_rows([store], memory_budget_mb=1 if streamed else 0)
+    assert rows.in_memory != streamed
+    fold = np.arange(len(rows)) % 3
+    fold[rows.labels == 2] = 0  # class 2 only in fold 0: fold 0's training rows lack it
+    views = fitting.FoldViews(rows, fold)
+    for j in range(3):
+        train = (rows.labels >= 0) & (fold != j)
+        got, direct = views.get(j, "none").reference, fitting.training_reference(rows, train)
+        for a, b in ((got.mean, direct.mean), (got.sq, direct.sq), (got.prior, direct.prior)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert views.get(1, "none").reference.prior[2] > 0 and views.get(0, "none").reference.prior[2] == 0
 
 
 def test_a_candidate_clearly_behind_stops_its_cv_and_a_close_one_does_not():

@@ -99,10 +99,11 @@ class EarlyStopping:
         self.stop = self.bad >= self.patience or converged
 
 
-def labelled_blocks(rows, mask: np.ndarray, size: int = 65536):
+def labelled_blocks(rows, mask: np.ndarray, size: int = 65536, labels: np.ndarray | None = None):
     """(features (r, D), labels (r,)) of the store rows (pipeline/data/rows.py) in `mask`, a bounded slice at a
-    time, in row order."""
+    time, in row order; `labels` (N,) in place of the store's."""
+    labels = rows.labels if labels is None else labels
     for start, x in rows.blocks(mask):
-        m, y = mask[start:start + len(x)], rows.labels[start:start + len(x)]
+        m, y = mask[start:start + len(x)], labels[start:start + len(x)]
         for i in range(0, len(x), size):
             yield x[i:i + size][m[i:i + size]], y[i:i + size][m[i:i + size]]

@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from pipeline.heads.adapt import fit_reference
+from pipeline.heads.adapt import class_sums, fit_reference, reference_from
 from pipeline.heads.align import TrainingView, fit_alignment
 from pipeline.heads.common import labelled_blocks
 from pipeline.heads.head import Head, Reference
@@ -100,11 +100,43 @@ def aligns(rows, align: str) -> bool:
     return align == "groups" and rows.groups is not None
 
 
-def training_view(rows, train: np.ndarray, align: str) -> TrainingView:
+def training_view(rows, train: np.ndarray, align: str, reference: Reference | None = None) -> TrainingView:
     """The TrainingView of the rows where `train` is True: with align 'groups' and a group column, each group
-    aligned onto the statistics of the rows as stored (heads/align.py), else the rows as stored."""
-    ref = training_reference(rows, train)
+    aligned onto the statistics of the rows as stored (heads/align.py), else the rows as stored. `reference`:
+    those statistics, when the caller has them (FoldViews)."""
+    ref = training_reference(rows, train) if reference is None else reference
     return fit_alignment(rows, train, ref) if aligns(rows, align) else TrainingView(rows, ref)
+
+
+class FoldViews:
+    """Each CV fold's TrainingView (what its heads are fitted on and its held-out sources adapted to), made when
+    first asked for and shared by every head CV'd on these folds. The folds' training statistics all come from
+    one pass over the labelled rows, class sums per fold and class, each fold's the sum over the other folds:
+    one pass, not one per fold (28,700 x 1280: 0.13 s a fold; a streamed store: one read, not k)."""
+
+    def __init__(self, rows, fold: np.ndarray):
+        self.rows, self.fold = rows, fold
+        self._references: list[Reference] | None = None
+        self._views: dict[tuple[int, str], TrainingView] = {}
+        self._lock = threading.Lock()  # folds' heads are fitted side by side in threads (selection/crossval.py)
+
+    def get(self, j: int, align: str) -> TrainingView:
+        """Fold j's view: its training rows are the labelled rows of every other fold."""
+        with self._lock:
+            if self._references is None:
+                self._references = self._fold_references()
+        if (j, align) not in self._views:
+            train = (self.rows.labels >= 0) & (self.fold != j)
+            self._views[j, align] = training_view(self.rows, train, align, self._references[j])
+        return self._views[j, align]
+
+    def _fold_references(self) -> list[Reference]:
+        C, k = len(self.rows.class_names), int(self.fold.max()) + 1
+        lab = self.rows.labels >= 0
+        key = np.where(lab, self.fold * C + self.rows.labels, 0)  # (N,) fold and class as one label
+        sums, sqs, counts = (a.reshape(k, C, *a.shape[1:]) for a in  # (k, C, D), (k, C, D), (k, C)
+                             class_sums(labelled_blocks(self.rows, lab, labels=key), k * C))
+        return [reference_from(*(a[np.arange(k) != j].sum(0) for a in (sums, sqs, counts))) for j in range(k)]
 
 
 def training_reference(rows, train: np.ndarray) -> Reference:

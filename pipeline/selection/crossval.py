@@ -23,7 +23,7 @@ from pipeline.analysis.noise import T995, paired_difference
 from pipeline.data.folds import cv_sources
 from pipeline.data.memory import IN_MEMORY_COPIES, memory_budget
 from pipeline.heads.adapt import many_sources_logits_each, source_logits_each
-from pipeline.heads.fitting import TrainingView, aligns, fit_rows, training_view
+from pipeline.heads.fitting import FoldViews, aligns, fit_rows
 from pipeline.heads.head import one_blas_thread
 from pipeline.heads.sources import rows_logits_each
 from pipeline.params import Params
@@ -81,12 +81,12 @@ def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Gener
 
 def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
                    on_fold=lambda: None, stress: bool = True, phases: Phases | None = None,
-                   views: dict[tuple, TrainingView] | None = None, give_up=lambda cand: None) -> Candidate:
+                   views: FoldViews | None = None, give_up=lambda cand: None) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
     source adapted on its own) and, with `stress`, its stress batches scored (only when some transform adapts:
     they measure what adapting costs against none). `views`: each fold's training rows as the head sees them
-    (aligned or not) and their statistics (fitting.training_view), by (fold, align), filled as needed: pass the
-    same dict to every head CV'd on these folds and each is computed once.
+    (aligned or not) and their statistics (fitting.FoldViews of these folds): pass the same one to every head
+    CV'd on these folds and each is computed once.
     give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
@@ -99,15 +99,13 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     scored = tuple(dict.fromkeys((NONE, *transforms)))  # stress batches are scored against none as well
     hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in scored}
     rng = np.random.default_rng(seed)
-    phases, views = phases or Phases(), {} if views is None else views
+    phases, views = phases or Phases(), FoldViews(rows, fold) if views is None else views
     align = params.head.align
 
     def fit(j: int):  # fold j's head, on the other folds' rows
-        if (adapting or aligns(rows, align)) and (j, align) not in views:  # what the head is fitted on and a
-            # source adapted to: the fold's training rows, whatever the head
-            views[j, align] = training_view(rows, lab & (fold != j), align)
-        return fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting,
-                        view=views.get((j, align)))
+        view = views.get(j, align) if adapting or aligns(rows, align) else None  # what the head is fitted on and
+        # a source adapted to: the fold's training rows, whatever the head
+        return fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting, view=view)
     folds, at_once = int(fold.max()) + 1, side_by_side(rows, params)
     heads: dict[int, object] = {}
     for j in range(folds):

@@ -12,6 +12,7 @@ import numpy as np
 from features.timing import Phases
 from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
+from pipeline.heads.fitting import FoldViews
 from pipeline.params import Params
 from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.selection.rules import adaptation_record, choose_transform, prefer, weakest, worst_of
@@ -32,7 +33,7 @@ class Choice:
 
 
 def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
-                phases: Phases | None = None, views: dict | None = None) -> Choice:
+                phases: Phases | None = None, views: FoldViews | None = None) -> Choice:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
     first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice."""
@@ -41,7 +42,8 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
         h = dataclasses.replace(h, align="none")
     transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
     heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
-    views = {} if views is None else views  # each fold's training rows and statistics, shared by the heads
+    views = FoldViews(rows, fold) if views is None else views  # each fold's training rows and statistics,
+    # shared by the heads
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
     for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
         # once it is clearly behind the first one's (crossval.behind)

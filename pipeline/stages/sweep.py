@@ -21,7 +21,7 @@ from tqdm import tqdm
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.text import plural
 from features.errors import UserError
-from pipeline.heads.fitting import import_torch_beside
+from pipeline.heads.fitting import FoldViews, import_torch_beside
 from pipeline.params import HeadParams, Params, parse_params
 from pipeline.selection.heads import AUTO_CANDIDATES, choose_head
 from pipeline.selection.rules import prefer, worst_of
@@ -105,7 +105,8 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = load_rows(stores, params, intersect)
     import_torch_beside([p.head.hidden for _, p in configs])
-    results, f1s, done, views = [], [], {}, {}  # views: each fold's training rows and statistics, computed once
+    results, f1s, done = [], [], {}
+    views = FoldViews(rows, fold)  # each fold's training rows and statistics, computed once
     first = best = None  # (row, Choice) of the first config in preference order and of the highest mean so far:
     # the only two prefer() can choose, so only their logits are kept
     fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
