@@ -4,7 +4,6 @@ adapted to (heads/adapt.py). CV folds, the final fit, the sweep and the learning
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import threading
 
 import numpy as np
@@ -28,24 +27,6 @@ def make_head(params: HeadParams, n_classes: int, random_state: int):
                    weight_decay=params.weight_decay, epochs=params.epochs, batch_size=params.batch_size,
                    patience=params.patience, tol=params.tol, class_weight=params.class_weight,
                    random_state=random_state)
-
-
-def import_torch_beside(hidden: list) -> threading.Thread | None:
-    """When some head among `hidden` (each a params value: 'auto', [] or [256]) has hidden layers, start torch's
-    import (heads/mlp.py, 1.4 s) in a thread, beside the reading and the linear head's CV that come first, rather
-    than before the first hidden-layer fit; make_head's import then waits for it, at most (Python's import lock).
-    A failing import is left to make_head's, which reports it. Not a daemon: the interpreter never exits mid-import."""
-    if not any(h == "auto" or h for h in hidden):
-        return None
-
-    def load():
-        try:
-            importlib.import_module("pipeline.heads.mlp")
-        except Exception:  # noqa: BLE001 - said by make_head's own import, where it is needed
-            pass
-    thread = threading.Thread(target=load, name="import torch")
-    thread.start()
-    return thread
 
 
 def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParams, random_state: int,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from features.text import plural
 from features.errors import UserError
-from pipeline.heads.fitting import FoldViews, import_torch_beside
+from pipeline.heads.fitting import FoldViews
 from pipeline.params import HeadParams, Params, parse_params
 from pipeline.selection.heads import AUTO_CANDIDATES, choose_head
 from pipeline.selection.rules import prefer, worst_of
@@ -104,7 +104,6 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     configs = [c for _, c in sorted(enumerate(configs), key=lambda ic: (preference(ic[1][0]), ic[0]))]
     out_dir = check_output(out, folder=True, is_ours=holds_only("sweep.csv", "best"), what="sweep folder")
     rows, fold, max_val = load_rows(stores, params, intersect)
-    import_torch_beside([p.head.hidden for _, p in configs])
     results, f1s, done = [], [], {}
     views = FoldViews(rows, fold)  # each fold's training rows and statistics, computed once
     first = best = None  # (row, Choice) of the first config in preference order and of the highest mean so far:

@@ -25,7 +25,7 @@ from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
 from pipeline.data.folds import cv_sources
-from pipeline.heads.fitting import fit_rows, import_torch_beside
+from pipeline.heads.fitting import fit_rows
 from pipeline.selection.crossval import cross_validate
 from pipeline.selection.heads import AUTO_CANDIDATES, Choice, choose_head, describe_choice
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
@@ -100,7 +100,6 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     out_dir = check_model_out(out)
     with phases("read"):
         rows, fold, max_val = load_rows(stores, params, intersect)
-    import_torch_beside([params.head.hidden])
     k = int(fold.max()) + 1
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
              f"{rows.dim} features; cross-validating {k} folds")
