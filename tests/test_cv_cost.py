@@ -238,12 +238,16 @@ def test_folds_fitted_side_by_side_give_what_one_at_a_time_gives(monkeypatch):
     assert crossval.side_by_side(rows, p) == crossval.available_cores()  # a few KiB of rows: one fit per core
     assert crossval.side_by_side(rows, params(head={"hidden": ()})) == 1  # the linear head's products use them all
     before = torch.get_rng_state()
-    cands = {}
-    for at_once in (1, 3):
+    cands, stopped = {}, {}
+    for at_once in (1, 2, 3):  # 2: a round of 2 folds, then 1
         monkeypatch.setattr(crossval, "side_by_side", lambda rows, params, n=at_once: n)
         cands[at_once] = cross_validate(rows, fold, p, ("none", "affine"), None)
-    one, three = cands[1], cands[3]
-    for t in ("none", "affine"):
-        assert np.array_equal(one.oof[t], three.oof[t]) and one.per_fold[t] == three.per_fold[t]
-    assert one.stress == three.stress and one.stress["affine"]
+        stopped[at_once] = cross_validate(rows, fold, p, ("none", "affine"), None,  # gives up after 2 folds
+                                          give_up=lambda cand: "enough" if len(cand.f1s("none")) == 2 else None)
+    for runs in cands, stopped:
+        for a, b in (runs[1], runs[2]), (runs[1], runs[3]):
+            for t in ("none", "affine"):
+                assert np.array_equal(a.oof[t], b.oof[t]) and a.per_fold[t] == b.per_fold[t]
+            assert a.stress == b.stress and a.stress["affine"] and np.array_equal(a.scored, b.scored)
+    assert stopped[2].stopped == "enough" and len(stopped[2].f1s("none")) == 2 and not stopped[2].scored.all()
     assert torch.equal(before, torch.get_rng_state())
