@@ -15,7 +15,8 @@ Wang et al. 2021, adapts the same statistics). Here a source is compared with wh
     z          = (x - offset) / ratio                                    what the head sees
 
 pi starts as the share of the batch's images the head assigns to each class (classify and count, Forman 2008),
-and is re-estimated CLASS_MIX_STEPS times as that share on the adapted batch. The head's mean probability instead
+and is re-estimated CLASS_MIX_STEPS times as that share on the adapted batch (fewer where a step leaves it as it
+was: the steps left would too). The head's mean probability instead
 (probabilistic classify and count, Bella et al. 2010) is pulled toward an even mix wherever the head is unsure,
 which a new source makes it: on a weak head (the FER expert alone) a batch of two classes was read as a mix of
 all, centred on the wrong training statistics, and lost 0.03 accuracy to no adaptation; counting, at most 0.005
@@ -132,7 +133,10 @@ def fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[
     for t in adapting:
         pi = as_is
         for _ in range(CLASS_MIX_STEPS):
-            pi = class_mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n)
+            new = class_mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n)
+            if np.array_equal(new, pi):  # a fixed point: every step left would give it again
+                break
+            pi = new
         shifts[t] = shift_for(t, n, mean, var, head.reference, pi)
     return shifts
 
@@ -228,7 +232,10 @@ def many_sources_logits_each(head: Head, x: np.ndarray, sizes: np.ndarray, trans
     for t in adapting:
         pi = as_is
         for _ in range(CLASS_MIX_STEPS):
-            pi = mix(adapted(t, pi))
+            new = mix(adapted(t, pi))
+            if np.array_equal(new, pi):  # every source at a fixed point (fit_shifts)
+                break
+            pi = new
         out[t] = adapted(t, pi)
     return out
 
