@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import pipeline.stages.sweep as sweep_stage
 from tests.synthetic import synthetic_store
 from pipeline.inference.modeldir import load_model_dir
 from pipeline.stages.train import train_head
@@ -102,6 +103,22 @@ def test_sweep_keeps_the_preferred_head_when_the_other_leads_inside_the_noise(tm
     assert [x["head.hidden"] for x in rows if x["chosen"] == "1"] == ["[16]"]  # ...is not the one kept
     assert list(load_model_dir(tmp_path / "sw" / "best")[1].hidden) == [16]
     assert "a tie: head.hidden=[] was ahead of head.hidden=[16] by 0.007, within the noise" in lines[-1], lines
+
+
+def test_a_config_clearly_behind_the_best_so_far_stops_its_cv_and_says_so(tmp_path, store):
+    """Planted: lr 1e-6 leaves the [16] head near chance, far behind lr 0.01 on every fold. Its 5-fold CV stops
+    once the gap is beyond the noise at 99% (crossval.behind: after 3 folds here), it cannot be chosen, and
+    sweep.csv and the summary line say so; the config ahead runs every fold."""
+    lines = []
+    sweep_stage.sweep(stores=[store], out=str(tmp_path / "sw"), grid=["head.lr=0.01,0.000001"], bar=False,
+                      params=params(head={"hidden": (16,), "epochs": 10, "adapt": "none"},
+                                    cv={"folds": 5, "repeats": 1}), progress=lines.append)
+    good, bad = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert (good["head.lr"], good["folds"], good["stopped"], good["chosen"]) == ("0.01", "5", "", "1")
+    assert bad["head.lr"] == "1e-06" and int(bad["folds"]) < 5 and bad["chosen"] == "0"
+    assert bad["stopped"].startswith(f"its CV stopped after {bad['folds']} of 5 folds, head.lr=0.01 ahead by "), bad
+    assert float(good["macro_f1_mean"]) > float(bad["macro_f1_mean"]) + 0.2
+    assert "1 config stopped early, clearly behind the best so far" in lines[-1], lines
 
 
 @pytest.mark.parametrize("grid, message", [

@@ -25,18 +25,24 @@ AUTO_CANDIDATES = ((256,), ())  # `hidden: auto`: CV chooses between one hidden 
 @dataclass(frozen=True)
 class Choice:
     """What choose_head picked: the params with `hidden` and `adapt` resolved, the chosen config's CV, its
-    transform, and details.json's record of what was chosen and why (head_choice, adaptation)."""
+    transform, and details.json's record of what was chosen and why (head_choice, adaptation); or, `stopped`,
+    that every candidate's CV stopped clearly behind choose_head's leader."""
     params: Params
     cv: Candidate
     transform: str
     record: dict
+    stopped: str | None = None  # why every candidate's CV stopped early, behind choose_head's leader: no choice
 
 
 def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
-                phases: Phases | None = None, views: FoldViews | None = None) -> Choice:
+                phases: Phases | None = None, views: FoldViews | None = None,
+                leader: tuple[str, list[float]] | None = None) -> Choice:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
-    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice."""
+    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice.
+    `leader`: (name, per-fold scores on these folds) of a config chosen among outside (sweep's best so far): a
+    candidate's CV stops once it is clearly behind that one too (crossval.behind); when every one's did, the
+    Choice is of the first candidate, and says why (Choice.stopped)."""
     h = params.head
     if h.adapt == NONE:  # predictions on raw features: a head trained on aligned groups would never meet its inputs
         h = dataclasses.replace(h, align="none")
@@ -47,14 +53,19 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
     for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
         # once it is clearly behind the first one's (crossval.behind)
-        give_up = (lambda cand: None) if not cvs else \
-            behind(*next((key, c.f1s(t)) for key, (c, t, _) in cvs.items()), int(fold.max()) + 1)
+        ahead = [leader] if leader else []
+        ahead += [(key, c.f1s(t)) for key, (c, t, _) in cvs.items() if c.stopped is None][:1]
+        checks = [behind(*a, int(fold.max()) + 1) for a in ahead]
+        give_up = lambda cand, checks=checks: next(filter(None, (check(cand) for check in checks)), None)  # noqa: E731
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
                               transforms, max_val, on_fold, phases=phases, views=views, give_up=give_up)
         cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
                                                  (h.adapt, "set in params")))
     tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
     finished = [t for t in tried if t[1].stopped is None]
+    if not finished:  # every candidate clearly behind the leader: nothing here to choose
+        key, cand, transform, _ = tried[0]
+        return Choice(cand.params, cand, transform, {"head_choice": {"chosen": json.loads(key)}}, cand.stopped)
     name, why = prefer([(key, cand.f1s(t)) for key, cand, t, _ in finished],
                        worst_of({key: (cand, t) for key, cand, t, _ in finished})) if len(finished) > 1 else \
         (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")

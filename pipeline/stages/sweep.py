@@ -1,8 +1,9 @@
 """`imgsent sweep`: every combination of a grid of head settings, cross-validated on the same features and the
 same folds in one process (features read once, no process start per config), ranked by CV macro-F1; the config
-train-head's rule chooses (crossval.prefer: a difference inside the noise is a tie) becomes a model directory.
+train-head's rule chooses (selection/rules.prefer: a difference inside the noise is a tie) becomes a model directory.
 
-    DIR/sweep.csv   rank, the grid values, CV macro-F1 / accuracy mean and std, seconds, chosen; highest first
+    DIR/sweep.csv   rank, the grid values, CV macro-F1 / accuracy mean and std, folds run, seconds, chosen, why
+                    stopped early (a config clearly behind the best so far); highest first, stopped ones last
     DIR/best/       the model directory of the chosen config (predict, evaluate, report, export read it)
 """
 from __future__ import annotations
@@ -90,6 +91,11 @@ def preference(values: dict) -> int:
     return AUTO_CANDIDATES.index(hidden) if hidden in AUTO_CANDIDATES else len(AUTO_CANDIDATES)
 
 
+def _name(row: dict) -> str:
+    """A sweep row's config in words: its head.* values (describe)."""
+    return describe({k: v for k, v in row.items() if k.startswith("head.")})
+
+
 def describe(values: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
@@ -98,7 +104,10 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
           progress=print, bar: bool = True) -> list[dict]:
     """Cross-validate every grid config on shared folds; write DIR/sweep.csv and DIR/best/. The config kept in
     best/ is chosen by train-head's rule (selection/rules.prefer): the first in preference order unless another
-    beats it by more than the fold-to-fold noise. Returns the rows of sweep.csv, highest mean first."""
+    beats it by more than the fold-to-fold noise. A config clearly behind the best so far (more than the noise at
+    99%, the rule that stops a hidden-layer head's CV in train-head: crossval.behind) stops its CV there and
+    cannot be chosen; its row says after how many folds and why. Returns the rows of sweep.csv, the configs that
+    ran every fold first, highest mean first."""
     t0 = time.time()
     configs = parse_grid(grid, params)  # every argument checked before any work
     configs = [c for _, c in sorted(enumerate(configs), key=lambda ic: (preference(ic[1][0]), ic[0]))]
@@ -114,44 +123,52 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                per_fold, choice = done[key], None  # an equal mean never replaces the best
+                (per_fold, stopped), choice = done[key], None  # an equal mean never replaces the best
                 pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))
-            else:
-                choice = choose_head(rows, fold, p, max_val, on_fold=lambda: pbar.update(1), views=views)
-                per_fold = done[key] = choice.cv.per_fold[choice.transform]
+            else:  # a config clearly behind the best so far stops its CV there (choose_head's leader)
+                leader, scored = None if best is None else (_name(best[0]), f1s[best[0]["_i"]]), []
+                choice = choose_head(rows, fold, p, max_val, on_fold=lambda: scored.append(pbar.update(1)),
+                                     views=views, leader=leader)
+                per_fold, stopped = done[key] = choice.cv.per_fold[choice.transform], choice.stopped
+                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1) - len(scored))  # folds not run
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**values, "macro_f1_mean": float(f1.mean()),
                  "macro_f1_std": float(f1.std()), "accuracy_mean": float(acc.mean()),
-                 "accuracy_std": float(acc.std()), "seconds": round(time.time() - t, 3), "_i": i}
+                 "accuracy_std": float(acc.std()), "folds": len(f1), "stopped": stopped or "",
+                 "seconds": round(time.time() - t, 3), "_i": i}
             results.append(r)
             f1s.append(f1.tolist())
             entry = (r, choice)
             first = first or entry
-            if best is None or r["macro_f1_mean"] > best[0]["macro_f1_mean"]:
+            if not stopped and (best is None or r["macro_f1_mean"] > best[0]["macro_f1_mean"]):
                 best = entry
     # the one rule train-head uses (prefer: it returns the first option or the highest mean, whose logits were kept)
-    heads = [describe({k: v for k, v in x.items() if k.startswith("head.")}) for x in results]  # preference order
+    heads = [_name(x) for x in results]  # preference order
     kept = {heads[e[0]["_i"]]: (e[1].cv, e[1].transform) for e in (first, best)}  # the two with their logits
-    name, why = prefer([(h, f1s[i]) for i, h in enumerate(heads)], worst_of(kept))
+    name, why = prefer([(h, f1s[i]) for i, h in enumerate(heads) if not results[i]["stopped"]], worst_of(kept))
     r, choice = first if name == heads[0] else best
-    results.sort(key=lambda x: (-x["macro_f1_mean"], x["macro_f1_std"], x["_i"]))
+    results.sort(key=lambda x: (bool(x["stopped"]), -x["macro_f1_mean"], x["macro_f1_std"], x["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
         finish(rows, fold, choice, max_val, d / "best", t0)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])
-            w.writerow(["rank", *keys, "macro_f1_mean", "macro_f1_std", "accuracy_mean", "accuracy_std", "seconds",
-                        "chosen"])
+            w.writerow(["rank", *keys, "macro_f1_mean", "macro_f1_std", "accuracy_mean", "accuracy_std", "folds",
+                        "seconds", "chosen", "stopped"])
             for rank, row in enumerate(results, 1):
                 w.writerow([rank, *(json.dumps(row[k]) if isinstance(row[k], list) else row[k] for k in keys),
                             *(f"{row[k]:.4f}" for k in ("macro_f1_mean", "macro_f1_std", "accuracy_mean",
-                                                        "accuracy_std")), row["seconds"], int(row is r)])
+                                                        "accuracy_std")), row["folds"], row["seconds"],
+                            int(row is r), row["stopped"]])
     for row in results:
         del row["_i"]
-    top = describe({k: v for k, v in r.items() if k.startswith("head.")})
+    top = _name(r)
+    stopped = sum(bool(x["stopped"]) for x in results)
     progress(f"{out}: {len(configs)} configs x {params.cv.folds} folds on "
              f"{plural(int((rows.labels >= 0).sum()), 'image')} in {time.time() - t0:.1f} s; chose {top}: macro-F1 "
-             f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} ({why}) -> {out}/best")
+             f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} ({why}) -> {out}/best" +
+             (f"; {plural(stopped, 'config')} stopped early, clearly behind the best so far (sweep.csv: folds, "
+              "stopped)" if stopped else ""))
     return results
