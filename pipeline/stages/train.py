@@ -81,8 +81,8 @@ def repeats_for(params: Params, first: list[float]) -> tuple[int, str | None]:
     on 6 stores (1,000 to 13,270 images, with and without groups) its std was 0.12-0.65 of that bound
     (benchmarks/reseed_bound.py). Where the bound is under REPEATS_NOISE, half the 0.01 a spread must be shown
     at, the reseeded runs could not show one worth printing and are skipped (35,887 FER-like images: 0.0005;
-    10,000 images of 100 classes: 0.003); where it is not, they are made, at any size (13,270 images in 5
-    styles: the reseeded std was 0.014). Said in metrics.json and on the summary line."""
+    10,000 images of 100 classes: 0.003); where it is not, they are made, at any size (13,270 images in 10
+    shift families as groups: the reseeded std was 0.014). Said in metrics.json and on the summary line."""
     bound = float(np.std(first) / np.sqrt(len(first)))
     if params.cv.repeats == 1 or bound >= REPEATS_NOISE:
         return params.cv.repeats, None
