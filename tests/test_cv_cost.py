@@ -225,6 +225,26 @@ def test_metrics_json_holds_headline_numbers_and_details_json_the_rest(tmp_path)
     assert top["cv"]["macro_f1_mean"] == round(details["cv"]["macro_f1_mean"], 4)
 
 
+def test_stress_batches_score_as_each_batch_alone_whatever_their_sizes():
+    """score_stress adapts batches under ALONE_ROWS many at a time and bigger ones alone: each batch's accuracy
+    is the one it gets adapted alone, in the batches' order, with only big, only small or both kinds."""
+    rows = _world(n=120)
+    head = fit_rows(rows, np.asarray(rows.groups) != "style3", params(head={"hidden": (), "adapt": "affine"}).head, 0)
+    rng = np.random.default_rng(0)
+    held = np.flatnonzero(np.asarray(rows.groups) == "style3")
+    big = [("two classes", rng.choice(held, crossval.ALONE_ROWS + i, replace=False)) for i in range(2)]
+    small = [("5 images", rng.choice(held, 5, replace=False)) for _ in range(3)]
+    for batches in big, small, [small[0], big[0], small[1], big[1], small[2]]:
+        hits = {t: {k: [] for k in crossval.STRESS} for t in ("none", "affine")}
+        crossval.score_stress(head, rows, batches, ("none", "affine"), hits)
+        for t in ("none", "affine"):
+            alone = {k: [] for k in crossval.STRESS}
+            for kind, b in batches:
+                logits = adapt.source_logits(head, rows.features[b], t)[0]
+                alone[kind].append(float((logits.argmax(1) == rows.labels[b]).mean()))
+            assert hits[t] == alone, (t, batches)
+
+
 def test_folds_fitted_side_by_side_give_what_one_at_a_time_gives(monkeypatch):
     """A hidden-layer head's CV fits its folds in threads (crossval.side_by_side): every out-of-fold logit, stress
     score and per-fold figure is the one a fold-by-fold CV gives, bit for bit, and torch's global random state is

@@ -171,7 +171,7 @@ def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: 
     sizes = np.array([len(b) for _, b in batches])
     small = np.flatnonzero(sizes < ALONE_ROWS)
     groups = [np.array([i]) for i in np.flatnonzero(sizes >= ALONE_ROWS)] + \
-        [g for g in np.array_split(small, min(len(small), available_cores())) if len(g)]
+        [g for g in np.array_split(small, max(1, min(len(small), available_cores()))) if len(g)]
 
     def score(group: np.ndarray) -> dict[str, np.ndarray]:  # transform -> accuracy (G,) of the group's batches
         b = np.concatenate([batches[i][1] for i in group])  # (R,) store rows
