@@ -227,16 +227,18 @@ def test_metrics_json_holds_headline_numbers_and_details_json_the_rest(tmp_path)
 
 def test_stress_batches_score_as_each_batch_alone_whatever_their_sizes():
     """score_stress adapts batches under ALONE_ROWS many at a time and bigger ones alone: each batch's accuracy
-    is the one it gets adapted alone, in the batches' order, with only big, only small or both kinds."""
+    is the one it gets adapted alone, in the batches' order, with only big, only small or both kinds, and with
+    the rows read in parts (a streamed store's cap)."""
     rows = _world(n=120)
     head = fit_rows(rows, np.asarray(rows.groups) != "style3", params(head={"hidden": (), "adapt": "affine"}).head, 0)
     rng = np.random.default_rng(0)
     held = np.flatnonzero(np.asarray(rows.groups) == "style3")
     big = [("two classes", rng.choice(held, crossval.ALONE_ROWS + i, replace=False)) for i in range(2)]
     small = [("5 images", rng.choice(held, 5, replace=False)) for _ in range(3)]
-    for batches in big, small, [small[0], big[0], small[1], big[1], small[2]]:
+    for batches, max_rows in (big, None), (small, None), ([small[0], big[0], small[1], big[1], small[2]], None), \
+            ([small[0], big[0], small[1], big[1], small[2]], 70):  # 70: read in parts of consecutive batches
         hits = {t: {k: [] for k in crossval.STRESS} for t in ("none", "affine")}
-        crossval.score_stress(head, rows, batches, ("none", "affine"), hits)
+        crossval.score_stress(head, rows, batches, ("none", "affine"), hits, max_rows)
         for t in ("none", "affine"):
             alone = {k: [] for k in crossval.STRESS}
             for kind, b in batches:

@@ -33,7 +33,8 @@ STRESS = ("one class at 60%", "two classes", "5 images", "10 images")
 STRESS_MAX = 256  # images per stress batch
 PER_KIND = 10  # skewed stress batches of each kind per source (one class at 60%, two classes)
 DRAWS = 30  # random draws of 5 and of 10 images per source
-ALONE_ROWS = 64  # a stress batch of this many images or more is adapted alone, smaller ones many at a time
+ALONE_ROWS = 64  # a stress batch of this many images or more is adapted alone, smaller ones many at a time...
+MANY_ROWS = 4096  # ...at most this many rows together: a few (R, 1280) copies, ~130 MB, per core
 
 
 @dataclass
@@ -87,7 +88,8 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     they measure what adapting costs against none). `views`: each fold's training rows as the head sees them
     (aligned or not) and their statistics (fitting.FoldViews of these folds): pass the same one to every head
     CV'd on these folds and each is computed once.
-    give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None."""
+    give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None. `max_val`: the rows a
+    streamed store's fit holds at once, for its early-stopping slice and its stress batches (None in memory)."""
     names, seed = rows.class_names, params.cv.seed
     lab = rows.labels >= 0
     sources = cv_sources(rows.groups, fold)
@@ -126,7 +128,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
                    stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)] if stress else []
         if batches:
             with phases("stress batches"):
-                score_stress(head, rows, batches, scored, hits)
+                score_stress(head, rows, batches, scored, hits, max_val)
         on_fold()
         cand.stopped = give_up(cand) if j < int(fold.max()) else None
         if cand.stopped:
@@ -157,10 +159,25 @@ def fit_round(fit, folds: list[int]) -> dict:
 
 
 def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: tuple[str, ...],
-                 hits: dict[str, dict[str, list[float]]]) -> None:
-    """Append each batch's accuracy under each transform to hits[transform][kind], in the batches' order. Every
-    stress row is read once (a streamed store: one pass); then each batch is adapted on its own: one of
-    ALONE_ROWS images or more alone (adapt.source_logits_each), the smaller ones many at a time
+                 hits: dict[str, dict[str, list[float]]], max_rows: int | None = None) -> None:
+    """Append each batch's accuracy under each transform to hits[transform][kind], in the batches' order. Their
+    rows are read once (a streamed store: one pass), or, past `max_rows` rows (cross_validate gives a streamed
+    store a quarter of the memory budget), in parts of consecutive batches that fit, one pass each."""
+    sizes = np.array([len(b) for _, b in batches])
+    cut = np.cumsum(sizes) // max_rows if max_rows else np.zeros(len(batches), int)
+    accuracy = {t: np.zeros(len(batches)) for t in transforms}  # (B,) each
+    for part in np.split(np.arange(len(batches)), np.flatnonzero(np.diff(cut)) + 1):
+        for t, a in _score_part(head, rows, [batches[i] for i in part], transforms).items():
+            accuracy[t][part] = a
+    for t, acc in accuracy.items():
+        for (kind, _), a in zip(batches, acc):
+            hits[t][kind].append(float(a))
+
+
+def _score_part(head, rows, batches: list[tuple[str, np.ndarray]], transforms: tuple[str, ...]
+                ) -> dict[str, np.ndarray]:
+    """Per transform, the accuracy (B,) of each batch adapted on its own: one of ALONE_ROWS images or more alone
+    (adapt.source_logits_each), the smaller ones many at a time, at most MANY_ROWS rows together
     (adapt.many_sources_logits_each: 5 images alone cost what 150 do at once, and 256 cost more at once than
     alone). The work is spread over the cores on one BLAS thread each (numpy lets go of the GIL in a product;
     OpenBLAS's spinning threads on products this small were slower under load, heads/head.blas_threads_for)."""
@@ -170,8 +187,9 @@ def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: 
     x, where = rows.take(union), np.cumsum(union) - 1  # (U, D); row -> its place in x
     sizes = np.array([len(b) for _, b in batches])
     small = np.flatnonzero(sizes < ALONE_ROWS)
+    parts = max(available_cores(), -(-int(sizes[small].sum()) // MANY_ROWS))
     groups = [np.array([i]) for i in np.flatnonzero(sizes >= ALONE_ROWS)] + \
-        [g for g in np.array_split(small, max(1, min(len(small), available_cores()))) if len(g)]
+        [g for g in np.array_split(small, max(1, min(len(small), parts))) if len(g)]
 
     def score(group: np.ndarray) -> dict[str, np.ndarray]:  # transform -> accuracy (G,) of the group's batches
         b = np.concatenate([batches[i][1] for i in group])  # (R,) store rows
@@ -185,9 +203,7 @@ def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: 
         for group, acc in zip(groups, pool.map(score, groups)):
             for t, a in acc.items():
                 accuracy[t][group] = a
-    for t, acc in accuracy.items():
-        for (kind, _), a in zip(batches, acc):
-            hits[t][kind].append(float(a))
+    return accuracy
 
 
 def behind(leader: str, scores: list[float], folds: int):
