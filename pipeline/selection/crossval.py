@@ -220,3 +220,9 @@ def behind(leader: str, scores: list[float], folds: int):
         return (f"its CV stopped after {n} of {folds} folds, {leader} ahead by {diff:.3f}, more than the noise at "
                 f"99% ({noise:.3f})") if diff > noise else None
     return check
+
+
+def behind_any(leaders: list[tuple[str, list[float]]], folds: int):
+    """A give_up for cross_validate: behind(name, scores, folds) for each of `leaders`, the first reason to stop."""
+    checks = [behind(name, scores, folds) for name, scores in leaders]
+    return lambda cand: next((why for why in (check(cand) for check in checks) if why), None)

@@ -14,7 +14,7 @@ from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import FoldViews
 from pipeline.params import Params
-from pipeline.selection.crossval import Candidate, behind, cross_validate
+from pipeline.selection.crossval import Candidate, behind_any, cross_validate
 from pipeline.selection.rules import adaptation_record, choose_transform, prefer, weakest, worst_of
 from pipeline.transforms import NONE
 
@@ -53,12 +53,11 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
     for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
         # once it is clearly behind the first one's (crossval.behind)
-        ahead = [leader] if leader else []
-        ahead += [(key, c.f1s(t)) for key, (c, t, _) in cvs.items() if c.stopped is None][:1]
-        checks = [behind(*a, int(fold.max()) + 1) for a in ahead]
-        give_up = lambda cand, checks=checks: next(filter(None, (check(cand) for check in checks)), None)  # noqa: E731
+        leaders = ([leader] if leader else []) + \
+            [(key, c.f1s(t)) for key, (c, t, _) in cvs.items() if c.stopped is None][:1]
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
-                              transforms, max_val, on_fold, phases=phases, views=views, give_up=give_up)
+                              transforms, max_val, on_fold, phases=phases, views=views,
+                              give_up=behind_any(leaders, int(fold.max()) + 1))
         cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
                                                  (h.adapt, "set in params")))
     tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
