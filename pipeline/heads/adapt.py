@@ -131,14 +131,21 @@ def fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[
     var = np.maximum(s2 / n - mean ** 2, 0.0)
     as_is = class_mix(head, chunks(), n)
     for t in adapting:
-        pi = as_is
-        for _ in range(CLASS_MIX_STEPS):
-            new = class_mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n)
-            if np.array_equal(new, pi):  # a fixed point: every step left would give it again
-                break
-            pi = new
+        pi = settled(lambda pi: class_mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n),
+                     as_is)
         shifts[t] = shift_for(t, n, mean, var, head.reference, pi)
     return shifts
+
+
+def settled(step: Callable[[np.ndarray], np.ndarray], pi: np.ndarray) -> np.ndarray:
+    """The class mix after CLASS_MIX_STEPS re-estimates pi <- step(pi), or fewer: a step that leaves pi as it was
+    has reached a fixed point, and every step left would give it again."""
+    for _ in range(CLASS_MIX_STEPS):
+        new = step(pi)
+        if np.array_equal(new, pi):
+            break
+        pi = new
+    return pi
 
 
 def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
@@ -230,13 +237,7 @@ def many_sources_logits_each(head: Head, x: np.ndarray, sizes: np.ndarray, trans
         return logits
     as_is = mix(plain)
     for t in adapting:
-        pi = as_is
-        for _ in range(CLASS_MIX_STEPS):
-            new = mix(adapted(t, pi))
-            if np.array_equal(new, pi):  # every source at a fixed point (fit_shifts)
-                break
-            pi = new
-        out[t] = adapted(t, pi)
+        out[t] = adapted(t, settled(lambda pi: mix(adapted(t, pi)), as_is))  # (settled: every source at once)
     return out
 
 
