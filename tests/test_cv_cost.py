@@ -112,12 +112,45 @@ def test_each_folds_statistics_from_one_pass_are_those_of_its_training_rows(tmp_
     fold = np.arange(len(rows)) % 3
     fold[rows.labels == 2] = 0  # class 2 only in fold 0: fold 0's training rows lack it
     views = fitting.FoldViews(rows, fold)
-    for j in range(3):
+    for j in (0, 1, 2, "every fold"):  # ...and the final fit the statistics of every labelled row
         train = (rows.labels >= 0) & (fold != j)
-        got, direct = views.get(j, "none").reference, fitting.training_reference(rows, train)
+        got = (views.whole("none") if j == "every fold" else views.get(j, "none")).reference
+        direct = fitting.training_reference(rows, train)
         for a, b in ((got.mean, direct.mean), (got.sq, direct.sq), (got.prior, direct.prior)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert views.get(1, "none").reference.prior[2] > 0 and views.get(0, "none").reference.prior[2] == 0
+
+
+def test_train_head_makes_one_pass_for_every_folds_statistics_and_the_final_fits(tmp_path, monkeypatch):
+    """CV's folds and the final fit share FoldViews: one pass over the rows for all of their statistics (without
+    a group column: with one, each view's aligned rows need their own, heads/align.py)."""
+    passes = []
+    sums = adapt.class_sums
+    for module in (fitting, adapt):  # FoldViews' pass, and any other (adapt.fit_reference)
+        monkeypatch.setattr(module, "class_sums", lambda *a: passes.append(1) or sums(*a))
+    store = synthetic_store(tmp_path / "s.h5", n=300, dim=8, classes=3, random_state=0)
+    train_head(stores=[str(store)], out=str(tmp_path / "m"), progress=lambda line: None,
+               params=params(head={"hidden": (), "adapt": "auto"}, cv={"folds": 3, "repeats": 1}))
+    assert len(passes) == 1
+
+
+def test_logits_from_the_class_mix_steps_are_those_of_the_shift_they_settle_on(monkeypatch):
+    """Where the class-mix steps reach a fixed point their last pass is kept as the answer (adapt.shifted_logits):
+    it equals a pass under the returned Shift, bit for bit; where they do not, the pass is made. Both happen here."""
+    ends, real = [], adapt.settled
+
+    def spy(step, pi):
+        out = real(step, pi)
+        ends.append(out[1] is not None)  # a fixed point: its logits are kept
+        return out
+    monkeypatch.setattr(adapt, "settled", spy)
+    for seed, separation in ((0, 1.0), (1, 0.3), (2, 0.1)):
+        rows, test, head = _fold_rows(seed=seed, separation=separation)
+        x = rows.features[test]
+        chunks = lambda: (x[i:i + 7] for i in range(0, len(x), 7))  # noqa: E731 - several chunks per pass
+        for t, (logits, shift) in adapt.shifted_logits(head, chunks, adapt.TRANSFORMS).items():
+            assert np.array_equal(logits, np.concatenate([shift.adapt(head).logits(c) for c in chunks()])), t
+    assert True in ends and False in ends
 
 
 def test_a_candidate_clearly_behind_stops_its_cv_and_a_close_one_does_not():

@@ -113,49 +113,65 @@ def shift_for(transform: str, n: int, mean: np.ndarray, var: np.ndarray, ref: Re
 
 def fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[str, Shift | None]:
     """The Shift of one source under each transform (None: 'none', or fewer than MIN_IMAGES images). Needs
-    head.reference. The transforms share the passes they have in common, one for the source's moments and one
-    for the class mix as it is; then each makes one pass per class-mix step."""
-    shifts: dict[str, Shift | None] = dict.fromkeys(transforms)
+    head.reference."""
+    shifts = _fit_shifts(head, chunks, transforms)
+    return {t: shifts[t][0] if t in shifts else None for t in transforms}
+
+
+def shifted_logits(head: Head, chunks: Chunks, transforms: tuple[str, ...]) -> dict[str, tuple[np.ndarray, Shift]]:
+    """Per transform that adapts this source: its logits (N, C) under the transform's Shift, in the chunks' row
+    order, and the Shift. Where the class-mix steps stopped at a fixed point, their last pass was made under that
+    very Shift, so its logits are the answer and are not computed again (one pass of three, most often)."""
+    return {t: (logits if logits is not None else np.concatenate([shift.adapt(head).logits(x) for x in chunks()]),
+                shift) for t, (shift, logits) in _fit_shifts(head, chunks, transforms).items()}
+
+
+def _fit_shifts(head: Head, chunks: Chunks, transforms: tuple[str, ...]
+                ) -> dict[str, tuple[Shift, np.ndarray | None]]:
+    """fit_shifts' Shifts, of the transforms that adapt the source only, each with the source's logits under it
+    when the class-mix steps computed them (settled). The transforms share the passes they have in common, one
+    for the source's moments and one for the class mix as it is; then each makes one pass per class-mix step."""
     adapting = [t for t in transforms if adapts(t)]
     if not adapting:
-        return shifts
+        return {}
     n, s1, s2 = 0, 0.0, 0.0
     for x in chunks():  # sums in float64 of the float32 rows, without a float64 copy of them
         x = np.asarray(x, np.float32)
         n, s1, s2 = n + len(x), s1 + x.sum(0, dtype=np.float64), s2 + np.einsum("ij,ij->j", x, x, dtype=np.float64)
     if n < MIN_IMAGES:
-        return shifts
+        return {}
     if head.reference is None:
         raise ValueError("the head has no reference statistics to adapt to")
     mean = s1 / n
     var = np.maximum(s2 / n - mean ** 2, 0.0)
-    as_is = class_mix(head, chunks(), n)
+
+    def mix(h: Head) -> tuple[np.ndarray, np.ndarray]:  # (C,) the share of the rows h assigns to each class, and
+        logits = np.concatenate([h.logits(x) for x in chunks()])  # the logits (N, C) that share was counted from
+        return np.bincount(logits.argmax(1), minlength=head.n_classes) / n, logits
+    as_is = mix(head)[0]
+    out = {}
     for t in adapting:
-        pi = settled(lambda pi: class_mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head), chunks(), n),
-                     as_is)
-        shifts[t] = shift_for(t, n, mean, var, head.reference, pi)
-    return shifts
+        pi, logits = settled(lambda pi: mix(shift_for(t, n, mean, var, head.reference, pi).adapt(head)), as_is)
+        out[t] = (shift_for(t, n, mean, var, head.reference, pi), logits)
+    return out
 
 
-def settled(step: Callable[[np.ndarray], np.ndarray], pi: np.ndarray) -> np.ndarray:
-    """The class mix after CLASS_MIX_STEPS re-estimates pi <- step(pi), or fewer: a step that leaves pi as it was
-    has reached a fixed point, and every step left would give it again."""
+def settled(step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], pi: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The class mix after CLASS_MIX_STEPS re-estimates (pi, logits) <- step(pi), the logits being those the new
+    mix was counted from (under pi's shift); or fewer: a step that leaves pi as it was has reached a fixed point,
+    and every step left would give it again. -> (pi, the logits under pi's shift at a fixed point, else None)."""
     for _ in range(CLASS_MIX_STEPS):
-        new = step(pi)
+        new, logits = step(pi)
         if np.array_equal(new, pi):
-            break
+            return pi, logits
         pi = new
-    return pi
+    return pi, None
 
 
 def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
     """fit_shifts for one transform."""
     return fit_shifts(head, chunks, (transform,))[transform]
-
-
-def class_mix(head: Head, xs: Iterator[np.ndarray], n: int) -> np.ndarray:
-    """(C,) the share of the n rows of xs (chunks (r, D)) that the head assigns to each class (module docstring)."""
-    return sum(np.bincount(head.logits(x).argmax(1), minlength=head.n_classes) for x in xs) / n
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,11 +207,10 @@ def source_logits_each(head: Head, x: np.ndarray, transforms: tuple[str, ...]
     if any(adapts(t) for t in transforms):
         order = value_order(x)
         xs = x[order]  # (N, D) in value order
-        shifts = fit_shifts(head, lambda: (xs[i:i + CHUNK] for i in range(0, len(xs), CHUNK)), transforms)
-        for t, shift in shifts.items():
-            if shift is not None:
-                out[t] = (np.empty((len(x), head.n_classes), np.float32), shift)
-                out[t][0][order] = _logits(shift.adapt(head), xs)
+        for t, (logits, shift) in shifted_logits(head, lambda: (xs[i:i + CHUNK] for i in range(0, len(xs), CHUNK)),
+                                                 transforms).items():
+            out[t] = (np.empty((len(x), head.n_classes), np.float32), shift)
+            out[t][0][order] = logits
     for t in transforms:
         if t not in out:  # each image on its own: no statistics, no row order to fix
             plain = _logits(head, x) if plain is None else plain
@@ -235,9 +250,14 @@ def many_sources_logits_each(head: Head, x: np.ndarray, sizes: np.ndarray, trans
         logits = _logits(head, (x - offset.astype(np.float32)[src]) / ratio.astype(np.float32)[src])
         logits[small[src]] = plain[small[src]]
         return logits
+
+    def step(t: str, pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = adapted(t, pi)
+        return mix(logits), logits
     as_is = mix(plain)
     for t in adapting:
-        out[t] = adapted(t, settled(lambda pi: mix(adapted(t, pi)), as_is))  # (settled: every source at once)
+        pi, logits = settled(lambda pi: step(t, pi), as_is)  # (settled: every source at once)
+        out[t] = adapted(t, pi) if logits is None else logits
     return out
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.text import plural
-from pipeline.heads.adapt import MIN_IMAGES, Shift, fit_shifts, source_logits_each
+from pipeline.heads.adapt import MIN_IMAGES, Shift, shifted_logits, source_logits_each
 from pipeline.heads.head import Head
 from pipeline.transforms import adapts
 
@@ -84,8 +84,11 @@ def rows_logits_each(head: Head, rows, mask: np.ndarray, sources: np.ndarray | N
 
         def chunks():
             return (x[m[s:s + len(x)]] for s, x in rows.blocks(m))
-        return {t: (np.concatenate([(head if shift is None else shift.adapt(head)).logits(x) for x in chunks()]),
-                    shift) for t, shift in fit_shifts(head, chunks, transforms).items()}
+        out = shifted_logits(head, chunks, transforms)
+        if len(out) < len(transforms):  # the others: not adapted, each image on its own
+            plain = np.concatenate([head.logits(x) for x in chunks()])
+            out |= {t: (plain, None) for t in transforms if t not in out}
+        return out
     return per_source(head, None if sources is None else np.asarray(sources, dtype=str)[idx], len(idx), transforms,
                       each)
 

@@ -151,7 +151,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     results.sort(key=lambda x: (bool(x["stopped"]), -x["macro_f1_mean"], x["macro_f1_std"], x["_i"]))
     with atomic_dir(out_dir) as d:
         (d / "best").mkdir()
-        finish(rows, fold, choice, max_val, d / "best", t0)
+        finish(rows, fold, choice, max_val, d / "best", t0, views=views)
         with open(d / "sweep.csv", "w", newline="") as f:
             w = csv.writer(f)
             keys = list(configs[0][0])

@@ -25,7 +25,7 @@ from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
 from pipeline.data.folds import cv_sources
-from pipeline.heads.fitting import fit_rows
+from pipeline.heads.fitting import FoldViews, fit_rows
 from pipeline.selection.crossval import cross_validate
 from pipeline.selection.heads import AUTO_CANDIDATES, Choice, choose_head, describe_choice
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
@@ -106,7 +106,8 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1) + k * (params.cv.repeats - 1)
     done = iter(range(1, fits + 1))
     on_fold = lambda: progress(f"{out}: fit {next(done)} of {fits} done")  # noqa: E731 - heads x folds, repeats
-    choice = choose_head(rows, fold, params, max_val, on_fold, phases)
+    views = FoldViews(rows, fold)  # each fold's training statistics and the final fit's, from one pass
+    choice = choose_head(rows, fold, params, max_val, on_fold, phases, views)
     progress(f"{out}: {describe_choice(choice.record)}")
     repeats, skipped = repeats_for(params, choice.cv.f1s(choice.transform))
     if skipped:
@@ -116,7 +117,7 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
                         repeats)
     progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
-        metrics = finish(rows, fold, choice, max_val, d, t0, runs, skipped, phases)
+        metrics = finish(rows, fold, choice, max_val, d, t0, runs, skipped, phases, views)
     return metrics | {"phase_seconds": phases.seconds}
 
 
@@ -137,17 +138,20 @@ def summary_line(out: str, metrics: dict) -> str:
 
 
 def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d: Path, t0: float,
-           repeats: list[float] | None = None, skipped: str | None = None, phases: Phases | None = None) -> dict:
+           repeats: list[float] | None = None, skipped: str | None = None, phases: Phases | None = None,
+           views: FoldViews | None = None) -> dict:
     """The model directory in `d`, from the chosen config's out-of-fold logits (N, C) under its transform
     (choose_head's Choice): fit the final head on every labelled row, calibrate it on the out-of-fold logits, fit
     its out-of-distribution reference, then write head.npz, model.json, ood.npz, metrics.json, details.json and
-    the out-of-fold files. Returns details.json's content (plus `seconds`)."""
+    the out-of-fold files. Returns details.json's content (plus `seconds`). `views`: the FoldViews of `fold`
+    that CV used, whose sums give the final fit's statistics without another pass."""
     lab = rows.labels >= 0
     phases = phases or Phases()
     params, cand, transform = choice.params, choice.cv, choice.transform
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
     with phases("final fit"):
-        final = fit_rows(rows, lab, params.head, params.cv.seed, max_val)
+        final = fit_rows(rows, lab, params.head, params.cv.seed, max_val,
+                         view=views.whole(params.head.align) if views is not None else None)
     with phases("calibration"):
         final = dataclasses.replace(final, temperature=fit_temperature(oof[lab], rows.labels[lab]))
     with phases("out-of-distribution reference"):
