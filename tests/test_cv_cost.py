@@ -306,3 +306,25 @@ def test_folds_fitted_side_by_side_give_what_one_at_a_time_gives(monkeypatch):
             assert a.stress == b.stress and a.stress["affine"] and np.array_equal(a.scored, b.scored)
     assert stopped[2].stopped == "enough" and len(stopped[2].f1s("none")) == 2 and not stopped[2].scored.all()
     assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("classes, n, lr, vetted", [(20, 600, 3e-4, [()]), (10, 400, 1e-3, [(), (256,)])])
+def test_a_head_that_loses_under_every_transform_is_not_stress_tested_and_the_choice_is_the_same(
+        tmp_path, monkeypatch, classes, n, lr, vetted):
+    """The stress batches only ever refuse a transform: a head that loses to the other under each of its
+    transforms cannot be chosen whatever they say, and its are not scored (selection/heads.could_win). The choice
+    is the one every head stress-tested gives; where the losing head wins under one of its transforms (the second
+    case) it is stress-tested."""
+    store = synthetic_store(tmp_path / "s.h5", n=n, dim=16, classes=classes, separation=0.3, groups=4, random_state=0)
+    rows, fold = open_rows([store]), np.arange(n) % 4
+    p = params(head={"hidden": "auto", "epochs": 5, "lr": lr}, cv={"folds": 4})
+    calls, real = [], selection.score_stress_batches
+    monkeypatch.setattr(selection, "score_stress_batches",
+                        lambda cand, *a, **k: calls.append(cand.params.head.hidden) or real(cand, *a, **k))
+    lazy = selection.choose_head(rows, fold, p, None)
+    assert calls == vetted and lazy.record["head_choice"]["chosen"] == [] and lazy.stopped is None
+    monkeypatch.setattr(selection, "could_win", lambda *a: True)  # every head stress-tested
+    full = selection.choose_head(rows, fold, p, None)
+    assert (full.transform, full.record["adaptation"]) == (lazy.transform, lazy.record["adaptation"])
+    assert np.array_equal(full.cv.oof[full.transform], lazy.cv.oof[lazy.transform])
+    assert ("its stress batches were not scored" in lazy.record["head_choice"]["why"]) == (vetted == [()])

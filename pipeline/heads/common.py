@@ -101,9 +101,10 @@ class EarlyStopping:
 
 def labelled_blocks(rows, mask: np.ndarray, size: int = 65536, labels: np.ndarray | None = None):
     """(features (r, D), labels (r,)) of the store rows (pipeline/data/rows.py) in `mask`, a bounded slice at a
-    time, in row order; `labels` (N,) in place of the store's."""
+    time, in row order; `labels` (N,) in place of the store's. Read only: a slice may be a view of the rows."""
     labels = rows.labels if labels is None else labels
     for start, x in rows.blocks(mask):
         m, y = mask[start:start + len(x)], labels[start:start + len(x)]
         for i in range(0, len(x), size):
-            yield x[i:i + size][m[i:i + size]], y[i:i + size][m[i:i + size]]
+            part = m[i:i + size]  # a slice wholly in `mask` is passed as it is, not copied
+            yield (x[i:i + size], y[i:i + size]) if part.all() else (x[i:i + size][part], y[i:i + size][part])

@@ -52,6 +52,7 @@ class Candidate:
     labels: np.ndarray | None = None  # (N,) -1 = unlabelled
     sources: np.ndarray | None = None  # (N,) data/folds.cv_sources
     scored: np.ndarray | None = None  # (N,) bool
+    heads: dict = field(default_factory=dict)  # fold -> its head, kept for the stress batches (score_stress_batches)
 
     def f1s(self, transform: str) -> list[float]:
         return [f["macro_f1"] for f in self.per_fold[transform]]
@@ -84,8 +85,8 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
                    on_fold=lambda: None, stress: bool = True, phases: Phases | None = None,
                    views: FoldViews | None = None, give_up=lambda cand: None) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
-    source adapted on its own) and, with `stress`, its stress batches scored (only when some transform adapts:
-    they measure what adapting costs against none). `views`: each fold's training rows as the head sees them
+    source adapted on its own) and, with `stress`, its stress batches scored (score_stress_batches; later, for a
+    candidate that may yet be chosen, where not). `views`: each fold's training rows as the head sees them
     (aligned or not) and their statistics (fitting.FoldViews of these folds): pass the same one to every head
     CV'd on these folds and each is computed once.
     give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None. `max_val`: the rows a
@@ -97,10 +98,6 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
                      {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms},
                      labels=rows.labels, sources=sources, scored=np.zeros(len(rows), bool))
     adapting = any(map(adapts, transforms))  # else no reference statistics and no stress batches are needed
-    stress = stress and adapting
-    scored = tuple(dict.fromkeys((NONE, *transforms)))  # stress batches are scored against none as well
-    hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in scored}
-    rng = np.random.default_rng(seed)
     phases, views = phases or Phases(), FoldViews(rows, fold) if views is None else views
     align = params.head.align
 
@@ -114,7 +111,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
         if j not in heads:  # the next round: this fold's fit and the next ones', side by side
             with phases(f"fit {list(params.head.hidden)}"):
                 heads = fit_round(fit, list(range(j, min(folds, j + at_once))))
-        head = heads[j]
+        head = cand.heads[j] = heads[j]
         te = fold == j
         cand.scored |= te & lab
         with phases("held-out sources adapted"):
@@ -124,17 +121,32 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
                     cand.said[t][i] = s
                 m = classification_metrics(rows.labels[te], cand.oof[t][te].argmax(1), names)
                 cand.per_fold[t].append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
-        batches = [b for s in np.unique(sources[te]) for b in
-                   stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)] if stress else []
-        if batches:
-            with phases("stress batches"):
-                score_stress(head, rows, batches, scored, hits, max_val)
         on_fold()
         cand.stopped = give_up(cand) if j < int(fold.max()) else None
         if cand.stopped:
             break
-    cand.stress = {t: {k: v for k, v in per.items() if v} for t, per in hits.items()}
+    if stress:
+        score_stress_batches(cand, rows, fold, max_val, phases)
     return cand
+
+
+def score_stress_batches(cand: Candidate, rows, fold: np.ndarray, max_val: int | None = None,
+                         phases: Phases | None = None) -> None:
+    """cand.stress: each fold's head (cand.heads) on stress batches of the fold's held-out sources, under none and
+    each of cand's transforms; nothing where no transform adapts (they measure what adapting costs against none).
+    The batches are drawn fold by fold from a generator of the CV's seed: the same ones whenever they are scored.
+    `max_val`: the rows a streamed store's fit holds at once (score_stress)."""
+    transforms = tuple(dict.fromkeys((NONE, *cand.oof)))  # stress batches are scored against none as well
+    hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in transforms}
+    rng, sources = np.random.default_rng(cand.params.cv.seed), cand.sources
+    for j, head in sorted(cand.heads.items()) if any(map(adapts, transforms)) else ():
+        te = fold == j
+        batches = [b for s in np.unique(sources[te]) for b in
+                   stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)]
+        if batches:
+            with (phases or Phases())("stress batches"):
+                score_stress(head, rows, batches, transforms, hits, max_val)
+    cand.stress = {t: {k: v for k, v in per.items() if v} for t, per in hits.items()}
 
 
 def side_by_side(rows, params: Params) -> int:

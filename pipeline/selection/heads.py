@@ -14,7 +14,7 @@ from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import FoldViews
 from pipeline.params import Params
-from pipeline.selection.crossval import Candidate, behind_any, cross_validate
+from pipeline.selection.crossval import Candidate, behind_any, cross_validate, score_stress_batches
 from pipeline.selection.rules import adaptation_record, choose_transform, prefer, weakest, worst_of
 from pipeline.transforms import NONE
 
@@ -39,7 +39,9 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                 leader: tuple[str, list[float]] | None = None) -> Choice:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
-    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice.
+    first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice. Stress
+    batches are scored for a head that may yet be chosen only (could_win): not one whose CV stopped, nor one that
+    loses under each of its transforms (FER-like: the [256] head's, 0.9 of 1.2 s).
     `leader`: (name, per-fold scores on these folds) of a config chosen among outside (sweep's best so far): a
     candidate's CV stops once it is clearly behind that one too (crossval.behind); when every one's did, the
     Choice is of the first candidate, and says why (Choice.stopped)."""
@@ -50,17 +52,20 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
     views = FoldViews(rows, fold) if views is None else views  # each fold's training rows and statistics,
     # shared by the heads
+    order = [json.dumps(list(hidden)) for hidden in heads]  # the heads' names, in preference order
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
     for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
         # once it is clearly behind the first one's (crossval.behind)
-        leaders = ([leader] if leader else []) + \
-            [(key, c.f1s(t)) for key, (c, t, _) in cvs.items() if c.stopped is None][:1]
+        key = json.dumps(list(hidden))
+        finished = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]
+        leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in finished][:1]
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
-                              transforms, max_val, on_fold, phases=phases, views=views,
+                              transforms, max_val, on_fold, stress=False, phases=phases, views=views,
                               give_up=behind_any(leaders, int(fold.max()) + 1))
-        cvs[json.dumps(list(hidden))] = (cand, *(choose_transform(cand) if h.adapt == "auto" else
-                                                 (h.adapt, "set in params")))
-    tried = [(key, *cvs[key]) for key in (json.dumps(list(hidden)) for hidden in heads)]  # in preference order
+        if cand.stopped is None and (not finished or could_win(key, cand, finished, order)):
+            score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
+        cvs[key] = (cand, *(choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")))
+    tried = [(key, *cvs[key]) for key in order]
     finished = [t for t in tried if t[1].stopped is None]
     if not finished:  # every candidate clearly behind the leader: nothing here to choose
         key, cand, transform, _ = tried[0]
@@ -69,6 +74,9 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                        worst_of({key: (cand, t) for key, cand, t, _ in finished})) if len(finished) > 1 else \
         (finished[0][0], "set in params" if len(tried) == 1 else f"{finished[0][0]} chosen")
     why += "".join(f"; {key}: {cand.stopped}" for key, cand, _, _ in tried if cand.stopped)
+    why += "".join(f"; {key} lost under each of its transforms, so its stress batches were not scored (its score "
+                   f"here: under {t}, the transform it would take before them)" for key, cand, t, _ in finished
+                   if not cand.stress)
     if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
         why += f"; without a group column CV saw only sources like the training ones, and on new ones {tried[0][0]} " \
                "generalised better (docs/evaluation.md): give the group to choose for them"
@@ -80,6 +88,18 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                               "worst_source": {key: weakest(c, t) for key, c, t, _ in finished}},
               "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
     return Choice(chosen, cand, transform, choice)
+
+
+def could_win(key: str, cand: Candidate, finished: list[tuple[str, Candidate, str]], order: list[str]) -> bool:
+    """Whether `cand` (head `key`) could be chosen against the `finished` heads (name, CV, its transform): whether
+    prefer (heads in `order`, of preference) picks it under one of its transforms. Where it picks another under
+    each, the stress batches, which only ever refuse a transform, cannot make it the choice."""
+    scored = {k: (c, t) for k, c, t in finished}
+    for t in cand.oof:
+        cvs = scored | {key: (cand, t)}
+        if prefer([(k, cvs[k][0].f1s(cvs[k][1])) for k in order if k in cvs], worst_of(cvs))[0] == key:
+            return True
+    return False
 
 
 def describe_choice(choice: dict) -> str:

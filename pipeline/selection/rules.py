@@ -96,8 +96,10 @@ def worst_of(cvs: dict[str, tuple[Candidate, str]]):
 
 
 def stress_loss(cand: Candidate, transform: str) -> dict[str, tuple[float, float]]:
-    """Per kind of stress batch: (mean accuracy of `transform` minus none's, its noise: paired_difference)."""
-    return {k: paired_difference(cand.stress[transform][k], cand.stress[NONE][k]) for k in cand.stress[transform]}
+    """Per kind of stress batch: (mean accuracy of `transform` minus none's, its noise: paired_difference); none
+    where cand's stress batches were not scored."""
+    return {k: paired_difference(cand.stress[transform][k], cand.stress[NONE][k])
+            for k in cand.stress.get(transform, {})}
 
 
 def adaptation_record(cand: Candidate, transform: str, why: str, grouped: bool) -> dict:
