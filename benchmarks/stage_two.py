@@ -35,6 +35,9 @@ CONFIGS = {"default": "", "[]": "hidden: [] ", "[256]": "hidden: [256] "}
 
 def run_train(store: str, out: str, params: str) -> None:
     """In the fresh process of `--run`: train-head through the Python API, then one JSON line of its figures."""
+    import atexit
+    import gc
+    atexit.register(gc.freeze)  # as `imgsent` does (pipeline/cli.main): the exit's last collection skipped
     t0 = time.time()
     from pipeline.params import load_params
     from pipeline.stages.train import train_head

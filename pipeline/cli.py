@@ -2,6 +2,8 @@
 Every UserError becomes one line on stderr and exit code 2; nothing already computed is deleted."""
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 from collections import Counter
@@ -231,6 +233,10 @@ def predict(model_dir: str = typer.Argument(...),
 
 def main() -> None:
     """Console entry point: every failure is one line `error: ...` (no traceback); exit 2 for bad input."""
+    # At exit, CPython's last garbage collection walks every object left: after a train-head on 35,887 x 1280
+    # features it took 0.3 of the 0.5 s between the last line and the shell prompt. Nothing we write waits on
+    # it (every output is whole, closed and renamed by then), so the objects left are frozen out of it.
+    atexit.register(gc.freeze)
     try:
         rc = app(standalone_mode=False)
     except UserError as e:

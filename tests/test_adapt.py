@@ -102,6 +102,21 @@ def test_adaptation_does_not_depend_on_the_order_of_the_images():
     assert sorted(value_order(x[perm])) == list(range(len(x)))
 
 
+def test_the_value_order_of_rows_is_the_same_whatever_order_they_come_in():
+    """Rows alike but in their last byte, with zero bytes, duplicated: the same rows in the same order from any
+    permutation of them (a sort that stopped at a zero byte, or at the first dimensions, would not)."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((40, 6), np.float32)
+    x[:, -1] = rng.integers(0, 3, 40)  # alike but in the last dimension, many zero bytes
+    x[:10, 0] = np.nextafter(np.float32(1), np.float32(2))  # ...or in one bit of the first
+    x[10:20, 2] = -0.0
+    x = np.concatenate([x, x[:7]])  # and duplicates
+    want = x[value_order(x)]
+    for seed in range(5):
+        y = x[np.random.default_rng(seed).permutation(len(x))]
+        assert np.array_equal(y[value_order(y)].view(np.uint32), want.view(np.uint32)), seed
+
+
 @pytest.mark.parametrize("hidden", [(), (16,)])
 def test_many_sources_at_once_are_each_adapted_as_alone(hidden):
     """CV's stress batches are adapted many at a time (many_sources_logits_each): each source by its own

@@ -32,7 +32,6 @@ Deterministic and independent of row order: an array's rows are visited in an or
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -174,22 +173,13 @@ def fit_shift(head: Head, chunks: Chunks, transform: str) -> Shift | None:
     return fit_shifts(head, chunks, (transform,))[transform]
 
 
-@functools.lru_cache(maxsize=8)
-def _multipliers(d: int) -> np.ndarray:
-    """(d,) fixed odd uint64 weights for value_order's row hash."""
-    return np.random.default_rng(0).integers(1, 2 ** 63, d, dtype=np.uint64) | np.uint64(1)
-
-
 def value_order(x: np.ndarray) -> np.ndarray:
-    """A permutation of the rows of x (N, D) that depends only on their values: sorted by an exact integer hash
-    of each row's float32 bits (wrapping uint64 arithmetic), so that sums over the rows come out the same
-    whatever order the images were given in."""
-    mult = _multipliers(x.shape[1])
-    keys = np.empty(len(x), np.uint64)
-    for i in range(0, len(x), CHUNK):
-        bits = np.ascontiguousarray(x[i:i + CHUNK], np.float32).view(np.uint32).astype(np.uint64)  # (r, D)
-        keys[i:i + CHUNK] = (bits * mult).sum(1)
-    return np.argsort(keys, kind="stable")
+    """A permutation of the rows of x (N, D) that depends only on their values: the rows sorted by their float32
+    bytes, compared as byte strings (numpy's sort of an unstructured void dtype), so that sums over the rows come
+    out the same whatever order the images were given in. Rows that compare equal are equal (a row hash, the
+    rule until 2026-12-07, was 20x slower and could collide: docs/benchmarks.md)."""
+    rows = np.ascontiguousarray(x, np.float32)
+    return np.argsort(rows.view(np.dtype((np.void, 4 * rows.shape[1]))).ravel(), kind="stable")
 
 
 def _logits(head: Head, x: np.ndarray) -> np.ndarray:
