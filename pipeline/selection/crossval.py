@@ -46,7 +46,7 @@ class Candidate:
     oof: dict[str, np.ndarray]
     per_fold: dict[str, list[dict]]
     stress: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # accuracy per batch, the same
-    # batches in the same order for every transform
+    # batches in the same order for every transform; {}: not scored (score_stress_batches)
     said: dict[str, list[str]] = field(default_factory=dict)
     stopped: str | None = None  # why its CV ended before the last fold (cross_validate's give_up)
     labels: np.ndarray | None = None  # (N,) -1 = unlabelled
@@ -85,8 +85,8 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
                    on_fold=lambda: None, stress: bool = True, phases: Phases | None = None,
                    views: FoldViews | None = None, give_up=lambda cand: None) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
-    source adapted on its own) and, with `stress`, its stress batches scored (score_stress_batches; later, for a
-    candidate that may yet be chosen, where not). `views`: each fold's training rows as the head sees them
+    source adapted on its own) and, with `stress`, its stress batches scored once every fold is
+    (score_stress_batches; choose_head scores them itself, for a head that may yet be chosen only). `views`: each fold's training rows as the head sees them
     (aligned or not) and their statistics (fitting.FoldViews of these folds): pass the same one to every head
     CV'd on these folds and each is computed once.
     give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None. `max_val`: the rows a
@@ -138,13 +138,13 @@ def score_stress_batches(cand: Candidate, rows, fold: np.ndarray, max_val: int |
     `max_val`: the rows a streamed store's fit holds at once (score_stress)."""
     transforms = tuple(dict.fromkeys((NONE, *cand.oof)))  # stress batches are scored against none as well
     hits: dict[str, dict[str, list[float]]] = {t: {k: [] for k in STRESS} for t in transforms}
-    rng, sources = np.random.default_rng(cand.params.cv.seed), cand.sources
+    rng, sources, phases = np.random.default_rng(cand.params.cv.seed), cand.sources, phases or Phases()
     for j, head in sorted(cand.heads.items()) if any(map(adapts, transforms)) else ():
         te = fold == j
         batches = [b for s in np.unique(sources[te]) for b in
                    stress_batches(rows.labels, np.flatnonzero(te & (sources == s)), rng)]
         if batches:
-            with (phases or Phases())("stress batches"):
+            with phases("stress batches"):
                 score_stress(head, rows, batches, transforms, hits, max_val)
     cand.stress = {t: {k: v for k, v in per.items() if v} for t, per in hits.items()}
 
