@@ -171,13 +171,14 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     paths = [f"img/{i}.png" for i in range(5000)]
     paths[1], paths[4097] = 'we,ird "x"\nname.png', "ünï cödé.jpg"
     labels = [names[i % 4] for i in range(5000)]
+    sources = ["s,1", 's"2', "s3"]  # repeated values, formatted once each (metrics._fields)
     write_predictions(tmp_path / "p.csv", paths=paths, labels=labels, probs=probs, class_names=names,
-                      extra={"fold": [i % 3 for i in range(5000)]})
+                      extra={"fold": [i % 3 for i in range(5000)], "source": [sources[i % 3] for i in range(5000)]})
     with open(tmp_path / "ref.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "predicted", "confidence", "fold"] + [f"p_{c}" for c in names])
+        w.writerow(["path", "label", "predicted", "confidence", "fold", "source"] + [f"p_{c}" for c in names])
         for i in range(5000):
-            w.writerow([paths[i], labels[i], names[probs[i].argmax()], f"{probs[i].max():.6f}", i % 3]
+            w.writerow([paths[i], labels[i], names[probs[i].argmax()], f"{probs[i].max():.6f}", i % 3, sources[i % 3]]
                        + [f"{v:.6f}" for v in probs[i]])
     assert (tmp_path / "p.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
     back = list(csv.DictReader(open(tmp_path / "p.csv", newline="")))

