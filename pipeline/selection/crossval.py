@@ -86,9 +86,9 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
                    views: FoldViews | None = None, give_up=lambda cand: None) -> Candidate:
     """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
     source adapted on its own) and, with `stress`, its stress batches scored once every fold is
-    (score_stress_batches; choose_head scores them itself, for a head that may yet be chosen only). `views`: each fold's training rows as the head sees them
-    (aligned or not) and their statistics (fitting.FoldViews of these folds): pass the same one to every head
-    CV'd on these folds and each is computed once.
+    (score_stress_batches; choose_head scores them itself, for a head that may yet be chosen only). `views`: each
+    fold's training rows as the head sees them (aligned or not) and their statistics (fitting.FoldViews of these
+    folds): pass the same one to every head CV'd on these folds and each is computed once.
     give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None. `max_val`: the rows a
     streamed store's fit holds at once, for its early-stopping slice and its stress batches (None in memory)."""
     names, seed = rows.class_names, params.cv.seed

@@ -57,12 +57,12 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
         # once it is clearly behind the first one's (crossval.behind)
         key = json.dumps(list(hidden))
-        finished = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]
-        leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in finished][:1]
+        ahead = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]  # CV'd before it, not stopped
+        leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in ahead][:1]
         cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
                               transforms, max_val, on_fold, stress=False, phases=phases, views=views,
                               give_up=behind_any(leaders, int(fold.max()) + 1))
-        if cand.stopped is None and (not finished or could_win(key, cand, finished, order)):
+        if cand.stopped is None and (not ahead or could_win(key, cand, ahead, order)):
             score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
         cvs[key] = (cand, *(choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")))
     tried = [(key, *cvs[key]) for key in order]
@@ -100,6 +100,11 @@ def could_win(key: str, cand: Candidate, finished: list[tuple[str, Candidate, st
         if prefer([(k, cvs[k][0].f1s(cvs[k][1])) for k in order if k in cvs], worst_of(cvs))[0] == key:
             return True
     return False
+
+
+def heads_to_fit(head) -> int:
+    """Heads choose_head cross-validates for these head params: both of AUTO_CANDIDATES for `hidden: auto`."""
+    return len(AUTO_CANDIDATES) if head.hidden == "auto" else 1
 
 
 def describe_choice(choice: dict) -> str:

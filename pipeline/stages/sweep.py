@@ -24,7 +24,7 @@ from features.text import plural
 from features.errors import UserError
 from pipeline.heads.fitting import FoldViews
 from pipeline.params import HeadParams, Params, parse_params
-from pipeline.selection.heads import AUTO_CANDIDATES, choose_head
+from pipeline.selection.heads import AUTO_CANDIDATES, choose_head, heads_to_fit
 from pipeline.selection.rules import prefer, worst_of
 from pipeline.stages.train import finish, load_rows
 
@@ -117,20 +117,20 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
     views = FoldViews(rows, fold)  # each fold's training rows and statistics, computed once
     first = best = None  # (row, Choice) of the first config in preference order and of the highest mean so far:
     # the only two prefer() can choose, so only their logits are kept
-    fits = sum(params.cv.folds * (2 if p.head.hidden == "auto" else 1) for _, p in configs)
+    fits = sum(params.cv.folds * heads_to_fit(p.head) for _, p in configs)
     with tqdm(total=fits, desc="sweep", unit="fit", disable=not bar, file=sys.stderr, dynamic_ncols=True) as pbar:
         for i, (values, p) in enumerate(configs):
             t = time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
                 (per_fold, stopped), choice = done[key], None  # an equal mean never replaces the best
-                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1))
+                pbar.update(params.cv.folds * heads_to_fit(key))
             else:  # a config clearly behind the best so far stops its CV there (choose_head's leader)
                 leader, scored = None if best is None else (_name(best[0]), f1s[best[0]["_i"]]), []
                 choice = choose_head(rows, fold, p, max_val, on_fold=lambda: scored.append(pbar.update(1)),
                                      views=views, leader=leader)
                 per_fold, stopped = done[key] = choice.cv.per_fold[choice.transform], choice.stopped
-                pbar.update(params.cv.folds * (2 if key.hidden == "auto" else 1) - len(scored))  # folds not run
+                pbar.update(params.cv.folds * heads_to_fit(key) - len(scored))  # folds not run
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**values, "macro_f1_mean": float(f1.mean()),

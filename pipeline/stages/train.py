@@ -27,7 +27,7 @@ from pipeline.inference.calibration import fit_temperature
 from pipeline.data.folds import cv_sources
 from pipeline.heads.fitting import FoldViews, fit_rows
 from pipeline.selection.crossval import cross_validate
-from pipeline.selection.heads import AUTO_CANDIDATES, Choice, choose_head, describe_choice
+from pipeline.selection.heads import Choice, choose_head, describe_choice, heads_to_fit
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_metrics, write_predictions)
 from pipeline.inference.modeldir import ModelInfo, is_model_dir, save_model_dir
@@ -63,9 +63,9 @@ def folds_of(rows: Rows, k: int, seed: int) -> np.ndarray:
 def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max_val: int | None,
              on_fold=lambda: None, repeats: int | None = None) -> list[float]:
     """Mean CV macro-F1 of the chosen head in each of `repeats` runs (default cv.repeats; repeats_for says how
-    many train-head runs): the choosing run's, then the same CV with the folds and the fits reseeded (seed + r). Their spread is the run-to-run noise shown beside the score: on
-    the demo, reseeding moves CV macro-F1 by 0.008 (std) where 1e-6 of feature noise moves nothing
-    (benchmarks/repro_noise.py)."""
+    many train-head runs): the choosing run's, then the same CV with the folds and the fits reseeded (seed + r).
+    Their spread is the run-to-run noise shown beside the score: on the demo, reseeding moves CV macro-F1 by
+    0.008 (std) where 1e-6 of feature noise moves nothing (benchmarks/repro_noise.py)."""
     out = [float(np.mean(first))]
     for r in range(1, params.cv.repeats if repeats is None else repeats):
         p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
@@ -103,7 +103,7 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     k = int(fold.max()) + 1
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
              f"{rows.dim} features; cross-validating {k} folds")
-    fits = k * (len(AUTO_CANDIDATES) if params.head.hidden == "auto" else 1) + k * (params.cv.repeats - 1)
+    fits = k * heads_to_fit(params.head) + k * (params.cv.repeats - 1)
     done = iter(range(1, fits + 1))
     on_fold = lambda: progress(f"{out}: fit {next(done)} of {fits} done")  # noqa: E731 - heads x folds, repeats
     views = FoldViews(rows, fold)  # each fold's training statistics and the final fit's, from one pass
