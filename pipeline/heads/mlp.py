@@ -52,6 +52,14 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 
+class _Linear(nn.Linear):
+    """nn.Linear created uninitialised (HeadNet initialises it from its generator): no draw from torch's global
+    random state. Not device="meta" + to_empty, whose first use imports sympy, 0.35 s of a process."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class HeadNet(nn.Module):
     """Standardised features (B, D) -> logits (B, C). Initialised as nn.Linear initialises itself, from
     `generator`: torch's global random state is neither read nor moved, so fits can run side by side in threads."""
@@ -63,10 +71,10 @@ class HeadNet(nn.Module):
         layers: list[nn.Module] = []
         width = dim
         for h in hidden:
-            layers += [nn.Linear(width, h, device="meta"), nn.ReLU(), Dropout(dropout, generator)]
+            layers += [_Linear(width, h), nn.ReLU(), Dropout(dropout, generator)]
             width = h
-        layers.append(nn.Linear(width, n_classes, device="meta"))
-        self.net = nn.Sequential(*layers).to_empty(device="cpu")  # (meta: no global random draws on creation)
+        layers.append(_Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
         with torch.no_grad():
             for m in self.net:
                 if isinstance(m, nn.Linear):  # nn.Linear.reset_parameters, from the generator
