@@ -1,0 +1,75 @@
+"""Issue #41's reference recipes, plain scikit-learn LogisticRegression on the stored features and no project code,
+measured on the project's own held-out-source benchmarks, to set beside the default's figures (docs/evaluation.md):
+
+  per-group    each training group standardised by its own mean and std, the held-out group by its own
+  pooled       the training rows standardised together, the held-out group by its own mean and std
+
+The issue measured both on two emoji designs outside shared/ (faces7 0.804 / 0.812, fused 0.851 / 0.820), where
+the default of that day scored 0.658. Leave-one-group-out over the stores benchmarks/loso.py and
+benchmarks/shift_families.py extract (run those first): per held-out group macro-F1, the mean and the worst.
+LogisticRegression(max_iter=3000), its defaults otherwise (C=1, L-BFGS): deterministic, so no seed spread.
+
+    python benchmarks/reference_recipe.py [--loso out/bench/loso] [--families out/bench/families]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.data.rows import open_rows  # noqa: E402
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    """x (n, D) minus its mean, over its std (a constant dimension: over 1e-6)."""
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def leave_one_group_out(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, dict[str, float]]:
+    """recipe -> held-out group -> macro-F1 of LogisticRegression trained on every other group."""
+    out: dict[str, dict[str, float]] = {"per-group": {}, "pooled": {}}
+    for g in sorted(set(groups)):
+        tr, te = groups != g, groups == g
+        xt = standardised(x[te])  # the held-out group by its own statistics, in both recipes
+        each = np.empty_like(x[tr])
+        for h in set(groups[tr]):
+            each[groups[tr] == h] = standardised(x[tr][groups[tr] == h])
+        for recipe, xtr in (("per-group", each), ("pooled", standardised(x[tr]))):
+            lr = LogisticRegression(max_iter=3000).fit(xtr, y[tr])
+            out[recipe][g] = float(f1_score(y[te], lr.predict(xt), average="macro"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--loso", default="out/bench/loso", help="benchmarks/loso.py's --work")
+    ap.add_argument("--families", default="out/bench/families", help="benchmarks/shift_families.py's --work")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    sets = []
+    for data in ("emoji-faces7", "emoji-polarity3"):
+        lite0, fer = (str(Path(args.loso) / f"{data}_{b}.h5") for b in ("efficientnet_lite0", "fer_mini_xception"))
+        sets += [(f"styles {data} {name}", paths) for name, paths in
+                 (("lite0", [lite0]), ("fer", [fer]), ("fused", [lite0, fer]))]
+        sets.append((f"families {data} lite0", [str(Path(args.families) / f"{data}_efficientnet_lite0.h5")]))
+    for name, paths in sets:
+        if not all(Path(p).exists() for p in paths):
+            print(f"{name}: skipped, no store at {', '.join(paths)} (run loso.py / shift_families.py first)")
+            continue
+        rows = open_rows(paths)
+        for recipe, per in leave_one_group_out(rows.features, rows.labels, np.asarray(rows.groups)).items():
+            cells = " ".join(f"{g} {f:.3f}" for g, f in per.items())
+            print(f"{name:36s} {recipe:9s} mean {np.mean(list(per.values())):.3f} worst {min(per.values()):.3f}"
+                  f"   {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
