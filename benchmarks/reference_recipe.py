@@ -65,7 +65,9 @@ def main() -> None:
             print(f"{name}: skipped, no store at {', '.join(paths)} (run loso.py / shift_families.py first)")
             continue
         rows = open_rows(paths)
-        for recipe, per in leave_one_group_out(rows.features, rows.labels, np.asarray(rows.groups)).items():
+        lab = rows.labels >= 0  # (N,) unlabelled rows take no part
+        for recipe, per in leave_one_group_out(rows.features[lab], rows.labels[lab],
+                                               np.asarray(rows.groups)[lab]).items():
             cells = " ".join(f"{g} {f:.3f}" for g, f in per.items())
             print(f"{name:36s} {recipe:9s} mean {np.mean(list(per.values())):.3f} worst {min(per.values()):.3f}"
                   f"   {cells}", flush=True)
