@@ -26,6 +26,7 @@ from features.input.sources import discover  # noqa: E402
 from pipeline.stages.train import train_head  # noqa: E402
 from pipeline.heads.mlp import HeadNet  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
+from pipeline.selection.heads import AUTO_CANDIDATES  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +40,8 @@ def main() -> None:
     # seed approach: one epoch = embed every image again + one pass of head updates
     bb = load_backbone("efficientnet_lite0")
     model = forward_engine(bb, "cpu", params.extract.batch_size)
-    head = HeadNet(bb.dim, params.head.hidden, len(src.class_names), params.head.dropout)
+    hidden = AUTO_CANDIDATES[0] if params.head.hidden == "auto" else params.head.hidden  # auto: its hidden layer
+    head = HeadNet(bb.dim, hidden, len(src.class_names), params.head.dropout)
     opt = torch.optim.Adam(head.net.parameters(), lr=params.head.lr)
     t = time.time()
     for idx, feats, _ in iter_embeddings(bb, paths, batch_size=params.extract.batch_size, workers=1,

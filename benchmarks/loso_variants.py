@@ -1,5 +1,6 @@
 """Leave-one-style-out macro-F1 of feature variants that frozen-feature probes use, on both shared labelings,
-side by side with the default (lite0 + FER expert fused, params.yaml's head):
+side by side with the default (lite0 + FER expert fused), each with the [256] head (`hidden: auto`'s hidden layer)
+fitted on the pooled styles and predicting without adaptation, as when these variants were measured:
 
   l2         each backbone's features L2-normalised before fusion and standardisation
   flip-tta   features averaged with those of the horizontally flipped image
@@ -25,6 +26,7 @@ from pipeline.heads.sources import rows_logits  # noqa: E402
 from pipeline.analysis.metrics import classification_metrics  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.data.rows import open_rows  # noqa: E402
+from pipeline.selection.heads import AUTO_CANDIDATES  # noqa: E402
 
 WORK = ROOT / "out" / "bench" / "loso_variants"
 
@@ -54,6 +56,8 @@ def loso(feats: np.ndarray, rows, params) -> tuple[float, list[float]]:
 
 def main() -> None:
     params = load_params(str(ROOT / "params.yaml"))
+    params = dataclasses.replace(params, head=dataclasses.replace(params.head, hidden=AUTO_CANDIDATES[0], adapt="none",
+                                                                  align="none"))
     for name in ("emoji-faces7", "emoji-polarity3"):
         data = ROOT.parent / "shared" / "data" / name
         stores = {}

@@ -54,8 +54,8 @@ sys.path.insert(0, {str(ROOT)!r})
 from pipeline.stages.train import train_head
 from pipeline.params import load_params
 p = load_params({str(ROOT / "params.yaml")!r})
-p = dataclasses.replace(p, cv=dataclasses.replace(p.cv, folds=2, memory_budget_mb=32),
-                        head=dataclasses.replace(p.head, epochs=2))
+p = dataclasses.replace(p, cv=dataclasses.replace(p.cv, folds=2, memory_budget_mb=32, repeats=1),
+                        head=dataclasses.replace(p.head, epochs=2, hidden=(256,), adapt="none", align="none"))
 t = time.time()
 m = train_head(stores=[{str(store)!r}], out={str(work / 'm')!r}, params=p, progress=lambda s: None)
 print(json.dumps({{"s": time.time() - t, "mode": m["mode"], "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -72,9 +72,12 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     images = ROOT / "out" / "bench" / "throughput" / "images"
+    if not any(p.is_file() for p in images.rglob("*")):
+        sys.exit(f"{images}: no images; run benchmarks/extract_throughput.py first, which makes them")
     print(f"extraction, {sum(1 for p in images.rglob('*') if p.is_file())} images, {os.cpu_count()} CPUs:")
     extraction(images, work)
-    print("streaming head training (budget 32 MiB, 2 folds + final fit, 2 epochs, hidden [256]):")
+    print("streaming head training (budget 32 MiB, 2 folds + final fit, 2 epochs, hidden [256], no adaptation, "
+          "one CV run: every pass a training pass):")
     streaming(work)
 
 
