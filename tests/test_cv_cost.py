@@ -185,13 +185,16 @@ def test_the_99_percent_quantile_is_students_t():
 def test_repeats_are_skipped_where_the_spread_across_folds_bounds_them_and_the_summary_says_so(tmp_path):
     """cv.repeats CV runs where the spread across folds / sqrt(folds) allows reseeding to move the score by
     REPEATS_NOISE; one where it does not (every fold perfect: nothing to move), said in metrics.json and on the
-    summary line with the bound."""
+    summary line with the bound. The progress lines count the fits made, whole: skipped runs are not counted."""
     p = params(head={"hidden": (), "adapt": "none"}, cv={"folds": 3, "repeats": 3})
     hard = synthetic_store(tmp_path / "hard.h5", n=120, dim=8, separation=0.4)
-    m = train_head(stores=[hard], out=str(tmp_path / "a"), params=p, progress=lambda line: None)
+    said = []
+    m = train_head(stores=[hard], out=str(tmp_path / "a"), params=p, progress=said.append)
     f1s = [f["macro_f1"] for f in m["cv"]["per_fold"]]
     assert np.std(f1s) / np.sqrt(3) >= train.REPEATS_NOISE  # the premise: folds apart
     assert len(m["cv"]["repeats"]) == 3 and "repeats_skipped" not in m["cv"]
+    counts = [line.split(": ", 1)[1] for line in said if line.endswith(" done")]
+    assert counts == [f"fit {i} of 3 done" for i in (1, 2, 3)] + [f"reseeded fit {i} of 6 done" for i in range(1, 7)]
     easy = synthetic_store(tmp_path / "easy.h5", n=120, dim=8, separation=10.0)
     said = []
     m = train_head(stores=[easy], out=str(tmp_path / "b"), params=p, progress=said.append)
@@ -201,6 +204,8 @@ def test_repeats_are_skipped_where_the_spread_across_folds_bounds_them_and_the_s
                                                  "3) bounds the mean's run-to-run noise by ± 0.0000")
     assert "reseeded runs: 2 of cv.repeats 3 skipped" in summary_line("b", m)
     assert any("reseeded runs: 2 of cv.repeats 3 skipped" in line for line in said)
+    counts = [line.split(": ", 1)[1] for line in said if line.endswith(" done")]
+    assert counts == [f"fit {i} of 3 done" for i in (1, 2, 3)]  # the skipped runs' fits are not promised
     assert set(m["phase_seconds"]) >= {"read", "fit []", "final fit", "calibration"}
 
 

@@ -103,9 +103,8 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     k = int(fold.max()) + 1
     progress(f"{out}: {int((rows.labels >= 0).sum())} labelled images, {len(rows.class_names)} classes, "
              f"{rows.dim} features; cross-validating {k} folds")
-    fits = k * heads_to_fit(params.head) + k * (params.cv.repeats - 1)
-    done = iter(range(1, fits + 1))
-    on_fold = lambda: progress(f"{out}: fit {next(done)} of {fits} done")  # noqa: E731 - heads x folds, repeats
+    on_fold = counter(progress, f"{out}: fit", k * heads_to_fit(params.head))  # heads x folds (a head clearly
+    # behind stops early: its CV's line says so)
     views = FoldViews(rows, fold)  # each fold's training statistics and the final fit's, from one pass
     choice = choose_head(rows, fold, params, max_val, on_fold, phases, views)
     progress(f"{out}: {describe_choice(choice.record)}")
@@ -113,12 +112,18 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     if skipped:
         progress(f"{out}: reseeded runs: {skipped}")
     with phases("repeats"):
-        runs = reseeded(rows, choice.params, choice.transform, choice.cv.f1s(choice.transform), max_val, on_fold,
-                        repeats)
+        runs = reseeded(rows, choice.params, choice.transform, choice.cv.f1s(choice.transform), max_val,
+                        counter(progress, f"{out}: reseeded fit", k * (repeats - 1)), repeats)
     progress(f"{out}: calibrating and fitting the final head on every labelled image")
     with atomic_dir(out_dir) as d:
         metrics = finish(rows, fold, choice, max_val, d, t0, runs, skipped, phases, views)
     return metrics | {"phase_seconds": phases.seconds}
+
+
+def counter(progress, what: str, total: int):
+    """A callback that says '{what} n of {total} done' the n-th time it is called."""
+    done = iter(range(1, total + 1))
+    return lambda: progress(f"{what} {next(done)} of {total} done")
 
 
 def summary_line(out: str, metrics: dict) -> str:
