@@ -45,18 +45,18 @@ def leave_one_group_out(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dic
     out: dict[str, dict[str, dict]] = {"per-group": {}, "pooled": {}}
     for g in sorted(set(groups)):
         tr, te = groups != g, groups == g
-        xt = standardised(x[te])  # the held-out group by its own statistics, in both recipes
+        xg, yg = x[te], y[te]  # (n, D), (n,) the held-out group
+        xt = standardised(xg)  # the held-out group by its own statistics, in both recipes
         each = np.empty_like(x[tr])
         for h in set(groups[tr]):
             each[groups[tr] == h] = standardised(x[tr][groups[tr] == h])
-        batches = [b for seed in SEEDS for b in stress_batches(y[te], np.arange(int(te.sum())),
-                                                                 np.random.default_rng(seed))]
+        batches = [b for seed in SEEDS for b in stress_batches(yg, np.arange(len(yg)), np.random.default_rng(seed))]
         for recipe, xtr in (("per-group", each), ("pooled", standardised(x[tr]))):
             lr = LogisticRegression(max_iter=3000).fit(xtr, y[tr])
             hits: dict[str, list[float]] = {k: [] for k in STRESS}
             for kind, b in batches:
-                hits[kind].append(float((lr.predict(standardised(x[te][b])) == y[te][b]).mean()))
-            out[recipe][g] = {"F1": float(f1_score(y[te], lr.predict(xt), average="macro")),
+                hits[kind].append(float((lr.predict(standardised(xg[b])) == yg[b]).mean()))
+            out[recipe][g] = {"F1": float(f1_score(yg, lr.predict(xt), average="macro")),
                               **{k: float(np.mean(v)) for k, v in hits.items() if v}}
     return out
 
