@@ -9,8 +9,10 @@ features, in one run; each a fresh process, wall clock with start-up. Prints eac
     configs default   params.yaml, cv.folds 5
             []        the same with hidden: [] ; [256]: with hidden: [256]
     LR      StandardScaler + LogisticRegression(max_iter=1000), 5 folds (head_speed.py), its CV time alone
-    phases  read, fit per head (CV folds), held-out sources adapted, stress batches, repeats (reseeded CV),
-            final fit, calibration, out-of-distribution reference; 'other' = the rest (start-up, writing)
+    phases  read, CV per head (its folds' fits and held-out sources adapted; every head's fold tasks share the
+            cores, selection/foldwork.py, so a head's figure is the wall time its results were waited for), stress
+            batches, repeats (reseeded CV), final fit, calibration, out-of-distribution reference; 'other' = the
+            rest (start-up, writing)
 
     python benchmarks/stage_two.py [--stores fer-like many 1k] [--store PATH ...] [--baseline DIR]
     --baseline DIR: an older checkout's default train-head on the same stores, its wall time beside this one's

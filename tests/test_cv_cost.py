@@ -2,11 +2,13 @@
 it did not say it changed: shared passes give the same logits, shared statistics the same numbers, a skipped or
 stopped phase is said in metrics.json and on the summary line."""
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 
 import pipeline.selection.crossval as crossval
+import pipeline.selection.foldwork as foldwork
 import pipeline.selection.heads as selection
 import pipeline.stages.train as train
 from tests.synthetic import synthetic_store
@@ -15,7 +17,9 @@ from pipeline.selection.crossval import Candidate, behind, cross_validate
 from pipeline.data.rows import open_rows
 from pipeline.heads import adapt, sources as per_source_loop
 from pipeline.heads import fitting
-from pipeline.heads.fitting import fit_rows
+from pipeline.heads.fitting import fit_rows, make_head
+from pipeline.heads.head import one_blas_thread
+from features.input.prefetch import available_cores
 from pipeline.stages.train import summary_line, train_head
 from tests.conftest import params
 from tests.test_adapt import _world
@@ -206,7 +210,7 @@ def test_repeats_are_skipped_where_the_spread_across_folds_bounds_them_and_the_s
     assert any("reseeded runs: 2 of cv.repeats 3 skipped" in line for line in said)
     counts = [line.split(": ", 1)[1] for line in said if line.endswith(" done")]
     assert counts == [f"fit {i} of 3 done" for i in (1, 2, 3)]  # the skipped runs' fits are not promised
-    assert set(m["phase_seconds"]) >= {"read", "fit []", "final fit", "calibration"}
+    assert set(m["phase_seconds"]) >= {"read", "CV []", "final fit", "calibration"}
 
 
 def test_rows_fitted_together_per_source_equal_each_transform_alone():
@@ -285,25 +289,25 @@ def test_stress_batches_score_as_each_batch_alone_whatever_their_sizes():
             assert hits[t] == alone, (t, batches)
 
 
-def test_folds_fitted_side_by_side_give_what_one_at_a_time_gives(monkeypatch):
-    """A hidden-layer head's CV fits its folds in threads (crossval.side_by_side): every out-of-fold logit, stress
-    score and per-fold figure is the one a fold-by-fold CV gives, bit for bit, and torch's global random state is
-    left as it was."""
+def test_fold_tasks_on_any_number_of_workers_give_what_one_at_a_time_gives(monkeypatch):
+    """CV's fold tasks run on a FoldPool (selection/foldwork.py), several at once: on 1, 2 or 3 workers every
+    out-of-fold logit, stress score and per-fold figure is the same, bit for bit, in a CV that gives up after 2
+    folds too; and torch's global random state is left as it was."""
     import torch
     from pipeline.data.folds import assign_folds
     rows = _world(groups=6)
     fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=3,
                         class_names=rows.class_names, random_state=0)
     p = params(head={"hidden": (16,), "adapt": "affine", "epochs": 20}, cv={"folds": 3})
-    assert crossval.side_by_side(rows, p) == crossval.available_cores()  # a few KiB of rows: one fit per core
-    assert crossval.side_by_side(rows, params(head={"hidden": ()})) == 1  # the linear head's products use them all
+    assert foldwork.workers_for(rows, p) == available_cores()  # a few KiB of rows: one task per core
     before = torch.get_rng_state()
     cands, stopped = {}, {}
-    for at_once in (1, 2, 3):  # 2: a round of 2 folds, then 1
-        monkeypatch.setattr(crossval, "side_by_side", lambda rows, params, n=at_once: n)
-        cands[at_once] = cross_validate(rows, fold, p, ("none", "affine"), None)
-        stopped[at_once] = cross_validate(rows, fold, p, ("none", "affine"), None,  # gives up after 2 folds
-                                          give_up=lambda cand: "enough" if len(cand.f1s("none")) == 2 else None)
+    for n in (1, 2, 3):  # 1: in the reader's thread; 2: two tasks at once, then the third
+        monkeypatch.setattr(foldwork, "workers_for", lambda rows, params, n=n: n)
+        with one_blas_thread():  # as a pool of several runs its products (one worker's would use every core)
+            cands[n] = cross_validate(rows, fold, p, ("none", "affine"), None)
+            stopped[n] = cross_validate(rows, fold, p, ("none", "affine"), None,  # gives up after 2 folds
+                                        give_up=lambda cand: "enough" if len(cand.f1s("none")) == 2 else None)
     for runs in cands, stopped:
         for a, b in (runs[1], runs[2]), (runs[1], runs[3]):
             for t in ("none", "affine"):
@@ -311,6 +315,41 @@ def test_folds_fitted_side_by_side_give_what_one_at_a_time_gives(monkeypatch):
             assert a.stress == b.stress and a.stress["affine"] and np.array_equal(a.scored, b.scored)
     assert stopped[2].stopped == "enough" and len(stopped[2].f1s("none")) == 2 and not stopped[2].scored.all()
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_a_cv_that_gives_up_starts_no_more_tasks_and_stops_its_running_fits():
+    """Run.stop: the tasks still queued never start, and a running one sees stopped() (its fit ends at its next
+    check). Two workers, four folds: the first two tasks hold their workers until the stop, so the other two are
+    still queued then, whatever the timing."""
+    started, saw, both, release = [], {}, threading.Barrier(3, timeout=30), threading.Event()
+
+    def task(j, stopped):
+        started.append(j)
+        both.wait()  # folds 0 and 1 are running, on the two workers
+        release.wait(timeout=30)
+        saw[j] = stopped()
+        return j
+    with foldwork.FoldPool(None, None, workers=2) as pool:
+        run = pool.start(task, range(4))
+        both.wait()
+        run.stop()
+        release.set()
+    assert sorted(started) == [0, 1] and saw == {0: True, 1: True}
+    assert all(f.cancelled() for _, f in run.futures[2:])
+
+
+@pytest.mark.parametrize("hidden", [(), (16,)])
+def test_a_fit_asked_to_stop_ends_at_its_first_check(hidden):
+    """The estimators' stop(): asked at each check (the linear head: each L-BFGS iteration), True ends the fit."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(600, 8)).astype(np.float32), rng.integers(0, 3, 600)
+    head = make_head(params(head={"hidden": hidden, "epochs": 50, "patience": 100}).head, 3, 0)
+    whole = make_head(params(head={"hidden": hidden, "epochs": 50, "patience": 100}).head, 3, 0).fit(x, y)
+    head.fit(x, y, stop=lambda: True)
+    if hidden:
+        assert head.n_steps_ == 5 < whole.n_steps_  # one epoch of 5 batches of 128: the first check
+    else:
+        assert head.n_iter_ == 1 < whole.n_iter_
 
 
 @pytest.mark.parametrize("classes, n, lr, vetted", [(20, 600, 3e-4, [()]), (10, 400, 1e-3, [(), (256,)])])

@@ -57,13 +57,14 @@ def split_validation(*, labels: np.ndarray, train: np.ndarray, params: HeadParam
 
 
 def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max_val: int | None = None,
-             reference: bool = True, view: "TrainingView | None" = None) -> Head:
+             reference: bool = True, view: "TrainingView | None" = None, stop=None) -> Head:
     """One head on the store rows (pipeline/data/rows.py) where `train` is True, early-stopping on a slice of them by
     split_validation's rule, with the Reference statistics of all of them (unless `reference` is False: a CV fit
     that no transform adapts to). With `align: groups` and a group column the head is fitted on the rows with
     each group aligned (heads/align.py). `view`: training_view(rows, train, params.align), when the caller has
-    it (CV shares each fold's among its heads). Holds one copy of the fit's rows (standardised in place), or
-    none when streamed."""
+    it (CV shares each fold's among its heads). `stop`: the estimator's (a CV that gave up ends the fit at its
+    next check; the head is then discarded). Holds one copy of the fit's rows (standardised in place), or none
+    when streamed."""
     if view is None and (reference or aligns(rows, params.align)):
         view = training_view(rows, train, params.align)
     on = view.rows if view is not None else rows
@@ -71,7 +72,7 @@ def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max
                                 max_rows=max_val)
     head = make_head(params, len(rows.class_names), random_state)
     head.fit(on.features_of(fit), rows.labels[fit], val=(on.take(val), rows.labels[val]) if val.any() else None,
-             copy=False)
+             copy=False, stop=stop)
     return dataclasses.replace(head.head_, reference=view.reference) if reference else head.head_
 
 
@@ -100,18 +101,18 @@ class FoldViews:
         self.rows, self.fold = rows, fold
         self._sums: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (k, C, D), (k, C, D), (k, C)
         self._views: dict[tuple[int, str], TrainingView] = {}
-        self._lock = threading.Lock()  # folds' heads are fitted side by side in threads (selection/crossval.py)
+        self._lock = threading.Lock()  # fold tasks run side by side in threads (selection/foldwork.py)
 
     def get(self, j: int, align: str) -> TrainingView:
         """Fold j's view: its training rows are the labelled rows of every other fold; j = -1: of every fold."""
-        with self._lock:
+        with self._lock:  # each view made once, by whichever fold task asks first
             if self._sums is None:
                 self._sums = self._fold_sums()
-        if (j, align) not in self._views:
-            train, used = (self.rows.labels >= 0) & (self.fold != j), np.arange(len(self._sums[2])) != j
-            self._views[j, align] = training_view(self.rows, train, align,
-                                                  reference_from(*(a[used].sum(0) for a in self._sums)))
-        return self._views[j, align]
+            if (j, align) not in self._views:
+                train, used = (self.rows.labels >= 0) & (self.fold != j), np.arange(len(self._sums[2])) != j
+                self._views[j, align] = training_view(self.rows, train, align,
+                                                      reference_from(*(a[used].sum(0) for a in self._sums)))
+            return self._views[j, align]
 
     def whole(self, align: str) -> TrainingView:
         """The view of every labelled row: the final fit's."""

@@ -28,9 +28,10 @@ class LinearHead:
         self.patience, self.tol, self.class_weight = patience, tol, class_weight
 
     def fit(self, X: np.ndarray | Blocks, y: np.ndarray, sample_weight: np.ndarray | None = None,
-            val: tuple[np.ndarray, np.ndarray] | None = None, copy: bool = True) -> "LinearHead":
+            val: tuple[np.ndarray, np.ndarray] | None = None, copy: bool = True, stop=None) -> "LinearHead":
         """X: raw features (N, D) or blocks of them (streamed); y (N,) in [0, n_classes); val: (Xv (V, D), yv (V,))
-        raw, for early stopping. copy=False lets the fit standardise an array X in place."""
+        raw, for early stopping. copy=False lets the fit standardise an array X in place. stop(): asked after each
+        iteration; True ends the fit there (its CV gave up: the head is discarded)."""
         C = self.n_classes
         blocks, self.mean_, self.scale_ = standardise(X, copy=copy)
         w = sample_weights(y, C, self.class_weight, sample_weight)  # (N,)
@@ -50,10 +51,13 @@ class LinearHead:
                 return stopper.stop
         else:
             check = None
+
+        def after_iteration(coef: np.ndarray) -> bool:  # stop here?
+            return bool(check is not None and check(coef)) or (stop is not None and stop())
         with blas_threads_for(len(y)):  # a few hundred rows: one BLAS thread (heads/head.py)
             x, self.n_iter_ = lbfgs(lambda coef: linear_loss_gradient(coef, blocks, y, w, self.weight_decay, C),
                                     np.zeros(C * (D + 1), np.float32), max_iter=self.max_iter, gtol=GTOL,
-                                    callback=check)
+                                    callback=after_iteration)
         self.coef_, self.intercept_ = split_coef(best["coef"] if best["coef"] is not None else x, C)
         self.head_ = Head([(self.coef_, self.intercept_)], self.mean_, self.scale_)
         return self

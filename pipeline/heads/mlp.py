@@ -196,7 +196,8 @@ class MLPHead:
         self.class_weight, self.random_state = class_weight, random_state
 
     def fit(self, X: np.ndarray | Blocks, y: np.ndarray, sample_weight: np.ndarray | None = None,
-            val: tuple[np.ndarray, np.ndarray] | None = None, copy: bool = True) -> "MLPHead":
+            val: tuple[np.ndarray, np.ndarray] | None = None, copy: bool = True, stop=None) -> "MLPHead":
+        """stop(): asked at each check; True ends the fit there (its CV gave up: the head is discarded)."""
         C, seed = self.n_classes, self.random_state
         blocks, self.mean_, self.scale_ = standardise(X, copy=copy)
         weight = torch.from_numpy(class_weights(y, C, self.class_weight))  # (C,)
@@ -242,7 +243,7 @@ class MLPHead:
                     stopper.update(checked)
                     if xv is not None and stopper.improved:
                         best = model.layers()  # with `val`, the head that was best on it is kept
-                    if stopper.stop:
+                    if stopper.stop or (stop is not None and stop()):
                         break
         self.n_steps_ = step
         self.head_ = Head(best if best is not None else model.layers(), self.mean_, self.scale_)

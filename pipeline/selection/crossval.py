@@ -3,6 +3,8 @@
 behind. The choices made from it are pipeline/selection/rules.py's.
 
     cand = cross_validate(rows, fold, params, transforms, ...)   one fit per fold; every transform per fold
+    run = start_cv(pool, rows, fold, params, ...)                  the same folds' tasks queued on a FoldPool
+    cand = cross_validate(..., run=run)                            ...and read (selection/foldwork.py)
 
 A source in CV is a manifest group (each held-out group adapted by its own statistics), or without groups each
 fold's test part (data/folds.cv_sources). Stress batches come from held-out sources: one class making 60% of the
@@ -21,12 +23,12 @@ from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.analysis.noise import T995, paired_difference
 from pipeline.data.folds import cv_sources
-from pipeline.data.memory import IN_MEMORY_COPIES, memory_budget
 from pipeline.heads.adapt import many_sources_logits_each, source_logits_each
 from pipeline.heads.fitting import FoldViews, aligns, fit_rows
 from pipeline.heads.head import one_blas_thread
 from pipeline.heads.sources import rows_logits_each
 from pipeline.params import Params
+from pipeline.selection.foldwork import FoldPool, Run, Task
 from pipeline.transforms import NONE, adapts
 
 STRESS = ("one class at 60%", "two classes", "5 images", "10 images")
@@ -81,50 +83,67 @@ def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Gener
     return out
 
 
-def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
-                   on_fold=lambda: None, stress: bool = True, phases: Phases | None = None,
-                   views: FoldViews | None = None, give_up=lambda cand: None) -> Candidate:
-    """One head per fold (params.head, hidden resolved), its held-out rows predicted under every transform (each
-    source adapted on its own) and, with `stress`, its stress batches scored once every fold is
-    (score_stress_batches; choose_head scores them itself, for a head that may yet be chosen only). `views`: each
-    fold's training rows as the head sees them (aligned or not) and their statistics (fitting.FoldViews of these
-    folds): pass the same one to every head CV'd on these folds and each is computed once.
-    give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None. `max_val`: the rows a
-    streamed store's fit holds at once, for its early-stopping slice and its stress batches (None in memory)."""
-    names, seed = rows.class_names, params.cv.seed
-    lab = rows.labels >= 0
-    sources = cv_sources(rows.groups, fold)
-    cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
-                     {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms},
-                     labels=rows.labels, sources=sources, scored=np.zeros(len(rows), bool))
+def fold_task(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
+              views: FoldViews) -> Task:
+    """Fold j's task (foldwork.Task): its head (params.head, hidden resolved), fitted on the other folds' labelled
+    rows, and its held-out rows predicted under every transform, each source adapted on its own
+    (heads/sources.py) -> (head, rows_logits_each's result); None once its CV gave up (stopped())."""
+    lab, sources, align = rows.labels >= 0, cv_sources(rows.groups, fold), params.head.align
     adapting = any(map(adapts, transforms))  # else no reference statistics and no stress batches are needed
-    phases, views = phases or Phases(), FoldViews(rows, fold) if views is None else views
-    align = params.head.align
 
-    def fit(j: int):  # fold j's head, on the other folds' rows
+    def task(j: int, stopped) -> tuple | None:
         view = views.get(j, align) if adapting or aligns(rows, align) else None  # what the head is fitted on and
         # a source adapted to: the fold's training rows, whatever the head
-        return fit_rows(rows, lab & (fold != j), params.head, seed + j, max_val, reference=adapting, view=view)
-    folds, at_once = int(fold.max()) + 1, side_by_side(rows, params)
-    heads: dict[int, object] = {}
-    for j in range(folds):
-        if j not in heads:  # the next round: this fold's fit and the next ones', side by side
-            with phases(f"fit {list(params.head.hidden)}"):
-                heads = fit_round(fit, list(range(j, min(folds, j + at_once))))
-        head = cand.heads[j] = heads[j]
-        te = fold == j
-        cand.scored |= te & lab
-        with phases("held-out sources adapted"):
-            for t, (logits, said, _) in rows_logits_each(head, rows, te, sources, transforms).items():
+        head = fit_rows(rows, lab & (fold != j), params.head, params.cv.seed + j, max_val, reference=adapting,
+                        view=view, stop=stopped)
+        return None if stopped() else (head, rows_logits_each(head, rows, fold == j, sources, transforms))
+    return task
+
+
+def start_cv(pool: FoldPool, rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...],
+             max_val: int | None, views: FoldViews | None = None) -> Run:
+    """Every fold's task queued on `pool`, for cross_validate to read (choose_head queues each head's before
+    reading the first). `views`: as cross_validate's."""
+    views = FoldViews(rows, fold) if views is None else views
+    return pool.start(fold_task(rows, fold, params, transforms, max_val, views), range(int(fold.max()) + 1))
+
+
+def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...], max_val: int | None,
+                   on_fold=lambda: None, stress: bool = True, phases: Phases | None = None,
+                   views: FoldViews | None = None, give_up=lambda cand: None, run: Run | None = None) -> Candidate:
+    """One head per fold (fold_task), its held-out rows predicted under every transform and, with `stress`, its
+    stress batches scored once every fold is (score_stress_batches; choose_head scores them itself, for a head
+    that may yet be chosen only). `views`: each fold's training rows as the head sees them (aligned or not) and
+    their statistics (fitting.FoldViews of these folds): pass the same one to every head CV'd on these folds and
+    each is computed once. give_up(cand) after each fold: a reason to stop this CV there (cand.stopped), or None;
+    its tasks still queued or running then stop (foldwork.Run.stop). `max_val`: the rows a streamed store's fit
+    holds at once, for its early-stopping slice and its stress batches (None in memory). `run`: the folds' tasks,
+    queued by start_cv with the same arguments; without it, a FoldPool of its own."""
+    if run is None:
+        with FoldPool(rows, params) as pool:
+            run = start_cv(pool, rows, fold, params, transforms, max_val, views)
+            return cross_validate(rows, fold, params, transforms, max_val, on_fold, stress, phases, views, give_up,
+                                  run)
+    names, folds, phases = rows.class_names, int(fold.max()) + 1, phases or Phases()
+    lab = rows.labels >= 0
+    cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
+                     {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms},
+                     labels=rows.labels, sources=cv_sources(rows.groups, fold), scored=np.zeros(len(rows), bool))
+    with phases(f"CV {list(params.head.hidden)}"):  # the wall time this head's results were waited for
+        for j, (head, adapted) in run.results():
+            cand.heads[j], te = head, fold == j
+            cand.scored |= te & lab
+            for t, (logits, said, _) in adapted.items():
                 cand.oof[t][te] = logits
                 for i, s in zip(np.flatnonzero(te), said):
                     cand.said[t][i] = s
-                m = classification_metrics(rows.labels[te], cand.oof[t][te].argmax(1), names)
+                m = classification_metrics(rows.labels[te], logits.argmax(1), names)
                 cand.per_fold[t].append({"fold": j, "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
-        on_fold()
-        cand.stopped = give_up(cand) if j < int(fold.max()) else None
-        if cand.stopped:
-            break
+            on_fold()
+            cand.stopped = give_up(cand) if j < folds - 1 else None
+            if cand.stopped:
+                run.stop()
+                break
     if stress:
         score_stress_batches(cand, rows, fold, max_val, phases)
     return cand
@@ -147,27 +166,6 @@ def score_stress_batches(cand: Candidate, rows, fold: np.ndarray, max_val: int |
             with phases("stress batches"):
                 score_stress(head, rows, batches, transforms, hits, max_val)
     cand.stress = {t: {k: v for k, v in per.items() if v} for t, per in hits.items()}
-
-
-def side_by_side(rows, params: Params) -> int:
-    """How many folds' heads are fitted at once: a hidden-layer head's steps run on one torch thread
-    (heads/mlp.one_thread), so on rows in memory one fit per core, as many as the memory budget holds a copy of
-    the training rows for beyond the one data/memory.py counts; else 1 (a linear fit's products already use every
-    core, and a streamed store is read one fit at a time). A round's fits all finish before its folds are scored,
-    so a CV that gives up (give_up) stops where it did, and wastes no wall time on the round's other folds."""
-    if not params.head.hidden or not rows.in_memory:
-        return 1
-    copy = 4 * len(rows.labels) * rows.dim  # bytes: a fit's float32 copy of its training rows, at most all of them
-    spare = memory_budget(params.cv.memory_budget_mb) // copy - IN_MEMORY_COPIES
-    return max(1, min(available_cores(), 1 + spare))
-
-
-def fit_round(fit, folds: list[int]) -> dict:
-    """{fold: fit(fold)}, the folds' fits side by side in threads (each its own generators and torch thread)."""
-    if len(folds) == 1:
-        return {folds[0]: fit(folds[0])}
-    with ThreadPoolExecutor(len(folds)) as pool:
-        return dict(zip(folds, pool.map(fit, folds)))
 
 
 def score_stress(head, rows, batches: list[tuple[str, np.ndarray]], transforms: tuple[str, ...],

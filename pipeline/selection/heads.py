@@ -14,7 +14,8 @@ from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import FoldViews
 from pipeline.params import Params
-from pipeline.selection.crossval import Candidate, behind_any, cross_validate, score_stress_batches
+from pipeline.selection.crossval import Candidate, behind_any, cross_validate, score_stress_batches, start_cv
+from pipeline.selection.foldwork import FoldPool
 from pipeline.selection.rules import adaptation_record, choose_transform, prefer, weakest, worst_of
 from pipeline.transforms import NONE
 
@@ -54,17 +55,20 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     # shared by the heads
     order = [json.dumps(list(hidden)) for hidden in heads]  # the heads' names, in preference order
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
-    for hidden in sorted(heads, key=len):  # the linear head first: its CV is cheap, and a later head's CV stops
-        # once it is clearly behind the first one's (crossval.behind)
-        key = json.dumps(list(hidden))
-        ahead = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]  # CV'd before it, not stopped
-        leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in ahead][:1]
-        cand = cross_validate(rows, fold, dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)),
-                              transforms, max_val, on_fold, stress=False, phases=phases, views=views,
-                              give_up=behind_any(leaders, int(fold.max()) + 1))
-        if cand.stopped is None and (not ahead or could_win(key, cand, ahead, order)):
-            score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
-        cvs[key] = (cand, *(choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")))
+    configs = [(json.dumps(list(hidden)), dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)))
+               for hidden in sorted(heads, key=len)]  # the linear head first: its CV is cheap, and a later head's
+    # CV stops once it is clearly behind the first one's (crossval.behind)
+    with FoldPool(rows, params) as pool:
+        runs = [start_cv(pool, rows, fold, p, transforms, max_val, views) for _, p in configs]  # every head's
+        # folds queued at once, on every core (selection/foldwork.py); read in the same order
+        for (key, p), run in zip(configs, runs):
+            ahead = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]  # CV'd before it, not stopped
+            leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in ahead][:1]
+            cand = cross_validate(rows, fold, p, transforms, max_val, on_fold, stress=False, phases=phases,
+                                  give_up=behind_any(leaders, int(fold.max()) + 1), run=run)
+            if cand.stopped is None and (not ahead or could_win(key, cand, ahead, order)):
+                score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
+            cvs[key] = (cand, *(choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")))
     tried = [(key, *cvs[key]) for key in order]
     finished = [t for t in tried if t[1].stopped is None]
     if not finished:  # every candidate clearly behind the leader: nothing here to choose

@@ -26,7 +26,8 @@ from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
 from pipeline.data.folds import cv_sources
 from pipeline.heads.fitting import FoldViews, fit_rows
-from pipeline.selection.crossval import cross_validate
+from pipeline.selection.crossval import cross_validate, start_cv
+from pipeline.selection.foldwork import FoldPool
 from pipeline.selection.heads import Choice, choose_head, describe_choice, heads_to_fit
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_metrics, write_predictions)
@@ -67,11 +68,14 @@ def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max
     Their spread is the run-to-run noise shown beside the score: on the demo, reseeding moves CV macro-F1 by
     0.008 (std) where 1e-6 of feature noise moves nothing (benchmarks/repro_noise.py)."""
     out = [float(np.mean(first))]
-    for r in range(1, params.cv.repeats if repeats is None else repeats):
-        p = dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
-        cand = cross_validate(rows, folds_of(rows, p.cv.folds, p.cv.seed), p, (transform,), max_val, on_fold,
-                              stress=False)
-        out.append(float(np.mean(cand.f1s(transform))))
+    runs = [dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
+            for r in range(1, params.cv.repeats if repeats is None else repeats)]
+    with FoldPool(rows, params) as pool:  # every run's folds queued at once, on every core
+        started = [(p, f, start_cv(pool, rows, f, p, (transform,), max_val))
+                   for p in runs for f in [folds_of(rows, p.cv.folds, p.cv.seed)]]
+        for p, f, run in started:
+            cand = cross_validate(rows, f, p, (transform,), max_val, on_fold, stress=False, run=run)
+            out.append(float(np.mean(cand.f1s(transform))))
     return out
 
 
