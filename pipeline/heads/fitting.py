@@ -76,6 +76,14 @@ def fit_rows(rows, train: np.ndarray, params: HeadParams, random_state: int, max
     return dataclasses.replace(head.head_, reference=view.reference) if reference else head.head_
 
 
+def fit_final(rows, params: HeadParams, random_state: int, max_val: int | None = None,
+              views: "FoldViews | None" = None, stop=None) -> Head:
+    """The final head: fit_rows on every labelled row, with the statistics of CV's sums (views.whole) when the
+    caller has CV's FoldViews."""
+    return fit_rows(rows, rows.labels >= 0, params, random_state, max_val,
+                    view=views.whole(params.align) if views is not None else None, stop=stop)
+
+
 def aligns(rows, align: str) -> bool:
     """Whether a head fitted on `rows` with this `align` sees each group aligned: align: groups, and groups to align
     (selection/heads.choose_head sets align: none where adapt: none is set, and the head meets raw features)."""

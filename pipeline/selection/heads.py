@@ -12,7 +12,8 @@ import numpy as np
 from features.timing import Phases
 from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
-from pipeline.heads.fitting import FoldViews
+from pipeline.heads.fitting import FoldViews, fit_final
+from pipeline.heads.head import Head
 from pipeline.params import Params
 from pipeline.selection.crossval import Candidate, behind_any, cross_validate, score_stress_batches, start_cv
 from pipeline.selection.foldwork import FoldPool
@@ -33,11 +34,12 @@ class Choice:
     transform: str
     record: dict
     stopped: str | None = None  # why every candidate's CV stopped early, behind choose_head's leader: no choice
+    final: Head | None = None  # the final head on every labelled row, where choose_head fitted it (final_fit)
 
 
 def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
                 phases: Phases | None = None, views: FoldViews | None = None,
-                leader: tuple[str, list[float]] | None = None) -> Choice:
+                leader: tuple[str, list[float]] | None = None, final_fit: bool = False) -> Choice:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
     first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice. Stress
@@ -45,7 +47,10 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     loses under each of its transforms (FER-like: the [256] head's, 0.9 of 1.2 s).
     `leader`: (name, per-fold scores on these folds) of a config chosen among outside (sweep's best so far): a
     candidate's CV stops once it is clearly behind that one too (crossval.behind); when every one's did, the
-    Choice is of the first candidate, and says why (Choice.stopped)."""
+    Choice is of the first candidate, and says why (Choice.stopped). `final_fit` (train-head): where one head
+    is CV'd and no leader can stop it, its final fit on every labelled row waits on no choice (a transform is
+    applied at prediction, not fitted), so it is queued behind the CV's folds, into the last fold's idle core,
+    and comes back as Choice.final (`hidden: []` on FER-like: 0.6 s of 4.4)."""
     h = params.head
     if h.adapt == NONE:  # predictions on raw features: a head trained on aligned groups would never meet its inputs
         h = dataclasses.replace(h, align="none")
@@ -61,6 +66,11 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     with FoldPool(rows, params) as pool:
         runs = [start_cv(pool, rows, fold, p, transforms, max_val, views) for _, p in configs]  # every head's
         # folds queued at once, on every core (selection/foldwork.py); read in the same order
+        final = None
+        if final_fit and len(configs) == 1 and leader is None:  # queued behind the folds (final_fit)
+            one = configs[0][1]
+            final = pool.start(lambda j, stopped: fit_final(rows, one.head, one.cv.seed, max_val, views, stopped),
+                               [-1])
         for (key, p), run in zip(configs, runs):
             ahead = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]  # CV'd before it, not stopped
             leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in ahead][:1]
@@ -69,6 +79,7 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
             if cand.stopped is None and (not ahead or could_win(key, cand, ahead, order)):
                 score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
             cvs[key] = (cand, *(choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")))
+        final_head = next(final.results())[1] if final else None
     tried = [(key, *cvs[key]) for key in order]
     finished = [t for t in tried if t[1].stopped is None]
     if not finished:  # every candidate clearly behind the leader: nothing here to choose
@@ -91,7 +102,7 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                               "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried},
                               "worst_source": {key: weakest(c, t) for key, c, t, _ in finished}},
               "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
-    return Choice(chosen, cand, transform, choice)
+    return Choice(chosen, cand, transform, choice, final=final_head)
 
 
 def could_win(key: str, cand: Candidate, finished: list[tuple[str, Candidate, str]], order: list[str]) -> bool:

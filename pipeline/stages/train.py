@@ -25,7 +25,7 @@ from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
 from pipeline.data.folds import cv_sources
-from pipeline.heads.fitting import FoldViews, fit_rows
+from pipeline.heads.fitting import FoldViews, fit_final
 from pipeline.selection.crossval import cross_validate, start_cv
 from pipeline.selection.foldwork import FoldPool
 from pipeline.selection.heads import Choice, choose_head, describe_choice, heads_to_fit
@@ -110,7 +110,7 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     on_fold = counter(progress, f"{out}: fit", k * heads_to_fit(params.head))  # heads x folds (a head clearly
     # behind stops early: its CV's line says so)
     views = FoldViews(rows, fold)  # each fold's training statistics and the final fit's, from one pass
-    choice = choose_head(rows, fold, params, max_val, on_fold, phases, views)
+    choice = choose_head(rows, fold, params, max_val, on_fold, phases, views, final_fit=True)
     progress(f"{out}: {describe_choice(choice.record)}")
     repeats, skipped = repeats_for(params, choice.cv.f1s(choice.transform))
     if skipped:
@@ -158,9 +158,9 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     phases = phases or Phases()
     params, cand, transform = choice.params, choice.cv, choice.transform
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
-    with phases("final fit"):
-        final = fit_rows(rows, lab, params.head, params.cv.seed, max_val,
-                         view=views.whole(params.head.align) if views is not None else None)
+    with phases("final fit"):  # fitted beside CV already where it waited on no choice (choose_head's final_fit)
+        final = choice.final if choice.final is not None else fit_final(rows, params.head, params.cv.seed, max_val,
+                                                                          views)
     with phases("calibration"):
         final = dataclasses.replace(final, temperature=fit_temperature(oof[lab], rows.labels[lab]))
     with phases("out-of-distribution reference"):
