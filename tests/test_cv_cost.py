@@ -338,30 +338,34 @@ def test_a_cv_that_gives_up_starts_no_more_tasks_and_stops_its_running_fits():
     assert all(f.cancelled() for _, f in run.futures[2:])
 
 
-def test_a_forced_heads_final_fit_beside_its_cv_is_the_one_fitted_after_it(monkeypatch):
-    """choose_head(final_fit=True) with one head queues its final fit behind the CV's folds: the head it returns is
-    the one fitted on every labelled row after the CV, bit for bit, statistics included; with hidden: auto the
-    final head waits on the choice, and with a leader (sweep) the CV may stop, so there is none."""
+def test_the_final_fit_queued_beside_cv_is_the_one_fitted_after_the_choice(tmp_path, monkeypatch):
+    """choose_head(final_fit=True) queues every candidate's final fit behind the CV's folds and keeps the chosen
+    one's: the head it returns is the one fitted on every labelled row after the choice, bit for bit, statistics
+    included, for forced heads and for `auto` choosing either head; with a leader (sweep) a CV may stop, so there
+    is none."""
     from pipeline.data.folds import assign_folds
-    rows = _world(groups=6)
-    fold = assign_folds(labels=rows.labels, groups=rows.groups, sha256=rows.sha256, k=3,
-                        class_names=rows.class_names, random_state=0)
     monkeypatch.setattr(foldwork, "workers_for", lambda rows, params: 2)
-    for hidden in ((), (16,)):
-        p = params(head={"hidden": hidden, "adapt": "auto", "epochs": 20}, cv={"folds": 3})
+    styles = _world(groups=6)
+    many = open_rows([synthetic_store(tmp_path / "s.h5", n=600, dim=16, classes=20, separation=0.3, groups=4,
+                                      random_state=0)])  # 20 classes: [256] loses, [] is chosen
+    cases = [(styles, {"hidden": ()}, ()), (styles, {"hidden": (16,)}, (16,)), (styles, {"hidden": "auto"}, (256,)),
+             (many, {"hidden": "auto", "epochs": 5, "lr": 3e-4}, ())]
+    for world, head, expect in cases:
+        fold = assign_folds(labels=world.labels, groups=world.groups, sha256=world.sha256, k=3,
+                            class_names=world.class_names, random_state=0)
+        p = params(head={"adapt": "auto", "epochs": 20} | head, cv={"folds": 3})
         with one_blas_thread():  # as the pool's workers compute
-            choice = selection.choose_head(rows, fold, p, None, final_fit=True)
-            after = fitting.fit_final(rows, choice.params.head, p.cv.seed, None, fitting.FoldViews(rows, fold))
+            choice = selection.choose_head(world, fold, p, None, final_fit=True)
+            after = fitting.fit_final(world, choice.params.head, p.cv.seed, None, fitting.FoldViews(world, fold))
         got = choice.final
-        assert got is not None and len(got.layers) == len(after.layers) == 1 + len(hidden)
+        assert choice.params.head.hidden == expect and got is not None and len(got.layers) == len(after.layers)
         for a, b in [*zip(got.layers, after.layers), ((got.mean, got.scale), (after.mean, after.scale)),
                      ((got.reference.mean, got.reference.sq), (after.reference.mean, after.reference.sq))]:
             assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-        assert selection.choose_head(rows, fold, p, None).final is None  # not asked for
-    auto = params(head={"hidden": "auto", "epochs": 20}, cv={"folds": 3})
-    assert selection.choose_head(rows, fold, auto, None, final_fit=True).final is None
+        assert selection.choose_head(world, fold, p, None).final is None  # not asked for
     forced = params(head={"hidden": (), "epochs": 20}, cv={"folds": 3})
-    assert selection.choose_head(rows, fold, forced, None, leader=("best", [0.5] * 3), final_fit=True).final is None
+    assert selection.choose_head(styles, np.arange(len(styles)) % 3, forced, None, leader=("best", [0.5] * 3),
+                                 final_fit=True).final is None
 
 
 @pytest.mark.parametrize("hidden", [(), (16,)])

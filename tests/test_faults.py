@@ -87,7 +87,7 @@ def test_train_head_killed_at_any_moment_leaves_a_complete_model(tmp_path):
     args = ["train-head", store, "--out", str(out), "--params", str(ROOT / "params.yaml")]
     assert _cli(*args).returncode == 0
     from pipeline.inference.modeldir import load_model_dir
-    for target, k in (("pipeline.selection.crossval:fit_rows", 2), ("pipeline.stages.train:fit_final", 1),
+    for target, k in (("pipeline.selection.crossval:fit_rows", 2), ("pipeline.selection.heads:fit_final", 1),
                       ("features.storage.atomic:_exchange", 1), ("features.storage.atomic:_fsync_dir", 2)):
         p = start(target, k, marker, *args)
         assert wait_for(marker, p), (target, p.communicate())

@@ -47,10 +47,10 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     loses under each of its transforms (FER-like: the [256] head's, 0.9 of 1.2 s).
     `leader`: (name, per-fold scores on these folds) of a config chosen among outside (sweep's best so far): a
     candidate's CV stops once it is clearly behind that one too (crossval.behind); when every one's did, the
-    Choice is of the first candidate, and says why (Choice.stopped). `final_fit` (train-head): where one head
-    is CV'd and no leader can stop it, its final fit on every labelled row waits on no choice (a transform is
-    applied at prediction, not fitted), so it is queued behind the CV's folds, into the last fold's idle core,
-    and comes back as Choice.final (`hidden: []` on FER-like: 0.6 s of 4.4)."""
+    Choice is of the first candidate, and says why (Choice.stopped). `final_fit` (train-head, no leader): every
+    candidate's final fit on every labelled row is queued behind all the folds, into their last round's idle core
+    (a final fit waits on no transform: one is applied at prediction, not fitted); the chosen head's comes back as
+    Choice.final, the others are stopped (FER-like default: the final fit's 0.6 s)."""
     h = params.head
     if h.adapt == NONE:  # predictions on raw features: a head trained on aligned groups would never meet its inputs
         h = dataclasses.replace(h, align="none")
@@ -66,11 +66,8 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     with FoldPool(rows, params) as pool:
         runs = [start_cv(pool, rows, fold, p, transforms, max_val, views) for _, p in configs]  # every head's
         # folds queued at once, on every core (selection/foldwork.py); read in the same order
-        final = None
-        if final_fit and len(configs) == 1 and leader is None:  # queued behind the folds (final_fit)
-            one = configs[0][1]
-            final = pool.start(lambda j, stopped: fit_final(rows, one.head, one.cv.seed, max_val, views, stopped),
-                               [-1])
+        finals = {key: pool.start(final_task(rows, p, max_val, views), [-1]) for key, p in configs} \
+            if final_fit and leader is None else {}
         for (key, p), run in zip(configs, runs):
             ahead = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]  # CV'd before it, not stopped
             leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in ahead][:1]
@@ -78,9 +75,24 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                                   give_up=behind_any(leaders, int(fold.max()) + 1), run=run)
             if cand.stopped is None and (not ahead or could_win(key, cand, ahead, order)):
                 score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
+            elif cand.stopped and key in finals:
+                finals.pop(key).stop()
             cvs[key] = (cand, *(choose_transform(cand) if h.adapt == "auto" else (h.adapt, "set in params")))
-        final_head = next(final.results())[1] if final else None
-    tried = [(key, *cvs[key]) for key in order]
+        choice = _choice([(key, *cvs[key]) for key in order], grouped=rows.groups is not None)
+        chosen = json.dumps(list(choice.params.head.hidden))
+        for key, run in finals.items():
+            if key != chosen:
+                run.stop()
+        return dataclasses.replace(choice, final=next(finals[chosen].results())[1]) if chosen in finals else choice
+
+
+def final_task(rows, params: Params, max_val: int | None, views: FoldViews):
+    """A foldwork task: the final head of params.head on every labelled row (fitting.fit_final)."""
+    return lambda j, stopped: fit_final(rows, params.head, params.cv.seed, max_val, views, stopped)
+
+
+def _choice(tried: list[tuple[str, Candidate, str, str]], grouped: bool) -> Choice:
+    """The Choice among the heads `tried` (name, CV, its transform, why), in preference order."""
     finished = [t for t in tried if t[1].stopped is None]
     if not finished:  # every candidate clearly behind the leader: nothing here to choose
         key, cand, transform, _ = tried[0]
@@ -92,7 +104,7 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     why += "".join(f"; {key} lost under each of its transforms, so its stress batches were not scored (its score "
                    f"here: under {t}, the transform it would take before them)" for key, cand, t, _ in finished
                    if not cand.stress)
-    if rows.groups is None and name != tried[0][0]:  # the within-source winner is not the one new sources favour
+    if not grouped and name != tried[0][0]:  # the within-source winner is not the one new sources favour
         why += f"; without a group column CV saw only sources like the training ones, and on new ones {tried[0][0]} " \
                "generalised better (docs/evaluation.md): give the group to choose for them"
     _, cand, transform, why_t = next(t for t in tried if t[0] == name)
@@ -101,8 +113,8 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
                               "cv_macro_f1": {key: round(float(np.mean(c.f1s(t))), 4) for key, c, t, _ in tried},
                               "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried},
                               "worst_source": {key: weakest(c, t) for key, c, t, _ in finished}},
-              "adaptation": adaptation_record(cand, transform, why_t, grouped=rows.groups is not None)}
-    return Choice(chosen, cand, transform, choice, final=final_head)
+              "adaptation": adaptation_record(cand, transform, why_t, grouped=grouped)}
+    return Choice(chosen, cand, transform, choice)
 
 
 def could_win(key: str, cand: Candidate, finished: list[tuple[str, Candidate, str]], order: list[str]) -> bool:

@@ -158,7 +158,7 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     phases = phases or Phases()
     params, cand, transform = choice.params, choice.cv, choice.transform
     oof, per_fold = cand.oof[transform], cand.per_fold[transform]
-    with phases("final fit"):  # fitted beside CV already where it waited on no choice (choose_head's final_fit)
+    with phases("final fit"):  # train-head's was fitted beside CV (choose_head's final_fit); sweep's best is not
         final = choice.final if choice.final is not None else fit_final(rows, params.head, params.cv.seed, max_val,
                                                                           views)
     with phases("calibration"):
