@@ -68,11 +68,11 @@ def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max
     Their spread is the run-to-run noise shown beside the score: on the demo, reseeding moves CV macro-F1 by
     0.008 (std) where 1e-6 of feature noise moves nothing (benchmarks/repro_noise.py)."""
     out = [float(np.mean(first))]
-    runs = [dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
-            for r in range(1, params.cv.repeats if repeats is None else repeats)]
+    reseeds = [dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
+               for r in range(1, params.cv.repeats if repeats is None else repeats)]
     with FoldPool(rows, params) as pool:  # every run's folds queued at once, on every core
         started = [(p, f, start_cv(pool, rows, f, p, (transform,), max_val))
-                   for p in runs for f in [folds_of(rows, p.cv.folds, p.cv.seed)]]
+                   for p in reseeds for f in [folds_of(rows, p.cv.folds, p.cv.seed)]]
         for p, f, run in started:
             cand = cross_validate(rows, f, p, (transform,), max_val, on_fold, stress=False, run=run)
             out.append(float(np.mean(cand.f1s(transform))))
