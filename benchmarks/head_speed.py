@@ -36,6 +36,8 @@ from sklearn.preprocessing import StandardScaler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SHELL_ENV = dict(os.environ)  # what each measured process starts with: not the defaults features/__init__.py sets
+# in this process on import (they would reach a baseline tree's runs)
 from features.storage.write import StoreContent, write_store  # noqa: E402
 from tests.synthetic import synthetic_store  # noqa: E402
 from pipeline.data.folds import assign_folds  # noqa: E402
@@ -133,7 +135,7 @@ def ours(store: Path, params: Path, out: Path, tree: Path = ROOT) -> tuple[float
     t = time.time()
     subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "train-head", str(store),
                     "--out", str(out), "--params", str(params)], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
+                   env={**SHELL_ENV, "PYTHONPATH": str(tree)}, cwd=tree)
     return time.time() - t, json.loads((out / "metrics.json").read_text())["cv"]["macro_f1_mean"]
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SHELL_ENV = dict(os.environ)  # what each measured process starts with: the environment this script was given, not
+# the defaults features/__init__.py sets in this process once it is imported (they would reach a baseline's runs)
 # The measured process (--run) imports only what `imgsent train-head` does: head_speed's scikit-learn (0.9 s) is
 # imported by the parent alone (until 2026-12-07 it was imported by both, and every figure here held its 0.9 s).
 
@@ -56,12 +58,12 @@ def ours(store: Path, params: Path, out: Path, tree: Path = ROOT) -> dict:
     script = Path(tree) / "benchmarks" / "stage_two.py"  # an older tree with this script reports its phases too
     if tree == ROOT or script.exists():
         res = subprocess.run([sys.executable, str(script), "--run", str(store), str(out), str(params)], check=True,
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
+                             capture_output=True, text=True, env={**SHELL_ENV, "PYTHONPATH": str(tree)}, cwd=tree)
         fig = json.loads(res.stdout.strip().splitlines()[-1])
     else:
         subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "train-head", str(store),
                         "--out", str(out), "--params", str(params)], check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
+                       env={**SHELL_ENV, "PYTHONPATH": str(tree)}, cwd=tree)
         fig = {"f1": json.loads((out / "metrics.json").read_text())["cv"]["macro_f1_mean"]}
     return fig | {"wall": time.time() - t}
 

@@ -388,3 +388,18 @@ def test_torch_threads_wait_passively_unless_the_user_says_otherwise():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**env, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "ACTIVE"})
     assert r.stdout.strip() == "ACTIVE", r.stderr
+
+
+def test_numpy_arrays_are_not_advised_onto_huge_pages_unless_the_user_says_otherwise():
+    """The packages ask numpy, before it is imported, not to advise its big arrays onto huge pages (a first touch
+    could wait for the kernel to compact memory: features/__init__.py); a user's NUMPY_MADVISE_HUGEPAGE wins."""
+    import os
+    import subprocess
+    import sys
+    code = ("import pipeline, numpy; core = getattr(numpy, '_core', None) or numpy.core; "
+            "print(core.multiarray._get_madvise_hugepage())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    for given, advised in ((None, "False"), ("1", "True")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": str(ROOT), **({"NUMPY_MADVISE_HUGEPAGE": given} if given else {})})
+        assert r.stdout.strip() == advised, r.stderr
