@@ -117,4 +117,5 @@ def cv_sources(groups: list[str] | None, fold: np.ndarray) -> np.ndarray:
     """The source of each row in CV: its group, or without groups its fold (each fold's test part is one source)."""
     if groups is not None:
         return np.asarray(groups, dtype=str)
-    return np.array([f"fold {j + 1}" for j in fold], dtype=str)
+    names = np.array([f"fold {j}" for j in range(int(fold.max(initial=-1)) + 2)], dtype=str)  # fold -1: 'fold 0'
+    return names[fold + 1]  # (N,): one string per fold, not one per row

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 
+from pipeline.data.folds import cv_sources
 from pipeline.heads.adapt import class_sums, fit_reference, reference_from
 from pipeline.heads.align import TrainingView, fit_alignment
 from pipeline.heads.common import labelled_blocks
@@ -109,6 +110,7 @@ class FoldViews:
         self.rows, self.fold = rows, fold
         self._sums: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (k, C, D), (k, C, D), (k, C)
         self._views: dict[tuple[int, str], TrainingView] = {}
+        self._sources: np.ndarray | None = None
         self._lock = threading.Lock()  # fold tasks run side by side in threads (selection/foldwork.py)
 
     def get(self, j: int, align: str) -> TrainingView:
@@ -121,6 +123,14 @@ class FoldViews:
                 self._views[j, align] = training_view(self.rows, train, align,
                                                       reference_from(*(a[used].sum(0) for a in self._sums)))
             return self._views[j, align]
+
+    @property
+    def sources(self) -> np.ndarray:
+        """(N,) each row's source in CV (data/folds.cv_sources), made once for every head CV'd on these folds."""
+        with self._lock:
+            if self._sources is None:
+                self._sources = cv_sources(self.rows.groups, self.fold)
+            return self._sources
 
     def whole(self, align: str) -> TrainingView:
         """The view of every labelled row: the final fit's."""

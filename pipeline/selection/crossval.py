@@ -88,7 +88,7 @@ def fold_task(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...
     """Fold j's task (foldwork.Task): its head (params.head, hidden resolved), fitted on the other folds' labelled
     rows, and its held-out rows predicted under every transform, each source adapted on its own
     (heads/sources.py) -> (head, rows_logits_each's result); None once its CV gave up (stopped())."""
-    lab, sources, align = rows.labels >= 0, cv_sources(rows.groups, fold), params.head.align
+    lab, sources, align = rows.labels >= 0, views.sources, params.head.align
     adapting = any(map(adapts, transforms))  # else no reference statistics and no stress batches are needed
 
     def task(j: int, stopped) -> tuple | None:
@@ -120,6 +120,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     holds at once, for its early-stopping slice and its stress batches (None in memory). `run`: the folds' tasks,
     queued by start_cv with the same arguments; without it, a FoldPool of its own."""
     if run is None:
+        views = FoldViews(rows, fold) if views is None else views
         with FoldPool(rows, params) as pool:
             run = start_cv(pool, rows, fold, params, transforms, max_val, views)
             return cross_validate(rows, fold, params, transforms, max_val, on_fold, stress, phases, views, give_up,
@@ -128,7 +129,8 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     lab = rows.labels >= 0
     cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
                      {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms},
-                     labels=rows.labels, sources=cv_sources(rows.groups, fold), scored=np.zeros(len(rows), bool))
+                     labels=rows.labels, sources=cv_sources(rows.groups, fold) if views is None else views.sources,
+                     scored=np.zeros(len(rows), bool))
     with phases(f"CV {list(params.head.hidden)}"):  # the wall time this head's results were waited for
         for j, (head, adapted) in run.results():
             cand.heads[j], te = head, fold == j

@@ -72,7 +72,7 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
             ahead = [(k, c, t) for k, (c, t, _) in cvs.items() if c.stopped is None]  # CV'd before it, not stopped
             leaders = ([leader] if leader else []) + [(k, c.f1s(t)) for k, c, t in ahead][:1]
             cand = cross_validate(rows, fold, p, transforms, max_val, on_fold, stress=False, phases=phases,
-                                  give_up=behind_any(leaders, int(fold.max()) + 1), run=run)
+                                  views=views, give_up=behind_any(leaders, int(fold.max()) + 1), run=run)
             if cand.stopped is None and (not ahead or could_win(key, cand, ahead, order)):
                 score_stress_batches(cand, rows, fold, max_val, phases)  # only a head that may yet be chosen's
             elif cand.stopped and key in finals:

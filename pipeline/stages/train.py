@@ -71,10 +71,10 @@ def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max
     reseeds = [dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
                for r in range(1, params.cv.repeats if repeats is None else repeats)]
     with FoldPool(rows, params) as pool:  # every run's folds queued at once, on every core
-        started = [(p, f, start_cv(pool, rows, f, p, (transform,), max_val))
-                   for p in reseeds for f in [folds_of(rows, p.cv.folds, p.cv.seed)]]
-        for p, f, run in started:
-            cand = cross_validate(rows, f, p, (transform,), max_val, on_fold, stress=False, run=run)
+        started = [(p, f, views, start_cv(pool, rows, f, p, (transform,), max_val, views))
+                   for p in reseeds for f in [folds_of(rows, p.cv.folds, p.cv.seed)] for views in [FoldViews(rows, f)]]
+        for p, f, views, run in started:
+            cand = cross_validate(rows, f, p, (transform,), max_val, on_fold, stress=False, views=views, run=run)
             out.append(float(np.mean(cand.f1s(transform))))
     return out
 
