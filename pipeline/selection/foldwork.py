@@ -12,8 +12,9 @@ Why one pool for every head and every repeat: a head's k fits in rounds of one p
 last round of an odd k (5 folds on 2 cores: the [256] head's fifth fit alone, about a fifth of a FER-like
 train-head), and each held-out fold's adaptation waited for its round. Queued together, the linear head's tasks
 first (its scores lead the later head's give-up check), every worker always has the next task (FER-like, 2 cores:
-the two heads' CV 7.5 -> 6.0 s; docs/benchmarks.md). Each task is deterministic on its own (its own generators,
-one torch thread, one BLAS thread), so the results do not depend on which worker ran it or when.
+the two heads' CV 7.5 -> 6.0 s; docs/benchmarks.md); train-head queues each candidate's final fit behind them
+(selection/heads.choose_head). Each task is deterministic on its own (its own generators, one torch thread, one
+BLAS thread), so the results do not depend on which worker ran it or when.
 """
 from __future__ import annotations
 
