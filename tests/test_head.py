@@ -174,6 +174,9 @@ def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     sources = ["s,1", 's"2', "s3"]  # repeated values, formatted once each (metrics._fields)
     write_predictions(tmp_path / "p.csv", paths=paths, labels=labels, probs=probs, class_names=names,
                       extra={"fold": [i % 3 for i in range(5000)], "source": [sources[i % 3] for i in range(5000)]})
+    write_predictions(tmp_path / "a.csv", paths=paths, labels=labels, probs=probs, class_names=names,  # as arrays
+                      extra={"fold": np.arange(5000) % 3, "source": np.array(sources)[np.arange(5000) % 3]})
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "p.csv").read_bytes()
     with open(tmp_path / "ref.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "predicted", "confidence", "fold", "source"] + [f"p_{c}" for c in names])

@@ -54,7 +54,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def write_predictions(path: Path, *, paths: list[str], labels: list[str] | None, probs: np.ndarray,
-                      class_names: list[str], extra: dict[str, list] | None = None) -> None:
+                      class_names: list[str], extra: dict[str, list | np.ndarray] | None = None) -> None:
     """path,label,predicted,confidence,<extra>...,p_<class>... (label column only when known), as csv.writer writes
     it. The numbers are formatted by fixed_6 a block of BLOCK rows at a time (a csv.writer row at a time cost 33 us
     a row; '%.6f' a number at a time 0.2 s for 10,000 x 100)."""
@@ -113,7 +113,13 @@ _LOW3 = _HIGH3 << 24
 
 def _fields(values) -> list[str]:
     """Each value's str as a CSV field (_field), each distinct one formatted once: a label, fold or source column
-    holds a few values over many rows (35,887 rows: 0.19 s of _field calls, 0.05 s now)."""
+    holds a few values over many rows (35,887 rows: 0.19 s of _field calls, 0.05 s now). A numpy array of ints or
+    strings (train-head's fold and source columns) is not made into a Python object per row on the way: for
+    160,000 rows those were ~20 MB at the peak of a streamed train-head (docs/scaling.md's bound)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iuU":
+        distinct, which = np.unique(values, return_inverse=True)
+        done = [_field(str(v)) for v in distinct]
+        return [done[i] for i in which.ravel()]
     text = [str(v) for v in values]
     done = {t: _field(t) for t in set(text)}
     return [done[t] for t in text]

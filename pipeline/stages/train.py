@@ -220,7 +220,7 @@ def write_out_of_fold(d: Path, rows: Rows, fold: np.ndarray, oof: np.ndarray, te
     np.save(d / "oof_logits.npy", logits)
     write_predictions(d / "oof_predictions.csv", paths=[p for p, m in zip(rows.paths, lab) if m],
                       labels=[names[i] for i in y], probs=probs, class_names=names,
-                      extra={"fold": list(fold[lab]), "source": list(cv_sources(rows.groups, fold)[lab]),
+                      extra={"fold": fold[lab], "source": cv_sources(rows.groups, fold)[lab],
                              "adapted": [a for a, m in zip(adapted, lab) if m],
                              **rows.face_columns(lab)})
     write_confusion(d / "confusion.csv", y, probs.argmax(1), names)
