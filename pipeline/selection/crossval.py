@@ -101,10 +101,9 @@ def fold_task(rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...
 
 
 def start_cv(pool: FoldPool, rows, fold: np.ndarray, params: Params, transforms: tuple[str, ...],
-             max_val: int | None, views: FoldViews | None = None) -> Run:
+             max_val: int | None, views: FoldViews) -> Run:
     """Every fold's task queued on `pool`, for cross_validate to read (choose_head queues each head's before
-    reading the first). `views`: as cross_validate's."""
-    views = FoldViews(rows, fold) if views is None else views
+    reading the first). `views`: as cross_validate's, the same one."""
     return pool.start(fold_task(rows, fold, params, transforms, max_val, views), range(int(fold.max()) + 1))
 
 

@@ -24,7 +24,6 @@ from features.timing import Phases
 from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
-from pipeline.data.folds import cv_sources
 from pipeline.heads.fitting import FoldViews, fit_final
 from pipeline.selection.crossval import cross_validate, start_cv
 from pipeline.selection.foldwork import FoldPool
@@ -71,8 +70,11 @@ def reseeded(rows: Rows, params: Params, transform: str, first: list[float], max
     reseeds = [dataclasses.replace(params, cv=dataclasses.replace(params.cv, seed=params.cv.seed + r))
                for r in range(1, params.cv.repeats if repeats is None else repeats)]
     with FoldPool(rows, params) as pool:  # every run's folds queued at once, on every core
-        started = [(p, f, views, start_cv(pool, rows, f, p, (transform,), max_val, views))
-                   for p in reseeds for f in [folds_of(rows, p.cv.folds, p.cv.seed)] for views in [FoldViews(rows, f)]]
+        started = []
+        for p in reseeds:
+            f = folds_of(rows, p.cv.folds, p.cv.seed)
+            views = FoldViews(rows, f)
+            started.append((p, f, views, start_cv(pool, rows, f, p, (transform,), max_val, views)))
         for p, f, views, run in started:
             cand = cross_validate(rows, f, p, (transform,), max_val, on_fold, stress=False, views=views, run=run)
             out.append(float(np.mean(cand.f1s(transform))))
@@ -180,7 +182,7 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     # the run time is said on the command line, not stored: the metrics change only when the model does, so
     # `dvc repro` of unchanged inputs leaves git clean and `dvc metrics diff` lists what matters
     write_metrics(d, {k: v for k, v in metrics.items() if k != "seconds"}, HEADLINE)
-    write_out_of_fold(d, rows, fold, oof, final.temperature, cand.said[transform])
+    write_out_of_fold(d, rows, fold, oof, final.temperature, cand.said[transform], cand.sources)
     return metrics
 
 
@@ -211,16 +213,16 @@ def cv_metrics(rows: Rows, oof: np.ndarray, per_fold: list[dict], temperature: f
 
 
 def write_out_of_fold(d: Path, rows: Rows, fold: np.ndarray, oof: np.ndarray, temperature: float,
-                      adapted: list[str]) -> None:
+                      adapted: list[str], sources: np.ndarray) -> None:
     """oof_logits.npy (n, C), oof_predictions.csv (calibrated, with the fold, the source and what its prediction
-    rested on: `adapted`, per row) and confusion.csv."""
+    rested on: `sources` (N,) and `adapted`, per row, as CV recorded them) and confusion.csv."""
     lab = rows.labels >= 0
     names, y, logits = rows.class_names, rows.labels[lab], oof[lab]
     probs = softmax(logits, temperature)
     np.save(d / "oof_logits.npy", logits)
     write_predictions(d / "oof_predictions.csv", paths=[p for p, m in zip(rows.paths, lab) if m],
                       labels=[names[i] for i in y], probs=probs, class_names=names,
-                      extra={"fold": fold[lab], "source": cv_sources(rows.groups, fold)[lab],
+                      extra={"fold": fold[lab], "source": sources[lab],
                              "adapted": [a for a, m in zip(adapted, lab) if m],
                              **rows.face_columns(lab)})
     write_confusion(d / "confusion.csv", y, probs.argmax(1), names)
