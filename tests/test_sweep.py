@@ -121,6 +121,25 @@ def test_a_config_clearly_behind_the_best_so_far_stops_its_cv_and_says_so(tmp_pa
     assert "1 config stopped early, clearly behind the best so far" in lines[-1], lines
 
 
+def test_a_sweep_gives_the_same_rows_and_choice_on_any_number_of_workers(tmp_path, store, monkeypatch):
+    """sweep queues the next config's folds behind those of the config it reads, on one FoldPool: on 3 workers
+    they run while the config before them is read, on 1 each runs in the reader's thread when read, one config
+    after another. Either way each config is read against the best so far once the one before it is done: the
+    same rows, the same stops (lr 1e-6 is clearly behind) and the same choice."""
+    from pipeline.selection import foldwork
+    out = {}
+    for n in (1, 3):
+        monkeypatch.setattr(foldwork, "workers_for", lambda rows, params, n=n: n)
+        rows = sweep_stage.sweep(stores=[store], out=str(tmp_path / f"sw{n}"), bar=False, progress=lambda s: None,
+                                 grid=["head.lr=0.01,0.000001,0.003"],
+                                 params=params(head={"hidden": (16,), "epochs": 10, "adapt": "affine"},
+                                               cv={"folds": 5, "repeats": 1}))
+        out[n] = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        out[n].append((tmp_path / f"sw{n}" / "best" / "head.npz").read_bytes())
+    assert out[1] == out[3]
+    assert out[1][-2]["head.lr"] == 1e-06 and out[1][-2]["stopped"], out[1]
+
+
 @pytest.mark.parametrize("grid, message", [
     (["cv.folds=2,3"], "only head keys can be swept"),
     (["head.nope=1,2"], "only head keys can be swept"),

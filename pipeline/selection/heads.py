@@ -3,6 +3,7 @@ transform per head and the head by the rules of selection/rules.py; the result a
 both choose here."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ from pipeline.data.rows import Rows
 from pipeline.heads.adapt import TRANSFORMS
 from pipeline.heads.fitting import FoldViews, fit_final
 from pipeline.heads.head import Head
-from pipeline.params import Params
+from pipeline.params import HeadParams, Params
 from pipeline.selection.crossval import Candidate, behind_any, cross_validate, score_stress_batches, start_cv
-from pipeline.selection.foldwork import FoldPool
+from pipeline.selection.foldwork import FoldPool, Run
 from pipeline.selection.rules import adaptation_record, choose_transform, prefer, weakest, worst_of
 from pipeline.transforms import NONE
 
@@ -39,7 +40,8 @@ class Choice:
 
 def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | None, on_fold=lambda: None,
                 phases: Phases | None = None, views: FoldViews | None = None,
-                leader: tuple[str, list[float]] | None = None, final_fit: bool = False) -> Choice:
+                leader: tuple[str, list[float]] | None = None, final_fit: bool = False, pool: FoldPool | None = None,
+                runs: list[Run] | None = None) -> Choice:
     """Cross-validate params' head (hidden: auto: each of AUTO_CANDIDATES on the same folds) under params' transform
     (adapt: auto: every one), then choose the transform per head (choose_transform) and the head (prefer: the
     first candidate unless the other beats it by more than the fold-to-fold noise). Returns the Choice. Stress
@@ -50,22 +52,15 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
     Choice is of the first candidate, and says why (Choice.stopped). `final_fit` (train-head, no leader): every
     candidate's final fit on every labelled row is queued behind all the folds, into their last round's idle core
     (a final fit waits on no transform: one is applied at prediction, not fitted); the chosen head's comes back as
-    Choice.final, the others are stopped (FER-like default: the final fit's 0.6 s)."""
-    h = params.head
-    if h.adapt == NONE:  # predictions on raw features: a head trained on aligned groups would never meet its inputs
-        h = dataclasses.replace(h, align="none")
-    transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
-    heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
+    Choice.final, the others are stopped (FER-like default: the final fit's 0.6 s). `pool`, `runs`: the FoldPool
+    to work on and the candidates' tasks already queued there (queue_heads, same arguments); without them, its own."""
+    h, transforms, order, configs = _candidates(params)
     views = FoldViews(rows, fold) if views is None else views  # each fold's training rows and statistics,
     # shared by the heads
-    order = [json.dumps(list(hidden)) for hidden in heads]  # the heads' names, in preference order
     cvs: dict[str, tuple[Candidate, str, str]] = {}  # head -> its CV, its transform and why
-    configs = [(json.dumps(list(hidden)), dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)))
-               for hidden in sorted(heads, key=len)]  # the linear head first: its CV is cheap, and a later head's
-    # CV stops once it is clearly behind the first one's (crossval.behind)
-    with FoldPool(rows, params) as pool:
-        runs = [start_cv(pool, rows, fold, p, transforms, max_val, views) for _, p in configs]  # every head's
-        # folds queued at once, on every core (selection/foldwork.py); read in the same order
+    with contextlib.nullcontext(pool) if pool is not None else FoldPool(rows, params) as pool:
+        if runs is None:  # every head's folds queued at once, on every core (selection/foldwork.py)
+            runs = queue_heads(pool, rows, fold, params, max_val, views)
         finals = {key: pool.start(final_task(rows, p, max_val, views), [-1]) for key, p in configs} \
             if final_fit and leader is None else {}
         for (key, p), run in zip(configs, runs):
@@ -84,6 +79,30 @@ def choose_head(rows: Rows, fold: np.ndarray, params: Params, max_val: int | Non
             if key != chosen:
                 run.stop()
         return dataclasses.replace(choice, final=next(finals[chosen].results())[1]) if chosen in finals else choice
+
+
+def _candidates(params: Params) -> tuple[HeadParams, tuple[str, ...], list[str], list[tuple[str, Params]]]:
+    """What choose_head cross-validates for `params`: the head params as resolved (no alignment without a
+    transform), the transforms, the candidate heads' names in preference order, and (name, params) of each in
+    the order their CVs run: the linear head first, its CV is cheap and a later head's stops once it is clearly
+    behind the first one's (crossval.behind)."""
+    h = params.head
+    if h.adapt == NONE:  # predictions on raw features: a head trained on aligned groups would never meet its inputs
+        h = dataclasses.replace(h, align="none")
+    transforms = TRANSFORMS if h.adapt == "auto" else (h.adapt,)
+    heads = AUTO_CANDIDATES if h.hidden == "auto" else (h.hidden,)
+    configs = [(json.dumps(list(hidden)), dataclasses.replace(params, head=dataclasses.replace(h, hidden=hidden)))
+               for hidden in sorted(heads, key=len)]
+    return h, transforms, [json.dumps(list(hidden)) for hidden in heads], configs
+
+
+def queue_heads(pool: FoldPool, rows: Rows, fold: np.ndarray, params: Params, max_val: int | None,
+                views: FoldViews) -> list[Run]:
+    """Every candidate head's fold tasks for `params` queued on `pool`, behind those queued before, in the order
+    choose_head(runs=...) reads them. sweep queues the next config's while one is read: its tasks take the cores
+    the last round of folds leaves idle."""
+    _, transforms, _, configs = _candidates(params)
+    return [start_cv(pool, rows, fold, p, transforms, max_val, views) for _, p in configs]
 
 
 def final_task(rows, params: Params, max_val: int | None, views: FoldViews):
