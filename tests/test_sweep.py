@@ -121,6 +121,21 @@ def test_a_config_clearly_behind_the_best_so_far_stops_its_cv_and_says_so(tmp_pa
     assert "1 config stopped early, clearly behind the best so far" in lines[-1], lines
 
 
+def test_the_linear_head_runs_first_and_stops_a_preferred_config_clearly_behind_it(tmp_path, store, monkeypatch):
+    """Configs run fewest hidden layers first, as choose_head runs its candidates: the linear head's CV is cheap,
+    and as the best so far it stops a clearly worse config's CV early, even one preferred on a tie. Planted: lr
+    1e-6 leaves the [16] head near chance (the linear head, fitted by L-BFGS, has no lr), and [16] comes first in
+    preference order. It used to run first, every fold, with nothing ahead of it to stop it."""
+    monkeypatch.setattr(sweep_stage, "AUTO_CANDIDATES", ((16,), ()))  # [16] preferred on a tie
+    rows = sweep_stage.sweep(stores=[store], out=str(tmp_path / "sw"), grid=["head.hidden=[16],[]"], bar=False,
+                             params=params(head={"lr": 1e-6, "epochs": 10, "adapt": "none"},
+                                           cv={"folds": 5, "repeats": 1}), progress=lambda s: None)
+    linear, mlp = rows
+    assert (linear["head.hidden"], linear["folds"], linear["stopped"]) == ([], 5, "")
+    assert mlp["head.hidden"] == [16] and mlp["folds"] < 5 and mlp["stopped"].startswith("its CV stopped after")
+    assert list(load_model_dir(tmp_path / "sw" / "best")[1].hidden) == []
+
+
 def test_a_sweep_gives_the_same_rows_and_choice_on_any_number_of_workers(tmp_path, store, monkeypatch):
     """sweep queues the next config's folds behind those of the config it reads, on one FoldPool: on 3 workers
     they run while the config before them is read, on 1 each runs in the reader's thread when read, one config
