@@ -96,7 +96,7 @@ def main() -> None:
             var_mean = x.mean(0), np.maximum(std, 0.1 * std.mean() + 1e-12)  # as robust_scale
             def std(v):  # the head's standardised space, the score's space before 2026-12-02
                 return (v - var_mean[0]) / var_mean[1]
-            ref, loo = fit_ood(std(x))
+            ref, loo = fit_ood([std(x)], len(x))
             held = rows.features[~tr]
             knn = {"held": knn_distance(normalise(std(held)), ref) if len(held) else np.zeros(0),
                    "far": knn_distance(normalise(std(far)), ref)}
@@ -109,7 +109,7 @@ def main() -> None:
             def adapted(batch: np.ndarray) -> np.ndarray:  # the batch as predict adapts one folder
                 shift = source_logits(head, batch, "affine")[1]
                 return batch if shift is None else shift.apply(batch)
-            raw_ref, raw_loo = fit_ood(x)  # predict's: raw features
+            raw_ref, raw_loo = fit_ood([x], len(x))  # predict's: raw features
             ada = {"held": knn_distance(normalise(adapted(held)), raw_ref) if len(held) else np.zeros(0),
                    "far": knn_distance(normalise(adapted(far)), raw_ref)}
             raw = {"held": knn_distance(normalise(held), raw_ref) if len(held) else np.zeros(0),

@@ -18,6 +18,7 @@ it (benchmarks/ood.py, BENCHMARKS.md).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from features.input.images import sha256_file
 K = 10
 MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
 MAX_LOO = 2048  # reference rows scored leave-one-out for the threshold: half the (R, R) product of all of them
+QUERY_CHUNK = 256  # rows scored at once: a (256, R) block of similarities, 4 MiB against 4,096 reference rows
 DEFAULT_QUANTILE = 0.99
 SPACE = "raw"  # model.json's ood record says which features the reference rows are
 
@@ -44,11 +46,11 @@ def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndar
     k = max(1, min(k, len(ref) - int(exclude is not None)))
     out = np.empty(len(q), np.float32)
     r = np.asarray(ref, np.float32)
-    for i in range(0, len(q), 1024):
-        sim = q[i:i + 1024] @ r.T  # (b, R) similarities
+    for i in range(0, len(q), QUERY_CHUNK):
+        sim = q[i:i + QUERY_CHUNK] @ r.T  # (b, R) similarities
         if exclude is not None:
-            sim[np.arange(len(sim)), exclude[i:i + 1024]] = -np.inf
-        out[i:i + 1024] = 1.0 - top_k(sim, k).mean(1)  # (b,)
+            sim[np.arange(len(sim)), exclude[i:i + QUERY_CHUNK]] = -np.inf
+        out[i:i + QUERY_CHUNK] = 1.0 - top_k(sim, k).mean(1)  # (b,)
     return out
 
 
@@ -67,14 +69,24 @@ def top_k(sim: np.ndarray, k: int, width: int = 64) -> np.ndarray:
     return np.partition(cand, k * width - k, axis=1)[:, k * width - k:]
 
 
-def fit_ood(sample: np.ndarray, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, and the sorted
-    leave-one-out scores (Q,) of a seeded random MAX_LOO of them against all the others: a quantile near 0.99 is
-    estimated from 2,048 of them about as well (the score of a training-like image is a sample either way)."""
-    ref = normalise(sample).astype(np.float16)
+def fit_ood(chunks: Iterable[np.ndarray], n: int, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, given as chunks (r, D)
+    that hold n rows in all, and the sorted leave-one-out scores (Q,) of a seeded random MAX_LOO of them against
+    all the others: a quantile near 0.99 is estimated from 2,048 of them about as well (the score of a
+    training-like image is a sample either way). Memory: the reference rows in float16 and once in float32,
+    6 bytes x R x D (30 MiB at 4,096 x 1,280), and a QUERY_CHUNK x R block of similarities; the sample is never
+    whole in float32 (read a block at a time from a streamed store: its float32 copies made the phase 3x that at
+    1,280 features, docs/scaling.md)."""
+    ref = None
+    at = 0
+    for x in chunks:  # each chunk's unit rows, straight into the float16 reference
+        ref = np.empty((n, x.shape[1]), np.float16) if ref is None else ref
+        ref[at:at + len(x)] = normalise(x)
+        at += len(x)
     r = ref.astype(np.float32)  # scored as predict scores: against the stored float16 rows
     idx = np.sort(np.random.default_rng(random_state).choice(len(r), min(len(r), MAX_LOO), replace=False))
-    return ref, np.sort(knn_distance(r[idx], r, exclude=idx))
+    parts = [idx[i:i + QUERY_CHUNK] for i in range(0, len(idx), QUERY_CHUNK)]  # scored a chunk at a time
+    return ref, np.sort(np.concatenate([knn_distance(r[part], r, exclude=part) for part in parts]))
 
 
 def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
