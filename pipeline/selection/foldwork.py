@@ -13,8 +13,9 @@ last round of an odd k (5 folds on 2 cores: the [256] head's fifth fit alone, ab
 train-head), and each held-out fold's adaptation waited for its round. Queued together, the linear head's tasks
 first (its scores lead the later head's give-up check), every worker always has the next task (FER-like, 2 cores:
 the two heads' CV 7.5 -> 6.0 s; docs/benchmarks.md); train-head queues each candidate's final fit behind them
-(selection/heads.choose_head), sweep the next config's folds behind those of the config it reads. Each task is deterministic on its own (its own generators, one torch thread, one
-BLAS thread), so the results do not depend on which worker ran it or when.
+(selection/heads.choose_head), sweep the next config's folds behind those of the config it reads. Each task is
+deterministic on its own (its own generators, one torch thread, one BLAS thread), so the results do not depend on
+which worker ran it or when.
 """
 from __future__ import annotations
 

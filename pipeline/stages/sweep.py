@@ -162,8 +162,8 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                  "accuracy_std": float(acc.std()), "folds": len(f1), "stopped": stopped or "",
                  "seconds": round(time.time() - t, 3), "_i": i}
             results[i], f1s[i] = r, f1.tolist()
-            if not stopped and choice is not None:  # (a config whose fits ran before comes after them in both
-                # orders, with the same mean: it replaces neither)
+            if not stopped and choice is not None:  # (a config that reuses fits comes after the config that ran
+                # them in both orders, with the same mean: it would replace neither)
                 first = (r, choice) if first is None or i < first[0]["_i"] else first
                 best = (r, choice) if best is None or (r["macro_f1_mean"], -i) > (best[0]["macro_f1_mean"],
                                                                                   -best[0]["_i"]) else best
