@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHELL_ENV = dict(os.environ)  # what each measured process starts with: not the defaults features/__init__.py sets
+# here once main() imports it (a baseline tree sets its own, or none)
 
 # Runs inside each tree (its own imports), prints one JSON line per (images, batch size).
 PROBE = r"""
@@ -71,7 +73,7 @@ def main() -> None:
     print(f"{threads} decode threads; a free forward; main-thread CPU per image and img/s (best of 3)")
     for name, tree in trees.items():
         r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(sets), str(threads)], capture_output=True,
-                           text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
+                           text=True, cwd=tree, env={**SHELL_ENV, "PYTHONPATH": str(tree)})
         if r.returncode:
             raise SystemExit(f"{name} failed:\n{r.stderr[-1500:]}")
         for line in r.stdout.splitlines():
