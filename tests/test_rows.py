@@ -53,8 +53,9 @@ def test_a_fit_is_deterministic_for_a_fixed_random_state(tmp_path):
 
 
 # The stated bound (docs/scaling.md): features within cv.memory_budget_mb, plus per-image metadata (paths, hashes,
-# labels, folds, scores: ~0.6 KiB an image), plus a constant for the allocator and the first reads, plus the
-# out-of-distribution reference (inference/ood.fit_ood: 4,096 rows in float16 and float32, 24 KiB per dimension).
+# labels, folds, scores: ~0.6 KiB an image), plus a constant for the allocator and the first reads, plus 24 KiB
+# per feature dimension: the out-of-distribution reference (4,096 rows: 8 KiB per dimension in float16 when
+# fitted, 16 in float32 when loaded) and the buffers that grow with the width, measured like the rest.
 PER_IMAGE_KIB, CONSTANT_MIB, PER_DIM_KIB = 0.6, 25, 24
 
 

@@ -29,6 +29,7 @@ K = 10
 MAX_REF = 4096  # reference rows kept: (4096, 1280) float16 = 10 MB
 MAX_LOO = 2048  # reference rows scored leave-one-out for the threshold: half the (R, R) product of all of them
 QUERY_CHUNK = 256  # rows scored at once: a (256, R) block of similarities, 4 MiB against 4,096 reference rows
+REF_BLOCK = 1024  # reference rows in float32 at once: 5 MiB at 1,280 features
 DEFAULT_QUANTILE = 0.99
 SPACE = "raw"  # model.json's ood record says which features the reference rows are
 
@@ -42,15 +43,20 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndarray | None = None) -> np.ndarray:
     """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D). `exclude` (M,): q[i] is
-    ref[exclude[i]], whose match with itself is left out (leave-one-out)."""
+    ref[exclude[i]], whose match with itself is left out (leave-one-out). ref in float32 (load_ood's) is used as
+    it is; in float16 (fit_ood's) it is converted REF_BLOCK rows at a time for each QUERY_CHUNK of q, never whole
+    (the same numbers: float16 -> float32 is exact)."""
     k = max(1, min(k, len(ref) - int(exclude is not None)))
     out = np.empty(len(q), np.float32)
-    r = np.asarray(ref, np.float32)
+    sim = np.empty((min(len(q), QUERY_CHUNK), len(ref)), np.float32)  # (b, R) similarities of a chunk of q
     for i in range(0, len(q), QUERY_CHUNK):
-        sim = q[i:i + QUERY_CHUNK] @ r.T  # (b, R) similarities
+        qi = q[i:i + QUERY_CHUNK]  # (b, D)
+        s = sim[:len(qi)]
+        for j in range(0, len(ref), REF_BLOCK):
+            s[:, j:j + REF_BLOCK] = qi @ np.asarray(ref[j:j + REF_BLOCK], np.float32).T
         if exclude is not None:
-            sim[np.arange(len(sim)), exclude[i:i + QUERY_CHUNK]] = -np.inf
-        out[i:i + QUERY_CHUNK] = 1.0 - top_k(sim, k).mean(1)  # (b,)
+            s[np.arange(len(s)), exclude[i:i + QUERY_CHUNK]] = -np.inf
+        out[i:i + QUERY_CHUNK] = 1.0 - top_k(s, k).mean(1)  # (b,)
     return out
 
 
@@ -73,20 +79,21 @@ def fit_ood(chunks: Iterable[np.ndarray], n: int, random_state: int = 0) -> tupl
     """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, given as chunks (r, D)
     that hold n rows in all, and the sorted leave-one-out scores (Q,) of a seeded random MAX_LOO of them against
     all the others: a quantile near 0.99 is estimated from 2,048 of them about as well (the score of a
-    training-like image is a sample either way). Memory: the reference rows in float16 and once in float32,
-    6 bytes x R x D (30 MiB at 4,096 x 1,280), and a QUERY_CHUNK x R block of similarities; the sample is never
-    whole in float32 (read a block at a time from a streamed store: its float32 copies made the phase 3x that at
-    1,280 features, docs/scaling.md)."""
+    training-like image is a sample either way). Memory: the reference rows in float16 (10 MiB at 4,096 x 1,280),
+    one REF_BLOCK of them and one QUERY_CHUNK of queries in float32, and a QUERY_CHUNK x R block of similarities:
+    the sample is never whole in float32 (read a block at a time from a streamed store; its float32 copies made
+    this phase 90 MiB at 1,280 features, docs/scaling.md)."""
     ref = None
     at = 0
     for x in chunks:  # each chunk's unit rows, straight into the float16 reference
         ref = np.empty((n, x.shape[1]), np.float16) if ref is None else ref
         ref[at:at + len(x)] = normalise(x)
         at += len(x)
-    r = ref.astype(np.float32)  # scored as predict scores: against the stored float16 rows
-    idx = np.sort(np.random.default_rng(random_state).choice(len(r), min(len(r), MAX_LOO), replace=False))
-    parts = [idx[i:i + QUERY_CHUNK] for i in range(0, len(idx), QUERY_CHUNK)]  # scored a chunk at a time
-    return ref, np.sort(np.concatenate([knn_distance(r[part], r, exclude=part) for part in parts]))
+    idx = np.sort(np.random.default_rng(random_state).choice(n, min(n, MAX_LOO), replace=False))
+    parts = [idx[i:i + QUERY_CHUNK] for i in range(0, len(idx), QUERY_CHUNK)]  # scored a chunk at a time, as
+    # predict scores: against the stored float16 rows
+    return ref, np.sort(np.concatenate([knn_distance(ref[part].astype(np.float32), ref, exclude=part)
+                                        for part in parts]))
 
 
 def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
@@ -125,7 +132,8 @@ def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:
 
 
 def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """ood.npz validated against model.json's record and the head's input width."""
+    """ood.npz validated against model.json's record and the head's input width: (reference rows (R, D) in
+    float32, converted once here for every knn_distance call to come; leave-one-out scores (Q,))."""
     f = d / "ood.npz"
     fix = "re-run imgsent train-head to rebuild it"
     if not f.is_file():
@@ -142,4 +150,4 @@ def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if ref.ndim != 2 or ref.shape[1] != dim or loo.ndim != 1 or not 0 < len(loo) <= len(ref) or \
             not np.isfinite(loo).all():
         raise UserError(f"{f}: shapes {ref.shape} / {loo.shape} do not match a {dim}-wide head; {fix}")
-    return ref, loo
+    return ref.astype(np.float32), loo
