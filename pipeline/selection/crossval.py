@@ -22,7 +22,6 @@ from features.input.prefetch import available_cores
 from features.timing import Phases
 from pipeline.analysis.metrics import classification_metrics
 from pipeline.analysis.noise import T995, paired_difference
-from pipeline.data.folds import cv_sources
 from pipeline.heads.adapt import many_sources_logits_each, source_logits_each
 from pipeline.heads.fitting import FoldViews, aligns, fit_rows
 from pipeline.heads.head import one_blas_thread
@@ -118,8 +117,8 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     its tasks still queued or running then stop (foldwork.Run.stop). `max_val`: the rows a streamed store's fit
     holds at once, for its early-stopping slice and its stress batches (None in memory). `run`: the folds' tasks,
     queued by start_cv with the same arguments; without it, a FoldPool of its own."""
+    views = FoldViews(rows, fold) if views is None else views
     if run is None:
-        views = FoldViews(rows, fold) if views is None else views
         with FoldPool(rows, params) as pool:
             run = start_cv(pool, rows, fold, params, transforms, max_val, views)
             return cross_validate(rows, fold, params, transforms, max_val, on_fold, stress, phases, views, give_up,
@@ -128,8 +127,7 @@ def cross_validate(rows, fold: np.ndarray, params: Params, transforms: tuple[str
     lab = rows.labels >= 0
     cand = Candidate(params, {t: np.zeros((len(rows), len(names)), np.float32) for t in transforms},
                      {t: [] for t in transforms}, said={t: [""] * len(rows) for t in transforms},
-                     labels=rows.labels, sources=cv_sources(rows.groups, fold) if views is None else views.sources,
-                     scored=np.zeros(len(rows), bool))
+                     labels=rows.labels, sources=views.sources, scored=np.zeros(len(rows), bool))
     with phases(f"CV {list(params.head.hidden)}"):  # the wall time this head's results were waited for
         for j, (head, adapted) in run.results():
             cand.heads[j], te = head, fold == j

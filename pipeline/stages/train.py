@@ -24,6 +24,7 @@ from features.timing import Phases
 from pipeline.data.folds import assign_folds
 from pipeline.heads.head import softmax
 from pipeline.inference.calibration import fit_temperature
+from pipeline.heads.common import labelled_blocks
 from pipeline.heads.fitting import FoldViews, fit_final
 from pipeline.selection.crossval import cross_validate, start_cv
 from pipeline.selection.foldwork import FoldPool
@@ -166,9 +167,8 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     with phases("calibration"):
         final = dataclasses.replace(final, temperature=fit_temperature(oof[lab], rows.labels[lab]))
     with phases("out-of-distribution reference"):
-        sample = reference_rows(lab, params.cv.seed)  # (N,) bool: at most MAX_REF rows, read a block at a time
-        ref, loo = fit_ood((x[sample[s:s + len(x)]] for s, x in rows.blocks(sample)), int(sample.sum()),
-                           params.cv.seed)
+        sample = reference_rows(lab, params.cv.seed)  # (N,) bool: at most MAX_REF rows, read a slice at a time
+        ref, loo = fit_ood((x for x, _ in labelled_blocks(rows, sample)), int(sample.sum()), params.cv.seed)
         ood = save_ood(d, ref, loo)
     repeats = repeats or [float(np.mean([f["macro_f1"] for f in per_fold]))]  # mean CV macro-F1 per reseeded run
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
