@@ -163,6 +163,9 @@ def test_a_sweep_gives_the_same_rows_and_choice_on_any_number_of_workers(tmp_pat
     (["head.dropout=0.1,0.99"], "head.dropout=0.99: out of range"),
     (["head.hidden=[0]"], "every size must be in"),
     (["head.lr=0.1", "head.lr=0.2"], "given twice"),
+    (["head.lr=0.001,0.003,1e-3"], "head.lr: 0.001 and \"1e-3\" are the same value"),
+    (["head.epochs=5,6,5"], "head.epochs: 5 and 5 are the same value"),
+    (["head.hidden=[],[256],[ 256 ]"], "head.hidden: [256] and [256] are the same value"),
     ([f"head.{k}={','.join(str(i + 1) for i in range(11))}" for k in ("epochs", "patience", "min_val_images")],
      "1331 combinations; at most 1000"),
 ])

@@ -69,14 +69,21 @@ def parse_grid(specs: list[str], base: Params) -> list[tuple[dict, Params]]:
     n = int(np.prod([len(v) for v in axes.values()]))
     if n > MAX_CONFIGS:
         raise UserError(f"--grid: {n} combinations; at most {MAX_CONFIGS}, sweep fewer values")
-    configs = []
-    for combo in itertools.product(*axes.values()):
+
+    def parsed(values: dict) -> Params:
         raw = json.loads(json.dumps(base.to_dict()))  # tuples -> lists, as params.yaml would give them
-        values = dict(zip(axes, combo))
         for key, v in values.items():
             raw["head"][key[5:]] = v
-        configs.append((values, parse_params(raw, where="--grid")))
-    return configs
+        return parse_params(raw, where="--grid")
+    for key, values in axes.items():  # one value twice (0.001,1e-3) would be one config run twice, its rows a tie
+        seen = {}  # parsed value -> its first place in the list
+        for i, v in enumerate(values):
+            first = seen.setdefault(getattr(parsed({key: v}).head, key[5:]), i)
+            if first != i:
+                raise UserError(f"--grid {key}: {json.dumps(values[first])} and {json.dumps(v)} are the same value; "
+                                "list each value once")
+    combos = (dict(zip(axes, combo)) for combo in itertools.product(*axes.values()))
+    return [(values, parsed(values)) for values in combos]
 
 
 def _effective(h: HeadParams) -> HeadParams:
@@ -191,7 +198,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
         del row["_i"]
     top = _name(r)
     stopped = sum(bool(x["stopped"]) for x in results)
-    progress(f"{out}: {len(configs)} configs x {params.cv.folds} folds on "
+    progress(f"{out}: {plural(len(configs), 'config')} x {params.cv.folds} folds on "
              f"{plural(int((rows.labels >= 0).sum()), 'image')} in {time.time() - t0:.1f} s; chose {top}: macro-F1 "
              f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} ({why}) -> {out}/best" +
              (f"; {plural(stopped, 'config')} stopped early, clearly behind the best so far (sweep.csv: folds, "
