@@ -43,14 +43,14 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndarray | None = None) -> np.ndarray:
     """1 - mean of the k largest cosines of each unit row of q (M, D) against ref (R, D). `exclude` (M,): q[i] is
-    ref[exclude[i]], whose match with itself is left out (leave-one-out). ref in float32 (load_ood's) is used as
-    it is; in float16 (fit_ood's) it is converted REF_BLOCK rows at a time for each QUERY_CHUNK of q, never whole
-    (the same numbers: float16 -> float32 is exact)."""
+    ref[exclude[i]], whose match with itself is left out (leave-one-out). Arrays in float32 (load_ood's ref) are
+    used as they are; in float16 (fit_ood's) they are converted a QUERY_CHUNK of q and a REF_BLOCK of ref at a
+    time, never whole (the same numbers: float16 -> float32 is exact)."""
     k = max(1, min(k, len(ref) - int(exclude is not None)))
     out = np.empty(len(q), np.float32)
     sim = np.empty((min(len(q), QUERY_CHUNK), len(ref)), np.float32)  # (b, R) similarities of a chunk of q
     for i in range(0, len(q), QUERY_CHUNK):
-        qi = q[i:i + QUERY_CHUNK]  # (b, D)
+        qi = np.asarray(q[i:i + QUERY_CHUNK], np.float32)  # (b, D)
         s = sim[:len(qi)]
         for j in range(0, len(ref), REF_BLOCK):
             s[:, j:j + REF_BLOCK] = qi @ np.asarray(ref[j:j + REF_BLOCK], np.float32).T
@@ -79,8 +79,8 @@ def fit_ood(chunks: Iterable[np.ndarray], n: int, random_state: int = 0) -> tupl
     """Reference rows (R, D) float16 from a sample of at most MAX_REF raw training rows, given as chunks (r, D)
     that hold n rows in all, and the sorted leave-one-out scores (Q,) of a seeded random MAX_LOO of them against
     all the others: a quantile near 0.99 is estimated from 2,048 of them about as well (the score of a
-    training-like image is a sample either way). Memory: the reference rows in float16 (10 MiB at 4,096 x 1,280),
-    one REF_BLOCK of them and one QUERY_CHUNK of queries in float32, and a QUERY_CHUNK x R block of similarities:
+    training-like image is a sample either way). Memory: the reference rows in float16 (10 MiB at 4,096 x 1,280)
+    and the MAX_LOO scored among them (5 MiB), one REF_BLOCK of them and one QUERY_CHUNK of queries in float32, and a QUERY_CHUNK x R block of similarities:
     the sample is never whole in float32 (read a block at a time from a streamed store; its float32 copies made
     this phase 90 MiB at 1,280 features, docs/scaling.md)."""
     ref = None
@@ -90,10 +90,7 @@ def fit_ood(chunks: Iterable[np.ndarray], n: int, random_state: int = 0) -> tupl
         ref[at:at + len(x)] = normalise(x)
         at += len(x)
     idx = np.sort(np.random.default_rng(random_state).choice(n, min(n, MAX_LOO), replace=False))
-    parts = [idx[i:i + QUERY_CHUNK] for i in range(0, len(idx), QUERY_CHUNK)]  # scored a chunk at a time, as
-    # predict scores: against the stored float16 rows
-    return ref, np.sort(np.concatenate([knn_distance(ref[part].astype(np.float32), ref, exclude=part)
-                                        for part in parts]))
+    return ref, np.sort(knn_distance(ref[idx], ref, exclude=idx))  # as predict scores: against the float16 rows
 
 
 def reference_rows(labelled: np.ndarray, random_state: int) -> np.ndarray:
