@@ -292,3 +292,20 @@ def test_files_named_are_one_source_and_the_readme_says_so(tmp_path):
     assert sources == [FILES_NAMED, FILES_NAMED, str(root / "green"), str(root / "green")], sources
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "each folder you pass; the image files you name, together as one source" in readme
+
+
+def test_an_image_reached_twice_is_refused_before_any_work(tmp_path):
+    """A folder passed twice, a folder inside another, a file named and found in a folder: each image would be
+    predicted twice and weigh twice in its source's adaptation. One line naming the image and both arguments."""
+    from pipeline.inference.predictions import FILES_NAMED, expand_paths
+    root = make_images(tmp_path / "imgs", per_class=2)
+    red, one = str(root / "red"), str(root / "red" / "red_00.jpg")
+    assert len(expand_paths([red, str(root / "blue")])[0]) == 4  # distinct folders are fine
+    for args, first, second, more in (([red, red], red, red, ", and 1 other image too"),
+                                      ([str(root), red], str(root), red, ", and 1 other image too"),
+                                      ([red, str(root / "blue" / ".." / "red" / "red_00.jpg")], red, FILES_NAMED, ";"),
+                                      ([one, red], FILES_NAMED, red, ";")):
+        with pytest.raises(UserError) as e:
+            expand_paths(args)
+        msg = str(e.value)
+        assert "\n" not in msg and f"given twice (from {first} and from {second}){more}" in msg, (args, msg)

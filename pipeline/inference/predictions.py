@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from features.errors import UserError
 from features.input.sources import discover, unsupported, walk_images
 from features.storage.atomic import OutputLock, atomic_file, check_output
-from features.text import safe_text
+from features.text import plural, safe_text
 
 
 @dataclass
@@ -51,8 +52,9 @@ FILES_NAMED = "(files named)"  # the source of the image files named on the comm
 def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str], list[str]]:
     """Files, folders and CSV manifests -> image paths, {index: error} for files we cannot decode by type, and the
     source of each path: the folder argument it was found under, FILES_NAMED for a file named directly, or a
-    manifest's group (else the manifest itself). A missing path or a folder without files is the user's mistake:
-    one line, before any work."""
+    manifest's group (else the manifest itself). A missing path, a folder without files or an image reached twice
+    (a folder passed twice or inside another, a file named and found in a folder) is the user's mistake: one line,
+    before any work (an image counted twice would weigh twice in its source's adaptation and in the summary)."""
     out: list[str] = []
     errors: dict[int, str] = {}
     sources: list[str] = []
@@ -84,6 +86,14 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str], list[str
             raise UserError(f"{path}: no such file or folder; pass image files, folders of images or a CSV manifest")
     if not out:
         raise UserError("no images given; pass image files or folders of images")
+    absolute = [os.path.abspath(q) for q in out]
+    if len(set(absolute)) < len(out):
+        first: dict[str, int] = {}  # absolute path -> its first index in out
+        twice = [(first[a], i) for i, a in enumerate(absolute) if first.setdefault(a, i) != i]
+        (j, i), more = twice[0], len(twice) - 1
+        raise UserError(f"{out[i]}: given twice (from {sources[j]} and from {sources[i]})" +
+                        (f", and {plural(more, 'other image')} too" if more else "") +
+                        "; pass each image once: each is predicted once and counted once in its source's adaptation")
     return out, errors, sources
 
 
