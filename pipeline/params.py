@@ -111,6 +111,10 @@ def _check(section: str, f: dataclasses.Field, value, hint):
             raise UserError(f"params: {key}={value!r}: expected a list of {inner.__name__}")
         if not value and f.name == "backbones":
             raise UserError(f"params: {key}=[]: list at least one backbone, e.g. [efficientnet_lite0]")
+        if f.name == "backbones" and len(set(value)) < len(value):
+            twice = next(v for v in value if value.count(v) > 1)
+            raise UserError(f"params: {key}={value!r}: {twice} is listed twice; list each backbone once (the same "
+                            "backbone twice would fuse identical features)")
         if inner is int and any(v < 1 or v > MAX_HIDDEN for v in value):
             raise UserError(f"params: {key}={value!r}: every size must be in [1, {MAX_HIDDEN}]")
         if inner is int and len(value) > MAX_LAYERS:

@@ -38,3 +38,20 @@ def test_join_refuse_intersect_and_predict(tmp_path, tiny_weights):
     r = run_cli("evaluate", str(tmp_path / "m"), str(tmp_path / "b.h5"), str(tmp_path / "a.h5"), "--out",
                 str(tmp_path / "e"))
     assert r.returncode == 2 and "do not match the model" in r.stderr
+
+
+def test_a_store_fused_with_itself_or_its_copy_is_refused_naming_it(tmp_path, tiny_weights):
+    """The same store twice, or a copy of it (the same backbone, weights and preprocessing: identical features),
+    would fit a head on duplicated columns; a store of other weights fuses as before."""
+    imgs = make_images(tmp_path / "imgs", per_class=3)
+    kw = dict(images=str(imgs), backbone=TINY, progress=False, workers=0)
+    extract(out=str(tmp_path / "a.h5"), weights=tiny_weights, **kw)
+    extract(out=str(tmp_path / "copy.h5"), weights=tiny_weights, **kw)
+    a, copy = str(tmp_path / "a.h5"), str(tmp_path / "copy.h5")
+    with pytest.raises(UserError, match=r"a\.h5: given twice: fusing them adds nothing; pass each backbone's store"):
+        open_rows([a, a])
+    with pytest.raises(UserError, match=rf"copy\.h5: the same features as {a} \(backbone {TINY}, the same weights"):
+        open_rows([a, copy])
+    r = run_cli("train-head", a, copy, "--out", str(tmp_path / "m"), "--params", str(ROOT / "params.yaml"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "the same features as" in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists()

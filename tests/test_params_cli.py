@@ -42,6 +42,8 @@ def test_repo_params_parse_and_there_are_no_hidden_defaults(tmp_path, monkeypatc
     ("head", "class_weight", "auto", "allowed values are balanced, none"),
     ("cv", "folds", 1, "cv.folds=1: out of range, allowed [2, 100]"),
     ("cv", "folds", True, "expected int"),
+    ("extract", "backbones", ["efficientnet_lite0", "fer_mini_xception", "efficientnet_lite0"],
+     "efficientnet_lite0 is listed twice; list each backbone once"),
 ])
 def test_bad_params_name_key_value_and_range(section, key, value, msg):
     raw = base()

@@ -191,6 +191,13 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
         if s.class_names != base.class_names:
             raise UserError(f"{s.path}: classes {s.class_names} differ from {base.path}'s {base.class_names}; "
                             "extract both from the same images")
+    for i, s in enumerate(parts):  # (a trained model's stores are matched to its fingerprints above instead)
+        same = next((t for t in parts[:i] if t.fingerprint == s.fingerprint), None) if expect is None else None
+        if same is not None:
+            what = ("given twice" if Path(same.path).resolve() == Path(s.path).resolve() else
+                    f"the same features as {same.path} (backbone {s.fingerprint['backbone']}, the same weights and "
+                    "preprocessing)")
+            raise UserError(f"{s.path}: {what}: fusing them adds nothing; pass each backbone's store once")
     absolute = [str(Path(s).resolve()) for s in stores]
     common = dict(class_names=base.class_names, fingerprints=[s.fingerprint for s in parts],
                   weights_paths=[s.weights_path for s in parts], root=base.root, stores=absolute)
