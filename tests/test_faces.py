@@ -207,7 +207,17 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     extract(images=str(people), out=str(tmp_path / "whole.h5"), backbone=FER, progress=False)
     with pytest.raises(UserError, match=r"whole.h5: features do not match the model \(--faces off != all\)"):
         evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "whole.h5")], out=str(tmp_path / "ev"))
-    ev = evaluate(model_dir=str(tmp_path / "m"), stores=[str(store)], out=str(tmp_path / "ev"), progress=lambda s: None)
+    with pytest.raises(UserError, match=r"fer.h5: all 13 labelled images in it are images the model was trained on"):
+        evaluate(model_dir=str(tmp_path / "m"), stores=[str(store)], out=str(tmp_path / "ev"))  # faces count once
+    from PIL import PngImagePlugin
+    note = PngImagePlugin.PngInfo()
+    note.add_text("copy", "held out")  # the same pixels in other bytes: images the model was not trained on
+    for f in people.rglob("*.png"):
+        (tmp_path / "again" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(f).save(tmp_path / "again" / f.parent.name / f.name, pnginfo=note)
+    extract(images=str(tmp_path / "again"), out=str(tmp_path / "again.h5"), backbone=FER, faces="all", progress=False)
+    ev = evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "again.h5")], out=str(tmp_path / "ev"),
+                  progress=lambda s: None)
     assert ev["test"]["n"] == len(oof) and ev["per_image"]["n"] == len(by_image)
     # the report reads each row's crop box back from the out-of-fold CSV and draws it on the thumbnails
     from pipeline.inference.modeldir import load_model_dir

@@ -387,3 +387,31 @@ def test_every_registered_transform_is_offered_and_nothing_else():
         transform("sideways")
     with pytest.raises(ValueError, match="unknown adaptation transform"):
         shift_for("sideways", 10, np.zeros(3), np.ones(3), None, np.ones(2) / 2)
+
+
+def test_images_the_model_was_trained_on_are_never_called_held_out(tmp_path, store, tiny_weights):
+    """evaluate on the training store printed '18 held-out images: accuracy 1.000'. The model keeps an id of each
+    training image (ood.npz `seen`): a store of nothing else is refused in one line; training images among new
+    ones are left out of every number and file (before adaptation), and the line, metrics.json and the report
+    say how many."""
+    import shutil
+    pf = _params_file(tmp_path, cv__folds=3, head__epochs=30, cv__repeats=1)
+    m = str(tmp_path / "m")
+    run_cli("train-head", str(store), "--out", m, "--params", pf, check=True)
+    r = run_cli("evaluate", m, str(store), "--out", str(tmp_path / "e0"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
+        "all 18 labelled images in it are images the model was trained on, so none is held out" in r.stderr, r.stderr
+    assert not (tmp_path / "e0").exists()
+    test = make_images(tmp_path / "test", per_class=4, seed=1)
+    for name in ("red_00.jpg", "red_01.png"):  # two training images, renamed, among 12 new ones
+        shutil.copy(tmp_path / "imgs" / "red" / name, test / "red" / f"again_{name}")
+    run_cli("extract", str(test), "--out", str(tmp_path / "t.h5"), "--backbone", TINY, "--weights", tiny_weights,
+            "--no-progress", check=True)
+    r = run_cli("evaluate", m, str(tmp_path / "t.h5"), "--out", str(tmp_path / "e"), check=True)
+    assert "12 held-out images (2 images the model was trained on left out):" in r.stdout, r.stdout
+    ev = json.loads((tmp_path / "e" / "details.json").read_text())
+    assert ev["test"]["n"] == 12 and ev["test"]["trained_on_left_out"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
+    assert len(rows) == 12 and not any("again_" in row["path"] for row in rows)
+    run_cli("report", m, str(tmp_path / "t.h5"), "--out", str(tmp_path / "r"), check=True)
+    assert "2 images the model was trained on left out" in (tmp_path / "r" / "index.html").read_text()

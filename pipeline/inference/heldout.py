@@ -4,14 +4,17 @@ Stores from other backbones or with classes the model does not know are refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from features.errors import UserError
+from features.text import plural
 from pipeline.data.rows import open_rows
 from pipeline.heads.sources import Adapted, rows_logits
 from pipeline.heads.head import Head
 from pipeline.inference.modeldir import ModelInfo
+from pipeline.inference.ood import image_ids, load_seen
 
 WHOLE_STORE = "(whole store)"  # the source name of a store without groups
 
@@ -32,11 +35,17 @@ class Heldout:
     sources: list[str]  # per row: its source (a group, or WHOLE_STORE)
     adapted: list[str]  # per row: what its prediction rests on (heads/sources.Adapted.word)
     per_source: dict[str, Adapted]  # source -> that
+    trained_on: int = 0  # labelled images of the stores the model was trained on: left out of every row above
+
+    def trained_note(self) -> str:
+        """The words for the images left out, or '' for none."""
+        return (f"{plural(self.trained_on, 'image')} the model was trained on left out" if self.trained_on else "")
 
 
-def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]) -> Heldout:
+def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str], model_dir: str | Path) -> Heldout:
     """Labelled rows of held-out store(s), adapted per source by the model's transform. Refuses stores from other
-    backbones or with unknown classes."""
+    backbones or with unknown classes. The images the model was trained on (ood.npz's `seen`) are not held out:
+    they are left out, before adaptation (Heldout.trained_on counts them), and a store of nothing else is refused."""
     names = info.class_names
     rows = open_rows(stores, expect=info.backbones, intersect=True, memory_budget_mb=info.memory_budget_mb)
     labels = rows.labels
@@ -51,8 +60,16 @@ def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str]) -> Heldout
     lab = labels >= 0
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
+    seen = load_seen(Path(model_dir), info.ood)  # (S,) or None: a model made before they were kept
+    trained = lab & np.isin(image_ids(rows.sha256), seen) if seen is not None else np.zeros_like(lab)  # (N,)
+    n_trained = len({s for s, t in zip(rows.sha256, trained) if t})  # images (face mode: rows are faces)
+    if not (lab & ~trained).any():
+        raise UserError(f"{stores[0]}: all {plural(n_trained, 'labelled image')} in it are images the model was "
+                        "trained on, so none is held out; evaluate on images it has not seen (train-head's "
+                        "cross-validation already scores its training images held out by fold)")
+    lab &= ~trained
     sources = store_sources(rows)
     logits, adapted, per_source = rows_logits(head, rows, lab, sources, info.adapt)
     return Heldout([p for p, k in zip(rows.paths, lab) if k], labels[lab], logits, rows.root, rows.face_columns(lab),
-                   sources[lab].tolist(), adapted, per_source)
+                   sources[lab].tolist(), adapted, per_source, n_trained)
 

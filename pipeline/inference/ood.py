@@ -12,11 +12,13 @@ familiar too.
 
 Flagged when above the `quantile` of the reference rows' own leave-one-out scores (0.99: 1% of training-like
 images flagged), computed for a random MAX_LOO of them. Stored in the model directory as ood.npz (ref (R, D)
-float16, loo (Q,) sorted, Q <= R), checksummed in model.json. Mahalanobis distance per class was measured against
+float16, loo (Q,) sorted, Q <= R; and `seen` (S,), the image_ids of every training image, so that evaluate
+never calls one of them held out), checksummed in model.json. Mahalanobis distance per class was measured against
 it (benchmarks/ood.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable
 
@@ -32,6 +34,7 @@ QUERY_CHUNK = 256  # rows scored at once: a (256, R) block of similarities, 4 Mi
 REF_BLOCK = 1024  # reference rows in float32 at once: 5 MiB at 1,280 features
 DEFAULT_QUANTILE = 0.99
 SPACE = "raw"  # model.json's ood record says which features the reference rows are
+FIX = "re-run imgsent train-head to rebuild it"
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -122,29 +125,51 @@ def threshold(loo: np.ndarray, quantile: float) -> tuple[float, str]:
             f"counted ({1.0 / (1.0 - quantile):.0f} labelled images would count it); more labels make it firmer")
 
 
-def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray) -> dict:
-    """Write ood.npz into the model folder `d`; returns what model.json records about it."""
-    np.savez(d / "ood.npz", ref=ref, loo=loo)
+def image_ids(sha256: list[str]) -> np.ndarray:
+    """(N,) uint64: an 8-byte digest of each image's sha256 (a store's), what ood.npz's `seen` holds. 8 bytes an
+    image (8 MB for a million); two different images share one with odds of about 1e-7 at a million each side."""
+    return np.frombuffer(b"".join(hashlib.blake2b(s.encode(), digest_size=8).digest() for s in sha256), np.uint64)
+
+
+def save_ood(d: Path, ref: np.ndarray, loo: np.ndarray, seen: np.ndarray) -> dict:
+    """Write ood.npz into the model folder `d` (`seen`: the training images' image_ids); returns what model.json
+    records about it."""
+    np.savez(d / "ood.npz", ref=ref, loo=loo, seen=np.unique(seen))
     return {"k": K, "n_ref": int(len(ref)), "space": SPACE, "sha256": sha256_file(str(d / "ood.npz"))}
+
+
+def _read(d: Path, meta: dict) -> dict[str, np.ndarray]:
+    """ood.npz's arrays, once the file is there and matches model.json's record (`meta`)."""
+    f = d / "ood.npz"
+    if not f.is_file():
+        raise UserError(f"{f}: missing (model.json lists it); {FIX}")
+    if meta.get("space") != SPACE:
+        raise UserError(f"{f}: scored in another feature space ({meta.get('space')!r}, made by another imgsent); {FIX}")
+    if sha256_file(str(f)) != meta.get("sha256"):
+        raise UserError(f"{f}: does not belong with model.json (checksum differs); {FIX}")
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        raise UserError(f"{f}: unreadable; {FIX}") from None
 
 
 def load_ood(d: Path, meta: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """ood.npz validated against model.json's record and the head's input width: (reference rows (R, D) in
     float32, converted once here for every knn_distance call to come; leave-one-out scores (Q,))."""
-    f = d / "ood.npz"
-    fix = "re-run imgsent train-head to rebuild it"
-    if not f.is_file():
-        raise UserError(f"{f}: missing (model.json lists it); {fix}")
-    if meta.get("space") != SPACE:
-        raise UserError(f"{f}: scored in another feature space ({meta.get('space')!r}, made by another imgsent); {fix}")
-    if sha256_file(str(f)) != meta.get("sha256"):
-        raise UserError(f"{f}: does not belong with model.json (checksum differs); {fix}")
-    try:
-        with np.load(f, allow_pickle=False) as z:
-            ref, loo = z["ref"], z["loo"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{f}: unreadable; {fix}") from None
-    if ref.ndim != 2 or ref.shape[1] != dim or loo.ndim != 1 or not 0 < len(loo) <= len(ref) or \
-            not np.isfinite(loo).all():
-        raise UserError(f"{f}: shapes {ref.shape} / {loo.shape} do not match a {dim}-wide head; {fix}")
+    z = _read(d, meta)
+    ref, loo = z.get("ref"), z.get("loo")
+    if ref is None or loo is None or ref.ndim != 2 or ref.shape[1] != dim or loo.ndim != 1 or \
+            not 0 < len(loo) <= len(ref) or not np.isfinite(loo).all():
+        raise UserError(f"{d / 'ood.npz'}: shapes {getattr(ref, 'shape', None)} / {getattr(loo, 'shape', None)} do "
+                        f"not match a {dim}-wide head; {FIX}")
     return ref.astype(np.float32), loo
+
+
+def load_seen(d: Path, meta: dict | None) -> np.ndarray | None:
+    """The image_ids of the model's training images (S,), from ood.npz validated against model.json's record
+    (`meta`); None for a model made before they were kept (or before ood.npz)."""
+    seen = _read(d, meta).get("seen") if meta is not None else None
+    if seen is not None and (seen.dtype != np.uint64 or seen.ndim != 1):
+        raise UserError(f"{d / 'ood.npz'}: `seen` is {seen.dtype} {seen.shape}, expected (S,) uint64; {FIX}")
+    return seen

@@ -21,7 +21,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
                            what="evaluation folder")
     head, info = load_model_dir(model_dir)
     names = info.class_names
-    h = heldout_logits(head=head, info=info, stores=stores)
+    h = heldout_logits(head=head, info=info, stores=stores, model_dir=model_dir)
     paths, y, logits, faces = h.paths, h.labels, h.logits, h.faces
     t = info.temperature
     probs = softmax(logits, t)
@@ -29,6 +29,8 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     m = classification_metrics(y, pred, names)
     absent = [c for c in names if m["per_class"][c]["support"] == 0]
     test = {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")}
+    if h.trained_on:  # images the model was trained on, found in the stores: left out of everything here
+        test["trained_on_left_out"] = h.trained_on
     if absent:  # a class the held-out images lack would count as F1 0: average over the classes present
         test["macro_f1_all_classes"] = m["macro_f1"]
         m["macro_f1"] = test["macro_f1"] = float(np.mean([m["per_class"][c]["f1"] for c in names if c not in absent]))
@@ -61,6 +63,7 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
             f"{metrics['per_image']['macro_f1']:.3f})") if faces else "images"
     over = (f" over the {len(names) - len(absent)} classes present ({', '.join(absent)} absent; over all "
             f"{len(names)}: {test['macro_f1_all_classes']:.3f})") if absent else ""
-    progress(f"{out}: {len(set(paths))} held-out {unit}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+    left = f" ({h.trained_note()})" if h.trained_on else ""
+    progress(f"{out}: {len(set(paths))} held-out {unit}{left}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
              f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'}); {sources_note(h.per_source)}")
     return metrics

@@ -32,7 +32,7 @@ from pipeline.selection.heads import Choice, choose_head, describe_choice, heads
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_metrics, write_predictions)
 from pipeline.inference.modeldir import ModelInfo, is_model_dir, save_model_dir
-from pipeline.inference.ood import fit_ood, reference_rows, save_ood
+from pipeline.inference.ood import fit_ood, image_ids, reference_rows, save_ood
 from pipeline.params import Params
 from pipeline.data.memory import memory_budget
 from pipeline.data.rows import Rows, open_rows
@@ -169,7 +169,8 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     with phases("out-of-distribution reference"):
         sample = reference_rows(lab, params.cv.seed)  # (N,) bool: at most MAX_REF rows, read a slice at a time
         ref, loo = fit_ood((x for x, _ in labelled_blocks(rows, sample)), int(sample.sum()), params.cv.seed)
-        ood = save_ood(d, ref, loo)
+        ood = save_ood(d, ref, loo, image_ids([s for s, m in zip(rows.sha256, lab) if m]))  # and which images
+        # it was trained on: evaluate leaves them out
     repeats = repeats or [float(np.mean([f["macro_f1"] for f in per_fold]))]  # mean CV macro-F1 per reseeded run
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
                **choice.record,
