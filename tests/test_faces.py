@@ -193,10 +193,15 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
     assert len(faces) == 2 and [int(faces[1][k]) for k in "xywh"] == p.faces.boxes[1].tolist()
     mean = np.mean([[float(f[k]) for k in ("p_astronaut", "p_grace")] for f in faces], axis=0)
     assert np.allclose(mean, [float(rows[0][k]) for k in ("p_astronaut", "p_grace")], atol=2e-6)
-    # suggest ranks images, not faces: the two-face canvas is one candidate
+    # suggest ranks images, not faces: the two-face canvas is one candidate. The same pixels in other bytes: images
+    # the model was not trained on (suggest skips those it was, evaluate leaves them out)
+    from PIL import PngImagePlugin
     from pipeline.stages.suggest import suggest
+    note = PngImagePlugin.PngInfo()
+    note.add_text("copy", "held out")
     for name in ("astronaut/two.png", "grace/grace_0.png", "astronaut/astronaut_1.png"):
-        shutil.copy(people / name, _save(np.zeros((1, 1, 3), np.uint8), tmp_path / "unlabelled" / name.replace("/", "_")))
+        Image.open(people / name).save(_save(np.zeros((1, 1, 3), np.uint8), tmp_path / "unlabelled" /
+                                             name.replace("/", "_")), pnginfo=note)
     extract(images=str(tmp_path / "unlabelled"), out=str(tmp_path / "u.h5"), backbone=FER, faces="all", progress=False)
     assert len(read_store(tmp_path / "u.h5")) == 4
     picked = suggest(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "u.h5")], out=str(tmp_path / "s.csv"),
@@ -209,9 +214,6 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
         evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "whole.h5")], out=str(tmp_path / "ev"))
     with pytest.raises(UserError, match=r"fer.h5: all 13 labelled images in it are images the model was trained on"):
         evaluate(model_dir=str(tmp_path / "m"), stores=[str(store)], out=str(tmp_path / "ev"))  # faces count once
-    from PIL import PngImagePlugin
-    note = PngImagePlugin.PngInfo()
-    note.add_text("copy", "held out")  # the same pixels in other bytes: images the model was not trained on
     for f in people.rglob("*.png"):
         (tmp_path / "again" / f.parent.name).mkdir(parents=True, exist_ok=True)
         Image.open(f).save(tmp_path / "again" / f.parent.name / f.name, pnginfo=note)

@@ -69,3 +69,29 @@ def test_suggest_says_when_nothing_is_uncertain():
     assert sure_note(np.array([0.55, 0.9999])) == ""
     note = sure_note(np.array([0.9951, 0.9999]))
     assert "at least 0.9951 sure of every one of them" in note and "teaches it little" in note
+
+
+def test_suggest_skips_images_the_model_was_trained_on(setup, tiny_weights):
+    """An unlabelled pool that holds training images (the same bytes, any name) must not suggest labelling them
+    again: they are skipped and counted; a pool of nothing else is refused in one line."""
+    kw = dict(backbone=TINY, weights=tiny_weights, progress=False, workers=0)
+    pool = setup / "pool2"
+    shutil.copytree(setup / "pool", pool)
+    trained = sorted((setup / "imgs").rglob("*.*"))
+    for f in trained:  # every training image, flat (unlabelled), under another name
+        shutil.copy(f, pool / f"again_{f.parent.name}_{f.name}")
+    extract(images=str(pool), out=str(setup / "pool2.h5"), **kw)
+    r = run_cli("suggest", str(setup / "m"), str(setup / "pool2.h5"), "--n", "30", "--out", str(setup / "s.csv"),
+                check=True)
+    rows = list(csv.DictReader(open(setup / "s.csv")))
+    assert not any("again_" in x["path"] for x in rows) and len(rows) > 5
+    assert "of 23 unlabelled images to label next" in r.stdout and \
+        f"{len(trained)} images the model was trained on skipped" in r.stdout, r.stdout
+    only = setup / "only_trained"
+    only.mkdir()
+    for f in trained:
+        shutil.copy(f, only / f"{f.parent.name}_{f.name}")
+    extract(images=str(only), out=str(setup / "only.h5"), **kw)
+    r = run_cli("suggest", str(setup / "m"), str(setup / "only.h5"), "--out", str(setup / "o.csv"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and \
+        f"all {len(trained)} unlabelled images in it are images the model was trained on" in r.stderr, r.stderr

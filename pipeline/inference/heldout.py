@@ -14,7 +14,7 @@ from pipeline.data.rows import open_rows
 from pipeline.heads.sources import Adapted, rows_logits
 from pipeline.heads.head import Head
 from pipeline.inference.modeldir import ModelInfo
-from pipeline.inference.ood import image_ids, load_seen
+from pipeline.inference.ood import trained_on
 
 WHOLE_STORE = "(whole store)"  # the source name of a store without groups
 
@@ -60,10 +60,8 @@ def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str], model_dir:
     lab = labels >= 0
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
-    seen = load_seen(Path(model_dir), info.ood)  # (S,) or None: a model made before they were kept
-    trained = lab & np.isin(image_ids(rows.sha256), seen) if seen is not None else np.zeros_like(lab)  # (N,)
-    n_trained = len({s for s, t in zip(rows.sha256, trained) if t})  # images (face mode: rows are faces)
-    if not (lab & ~trained).any():
+    trained, n_trained = trained_on(Path(model_dir), info.ood, rows.sha256, lab)  # (N,) bool, images
+    if not (lab & ~trained).any():  # (all of them: lab is not empty)
         raise UserError(f"{stores[0]}: all {plural(n_trained, 'labelled image')} in it are images the model was "
                         "trained on, so none is held out; evaluate on images it has not seen (train-head's "
                         "cross-validation already scores its training images held out by fold)")

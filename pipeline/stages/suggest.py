@@ -13,12 +13,12 @@ import numpy as np
 
 from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.errors import UserError
-from features.text import safe_text
+from features.text import plural, safe_text
 from pipeline.heads.head import softmax
 from pipeline.heads.sources import rows_logits, sources_note
 from pipeline.inference.heldout import store_sources
 from pipeline.inference.modeldir import load_model_dir
-from pipeline.inference.ood import knn_distance, load_ood, normalise
+from pipeline.inference.ood import knn_distance, load_ood, normalise, trained_on
 from pipeline.data.rows import image_means, open_rows
 
 
@@ -73,6 +73,11 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
     if not todo.any():
         raise UserError(f"{stores[0]}: every image is labelled; extract a folder without class sub-folders (or a "
                         "CSV without a label column) to get suggestions")
+    known, n_known = trained_on(Path(model_dir), info.ood, rows.sha256, todo)  # labelled already: in training
+    if not (todo & ~known).any():  # (all of them: todo is not empty)
+        raise UserError(f"{stores[0]}: all {plural(n_known, 'unlabelled image')} in it are images the model was "
+                        "trained on, labelled already; extract the images still to label")
+    todo &= ~known
     ref = load_ood(Path(model_dir), info.ood, info.dim)[0] if info.ood else None
     # as predict would: each source (the store's groups, else the whole store) adapted by the model's transform
     logits, _, per_source = rows_logits(head, rows, todo, store_sources(rows), info.adapt)
@@ -109,5 +114,6 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
                         *[f"{q:.6f}" for q in probs[i]]])
     progress(f"{out}: {len(chosen)} of {len(paths)} unlabelled images to label next, most uncertain first"
              f"{'' if len(chosen) == n else f' (the others are near-duplicates of these at cosine >= {max_similarity})'}"
-             f"{sure_note(probs[chosen].max(1))}; {sources_note(per_source)}")
+             f"{sure_note(probs[chosen].max(1))}; {sources_note(per_source)}" +
+             (f"; {plural(n_known, 'image')} the model was trained on skipped" if n_known else ""))
     return [paths[i] for i in chosen]
