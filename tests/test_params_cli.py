@@ -408,10 +408,32 @@ def test_images_the_model_was_trained_on_are_never_called_held_out(tmp_path, sto
     run_cli("extract", str(test), "--out", str(tmp_path / "t.h5"), "--backbone", TINY, "--weights", tiny_weights,
             "--no-progress", check=True)
     r = run_cli("evaluate", m, str(tmp_path / "t.h5"), "--out", str(tmp_path / "e"), check=True)
-    assert "12 held-out images (2 images the model was trained on left out):" in r.stdout, r.stdout
+    assert "12 held-out images (2 images the model was trained on left out): accuracy" in r.stdout, r.stdout
+    assert re.search(r"macro-F1 [01]\.\d{3} \(95% CI [01]\.\d{3}-[01]\.\d{3}\)", r.stdout), r.stdout
     ev = json.loads((tmp_path / "e" / "details.json").read_text())
     assert ev["test"]["n"] == 12 and ev["test"]["trained_on_left_out"] == 2
     rows = list(csv.DictReader(open(tmp_path / "e" / "predictions.csv")))
     assert len(rows) == 12 and not any("again_" in row["path"] for row in rows)
     run_cli("report", m, str(tmp_path / "t.h5"), "--out", str(tmp_path / "r"), check=True)
     assert "2 images the model was trained on left out" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_a_held_out_score_comes_with_its_interval_over_the_images_drawn():
+    """evaluate's line printed 'macro-F1 0.617' on 46 images with nothing beside it. bootstrap_ci: the interval
+    holds the score, is as wide as the binomial's for accuracy, and with `classes` averages over those only
+    (evaluate's macro-F1 when a class is absent from the held-out images)."""
+    from pipeline.analysis.metrics import classification_metrics
+    from pipeline.analysis.noise import bootstrap_ci
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 46)
+    pred = np.where(rng.random(46) < 0.72, y, (y + 1) % 3)  # (46,) about 72% right
+    ci = bootstrap_ci(y, pred, 3)
+    acc = float((pred == y).mean())
+    lo, hi = ci["accuracy"]
+    assert lo < acc < hi and abs((hi - lo) - 2 * 1.96 * np.sqrt(acc * (1 - acc) / 46)) < 0.04, ci
+    lo, hi = ci["macro_f1"]
+    assert lo < classification_metrics(y, pred, ["a", "b", "c"])["macro_f1"] < hi
+    y2, p2 = np.where(y == 2, 0, y), np.where(pred == 2, 0, pred)  # class 2 absent and never predicted
+    every, present = bootstrap_ci(y2, p2, 3)["macro_f1"], bootstrap_ci(y2, p2, 3, classes=[0, 1])["macro_f1"]
+    f1 = classification_metrics(y2, p2, ["a", "b", "c"])["per_class"]
+    assert present[0] < (f1["a"]["f1"] + f1["b"]["f1"]) / 2 < present[1] and every[1] < present[0]

@@ -1,4 +1,4 @@
-"""The report's building blocks: one split of predictions (Split), bootstrap intervals, inline thumbnails and
+"""The report's building blocks: one split of predictions (Split), inline thumbnails and
 gallery cards, the page's CSS. Everything a page shows is HTML-escaped."""
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from features.input.images import decode
-from pipeline.analysis.metrics import classification_metrics
 
 
 @dataclass
@@ -24,18 +23,6 @@ class Split:
     fold: np.ndarray | None = None
     boxes: np.ndarray | None = None  # (N, 4) face mode: the crop each row embeds, drawn on its thumbnail
     face: np.ndarray | None = None  # (N,) face mode: which face of its image
-
-
-def bootstrap_ci(y: np.ndarray, pred: np.ndarray, n_classes: int, *, n_boot: int = 1000,
-                 random_state: int = 0) -> dict[str, tuple[float, float]]:
-    rng = np.random.default_rng(random_state)
-    acc, f1 = [], []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        acc.append((y[i] == pred[i]).mean())
-        f1.append(classification_metrics(y[i], pred[i], [str(c) for c in range(n_classes)])["macro_f1"])
-    q = lambda v: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))  # noqa: E731
-    return {"accuracy": q(acc), "macro_f1": q(f1)}
 
 
 def thumb(root: str, path: str, size: int = 96, box=None) -> str:

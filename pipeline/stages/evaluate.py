@@ -9,6 +9,7 @@ import numpy as np
 from features.storage.atomic import atomic_dir, check_output, holds_only
 from pipeline.analysis.metrics import (classification_metrics, expected_calibration_error, per_image_metrics,
                                        write_confusion, write_metrics, write_predictions)
+from pipeline.analysis.noise import bootstrap_ci
 from pipeline.heads.head import softmax
 from pipeline.heads.sources import sources_note
 from pipeline.inference.heldout import heldout_logits
@@ -29,6 +30,8 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     m = classification_metrics(y, pred, names)
     absent = [c for c in names if m["per_class"][c]["support"] == 0]
     test = {k: m[k] for k in ("n", "accuracy", "macro_f1", "balanced_accuracy")}
+    ci = bootstrap_ci(y, pred, len(names), classes=[i for i, c in enumerate(names) if c not in absent])
+    test |= {"accuracy_ci95": ci["accuracy"], "macro_f1_ci95": ci["macro_f1"]}  # over which images were drawn
     if h.trained_on:  # images the model was trained on, found in the stores: left out of everything here
         test["trained_on_left_out"] = h.trained_on
     if absent:  # a class the held-out images lack would count as F1 0: average over the classes present
@@ -64,6 +67,9 @@ def evaluate(*, model_dir: str, stores: list[str], out: str, progress=print) -> 
     over = (f" over the {len(names) - len(absent)} classes present ({', '.join(absent)} absent; over all "
             f"{len(names)}: {test['macro_f1_all_classes']:.3f})") if absent else ""
     left = f" ({h.trained_note()})" if h.trained_on else ""
-    progress(f"{out}: {len(set(paths))} held-out {unit}{left}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-             f"{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'}); {sources_note(h.per_source)}")
+
+    def interval(k: str) -> str:
+        return f"{test[k]:.3f} (95% CI {test[k + '_ci95'][0]:.3f}-{test[k + '_ci95'][1]:.3f})"
+    progress(f"{out}: {len(set(paths))} held-out {unit}{left}: accuracy {interval('accuracy')}, macro-F1 "
+             f"{interval('macro_f1')}{over}, {len(wrong)} misclassified (see {Path(out) / 'misclassified.csv'}); {sources_note(h.per_source)}")
     return metrics

@@ -25,7 +25,8 @@ from pipeline.inference.heldout import heldout_logits
 from pipeline.heads.head import softmax
 from pipeline.analysis.metrics import classification_metrics, expected_calibration_error, per_image_metrics, write_confusion
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
-from pipeline.analysis.html import CSS, Split, bootstrap_ci, card, figure
+from pipeline.analysis.html import CSS, Split, card, figure
+from pipeline.analysis.noise import bootstrap_ci
 from pipeline.analysis.sections import insight_sections
 from pipeline.analysis.plots import plot_confusion, plot_reliability
 
