@@ -294,13 +294,17 @@ def test_files_named_are_one_source_and_the_readme_says_so(tmp_path):
     assert "each folder you pass; the image files you name, together as one source" in readme
 
 
-def test_an_image_reached_twice_is_refused_before_any_work(tmp_path):
+def test_an_image_reached_twice_is_refused_before_any_work(tmp_path, monkeypatch):
     """A folder passed twice, a folder inside another, a file named and found in a folder: each image would be
     predicted twice and weigh twice in its source's adaptation. One line naming the image and both arguments."""
     from pipeline.inference.predictions import FILES_NAMED, expand_paths
     root = make_images(tmp_path / "imgs", per_class=2)
     red, one = str(root / "red"), str(root / "red" / "red_00.jpg")
     assert len(expand_paths([red, str(root / "blue")])[0]) == 4  # distinct folders are fine
+    (tmp_path / "m.csv").write_text("path,group\nimgs/red/red_00.jpg,a\nimgs/red/red_00.jpg,b\n")
+    monkeypatch.chdir(tmp_path)  # a manifest's repeated row is an error row of its own, never read twice
+    paths, errors, _ = expand_paths(["m.csv"])
+    assert len(paths) == 2 and list(errors) == [1] and errors[1].startswith("duplicate row"), errors
     for args, first, second, more in (([red, red], red, red, ", and 1 other image too"),
                                       ([str(root), red], str(root), red, ", and 1 other image too"),
                                       ([red, str(root / "blue" / ".." / "red" / "red_00.jpg")], red, FILES_NAMED, ";"),

@@ -86,10 +86,11 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], dict[int, str], list[str
             raise UserError(f"{path}: no such file or folder; pass image files, folders of images or a CSV manifest")
     if not out:
         raise UserError("no images given; pass image files or folders of images")
-    absolute = [os.path.abspath(q) for q in out]
-    if len(set(absolute)) < len(out):
+    used = [i for i in range(len(out)) if i not in errors]  # a row in error (a manifest's duplicate) is not read
+    absolute = {i: os.path.abspath(out[i]) for i in used}
+    if len(set(absolute.values())) < len(used):
         first: dict[str, int] = {}  # absolute path -> its first index in out
-        twice = [(first[a], i) for i, a in enumerate(absolute) if first.setdefault(a, i) != i]
+        twice = [(first[a], i) for i, a in absolute.items() if first.setdefault(a, i) != i]
         (j, i), more = twice[0], len(twice) - 1
         raise UserError(f"{out[i]}: given twice (from {sources[j]} and from {sources[i]})" +
                         (f", and {plural(more, 'other image')} too" if more else "") +
