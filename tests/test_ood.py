@@ -1,6 +1,7 @@
 """The out-of-distribution check: images unlike the training set are labelled unsure however confident the head
 is, training-like ones are not; ood.npz is validated like every other model file."""
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -82,6 +83,12 @@ def test_a_damaged_or_missing_ood_file_is_one_line(model, tmp_path):
         load_model(model, device="cpu")
     r = run_cli("predict", str(model), str(make_images(tmp_path / "x", per_class=1)), "--out", str(tmp_path / "p.csv"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "ood.npz: does not belong" in r.stderr
+    (model / "ood.npz").write_bytes(b"PK\x03\x04garbage")  # a broken archive that matches its checksum: a
+    meta = json.loads((model / "model.json").read_text())  # hand-edited model.json
+    meta["ood"]["sha256"] = hashlib.sha256((model / "ood.npz").read_bytes()).hexdigest()
+    (model / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="ood.npz: unreadable; re-run imgsent train-head"):
+        load_model(model, device="cpu")
     (model / "ood.npz").unlink()
     with pytest.raises(UserError, match="ood.npz: missing"):
         load_model(model, device="cpu")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from features.errors import UserError
 from features.extract import extract
 from features.input.images import decode
 from pipeline.stages.train import train_head
@@ -78,6 +79,24 @@ def test_report_says_when_a_section_is_skipped(trained):
     build_report(model_dir=str(trained / "model"), out=str(trained / "r"), progress=lambda s: None)
     page = (trained / "r" / "index.html").read_text()
     assert "Skipped: the training store cannot be read" in page and "moved" not in page
+
+
+@pytest.mark.parametrize("damage", [b"PK\x03\x04garbage", b"\x93NUMPY", "npz", "shape"])
+def test_a_damaged_out_of_fold_logits_file_is_one_line_naming_it(trained, damage):
+    """oof_logits.npy is read without a checksum: a broken zip, a truncated header, an .npz archive in its place
+    ('unexpected BadZipFile' / AttributeError before) or another shape is refused in one line naming it."""
+    from pipeline.stages.report import build_report
+    f = trained / "model" / "oof_logits.npy"
+    if damage == "npz":
+        np.savez(f.with_suffix(".npz"), logits=np.load(f))
+        f.with_suffix(".npz").rename(f)
+    elif damage == "shape":
+        np.save(f, np.load(f)[:-1])
+    else:
+        f.write_bytes(damage)
+    with pytest.raises(UserError, match=r"oof_logits.npy: damaged, or not the \d+ rows x 3 classes"):
+        build_report(model_dir=str(trained / "model"), out=str(trained / "r"), progress=lambda s: None)
+    assert not (trained / "r").exists()
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no headless Chromium")

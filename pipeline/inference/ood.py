@@ -19,6 +19,7 @@ it (benchmarks/ood.py, BENCHMARKS.md).
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -150,7 +151,7 @@ def _read(d: Path, meta: dict) -> dict[str, np.ndarray]:
     try:
         with np.load(f, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         raise UserError(f"{f}: unreadable; {FIX}") from None
 
 

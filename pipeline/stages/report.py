@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,6 @@ def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
     try:
         with open(f, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        logits = np.load(z, allow_pickle=False)
         y = np.array([names.index(r["label"]) for r in rows], dtype=np.int64)
         fold = np.array([int(r["fold"]) for r in rows])
         faced = bool(rows) and "face" in rows[0]
@@ -49,8 +49,13 @@ def _oof_split(model_dir: Path, info: ModelInfo) -> Split:
         boxes = np.array([[int(r[k]) for k in "xywh"] for r in rows], dtype=np.int64).reshape(-1, 4) if faced else None
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{f}: damaged (unreadable rows, unknown labels or no fold column); re-run imgsent train-head") from None
-    if logits.shape != (len(rows), len(names)) or not np.isfinite(logits).all():
-        raise UserError(f"{z}: shape {logits.shape} does not match {len(rows)} rows x {len(names)} classes; "
+    try:
+        logits = np.load(z, allow_pickle=False)  # (N, C); an .npz archive or a broken file is not one
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        logits = None
+    if not isinstance(logits, np.ndarray) or logits.shape != (len(rows), len(names)) or \
+            not np.isfinite(logits).all():
+        raise UserError(f"{z}: damaged, or not the {len(rows)} rows x {len(names)} classes of oof_predictions.csv; "
                         "re-run imgsent train-head")
     return Split("cross-validation (out-of-fold)", [r["path"] for r in rows], y, softmax(logits, info.temperature),
                  info.image_root, fold, boxes, face)
