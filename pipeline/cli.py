@@ -118,14 +118,13 @@ def train_head(
     intersect: bool = typer.Option(False, help="with several stores, use only the images they share"),
 ) -> None:
     """Cross-validate the head on cached features, calibrate it, and fit it on all images."""
-    from pipeline.stages.train import summary_line, train_head as run
+    from pipeline.stages.train import notes, summary_line, train_head as run
     from pipeline.params import load_params
     p = load_params(params)
     m = run(stores=stores or p.stores("train_stores"), out=out, params=p, intersect=intersect, progress=_steps)
     typer.echo(summary_line(out, m))
-    if not m["n_groups"]:  # the one caveat a user must see: CV never met a new source
-        typer.echo("note: no group column, so CV tested new images of the training sources, never a new source (a "
-                   "style, a camera, a person); give the manifest a group column to measure that (README)", err=True)
+    for note in notes(m):
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command()

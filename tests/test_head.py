@@ -160,6 +160,33 @@ def test_mlp_without_a_slice_stops_once_its_training_loss_converges(tmp_path, mo
     assert (head.predict_proba(rows.features).argmax(1) == rows.labels).mean() > 0.6  # chance: 0.33
 
 
+def test_a_fit_the_epochs_cap_stopped_says_so_and_train_head_notes_it(tmp_path):
+    """Both estimators flag a fit that ran every epoch (L-BFGS iteration) head.epochs allows before its stop rule
+    decided (scikit-learn warns the same); train-head counts the chosen head's in details.json and says it on
+    stderr. A fit its rule stopped is not flagged."""
+    import subprocess
+    import sys
+    import yaml
+    rows = open_rows([synthetic_store(tmp_path / "s.h5", n=400, dim=16, classes=3, separation=0.5)])
+    x, y = rows.features, rows.labels
+    assert MLPHead(n_classes=3, hidden=(32,), epochs=2).fit(x, y).head_.capped
+    assert not MLPHead(n_classes=3, hidden=(32,), epochs=100000).fit(x, y).head_.capped
+    assert LinearHead(n_classes=3, max_iter=2).fit(x, y).head_.capped
+    assert not LinearHead(n_classes=3, max_iter=1000).fit(x, y).head_.capped
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for epochs, hidden, cut in ((1, [], True), (2, [32], True), (60, [], False), (600, [32], False)):
+        raw["head"] |= {"epochs": epochs, "hidden": hidden}
+        raw["cv"] |= {"repeats": 1}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+        out = tmp_path / f"m{epochs}{hidden}"
+        r = subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", "train-head",
+                            str(tmp_path / "s.h5"), "--out", str(out), "--params", str(tmp_path / "p.yaml")],
+                           capture_output=True, text=True, cwd=ROOT)
+        choice = json.loads((out / "details.json").read_text())["head_choice"]
+        said = f"3 of 3 CV fits and the final fit ran all head.epochs ({epochs}) before early stopping"
+        assert (said in r.stderr) == cut == (said in choice.get("capped", "")), (epochs, r.stderr)
+
+
 def test_predictions_csv_is_what_csv_writer_writes(tmp_path):
     """write_predictions formats its numbers in blocks; the file must read back as csv.writer's would, odd path
     names (commas, quotes, line breaks, non-ASCII) and class names included."""

@@ -67,6 +67,7 @@ class Head:
     scale: np.ndarray  # (D,) then divided by
     temperature: float = 1.0  # fitted on out-of-fold logits (pipeline/inference/calibration.py)
     reference: Reference | None = None  # the training rows' class statistics (heads/adapt.py)
+    capped: bool = False  # its fit ran to head.epochs before its stop rule decided (not saved: a fact of the fit)
 
     @property
     def hidden(self) -> tuple[int, ...]:

@@ -59,7 +59,8 @@ class LinearHead:
                                     np.zeros(C * (D + 1), np.float32), max_iter=self.max_iter, gtol=GTOL,
                                     callback=after_iteration)
         self.coef_, self.intercept_ = split_coef(best["coef"] if best["coef"] is not None else x, C)
-        self.head_ = Head([(self.coef_, self.intercept_)], self.mean_, self.scale_)
+        self.head_ = Head([(self.coef_, self.intercept_)], self.mean_, self.scale_,
+                          capped=self.n_iter_ >= self.max_iter)  # every iteration allowed was used
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:

@@ -218,7 +218,7 @@ class MLPHead:
             opt = Adam(model.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
             loss_fn = nn.CrossEntropyLoss(weight=weight)
             stopper, best, step = EarlyStopping(self.patience, self.tol, of_first=xv is None), None, 0
-            seen, last_check = SeenLoss(), 0
+            seen, last_check, capped = SeenLoss(), 0, False
             for xb, yb, wb, epoch_ends in batches:
                 # one Adam step on a mini-batch (bs, D)
                 model.train()
@@ -245,8 +245,10 @@ class MLPHead:
                         best = model.layers()  # with `val`, the head that was best on it is kept
                     if stopper.stop or (stop is not None and stop()):
                         break
+            else:  # every epoch ran: the stop rule never decided
+                capped = True
         self.n_steps_ = step
-        self.head_ = Head(best if best is not None else model.layers(), self.mean_, self.scale_)
+        self.head_ = Head(best if best is not None else model.layers(), self.mean_, self.scale_, capped=capped)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:

@@ -127,6 +127,22 @@ def train_head(*, stores: list[str], out: str, params: Params, intersect: bool =
     return metrics | {"phase_seconds": phases.seconds}
 
 
+def capped_note(cv: int, folds: int, final: bool, epochs: int) -> str:
+    """details.json's words for fits that ran every epoch (or L-BFGS iteration) head.epochs allows before their
+    stop rule (early stopping, convergence) decided (scikit-learn's ConvergenceWarning)."""
+    which = " and ".join(filter(None, [f"{cv} of {folds} CV fits" if cv else "", "the final fit" if final else ""]))
+    return (f"{which} ran all head.epochs ({epochs}) before early stopping or convergence decided: the scores are "
+            "of a head the cap stopped, not its stop rule; raise head.epochs to see what the rule gives")
+
+
+def notes(metrics: dict) -> list[str]:
+    """What train-head says after its line, on stderr: the caveats a user must see."""
+    out = [] if metrics["n_groups"] else [  # CV never met a new source
+        "no group column, so CV tested new images of the training sources, never a new source (a style, a camera, "
+        "a person); give the manifest a group column to measure that (README)"]
+    return out + ([metrics["head_choice"]["capped"]] if "capped" in metrics["head_choice"] else [])
+
+
 def counter(progress, what: str, total: int):
     """A callback that says '{what} n of {total} done' the n-th time it is called."""
     done = iter(range(1, total + 1))
@@ -175,6 +191,10 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
                **choice.record,
                "mode": "in-memory" if rows.in_memory else "streamed", "seconds": round(time.time() - t0, 3)}
+    capped = sum(h.capped for h in cand.heads.values())  # the chosen head's CV fits that head.epochs cut short
+    if capped or final.capped:
+        metrics["head_choice"] = {**metrics["head_choice"], "capped": capped_note(capped, len(cand.heads), final.capped,
+                                                                                  params.head.epochs)}
     metrics["cv"] |= {"repeats": [round(r, 4) for r in repeats], "repeats_std": float(np.std(repeats)),
                       **({"repeats_skipped": skipped} if skipped else {})}
     info = ModelInfo(class_names=rows.class_names, backbones=rows.fingerprints, backbone_weights=rows.weights_paths,
