@@ -61,7 +61,7 @@ def heldout_logits(*, head: Head, info: ModelInfo, stores: list[str], model_dir:
     if not lab.any():
         raise UserError(f"{stores[0]}: no labelled images to evaluate on; use `imgsent predict` for unlabelled ones")
     trained, n_trained = trained_on(Path(model_dir), info.ood, rows.sha256, lab)  # (N,) bool, images
-    if not (lab & ~trained).any():  # (all of them: lab is not empty)
+    if not (lab & ~trained).any():  # every labelled row is a training image
         raise UserError(f"{stores[0]}: all {plural(n_trained, 'labelled image')} in it are images the model was "
                         "trained on, so none is held out; evaluate on images it has not seen (train-head's "
                         "cross-validation already scores its training images held out by fold)")

@@ -178,7 +178,8 @@ def load_seen(d: Path, meta: dict | None) -> np.ndarray | None:
 
 def trained_on(d: Path, meta: dict | None, sha256: list[str], rows: np.ndarray) -> tuple[np.ndarray, int]:
     """Which of the store rows `rows` (N,) bool hold an image the model in `d` was trained on (load_seen), and how
-    many distinct images that is (face mode: a row per face). None for a model made before the ids were kept."""
+    many distinct images that is (face mode: a row per face); none of them for a model made before the ids were
+    kept."""
     seen = load_seen(d, meta)
     hit = rows & np.isin(image_ids(sha256), seen) if seen is not None else np.zeros_like(rows)  # (N,)
     return hit, len({s for s, h in zip(sha256, hit) if h})

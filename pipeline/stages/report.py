@@ -146,9 +146,8 @@ def build_report(*, model_dir: str, out: str, test_stores: list[str] | None = No
     test = None
     if test_stores:
         h = heldout_logits(head=head, info=info, stores=test_stores, model_dir=md)
-        test = Split(f"held-out test store ({'; '.join(filter(None, [sources_note(h.per_source), h.trained_note()]))})",
-                     h.paths, h.labels,
-                     softmax(h.logits, info.temperature), h.root,
+        said = "; ".join(filter(None, [sources_note(h.per_source), h.trained_note()]))
+        test = Split(f"held-out test store ({said})", h.paths, h.labels, softmax(h.logits, info.temperature), h.root,
                      boxes=np.array([h.faces[k] for k in "xywh"]).T.reshape(-1, 4) if h.faces else None,
                      face=np.array(h.faces["face"]) if h.faces else None)
     with atomic_dir(out_dir) as d:

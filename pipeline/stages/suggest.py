@@ -74,7 +74,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
         raise UserError(f"{stores[0]}: every image is labelled; extract a folder without class sub-folders (or a "
                         "CSV without a label column) to get suggestions")
     known, n_known = trained_on(Path(model_dir), info.ood, rows.sha256, todo)  # labelled already: in training
-    if not (todo & ~known).any():  # (all of them: todo is not empty)
+    if not (todo & ~known).any():  # every unlabelled row is a training image
         raise UserError(f"{stores[0]}: all {plural(n_known, 'unlabelled image')} in it are images the model was "
                         "trained on, labelled already; extract the images still to label")
     todo &= ~known
