@@ -41,10 +41,13 @@ def assemble_shards(*, out: str, num_shards: int) -> Summary:
     parts = [read_store(s, features=False) for s in shards]
     fp, names = parts[0].fingerprint, parts[0].class_names
     for s, p in zip(shards, parts):
-        if p.fingerprint != fp or p.class_names != names:
-            raise UserError(f"{s}: made with another backbone or class list "
+        if p.fingerprint != fp:
+            raise UserError(f"{s}: made with another backbone "
                             f"({describe_mismatch(fp, p.fingerprint, ('shard 0', 'this shard'))}); "
                             "re-extract that shard with the same settings")
+        if p.class_names != names:
+            raise UserError(f"{s}: classes {p.class_names} differ from {shards[0]}'s {names}; re-extract that shard "
+                            "from the same folder or manifest")
         if p.root != parts[0].root:  # its paths are relative to its own root: merged, they would name other files
             raise UserError(f"{s}: extracted from {p.root}, not {parts[0].root} like {shards[0]}; extract every shard "
                             "from the same folder or manifest")

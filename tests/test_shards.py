@@ -36,3 +36,20 @@ def test_shards_from_two_folders_are_refused_naming_the_shard(tmp_path, tiny_wei
                                         f"{tmp_path / 'one'}"):
         assemble_shards(out=str(out), num_shards=2)
     assert not out.exists()
+
+
+def test_a_shard_of_other_classes_is_refused_naming_both_class_lists(tmp_path, tiny_weights):
+    """The same backbone, other classes: the line said 'another backbone or class list (identical)'."""
+    import shutil
+    import pytest
+    from features.errors import UserError
+    kw = dict(backbone=TINY, weights=tiny_weights, progress=False, workers=0, num_shards=2)
+    images = make_images(tmp_path / "imgs", per_class=4)
+    out = tmp_path / "s.h5"
+    extract(images=str(images), out=str(out), shard_index=0, **kw)
+    shutil.rmtree(images / "green")
+    extract(images=str(images), out=str(out), shard_index=1, **kw)
+    with pytest.raises(UserError, match=rf"{shard_path(out, 1, 2)}: classes \['blue', 'red'\] differ from "
+                                        rf"{shard_path(out, 0, 2)}'s \['blue', 'green', 'red'\]"):
+        assemble_shards(out=str(out), num_shards=2)
+    assert not out.exists()
