@@ -68,7 +68,7 @@ def extract(
         _fail("--num-shards needs --shard-index (0..K-1); assemble finished shards with `imgsent assemble`")
     rank, world = torchrun_rank()
     kw = dict(images=images, out=out, backbone=backbone, weights=weights, batch_size=batch_size, workers=workers,
-              device=device, dtype=dtype, force=force, classes=classes.split(",") if classes else None,
+              device=device, dtype=dtype, force=force, classes=classes.split(",") if classes is not None else None,
               allow_outside=allow_outside, commit_every=commit_every, progress=_bar(progress), engine=engine,
               faces=faces, faces_fallback=faces_fallback, verify=verify)
     try:

@@ -333,3 +333,19 @@ def test_counts_in_summaries_agree_with_their_nouns():
     from features.plan import Summary
     assert Summary(out="s.h5", rows=1).line().startswith("s.h5: 1 image (")
     assert Summary(out="s.h5", rows=2).line().startswith("s.h5: 2 images (")
+
+
+def test_classes_are_stripped_and_an_empty_or_repeated_one_refused(tmp_path, tiny_weights):
+    """--classes 'blue, red' kept ' red' as a class no folder matched; 'blue,blue' wrote a store whose reader then
+    called it damaged; '' meant no filter. Names are stripped; an empty or repeated one is one line, no store."""
+    images = make_images(tmp_path / "imgs", per_class=2)
+    out = tmp_path / "s.h5"
+    r = run_cli("extract", str(images), "--out", str(out), "--backbone", TINY, "--weights", tiny_weights,
+                "--no-progress", "--classes", "blue, red", check=True)
+    assert read_store(out).class_names == ["blue", "red"] and "4 images" in r.stdout, r.stdout
+    for given, why in (("blue,blue", "'blue' is listed twice"), ("", "an empty class name"),
+                       ("blue,,red", "an empty class name")):
+        r = run_cli("extract", str(images), "--out", str(tmp_path / "t.h5"), "--backbone", TINY, "--weights",
+                    tiny_weights, "--no-progress", "--classes", given)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"--classes {given!r}: {why}" in r.stderr, r.stderr
+        assert not (tmp_path / "t.h5").exists()

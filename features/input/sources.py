@@ -96,9 +96,20 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _checked_classes(classes: list[str] | None) -> list[str] | None:
+    """--classes stripped ('happy, sad': two classes); an empty or repeated name is refused (a store's are distinct)."""
+    names = None if classes is None else [c.strip() for c in classes]
+    bad = next((c for c in names or [] if not c or names.count(c) > 1), None)  # the first empty or repeated name
+    if bad is not None:
+        why = f"{bad!r} is listed twice" if bad else "an empty class name"
+        raise UserError(f"--classes {','.join(classes)!r}: {why}; list each class once, comma-separated: happy,sad")
+    return names
+
+
 def discover(images: str | os.PathLike, *, classes: list[str] | None = None, allow_outside: bool = False) -> Source:
     """ImageFolder (one sub-folder per class, sorted), a flat folder (unlabelled), or a `path[,label][,group]` CSV."""
     src = Path(images)
+    classes = _checked_classes(classes)
     if not src.exists():
         raise UserError(f"{src}: no such file or folder; pass an ImageFolder directory or a CSV manifest with header path,label")
     if src.is_file():
