@@ -182,3 +182,14 @@ def test_sweep_never_replaces_a_users_folder(tmp_path, store):
     (d / "notes.txt").write_text("keep me")
     r = run_cli("sweep", store, "--out", str(d), "--params", str(ROOT / "params.yaml"), "--grid", "head.lr=0.1")
     assert r.returncode == 2 and "notes.txt" not in r.stdout and (d / "notes.txt").read_text() == "keep me"
+
+
+def test_a_config_whose_fits_the_epochs_cap_cut_short_says_so(tmp_path, store):
+    """sweep.csv's `capped`: the CV fits of a config that ran all head.epochs before their stop rule decided (as
+    train-head's note counts them); the summary line counts such configs."""
+    pf = _params_file(tmp_path, [("repeats: 3", "repeats: 1")])
+    r = run_cli("sweep", store, "--out", str(tmp_path / "sw"), "--params", str(pf), "--no-progress",
+                "--grid", "head.hidden=[]", "--grid", "head.epochs=1,200", check=True)
+    rows = {x["head.epochs"]: x for x in csv.DictReader(open(tmp_path / "sw" / "sweep.csv"))}
+    assert (rows["1"]["capped"], rows["200"]["capped"]) == (rows["1"]["folds"], "0"), rows
+    assert "1 config with fits head.epochs cut short before their stop rule decided (sweep.csv: capped)" in r.stdout

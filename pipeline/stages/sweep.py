@@ -149,7 +149,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             (values, p), t = configs[i], time.time()
             key = _effective(p.head)
             if key in done:  # e.g. another lr for the linear head, which has none: the same fits, not rerun;
-                (per_fold, stopped), choice = done[key], None  # an equal mean never replaces the best
+                (per_fold, stopped, capped), choice = done[key], None  # an equal mean never replaces the best
                 pbar.update(params.cv.folds * heads_to_fit(key))
             else:  # a config clearly behind the best so far stops its CV there (choose_head's leader). The next
                 # config's folds are queued behind this one's: they take the cores its last round leaves idle
@@ -160,13 +160,15 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 leader, scored = None if best is None else (_name(best[0]), f1s[best[0]["_i"]]), []
                 choice = choose_head(rows, fold, p, max_val, on_fold=lambda: scored.append(pbar.update(1)),
                                      views=views, leader=leader, pool=pool, runs=queued.pop(key))
-                per_fold, stopped = done[key] = choice.cv.per_fold[choice.transform], choice.stopped
+                per_fold, stopped, capped = done[key] = (choice.cv.per_fold[choice.transform], choice.stopped,
+                                                         sum(h.capped for h in choice.cv.heads.values()))  # capped:
+                # its CV fits that ran all head.epochs before their stop rule decided (train.capped_note)
                 pbar.update(params.cv.folds * heads_to_fit(key) - len(scored))  # folds not run
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])
             r = {**values, "macro_f1_mean": float(f1.mean()),
                  "macro_f1_std": float(f1.std()), "accuracy_mean": float(acc.mean()),
-                 "accuracy_std": float(acc.std()), "folds": len(f1), "stopped": stopped or "",
+                 "accuracy_std": float(acc.std()), "folds": len(f1), "capped": capped, "stopped": stopped or "",
                  "seconds": round(time.time() - t, 3), "_i": i}
             results[i], f1s[i] = r, f1.tolist()
             if not stopped and choice is not None:  # (a config that reuses fits comes after the config that ran
@@ -188,19 +190,21 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
             w = csv.writer(f)
             keys = list(configs[0][0])
             w.writerow(["rank", *keys, "macro_f1_mean", "macro_f1_std", "accuracy_mean", "accuracy_std", "folds",
-                        "seconds", "chosen", "stopped"])
+                        "capped", "seconds", "chosen", "stopped"])
             for rank, row in enumerate(results, 1):
                 w.writerow([rank, *(json.dumps(row[k]) if isinstance(row[k], list) else row[k] for k in keys),
                             *(f"{row[k]:.4f}" for k in ("macro_f1_mean", "macro_f1_std", "accuracy_mean",
-                                                        "accuracy_std")), row["folds"], row["seconds"],
+                                                        "accuracy_std")), row["folds"], row["capped"], row["seconds"],
                             int(row is r), row["stopped"]])
     for row in results:
         del row["_i"]
     top = _name(r)
-    stopped = sum(bool(x["stopped"]) for x in results)
+    stopped, capped = sum(bool(x["stopped"]) for x in results), sum(x["capped"] > 0 for x in results)
     progress(f"{out}: {plural(len(configs), 'config')} x {params.cv.folds} folds on "
              f"{plural(int((rows.labels >= 0).sum()), 'image')} in {time.time() - t0:.1f} s; chose {top}: macro-F1 "
              f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} ({why}) -> {out}/best" +
              (f"; {plural(stopped, 'config')} stopped early, clearly behind the best so far (sweep.csv: folds, "
-              "stopped)" if stopped else ""))
+              "stopped)" if stopped else "") +
+             (f"; {plural(capped, 'config')} with fits head.epochs cut short before their stop rule decided "
+              "(sweep.csv: capped)" if capped else ""))
     return results
