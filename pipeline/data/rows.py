@@ -191,8 +191,8 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
         if s.class_names != base.class_names:
             raise UserError(f"{s.path}: classes {s.class_names} differ from {base.path}'s {base.class_names}; "
                             "extract both from the same images")
-    for i, s in enumerate(parts):  # (a trained model's stores are matched to its fingerprints above instead)
-        same = next((t for t in parts[:i] if t.fingerprint == s.fingerprint), None) if expect is None else None
+    for i, s in enumerate(parts if expect is None else []):  # (a model's stores were matched to its fingerprints)
+        same = next((t for t in parts[:i] if t.fingerprint == s.fingerprint), None)
         if same is not None:
             what = ("given twice" if Path(same.path).resolve() == Path(s.path).resolve() else
                     f"the same features as {same.path} (backbone {s.fingerprint['backbone']}, the same weights and "

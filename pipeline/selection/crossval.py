@@ -58,6 +58,10 @@ class Candidate:
     def f1s(self, transform: str) -> list[float]:
         return [f["macro_f1"] for f in self.per_fold[transform]]
 
+    def capped(self) -> int:
+        """Its fold fits that ran all head.epochs before their stop rule decided (Head.capped)."""
+        return sum(h.capped for h in self.heads.values())
+
 
 def stress_batches(labels: np.ndarray, members: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
     """(kind, rows) batches drawn from one source's rows `members` (labels (N,) index them): the class mixes and

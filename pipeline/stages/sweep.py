@@ -161,8 +161,7 @@ def sweep(*, stores: list[str], out: str, params: Params, grid: list[str], inter
                 choice = choose_head(rows, fold, p, max_val, on_fold=lambda: scored.append(pbar.update(1)),
                                      views=views, leader=leader, pool=pool, runs=queued.pop(key))
                 per_fold, stopped, capped = done[key] = (choice.cv.per_fold[choice.transform], choice.stopped,
-                                                         sum(h.capped for h in choice.cv.heads.values()))  # capped:
-                # its CV fits that ran all head.epochs before their stop rule decided (train.capped_note)
+                                                         choice.cv.capped())
                 pbar.update(params.cv.folds * heads_to_fit(key) - len(scored))  # folds not run
             f1 = np.array([f["macro_f1"] for f in per_fold])
             acc = np.array([f["accuracy"] for f in per_fold])

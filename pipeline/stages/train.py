@@ -191,7 +191,7 @@ def finish(rows: Rows, fold: np.ndarray, choice: Choice, max_val: int | None, d:
     metrics = {**cv_metrics(rows, oof, per_fold, final.temperature, params.cv.folds),
                **choice.record,
                "mode": "in-memory" if rows.in_memory else "streamed", "seconds": round(time.time() - t0, 3)}
-    capped = sum(h.capped for h in cand.heads.values())  # the chosen head's CV fits that head.epochs cut short
+    capped = cand.capped()  # the chosen head's CV fits that head.epochs cut short
     if capped or final.capped:
         metrics["head_choice"] = {**metrics["head_choice"], "capped": capped_note(capped, len(cand.heads), final.capped,
                                                                                   params.head.epochs)}
