@@ -5,9 +5,8 @@ exception: one bad line in a million must not stop an extraction, and the user s
 """
 from __future__ import annotations
 
-import difflib
-
 import csv
+import difflib
 import io
 import os
 import re
@@ -16,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.errors import UserError, short_reason
+from features.input.files import IMAGE_EXTENSIONS, is_hidden, unsupported, walk_images
 from features.text import safe_text
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-# .jfif / .jpe: how Chrome and Windows save some JPEGs (the decoder goes by the file's bytes, not its name)
 MAX_MANIFEST_BYTES = 1 << 30  # a manifest is read whole: 1 GiB is ~10 million rows
 
 
@@ -37,51 +35,6 @@ class Source:
     items: list[Item]
     class_names: list[str]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-OTHER_IMAGE_EXTENSIONS = {".svg", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".xcf", ".ico", ".icns", ".eps",
-                          ".exr", ".hdr", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}  # not decoded
-
-
-def unsupported(path: Path) -> str:
-    """Why a file is skipped by its type: an image format imgsent does not decode gets the fix; anything else
-    (notes.txt, Thumbs.db) is simply not an image."""
-    ext = path.suffix.lower() or "(no extension)"
-    if ext in OTHER_IMAGE_EXTENSIONS:
-        return f"unsupported file type {ext} (imgsent decodes {', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG"
-    return f"not an image file ({ext})"
-
-
-def walk_images(folder: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
-    """(image files, other files, (folder, reason) for folders not read) below `folder`, sorted. Hidden files and
-    folders are skipped; folder links are followed, each real folder read once (a link loop is reported); a
-    folder that cannot be listed (permission, a path over PATH_MAX) is reported, not silently left out."""
-    found, other, unread = [], [], []
-    seen = {os.path.realpath(folder)}
-
-    def cannot_list(e: OSError) -> None:
-        unread.append((Path(e.filename), f"cannot list folder: {e.strerror or e}"))
-
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list, followlinks=True):
-        keep = []
-        for d in sorted(x for x in dirnames if not _is_hidden(x)):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if real in seen:
-                unread.append((Path(dirpath) / d, f"folder link to {real}, which is already read (a loop or a "
-                                                  "second link): not read again"))
-            else:
-                seen.add(real)
-                keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            if not _is_hidden(name):
-                p = Path(dirpath) / name
-                (found if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
-    return found, other, sorted(unread)
 
 
 def _is_our_output(d: Path) -> bool:
@@ -131,7 +84,7 @@ def discover(images: str | os.PathLike, *, classes: list[str] | None = None, all
 
 def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
     root = root.resolve()
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
     items: list[Item] = []
     problems: list[tuple[str, str]] = []
     for d in [d for d in subdirs if _is_our_output(d)]:  # --out model/ written next to the class folders
@@ -160,7 +113,7 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
         names = [n for n in names if n in used]
         # Loose images next to class folders are unlabelled; keep them so predict/extract see them.
         for p in sorted(root.iterdir()):
-            if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.is_file() and not is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append(Item(_rel(p, root), str(p), None))
     else:
         names = list(classes or [])

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from features.errors import UserError
-from features.input.sources import discover, unsupported, walk_images
+from features.input.files import unsupported, walk_images
+from features.input.sources import discover
 from features.storage.atomic import OutputLock, atomic_file, check_output
 from features.text import plural, safe_text
 
