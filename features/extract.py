@@ -132,7 +132,7 @@ def extract(*, images: str, out: str, backbone: str = "efficientnet_lite0", weig
                                    if n >= spec.max_faces) if faced else 0,
                    max_faces=spec.max_faces if faced else 0,
                    seen=len(source.items) + len(source.problems) if num_shards == 1 else None,
-                   labelled=sum(1 for i in keep if plan.labels[i] >= 0))
+                   labelled=sum(1 for i in keep if plan.labels[i] >= 0), unused_classes=source.unused_classes)
 
 
 def _stat_cache(target: Path, reuse: Reusable) -> tuple[dict, int]:

@@ -38,6 +38,7 @@ class Summary:
     max_faces: int = 0
     seen: int | None = None  # files and unread folders found under the root: rows + skipped + label conflicts
     labelled: int | None = None  # rows with a label (None: not counted)
+    unused_classes: list[str] = field(default_factory=list)  # --classes names that no image carries
 
     def line(self) -> str:
         rate = f", {self.extracted / self.embed_seconds:.1f} img/s embedding" if self.extracted and self.embed_seconds > 0 else ""
@@ -58,7 +59,10 @@ class Summary:
                 f"{same}) in {self.seconds:.1f} s{rate}" + (f"; {self.seen} files seen" if self.seen is not None else "")
                 + ("; stored unlabelled: no class sub-folders or label column (fine for predict and suggest; to "
                    "train, pass the folder that holds one sub-folder per class)" if self.labelled == 0 and self.rows
-                   else ""))
+                   else "")
+                + (f"; --classes {', '.join(self.unused_classes)}: no image carries "
+                   + ("it, so it is no class" if len(self.unused_classes) == 1 else "them, so they are no classes")
+                   + " of the store (a typo?)" if self.unused_classes else ""))
 
 
 @dataclass

@@ -43,10 +43,11 @@ def test_groups_and_duplicates_never_straddle_folds(seed):
     rng = np.random.default_rng(seed)
     n, k = int(rng.integers(200, 800)), int(rng.integers(2, 6))
     plain = seed % 3 == 0  # every third layout has no groups and no copies: each row is its own key
-    labels, groups, sha = _layout(rng, n, int(rng.integers(2, 6)), 0 if plain else int(rng.choice([0, 12, 40])),
+    classes = int(rng.integers(2, 6))
+    labels, groups, sha = _layout(rng, n, classes, 0 if plain else int(rng.choice([0, 12, 40])),
                                   0.0 if plain else rng.random() * 0.2)
     try:
-        fold = assign_folds(labels=labels, groups=groups, sha256=sha, k=k, class_names=[str(i) for i in range(6)],
+        fold = assign_folds(labels=labels, groups=groups, sha256=sha, k=k, class_names=[str(i) for i in range(classes)],
                             random_state=seed)
     except UserError as e:  # copies shared across groups can merge them into fewer than k units: refused clearly
         assert f"cv.folds={k} exceeds the" in str(e) and "groups of images" in str(e)
@@ -82,6 +83,13 @@ def test_same_input_same_folds_and_clear_refusals():
     with pytest.raises(UserError, match="only one class"):
         assign_folds(k=2, random_state=0, labels=np.zeros(10, int), groups=None, sha256=[f"{i}" for i in range(10)],
                      class_names=["a", "b"])
+
+
+def test_a_class_the_store_lists_without_labelled_images_is_refused_naming_it():
+    """Its F1 of 0 was averaged into every CV macro score (a manifest's --classes, or every image of it skipped)."""
+    with pytest.raises(UserError, match=r"class 'angry' has no labelled images .*leave it out \(extract --classes\)"):
+        assign_folds(labels=np.repeat([0, 2], 10), groups=None, sha256=[f"{i:064x}" for i in range(20)], k=2,
+                     class_names=["happy", "angry", "sad"], random_state=0)
 
 
 def test_a_fold_that_trains_without_a_class_is_refused_naming_it():

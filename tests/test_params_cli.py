@@ -298,7 +298,8 @@ def test_evaluate_on_a_subset_of_the_classes_averages_over_those_present(tmp_pat
     shutil.rmtree(part / "red")
     extract_args = ["extract", str(part), "--out", str(tmp_path / "part.h5"), "--backbone", TINY, "--weights",
                     tiny_weights, "--no-progress"]
-    run_cli(*extract_args, "--classes", "blue,green,red", check=True)
+    r = run_cli(*extract_args, "--classes", "blue,green,red", check=True)
+    assert "--classes red: no image carries it, so it is no class of the store" in r.stdout + r.stderr
     lines = []
     m = evaluate(model_dir=str(tmp_path / "m"), stores=[str(tmp_path / "part.h5")], out=str(tmp_path / "ev"),
                  progress=lines.append)

@@ -35,6 +35,7 @@ class Source:
     items: list[Item]
     class_names: list[str]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    unused_classes: list[str] = field(default_factory=list)  # --classes names no usable image carries (a typo?)
 
 
 def _is_our_output(d: Path) -> bool:
@@ -71,6 +72,11 @@ def discover(images: str | os.PathLike, *, classes: list[str] | None = None, all
         source = _from_manifest(src, classes=classes, allow_outside=allow_outside)
     else:
         source = _from_folder(src, classes=classes)
+    # A class without a usable image is no class: trained on, it would be averaged into every macro score as F1 0.
+    # Its images' problems say why; a --classes name no image carries is said in the summary.
+    used = {it.label for it in source.items}
+    source.unused_classes = [c for c in classes or () if c not in used]
+    source.class_names = [c for c in source.class_names if c in used]
     if not source.items:
         if source.problems:
             why = Counter(short_reason(r) for _, r in source.problems).most_common(3)
@@ -103,14 +109,12 @@ def _from_folder(root: Path, *, classes: list[str] | None) -> Source:
                     problems.append((_rel(p, root), f"unknown label {label!r} (classes: {', '.join(names)})"))
                 else:
                     items.append(Item(_rel(p, root), str(p), label))
-        # A class folder without images (created, not yet filled) is no class: trained on, it would be averaged
-        # into every macro score as F1 0. Dropped, and said.
+        # A class folder without images (created, not yet filled) is said here; discover drops its class
         used = {it.label for it in items}
         for d in subdirs:
             if safe_text(d.name) in names and safe_text(d.name) not in used:
                 problems.append((_rel(d, root) + "/", "empty class folder: no images, so no class; fill it or "
                                                        "remove it"))
-        names = [n for n in names if n in used]
         # Loose images next to class folders are unlabelled; keep them so predict/extract see them.
         for p in sorted(root.iterdir()):
             if p.is_file() and not is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS:

@@ -21,6 +21,13 @@ def assign_folds(*, labels: np.ndarray, groups: list[str] | None, sha256: list[s
     if len(present) < 2:
         raise UserError(f"only one class ({class_names[present[0]] if len(present) else 'none'}) has labelled images; "
                         "a classifier needs at least two class folders")
+    if len(present) < len(class_names):  # every image of it skipped, or named by a manifest's --classes only:
+        # a head cannot learn it, and its F1 of 0 would be averaged into every macro score
+        absent = [class_names[c] for c in np.flatnonzero(counts == 0)]
+        more = f" (nor {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise UserError(f"class '{absent[0]}' has no labelled images{more} (the store lists it, but its images were "
+                        "skipped or never there); a head cannot learn it and its F1 of 0 would lower every macro "
+                        "score: add images of it, or leave it out (extract --classes)")
     smallest = int(present[np.argmin(counts[present])])
     if counts[smallest] < 2:
         raise UserError(f"class '{class_names[smallest]}' has only {counts[smallest]} labelled image; cross-validation "
