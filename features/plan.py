@@ -36,7 +36,7 @@ class Summary:
     face_fallback: str | None = None  # face mode: what happened to an image without a face (skip | whole)
     face_capped: int = 0  # face mode `all`: images with FaceSpec.max_faces crops (more faces may be there)
     max_faces: int = 0
-    seen: int | None = None  # files and unread folders found under the root: rows + skipped + label conflicts
+    seen: int | None = None  # files and unread folders found under the root: rows + skipped (a conflict is a row)
     labelled: int | None = None  # rows with a label (None: not counted)
     unused_classes: list[str] = field(default_factory=list)  # --classes names that no image carries
 
@@ -156,8 +156,9 @@ def make_plan(source: Source, where: Where, partial: Partial, num_shards: int, s
             continue
         first = first_label.setdefault(sha, (item.path, item.label))
         if first[1] != item.label:
-            plan.conflicts.append((item.path, f"identical to {first[0]} which is labelled {first[1]!r}, "
-                                              f"this one {item.label!r}"))
+            said = ["unlabelled" if label is None else repr(label) for label in (first[1], item.label)]
+            plan.conflicts.append((item.path, f"identical to {first[0]} which is "
+                                              f"{'' if first[1] is None else 'labelled '}{said[0]}, this one {said[1]}"))
         plan.shas.append(sha)
         plan.labels.append(index[item.label] if item.label is not None else -1)
         plan.paths.append(item.path)

@@ -3,6 +3,7 @@ reason; memory per image bounded (aspect-ratio bombs)."""
 import csv
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -132,8 +133,11 @@ def _deep_folder(top, depth_chars: int = 4200):
 
 def test_every_file_under_the_root_is_a_row_or_a_skip(tmp_path, tiny_weights):
     """Extract's summary accounts for every file: a linked sub-folder is read, a link loop and a folder beyond
-    PATH_MAX are reported, and rows + skipped + label conflicts = files seen."""
+    PATH_MAX are reported, and rows + skipped = files seen: an image under two labels (a label conflict) is a row
+    of each, and listed."""
     root = make_images(tmp_path / "imgs", per_class=2)  # red/, green/, blue/: 6 images
+    shutil.copy(root / "red" / "red_00.jpg", root / "blue" / "copy.jpg")  # the same bytes under blue too
+    shutil.copy(root / "red" / "red_00.jpg", root / "loose.jpg")  # ...and unlabelled beside the class folders
     elsewhere = make_images(tmp_path / "elsewhere", per_class=3)
     os.symlink(elsewhere / "red", root / "red" / "more")  # 3 more red images, through a folder link
     os.symlink(root / "green", root / "green" / "loop")  # a loop back to its own class folder
@@ -141,10 +145,12 @@ def test_every_file_under_the_root_is_a_row_or_a_skip(tmp_path, tiny_weights):
     s = extract(images=str(root), out=str(tmp_path / "s.h5"), backbone=TINY, weights=tiny_weights, progress=False,
                 workers=0)
     why = dict(s.skipped)
-    assert s.rows == 6 + 3
+    assert s.rows == 6 + 3 + 2
     assert "already read" in why["green/loop/"]
     assert any("File name too long" in r for r in why.values()), why
-    assert s.rows + len(s.skipped) + len(s.conflicts) == s.seen
+    assert dict(s.conflicts) == {"red/red_00.jpg": "identical to blue/copy.jpg which is labelled 'blue', this one 'red'",
+                                 "loose.jpg": "identical to blue/copy.jpg which is labelled 'blue', this one unlabelled"}
+    assert s.rows + len(s.skipped) == s.seen
     assert f"; {s.seen} files seen" in s.line()
 
 
