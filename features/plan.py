@@ -8,8 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from features.text import plural
-from features.errors import UserError
+from features.text import plural, safe_text
+from features.errors import UserError, short_reason
 from features.models.faces import NO_FACE, FaceSpec
 from features.input.images import hash_items
 from features.input.sources import Source
@@ -63,6 +63,17 @@ class Summary:
                 + (f"; --classes {', '.join(self.unused_classes)}: no image carries "
                    + ("it, so it is no class" if len(self.unused_classes) == 1 else "them, so they are no classes")
                    + " of the store (a typo?)" if self.unused_classes else ""))
+
+    def problems(self, shown: int = 20) -> list[str]:
+        """The lines printed before the summary: the first skipped images and label conflicts with their reasons,
+        and the skips counted by reason (the store lists them all). Non-UTF-8 names get \\x escapes, as stored."""
+        lines = [safe_text(f"skipped {path}: {why}") for path, why in self.skipped[:shown]]
+        if len(self.skipped) > shown:
+            lines.append(f"... {len(self.skipped) - shown} more skipped; the store lists them all (skipped_paths)")
+        if self.skipped:
+            why = Counter(short_reason(r) for _, r in self.skipped).most_common()
+            lines.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{n} x {r}" for r, n in why))
+        return lines + [safe_text(f"label conflict {path}: {why}") for path, why in self.conflicts[:shown]]
 
 
 @dataclass

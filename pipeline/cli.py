@@ -6,12 +6,11 @@ import atexit
 import gc
 import os
 import sys
-from collections import Counter
 from typing import List, Optional
 
 import typer
 
-from features.errors import UserError, broken_install, short_reason
+from features.errors import UserError, broken_install
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image sentiment / emotion classifiers by transfer learning on cached CNN features.")
@@ -78,16 +77,8 @@ def extract(
             s = run(num_shards=num_shards or 1, shard_index=shard_index or 0, **kw)
     except Interrupted as e:
         _fail(str(e), 130)
-    from features.text import safe_text  # a non-UTF-8 file name is printed with \x escapes, as stored
-    for path, why in s.skipped[:20]:
-        typer.echo(safe_text(f"skipped {path}: {why}"), err=True)
-    if len(s.skipped) > 20:
-        typer.echo(f"... {len(s.skipped) - 20} more skipped; the store lists them all (skipped_paths)", err=True)
-    if s.skipped:
-        why = Counter(short_reason(r) for _, r in s.skipped).most_common()
-        typer.echo(f"skipped {len(s.skipped)}: " + "; ".join(f"{n} x {r}" for r, n in why), err=True)
-    for path, why in s.conflicts[:20]:
-        typer.echo(safe_text(f"label conflict {path}: {why}"), err=True)
+    for line in s.problems():
+        typer.echo(line, err=True)
     typer.echo(s.line())
     if strict and s.skipped:
         raise typer.Exit(1)
@@ -185,12 +176,15 @@ def report(model_dir: str = typer.Argument(...),
 @app.command()
 def export(model_dir: str = typer.Argument(...), format: str = typer.Option("torchscript", "--format", help="torchscript|onnx"),
            out: str = typer.Option(..., "--out"), adapt_to: Optional[str] = typer.Option(
-               None, "--adapt-to", help="a folder of one source's images: its shift baked in (default: none)")) -> None:
+               None, "--adapt-to", help="one source's images, a folder or a CSV manifest: its shift baked in "
+               "(default: none)"), adapt_group: Optional[str] = typer.Option(
+               None, "--adapt-group", help="the manifest group --adapt-to bakes in, when the manifest has several")) -> None:
     """One file with backbone(s) + head + preprocessing: uint8 (B, H, W, 3) RGB in, calibrated (B, C) out."""
     from pipeline.stages.export import export as run
     _steps(f"{out}: exporting backbone(s) and head to {format}{' (up to a minute)' if format == 'onnx' else ''}")
-    typer.echo(f"{run(model_dir=model_dir, fmt=format, out=out, adapt_to=adapt_to)}: exported ({format}"
-               f"{f', adapted to {adapt_to}' if adapt_to else ''})")
+    dst = run(model_dir=model_dir, fmt=format, out=out, adapt_to=adapt_to, adapt_group=adapt_group)
+    to = f"{f'group {adapt_group} of ' if adapt_group else ''}{adapt_to}"
+    typer.echo(f"{dst}: exported ({format}{f', adapted to {to}' if adapt_to else ''})")
 
 
 @app.command()

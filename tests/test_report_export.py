@@ -199,3 +199,19 @@ def test_an_export_adapted_to_a_folder_predicts_as_predict_does_on_that_folder(t
     few = len(list((folder / "red").iterdir()))
     assert r.returncode == 2 and (f"{few} images could be read, too few to adapt" in r.stderr or
                                   "the model's transform is none" in r.stderr), r.stderr
+    # A manifest's group is a source too (predict adapts each group): --adapt-group picks the one to bake in
+    manifest = tmp_path / "sources.csv"
+    manifest.write_text("path,group\n" + "".join(f"{p},new\n" for p in pred.paths) +
+                        "".join(f"{p},old\n" for p in sorted((trained / "imgs" / "red").glob("red_*"))))
+    with pytest.raises(UserError, match=r"2 sources \(groups new, old\); pick the one .* with --adapt-group"):
+        export(model_dir=str(model), fmt="torchscript", out=str(tmp_path / "c.pt"), adapt_to=str(manifest))
+    dst = export(model_dir=str(model), fmt="torchscript", out=str(tmp_path / "c.pt"), adapt_to=str(manifest),
+                 adapt_group="new")
+    m, meta = load_exported(str(dst))
+    assert meta["adapted_group"] == "new" and f"the shift of group new of {manifest} (9 images)" in meta["adaptation"]
+    both = load_model(model, device="cpu").predict([str(manifest)])
+    new = [i for i, source in enumerate(both.sources) if source == "new"]
+    with torch.no_grad():
+        out = torch.cat([m(torch.from_numpy(decode(both.paths[i]))[None]) for i in new]).numpy()
+    np.testing.assert_allclose(out, both.probs[new], atol=1e-4)
+    np.testing.assert_allclose(out, pred.probs, atol=1e-4)  # the group's images, as their folder: the same shift

@@ -3,8 +3,9 @@
 Contract of the exported model: input uint8 (B, H, W, 3) RGB, any H and W (resizing happens inside the
 graph, by the same `resize_crop` the extractor uses); output float (B, C) calibrated class probabilities
 in class order, each image on its own: no adaptation to its source (heads/adapt.py), as `predict --source none`;
-or, with `adapt_to` (a folder of one source's images), that source's shift fitted once and folded into the head
-(Shift.adapt): each image then gets what `predict MODEL FOLDER` gives it, for a deployment serving that source.
+or, with `adapt_to` (a folder of one source's images, or a manifest and one of its groups), that source's shift fitted
+once and folded into the head (Shift.adapt): each image then gets what `predict` gives it there, for a deployment
+serving that source.
 Class names and fingerprints travel in the file's metadata: TorchScript `_extra_files["imgsent.json"]`, ONNX
 `metadata_props["imgsent"]`.
 """
@@ -68,33 +69,59 @@ class Exported(nn.Module):
         return self.head(torch.cat(feats, 1))
 
 
-def adapted_head(m, folder: str) -> tuple[Head, str]:
-    """The model's head with the shift of `folder`'s images (one source, as predict adapts a folder) folded in, and
-    the metadata's words for it. Refused in one line when there is nothing to fold: transform none, too few images."""
-    from pipeline.heads.adapt import MIN_IMAGES, source_logits
+def source_images(where: str, group: str | None) -> tuple[list[str], str]:
+    """One source's image paths as predict groups them (a folder; a manifest's group, or the manifest when it has
+    no group column), and its name for the metadata. A manifest of several groups needs `group` to pick one."""
     from pipeline.inference.predictions import expand_paths
+    if Path(where).is_dir() and group is not None:
+        raise UserError(f"--adapt-group {group}: {where} is a folder, one source; --adapt-group picks a group of a CSV "
+                        "manifest: leave it out")
+    if not (Path(where).is_dir() or (Path(where).suffix.lower() == ".csv" and Path(where).is_file())):
+        raise UserError(f"--adapt-to {where}: not a folder or a CSV manifest; pass the folder of the source's images "
+                        "or a manifest path[,label][,group]")
+    paths, errors, sources = expand_paths([where])  # sources: the folder, or each row's group (else the manifest)
+    names = sorted({s for i, s in enumerate(sources) if i not in errors})
+    if group is not None and group not in names:
+        raise UserError(f"--adapt-group {group}: no such group in {where} (its groups: {', '.join(names)}); pass one "
+                        "of them")
+    if group is None and len(names) > 1:
+        raise UserError(f"--adapt-to {where}: {len(names)} sources (groups {', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''}); pick the one the deployment serves with --adapt-group")
+    name = group if group is not None else names[0]
+    chosen = [q for i, (q, s) in enumerate(zip(paths, sources)) if i not in errors and s == name]
+    return chosen, where if group is None else f"group {group} of {where}"
+
+
+def adapted_head(m, where: str, group: str | None = None) -> tuple[Head, str]:
+    """The model's head with the shift of one source's images (as predict adapts a folder or a manifest group) folded
+    in, and the metadata's words for it. Refused in one line when there is nothing to fold: transform none, too
+    few images."""
+    from pipeline.heads.adapt import MIN_IMAGES, source_logits
     if m.info.adapt == "none":
-        raise UserError(f"--adapt-to {folder}: the model's transform is none (adapt in model.json): nothing to bake "
+        raise UserError(f"--adapt-to {where}: the model's transform is none (adapt in model.json): nothing to bake "
                         "in; export without --adapt-to, or retrain with head.adapt: affine or scale")
-    if not Path(folder).is_dir():
-        raise UserError(f"--adapt-to {folder}: not a folder; pass the folder of the source's images")
-    feats = m.embed(expand_paths([folder])[0])[0]  # (R, D), one row per image that decoded
+    paths, name = source_images(where, group)
+    feats = m.embed(paths)[0]  # (R, D), one row per image that decoded
     shift = source_logits(m.head, feats, m.info.adapt)[1]
     if shift is None:
-        raise UserError(f"--adapt-to {folder}: {len(feats)} images could be read, too few to adapt (needs "
+        raise UserError(f"--adapt-to {name}: {len(feats)} images could be read, too few to adapt (needs "
                         f"{MIN_IMAGES}); add images of that source")
-    return shift.adapt(m.head), (f"{shift.transform}: the shift of {folder} ({shift.n} images) baked in: each image "
-                                 f"gets what imgsent predict MODEL {folder} gives it; images of another source get "
+    predicted = where if group is None else f"{where} (its group {group})"
+    return shift.adapt(m.head), (f"{shift.transform}: the shift of {name} ({shift.n} images) baked in: each image "
+                                 f"gets what imgsent predict MODEL {predicted} gives it; images of another source get "
                                  "the same fixed shift")
 
 
-def build_exported(model_dir: str, adapt_to: str | None = None) -> tuple[Exported, dict, list[Backbone]]:
+def build_exported(model_dir: str, adapt_to: str | None = None,
+                   adapt_group: str | None = None) -> tuple[Exported, dict, list[Backbone]]:
     """The exportable module, its metadata and the loaded backbones (each loaded once)."""
+    if adapt_group is not None and not adapt_to:
+        raise UserError(f"--adapt-group {adapt_group}: names a group of the manifest given to --adapt-to; pass both")
     m = load_model(model_dir, device="cpu")
     if m.faces is not None:
         raise UserError(f"{model_dir}: trained on face crops (--faces {m.faces.mode}); an exported model cannot "
                         "carry the face detector, so export refuses it: use `imgsent predict` or the Python API")
-    head, said = adapted_head(m, adapt_to) if adapt_to else \
+    head, said = adapted_head(m, adapt_to, adapt_group) if adapt_to else \
         (m.head, f"none: each image on its own (imgsent predict --source none; predict itself adapts each folder or "
                  f"group by '{m.info.adapt}')")  # predict adapts each source (model.json); the file, one image
     embedders, configs = [], []
@@ -107,7 +134,7 @@ def build_exported(model_dir: str, adapt_to: str | None = None) -> tuple[Exporte
         configs.append((bb.pre.resize, bb.pre.size, bb.pre.interpolation == "bicubic", bb.pre.grayscale))
     meta = {"class_names": m.class_names, "backbones": m.info.backbones, "temperature": m.info.temperature,
             "input": "uint8 (B, H, W, 3) RGB", "output": "float (B, C) calibrated probabilities in class order",
-            "adaptation": said, "adapted_to": adapt_to}
+            "adaptation": said, "adapted_to": adapt_to, "adapted_group": adapt_group}
     return Exported(embedders, configs, TorchHead(head), m.class_names).eval(), meta, m.backbones
 
 
@@ -124,7 +151,7 @@ def _is_export(fmt: str):
     return ours
 
 
-def export(*, model_dir: str, fmt: str, out: str, adapt_to: str | None = None) -> Path:
+def export(*, model_dir: str, fmt: str, out: str, adapt_to: str | None = None, adapt_group: str | None = None) -> Path:
     if fmt not in ("torchscript", "onnx"):
         raise UserError(f"--format {fmt}: expected torchscript or onnx")
     dst = check_output(out, folder=False, is_ours=_is_export(fmt), what=f"{fmt} export")
@@ -135,7 +162,7 @@ def export(*, model_dir: str, fmt: str, out: str, adapt_to: str | None = None) -
         except ImportError:
             raise UserError("--format onnx needs onnx and onnxscript (imgsent's dependencies): reinstall imgsent, "
                             "e.g. pip install -e .") from None
-    model, meta, backbones = build_exported(model_dir, adapt_to)
+    model, meta, backbones = build_exported(model_dir, adapt_to, adapt_group)
     with OutputLock(dst), atomic_file(dst) as tmp:
         if fmt == "torchscript":
             with warnings.catch_warnings():
