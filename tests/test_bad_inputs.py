@@ -3,6 +3,7 @@ import io
 import os
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,21 @@ def test_a_folder_without_class_sub_folders_says_it_is_stored_unlabelled(tmp_pat
     r = run_cli("extract", str(root), "--out", str(tmp_path / "classes.h5"), *args[:-1])  # a bar asked for...
     assert r.returncode == 0 and "unlabelled" not in r.stdout and "6 images" in r.stdout, r.stdout
     assert "%|" not in r.stderr, r.stderr  # ...but stderr is no terminal: no bar in a log (issue #42)
+
+
+def test_the_python_api_refuses_a_string_where_a_list_is_meant(tmp_path):
+    """imgsent.train_head(stores='a.h5') said 'a: no such store' (it read the stores 'a', '.', 'h', '5');
+    imgsent.extract(classes='happy,sad') said "'a' is listed twice"."""
+    import imgsent
+    from features.errors import UserError
+    with pytest.raises(UserError, match=r"^stores='a.h5': expected a list of store paths; pass \['a.h5'\]$"):
+        imgsent.train_head(stores="a.h5", out=str(tmp_path / "m"), params=imgsent.load_params(str(ROOT / "params.yaml")))
+    with pytest.raises(UserError, match=r"^stores='a.h5': expected a list"):  # a Path too (evaluate, suggest: the same)
+        imgsent.train_head(stores=Path("a.h5"), out=str(tmp_path / "m"),
+                           params=imgsent.load_params(str(ROOT / "params.yaml")))
+    with pytest.raises(UserError, match=r"^classes='happy, sad': expected a list of class names; pass \['happy', 'sad'\]$"):
+        imgsent.extract(images=str(make_images(tmp_path / "imgs", per_class=1)), out=str(tmp_path / "s.h5"),
+                        classes="happy, sad", progress=False)
 
 
 def test_identical_images_under_two_labels_are_a_conflict(tmp_path, tiny_weights):

@@ -52,6 +52,8 @@ def _rel(path: Path, root: Path) -> str:
 
 def _checked_classes(classes: list[str] | None) -> list[str] | None:
     """--classes stripped ('happy, sad': two classes); an empty or repeated name is refused (a store's are distinct)."""
+    if isinstance(classes, str):  # the Python API: 'happy,sad' would be read as the classes 'h', 'a', 'p', ...
+        raise UserError(f"classes={classes!r}: expected a list of class names; pass {[c.strip() for c in classes.split(',')]}")
     names = None if classes is None else [c.strip() for c in classes]
     bad = next((c for c in names or [] if not c or names.count(c) > 1), None)  # the first empty or repeated name
     if bad is not None:

@@ -157,6 +157,8 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
               expect: list[dict] | None = None) -> Rows:
     """Read and join stores. `expect`: fingerprints a trained head needs, in order; a mismatch is refused.
     Features beyond the memory budget stay on disk and are read block by block."""
+    if isinstance(stores, (str, Path)):  # the Python API: 'a.h5' would be read as the stores 'a', '.', 'h', '5'
+        raise UserError(f"stores={str(stores)!r}: expected a list of store paths; pass [{str(stores)!r}]")
     if not stores:
         raise UserError("no store given; pass at least one STORE.h5 made by imgsent extract")
     budget = memory_budget(memory_budget_mb)
