@@ -25,6 +25,10 @@ def test_join_refuse_intersect_and_predict(tmp_path, tiny_weights):
         open_rows([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")])
     d = open_rows([str(tmp_path / "a.h5"), str(tmp_path / "b.h5")], intersect=True)
     a = open_rows([str(tmp_path / "a.h5")])
+    others = make_images(tmp_path / "others", per_class=2, seed=9)  # the same classes, other images
+    extract(out=str(tmp_path / "c.h5"), **{**kw, "images": str(others)}, weights=str(other))
+    with pytest.raises(UserError, match=r"^stores share no image \(.*a.h5: 18, .*c.h5: 6\): fusion joins"):
+        open_rows([str(tmp_path / "a.h5"), str(tmp_path / "c.h5")], intersect=True)  # it said 'no labelled images'
     assert len(d.paths) == 17 and d.features.shape[1] == 2 * a.features.shape[1]
     i, j = d.paths.index("blue/blue_03.png"), a.paths.index("blue/blue_03.png")
     np.testing.assert_array_equal(d.features[i, : a.features.shape[1]], a.features[j])

@@ -218,12 +218,16 @@ def open_rows(stores: list[str], *, memory_budget_mb: int = 0, intersect: bool =
     keys = [dict((_key(s, i), i) for i in range(len(s))) for s in parts]
     images = [{k[:2] for k in ks} for ks in keys]
     shared_images = set.intersection(*images)
+    counts = ", ".join(f"{s.path}: {len(im)}" for s, im in zip(parts, images))
     if not intersect and any(len(im) != len(shared_images) for im in images):
-        counts = ", ".join(f"{s.path}: {len(im)}" for s, im in zip(parts, images))
         hint = (" (face mode skips images without a face: use --faces-fallback whole, or --intersect)"
                 if faced and len(faced) < len(parts) else "")
         raise UserError(f"stores hold different images ({counts}; {len(shared_images)} shared){hint}; "
                         "re-extract from the same images, or pass --intersect to use only the shared ones")
+    if not shared_images:  # --intersect: it said 'no labelled images', naming the first store
+        raise UserError(f"stores share no image ({counts}): fusion joins each image's features from every store; "
+                        "extract the same images (folder or manifest) with each backbone")
+
     def at(s: Store, k: tuple) -> tuple:  # a lead row's key in store s: whole-image stores have no face index
         return k if s.face_index is not None else k[:2]
 
