@@ -30,6 +30,9 @@ def test_extract_out_that_is_not_a_store_is_refused_before_work(tmp_path, tiny_w
     one_line_error(run_cli("extract", str(images), "--out", str(tmp_path), *kw), "is a folder")
     one_line_error(run_cli("extract", str(images), "--out", "/proc/imgsent-test.h5", *kw), "cannot write in /proc")
     one_line_error(run_cli("extract", str(images), "--out", str(notes / "s.h5"), *kw), "cannot write in")
+    one_line_error(run_cli("train-head", "missing.h5", "--out", str(notes)),
+                   "notes.txt: is a file, not a folder; pass a folder name for the model directory")
+    assert notes.read_text() == "my notes"
 
 
 def test_predict_paths(world, tmp_path):  # noqa: F811

@@ -71,7 +71,7 @@ def check_output(out: str | os.PathLike, *, folder: bool, is_ours: Callable[[Pat
         raise UserError(f"--out {p}: is a pipe, device or socket; imgsent writes whole {'folder' if folder else 'file'}s"
                         f" only (temp + rename), pass a new {'folder' if folder else 'file'} name")
     if folder and p.exists() and not p.is_dir():
-        raise UserError(f"--out {p}: is a file; {what} is a folder, pass a new folder name")
+        raise UserError(f"--out {p}: is a file, not a folder; pass a folder name for the {what}")
     if not folder and p.is_dir():
         raise UserError(f"--out {p}: is a folder; pass a file name for the {what}")
     if p.exists() and not is_ours(p):
