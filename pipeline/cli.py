@@ -189,7 +189,8 @@ def export(model_dir: str = typer.Argument(...), format: str = typer.Option("tor
 
 @app.command()
 def predict(model_dir: str = typer.Argument(...),
-            paths: List[str] = typer.Argument(..., help="image files, folders, or a CSV manifest path[,label][,group]"),
+            paths: List[str] = typer.Argument(..., help="image files, folders, a CSV manifest path[,label][,group], or the "
+                                         "stores they were extracted to (one per backbone: no CNN run)"),
             out: Optional[str] = typer.Option(None, "--out", help="predictions CSV to write ('-': standard output); "
                                               "without it each image's label is printed"),
             source: str = typer.Option("argument", help="images adapted together: argument (each folder, manifest "
@@ -202,8 +203,8 @@ def predict(model_dir: str = typer.Argument(...),
             ood_quantile: float = typer.Option(0.99, help="label 'unsure' an image farther from the training images "
                                                "than this quantile of the training images themselves (1 = never)")) -> None:
     """Classify images; writes path,predicted,confidence,ood_score,p_<class>...,source,adapted,error."""
-    from pipeline.inference.predict import check_predict_args, load_model
-    from pipeline.inference.predictions import check_prediction_out, write_prediction_csv
+    from pipeline.inference.predict import load_model
+    from pipeline.inference.predictions import check_predict_args, check_prediction_out, write_prediction_csv
     from pipeline.inference.summary import label_lines, summary_line
     check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
                        ood_quantile=ood_quantile, engine=engine, source=source)

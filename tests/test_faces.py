@@ -179,6 +179,12 @@ def test_predict_aggregates_faces_per_image_and_export_refuses(tmp_path, people)
         "1 image reached the limit of 2 faces: any others in them were not classified"
     assert p.faces.image.tolist() == [0, 0] and p.faces.face.tolist() == [0, 1]
     assert np.allclose(p.probs[0], p.faces.probs.mean(0), atol=1e-6)
+    cached, fresh = model.predict([str(store)]), model.predict([str(people)])  # the store's features: the same faces
+    at = {q: i for i, q in enumerate(fresh.paths)}
+    both = [at[q] for q in cached.paths]
+    assert len(both) == len(cached.paths) == len(set(read_store(store).paths)) and cached.faces.boxes.shape[1] == 4
+    np.testing.assert_allclose(cached.probs, fresh.probs[both], atol=1e-5)
+    assert cached.labels == [fresh.labels[i] for i in both]
     assert np.allclose(p.ood_scores[0], p.faces.ood_scores.mean(), atol=1e-5)
     im, want = two_faces()
     assert all(iou(tuple(b), w) >= 0.5 for b, w in zip(p.faces.boxes.tolist(), want))

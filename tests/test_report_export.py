@@ -174,6 +174,46 @@ def test_onnx_export_matches_predict(trained):
     assert s.run(None, {"images": np.zeros((2, 51, 77, 3), np.uint8)})[0].shape == (2, 3)
 
 
+def test_predict_on_a_store_is_predict_on_its_images_without_the_backbone(trained, tmp_path, monkeypatch,
+                                                                          tiny_weights):
+    """Images extracted once are predicted from their cached features (the store, one per backbone), each group
+    of the store a source as predict adapts a manifest's groups, else the whole store as its folder."""
+    from pipeline import load_model
+    from pipeline.inference.predict import Predictor
+    from tests.conftest import run_cli
+    model = trained / "affine_model"
+    train_head(stores=[str(trained / "train.h5")], out=str(model), progress=lambda s: None,
+               params=params(cv={"folds": 3, "repeats": 1}, head={"epochs": 20, "adapt": "affine"}))
+    fresh = load_model(model, device="cpu").predict([str(trained / "test")])
+    fresh_alone = load_model(model, device="cpu").predict([str(trained / "test")], source="none")
+    m = load_model(model, device="cpu")
+    monkeypatch.setattr(Predictor, "embed", lambda *a, **k: pytest.fail("a store's images were embedded again"))
+    cached = m.predict([str(trained / "test.h5")])
+    assert cached.paths == fresh.paths and cached.labels == fresh.labels and set(cached.adapted) == {"affine"}
+    np.testing.assert_allclose(cached.probs, fresh.probs, atol=1e-6)
+    np.testing.assert_allclose(cached.ood_scores, fresh.ood_scores, atol=1e-6)
+    assert set(cached.sources) == {str(trained / "test.h5")}
+    alone = m.predict([str(trained / "test.h5")], source="none")
+    np.testing.assert_allclose(alone.probs, fresh_alone.probs, atol=1e-6)
+    assert np.abs(alone.probs - cached.probs).max() > 1e-3  # the store was adapted as one source
+    grouped = tmp_path / "grouped.csv"  # two groups: two sources, as predict adapts a manifest's groups
+    grouped.write_text("path,group\n" + "".join(f"{p},{'a' if i % 3 else 'b'}\n" for i, p in enumerate(fresh.paths)))
+    extract(images=str(grouped), out=str(tmp_path / "grouped.h5"), backbone=TINY, weights=tiny_weights,
+            progress=False, workers=0, allow_outside=True)
+    cached = m.predict([str(tmp_path / "grouped.h5")])
+    monkeypatch.undo()
+    fresh = load_model(model, device="cpu").predict([str(grouped)])
+    assert sorted(cached.paths) == sorted(fresh.paths) and set(cached.sources) == set(fresh.sources) == {"a", "b"}
+    order = [fresh.paths.index(q) for q in cached.paths]
+    np.testing.assert_allclose(cached.probs, fresh.probs[order], atol=1e-6)
+    assert cached.sources == [fresh.sources[i] for i in order] and cached.adapted == [fresh.adapted[i] for i in order]
+    assert set(cached.adapted) == {"affine", "no (3 images < 5)"}  # group b: 3 images
+    r = run_cli("predict", str(model), str(trained / "test.h5"), str(trained / "test"))
+    assert r.returncode == 2 and "a feature store among images; pass either images" in r.stderr, r.stderr
+    r = run_cli("predict", str(model), str(trained / "train.h5"), "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0 and "images, 0 failed" in r.stdout, r.stderr
+
+
 def test_an_export_adapted_to_a_folder_predicts_as_predict_does_on_that_folder(trained, tmp_path):
     """Issue #41: `export --adapt-to FOLDER` bakes that source's shift into the file; each image of the folder then
     gets what `predict MODEL FOLDER` gives it (the folder adapted as one source), and the metadata names the

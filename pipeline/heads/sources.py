@@ -43,6 +43,8 @@ def describe(shift: Shift | None, n: int, transform: str) -> Adapted:
 def sources_note(per_source: dict[str, Adapted]) -> str:
     """One line from the sources' Adapted records: '2 sources adapted (affine); 1 source too small to adapt
     (3 images < 5)', or 'not adapted (the model's transform is none)'."""
+    if not per_source:  # predict where every image failed: no source at all, whatever the transform
+        return "nothing to adapt (no image could be read)"
     adapted = Counter(a.transform for a in per_source.values() if a.transform is not None)
     small = [a.too_small_by for a in per_source.values() if a.too_small]
     parts = [f"{plural(k, 'source')} adapted ({t})" for t, k in sorted(adapted.items())]

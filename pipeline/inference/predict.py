@@ -8,6 +8,9 @@ its source, and p.sources / p.adapted say so per image. source="none" predicts e
 
 A model trained on face-mode stores (features/models/faces.py) detects faces the same way, classifies every face crop
 (p.faces) and gives each image the mean of its faces' calibrated probabilities.
+
+Images already extracted are predicted from their stores (`predict(["photos.h5"])`, one store per backbone): the
+cached features instead of the backbones, each manifest group of the store a source, else the whole store.
 """
 from __future__ import annotations
 
@@ -18,17 +21,16 @@ import numpy as np
 
 from features.models.backbones import Backbone, load_backbone
 from features.models.embed import iter_embeddings, iter_face_embeddings, resolve_device
-from features.input.prefetch import resolve_workers
-from features.models.engine import ENGINES
 from features.errors import UserError
 from features.models.faces import spec_of, without_faces
 from features.storage.store import describe_mismatch, other_imgsent
 from pipeline.heads.adapt import source_logits_each
-from pipeline.heads.sources import Adapted, per_source
+from pipeline.heads.sources import Adapted, per_source, rows_logits
 from pipeline.heads.head import Head, softmax
-from pipeline.data.rows import means_by_owner
+from pipeline.data.rows import means_by_owner, open_rows
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
-from pipeline.inference.predictions import FaceRows, Predictions, expand_paths
+from pipeline.inference.predictions import (STORE_SUFFIXES, FaceRows, Predictions, check_predict_args, expand_paths,
+                                           image_sources)
 from pipeline.inference.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
 from pipeline.transforms import NONE
 
@@ -135,29 +137,71 @@ class Predictor:
         ('argument'), all of them ('call'), or none (each image on its own, as the exported model)."""
         check_predict_args(batch_size=batch_size, workers=workers, min_confidence=min_confidence,
                            ood_quantile=ood_quantile, engine=engine, source=source)
+        stores = [str(q) for q in inputs if Path(q).suffix.lower() in STORE_SUFFIXES]
+        if stores:  # images extracted already: their cached features, not the backbones again
+            if len(stores) < len(inputs):
+                raise UserError(f"{stores[0]}: a feature store among images; pass either images (folders, files, "
+                                "manifests) or the stores they were extracted to (one per backbone), not both")
+            return self.predict_stores(stores, min_confidence=min_confidence, ood_quantile=ood_quantile, source=source)
         t0 = time.time()
         paths, type_errors, arg_sources = expand_paths(list(inputs))
         todo = np.array([i for i in range(len(paths)) if i not in type_errors], dtype=np.int64)
         feats, rows, boxes, errs = self.embed([paths[i] for i in todo], batch_size=batch_size, workers=workers,
-                                              progress=progress, engine=engine)
-        owner = todo[rows[:, 0]]  # (R,) index into paths
+                                              progress=progress, engine=engine)  # (R, D)
         errors = [type_errors.get(i, "") for i in range(len(paths))]
         for i, e in zip(todo, errs):
             errors[i] = e
-        n, c = len(paths), len(self.class_names)
-        image_source = np.asarray(arg_sources if source == "argument" else [CALL] * n, dtype=str)
+        owner = todo[rows[:, 0]]  # (R,) index into paths
+        image_source = image_sources(arg_sources, source)
         row_probs, said, row_said = self.predict_features(feats, None if source == "none" else image_source[owner]) \
-            if len(feats) else (np.zeros((0, c), np.float32), {}, [])  # (R, C)
+            if len(feats) else (np.zeros((0, len(self.class_names)), np.float32), {}, [])  # (R, C)
+        row_scores = np.full(len(feats), np.nan, np.float32)  # (R,) how unlike the training images
+        if self.ood is not None and len(feats):
+            row_scores = knn_distance(normalise(feats), self.ood[0]).astype(np.float32)
+        return self._label(paths, errors, image_source, owner, rows[:, 1], boxes, row_probs, said, row_said,
+                           row_scores, t0=t0, min_confidence=min_confidence, ood_quantile=ood_quantile)
+
+    def predict_stores(self, stores: list[str], *, min_confidence: float = 0.0,
+                       ood_quantile: float = DEFAULT_QUANTILE, source: str = "argument") -> Predictions:
+        """predict on images already extracted: their features read from the store(s), one per backbone of the
+        model in its order (as evaluate takes them), instead of running the backbones again. Each manifest group
+        of the store is a source, else the whole store (as predict adapts the folder or manifest it came from).
+        Memory as train-head's: past the model's cv.memory_budget_mb the store is read in blocks."""
+        check_predict_args(batch_size=1, workers=0, min_confidence=min_confidence, ood_quantile=ood_quantile,
+                           engine="auto", source=source)
+        t0 = time.time()
+        rows = open_rows(stores, expect=self.info.backbones, intersect=True, memory_budget_mb=self.info.memory_budget_mb)
+        paths, owner = np.unique(np.asarray(rows.paths, dtype=str), return_inverse=True)  # images; each row's
+        first = np.unique(owner, return_index=True)[1]  # (I,) the first row of each image
+        groups = rows.groups or [""] * len(rows)
+        image_source = image_sources([groups[i] or stores[0] for i in first], source)
+        every = np.ones(len(rows), bool)
+        logits, row_said, said = rows_logits(self.head, rows, every, None if source == "none" else
+                                             image_source[owner], self.info.adapt if source != "none" else NONE)
+        row_probs = softmax(logits, self.head.temperature).astype(np.float32)  # (R, C)
+        row_scores = np.full(len(rows), np.nan, np.float32)  # (R,), a block of the store at a time
+        if self.ood is not None:
+            row_scores = np.concatenate([knn_distance(normalise(x), self.ood[0]) for _, x in rows.blocks(every)])
+        faced = rows.face_index is not None
+        return self._label([str(Path(rows.root, q)) for q in paths], [""] * len(paths), image_source, owner,
+                           rows.face_index if faced else np.zeros(len(rows), np.int64),
+                           rows.face_boxes if faced else None, row_probs, said, row_said, row_scores.astype(np.float32),
+                           t0=t0, min_confidence=min_confidence, ood_quantile=ood_quantile)
+
+    def _label(self, paths: list[str], errors: list[str], image_source: np.ndarray, owner: np.ndarray,
+               face: np.ndarray, boxes: np.ndarray | None, row_probs: np.ndarray, said: dict[str, Adapted],
+               row_said: list[str], row_scores: np.ndarray, *, t0: float, min_confidence: float,
+               ood_quantile: float) -> Predictions:
+        """Rows (one per image that worked; face mode: per face) -> images. owner (R,): each row's index in paths,
+        face (R,) its face index, row_probs (R, C) calibrated, row_scores (R,) unlikeness; each image gets the mean
+        over its rows and its label ('unsure' below min_confidence or unlike the training images)."""
+        n = len(paths)
         adapted = [""] * n
         for i, a in zip(owner, row_said):
             adapted[i] = a
-        row_scores = np.full(len(feats), np.nan, dtype=np.float32)
         thr, note = None, ""
         if self.ood is not None:
-            if len(feats):
-                row_scores = knn_distance(normalise(feats), self.ood[0]).astype(np.float32)
             thr, note = threshold(self.ood[1], ood_quantile) if ood_quantile < 1 else (float("inf"), "")
-        # per image: the mean over its rows (one row unless in face mode)
         probs, scores = means_by_owner(owner, n, row_probs, row_scores[:, None])  # NaN for images that failed
         probs, scores = probs.astype(np.float32), scores[:, 0].astype(np.float32)
 
@@ -171,39 +215,17 @@ class Predictor:
         labels = [label(probs[i], scores[i], errors[i]) for i in range(n)]
         faces, face_note = None, ""
         if boxes is not None:
-            capped = int((np.bincount(rows[:, 0], minlength=len(todo)) >= self.faces.max_faces).sum())
+            capped = int((np.bincount(owner, minlength=n) >= self.faces.max_faces).sum())
             face_note = (f"{capped} image{'s' if capped != 1 else ''} reached the limit of {self.faces.max_faces} "
                          "faces: any others in them were not classified") if capped else ""
-            faces = FaceRows(image=owner, face=rows[:, 1], boxes=boxes, probs=row_probs,
+            faces = FaceRows(image=owner, face=face, boxes=boxes, probs=row_probs,
                              labels=[label(p, s, "") for p, s in zip(row_probs, row_scores)],
                              ood_scores=row_scores if self.ood is not None else None)
         return Predictions(paths, labels, probs, errors, self.class_names, time.time() - t0,
                            scores if self.ood is not None else None, thr, faces, note, face_note,
-                           sources=["" if source == "none" else str(s) for s in image_source], adapted=adapted,
-                           per_source=said)
+                           sources=[str(q) for q in image_source], adapted=adapted, per_source=said)
 
-
-SOURCES = ("argument", "call", "none")
-CALL = "(this call)"  # the source name when every image of the call is adapted together
-
-
-def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: float, ood_quantile: float,
-                       engine: str, source: str = "argument") -> None:
-    """The predict options, checked before any model is loaded (the CLI) or any image read (the API)."""
-    if source not in SOURCES:
-        raise UserError(f"--source {source}: expected one of {', '.join(SOURCES)}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: need batch-size >= 1")
-    resolve_workers(workers)
-    if not 0.0 <= min_confidence <= 1.0:
-        raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
-    if not 0.0 < ood_quantile <= 1.0:
-        raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
-    if engine not in ENGINES:
-        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
 
 
 def load_model(model_dir: str | Path, *, device: str = "auto") -> Predictor:
     return Predictor(model_dir, device=device)
-
-

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from features.errors import UserError
+from features.input.prefetch import resolve_workers
 from features.input.files import unsupported, walk_images
 from features.input.sources import discover
 from features.storage.atomic import OutputLock, atomic_file, check_output
+from features.models.engine import ENGINES
 from features.text import plural, safe_text
 
 
@@ -178,3 +180,31 @@ def _write_rows(f, pred: Predictions) -> None:
             w.writerow([safe_text(p), "", "", "", *[""] * len(names), *nf, *src, err])
         else:
             w.writerow([safe_text(p), lab, f"{pr.max():.6f}", _num(sc), *[f"{q:.6f}" for q in pr], *nf, *src, ""])
+
+
+SOURCES = ("argument", "call", "none")
+STORE_SUFFIXES = (".h5", ".hdf5")  # an input named so is a feature store (imgsent extract --out), not an image
+CALL = "(this call)"  # the source name when every image of the call is adapted together
+
+
+def check_predict_args(*, batch_size: int, workers: int | str, min_confidence: float, ood_quantile: float,
+                       engine: str, source: str = "argument") -> None:
+    """The predict options, checked before any model is loaded (the CLI) or any image read (the API)."""
+    if source not in SOURCES:
+        raise UserError(f"--source {source}: expected one of {', '.join(SOURCES)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: need batch-size >= 1")
+    resolve_workers(workers)
+    if not 0.0 <= min_confidence <= 1.0:
+        raise UserError(f"--min-confidence {min_confidence}: must be within [0, 1]")
+    if not 0.0 < ood_quantile <= 1.0:
+        raise UserError(f"--ood-quantile {ood_quantile}: must be within (0, 1]; 1 never flags an image")
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+
+
+def image_sources(arg_sources: list[str], source: str) -> np.ndarray:
+    """Each image's source as predict names it (the `source` column): its argument's (a folder, a manifest group,
+    the files named), the call's, or '' for none (each image on its own)."""
+    n = len(arg_sources)
+    return np.asarray(arg_sources if source == "argument" else [CALL] * n if source == "call" else [""] * n, dtype=str)
