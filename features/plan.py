@@ -64,7 +64,7 @@ class Summary:
                    + ("it, so it is no class" if len(self.unused_classes) == 1 else "them, so they are no classes")
                    + " of the store (a typo?)" if self.unused_classes else ""))
 
-    def problems(self, shown: int = 20) -> list[str]:
+    def detail_lines(self, shown: int = 20) -> list[str]:
         """The lines printed before the summary: the first skipped images and label conflicts with their reasons,
         and the skips counted by reason (the store lists them all). Non-UTF-8 names get \\x escapes, as stored."""
         lines = [safe_text(f"skipped {path}: {why}") for path, why in self.skipped[:shown]]

@@ -77,7 +77,7 @@ def extract(
             s = run(num_shards=num_shards or 1, shard_index=shard_index or 0, **kw)
     except Interrupted as e:
         _fail(str(e), 130)
-    for line in s.problems():
+    for line in s.detail_lines():
         typer.echo(line, err=True)
     typer.echo(s.line())
     if strict and s.skipped:
