@@ -120,3 +120,13 @@ def test_float16_store(images, tmp_path, tiny_weights):
     with h5py.File(tmp_path / "h.h5") as f:
         assert f["features"].dtype == np.float16
     assert read_store(tmp_path / "h.h5").features.dtype == np.float32
+    # A backbone whose features pass float16's 65504 were stored as inf: every reader then called the store
+    # damaged, and extracting it again did the same. Now each such image is refused with the fix.
+    import torch
+    big = torch.load(tiny_weights, weights_only=True)
+    big["bn2.bias"] = torch.full_like(big["bn2.bias"], 1e6)  # the last layer's output, past its ReLU: ~1e6
+    torch.save(big, tmp_path / "big.pt")
+    with pytest.raises(UserError, match=r"none of \d+ images could be embedded \(\d+ x features beyond float16's "
+                                        r"range; extract with --dtype float32\)"):
+        run(images, tmp_path / "big.h5", str(tmp_path / "big.pt"), dtype="float16")
+    assert read_store(run(images, tmp_path / "big32.h5", str(tmp_path / "big.pt")).out).features.max() > 65504

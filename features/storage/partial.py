@@ -79,6 +79,14 @@ class Partial:
                boxes: np.ndarray | None = None) -> None:
         """Durably add rows (feats (n, D), face boxes (n, 4)) and failures. After this returns, a kill loses none
         of them."""
+        stored = feats.astype(dtype, copy=False)  # (n, D)
+        over = ~np.isfinite(stored).all(1)  # float16 holds |x| <= 65504: beyond, a feature is stored as inf and
+        if over.any():  # every reader would call the store damaged; such an image fails with the fix instead
+            bad = {key.rsplit(":", 1)[0] for key in np.asarray(shas)[over]}  # an image's face rows: all or none
+            keep = [i for i, key in enumerate(shas) if key.rsplit(":", 1)[0] not in bad]
+            why = f"features beyond {dtype}'s range; extract with --dtype float32 (|x| > {float(np.finfo(dtype).max):.0f})"
+            failed = {**failed, **{sha: why for sha in bad}}
+            shas, stored, boxes = [shas[i] for i in keep], stored[keep], None if boxes is None else boxes[keep]
         if not shas and not failed:
             return
         dst = self.dir / f"chunk-{self._next:06d}.h5"
@@ -87,7 +95,7 @@ class Partial:
             f.create_dataset("sha256", data=np.array(shas, dtype="S80"))  # face keys are '<sha256>:<face>'
             if boxes is not None:
                 f.create_dataset("boxes", data=np.asarray(boxes, np.int32).reshape(-1, 4))
-            f.create_dataset("features", data=feats.astype(dtype, copy=False), fletcher32=len(shas) > 0,
+            f.create_dataset("features", data=stored, fletcher32=len(shas) > 0,
                              chunks=True if len(shas) else None)
             f.attrs["failed"] = json.dumps(sorted(failed.items()))
         fsync_replace(tmp, dst)
