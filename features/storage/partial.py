@@ -79,7 +79,8 @@ class Partial:
                boxes: np.ndarray | None = None) -> None:
         """Durably add rows (feats (n, D), face boxes (n, 4)) and failures. After this returns, a kill loses none
         of them."""
-        stored = feats.astype(dtype, copy=False)  # (n, D)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, and is handled below
+            stored = feats.astype(dtype, copy=False)  # (n, D)
         over = ~np.isfinite(stored).all(1)  # float16 holds |x| <= 65504: beyond, a feature is stored as inf and
         if over.any():  # every reader would call the store damaged; such an image fails with the fix instead
             bad = {key.rsplit(":", 1)[0] for key in np.asarray(shas)[over]}  # an image's face rows: all or none
