@@ -2,6 +2,7 @@
 not; the stateless loss's gradient is its derivative; our L-BFGS, Adam, temperature and metrics agree with their
 textbook / library versions; `hidden: auto` keeps the better head."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -185,6 +186,16 @@ def test_a_fit_the_epochs_cap_stopped_says_so_and_train_head_notes_it(tmp_path):
         choice = json.loads((out / "details.json").read_text())["head_choice"]
         said = f"3 of 3 CV fits and the final fit ran all head.epochs ({epochs}) before early stopping"
         assert (said in r.stderr) == cut == (said in choice.get("capped", "")), (epochs, r.stderr)
+    # hidden: auto: the candidate that lost is flagged too (its score is of a capped fit: the choice may rest on it)
+    from pipeline.stages.train import notes
+    for epochs, cut in ((1, True), (600, False)):
+        m = train_head(stores=[str(tmp_path / "s.h5")], out=str(tmp_path / f"auto{epochs}"), progress=lambda _: None,
+                       params=params(head={"epochs": epochs, "hidden": "auto"}, cv={"repeats": 1}))
+        lost = "[]" if m["head_choice"]["chosen"] == [256] else "[256]"
+        said = re.compile(re.escape(lost) + rf" lost with (\d) of its \1 CV fits cut short by head.epochs \({epochs}\) "
+                          "before its stop rule decided")  # its CV may have stopped early, clearly behind
+        assert cut == bool(said.search(m["head_choice"].get("capped_rivals", ""))) == \
+            any(said.search(n) for n in notes(m)), m["head_choice"]
 
 
 def test_predictions_csv_is_what_csv_writer_writes(tmp_path):

@@ -133,6 +133,12 @@ def _choice(tried: list[tuple[str, Candidate, str, str]], grouped: bool) -> Choi
                               "cv_macro_f1_per_fold": {key: c.f1s(t) for key, c, t, _ in tried},
                               "worst_source": {key: weakest(c, t) for key, c, t, _ in finished}},
               "adaptation": adaptation_record(cand, transform, why_t, grouped=grouped)}
+    rivals = [(key, c, t) for key, c, t, _ in tried if key != name and c.capped()]  # its CV stopped early or not
+    if rivals:  # a rival's score is of a fit the cap stopped: the choice may rest on an underfitted rival
+        choice["head_choice"]["capped_rivals"] = "; ".join(
+            f"{key} lost with {c.capped()} of its {len(c.heads)} CV fits cut short by head.epochs "
+            f"({c.params.head.epochs}) before its stop rule decided: its {np.mean(c.f1s(t)):.3f} is of a capped fit; "
+            "raise head.epochs to compare it converged" for key, c, t in rivals)
     return Choice(chosen, cand, transform, choice)
 
 

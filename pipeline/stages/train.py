@@ -140,7 +140,7 @@ def notes(metrics: dict) -> list[str]:
     out = [] if metrics["n_groups"] else [  # CV never met a new source
         "no group column, so CV tested new images of the training sources, never a new source (a style, a camera, "
         "a person); give the manifest a group column to measure that (README)"]
-    return out + ([metrics["head_choice"]["capped"]] if "capped" in metrics["head_choice"] else [])
+    return out + [metrics["head_choice"][k] for k in ("capped", "capped_rivals") if k in metrics["head_choice"]]
 
 
 def counter(progress, what: str, total: int):
