@@ -64,6 +64,16 @@ def knn_distance(q: np.ndarray, ref: np.ndarray, *, k: int = K, exclude: np.ndar
     return out
 
 
+def rows_distance(rows, mask: np.ndarray, ref: np.ndarray | None) -> np.ndarray:
+    """knn_distance (M,) of the store rows (pipeline/data/rows.py) where `mask` (N,) is True, in row order, a
+    block of the store at a time (a streamed store is never whole in memory); NaN for each without a reference."""
+    out = []
+    for start, x in rows.blocks(mask):
+        xs = x[mask[start:start + len(x)]]  # (b, D) the rows asked for
+        out.append(knn_distance(normalise(xs), ref) if ref is not None else np.full(len(xs), np.nan, np.float32))
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def top_k(sim: np.ndarray, k: int, width: int = 64) -> np.ndarray:
     """The k largest values of each row of sim (M, R), in no order: (M, k). A row's k largest lie in the k
     column chunks of `width` with the largest maxima (any other chunk's max is below k chunk maxima), so only

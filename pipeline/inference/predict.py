@@ -31,7 +31,8 @@ from pipeline.data.rows import means_by_owner, open_rows
 from pipeline.inference.modeldir import ModelInfo, load_model_dir
 from pipeline.inference.predictions import (STORE_SUFFIXES, FaceRows, Predictions, check_predict_args, expand_paths,
                                            image_sources)
-from pipeline.inference.ood import DEFAULT_QUANTILE, knn_distance, load_ood, normalise, threshold
+from pipeline.inference.ood import (DEFAULT_QUANTILE, knn_distance, load_ood, normalise, rows_distance,
+                                   threshold)
 from pipeline.transforms import NONE
 
 
@@ -179,9 +180,7 @@ class Predictor:
         logits, row_said, said = rows_logits(self.head, rows, every, None if source == "none" else
                                              image_source[owner], self.info.adapt if source != "none" else NONE)
         row_probs = softmax(logits, self.head.temperature).astype(np.float32)  # (R, C)
-        row_scores = np.full(len(rows), np.nan, np.float32)  # (R,), a block of the store at a time
-        if self.ood is not None:
-            row_scores = np.concatenate([knn_distance(normalise(x), self.ood[0]) for _, x in rows.blocks(every)])
+        row_scores = rows_distance(rows, every, self.ood[0] if self.ood is not None else None)  # (R,)
         faced = rows.face_index is not None
         return self._label([str(Path(rows.root, q)) for q in paths], [""] * len(paths), image_source, owner,
                            rows.face_index if faced else np.zeros(len(rows), np.int64),

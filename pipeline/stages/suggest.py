@@ -18,7 +18,7 @@ from pipeline.heads.head import softmax
 from pipeline.heads.sources import rows_logits, sources_note
 from pipeline.inference.heldout import store_sources
 from pipeline.inference.modeldir import load_model_dir
-from pipeline.inference.ood import knn_distance, load_ood, normalise, trained_on
+from pipeline.inference.ood import load_ood, normalise, rows_distance, trained_on
 from pipeline.data.rows import image_means, open_rows
 
 
@@ -82,12 +82,7 @@ def suggest(*, model_dir: str, stores: list[str], out: str, n: int = 50, max_sim
     # as predict would: each source (the store's groups, else the whole store) adapted by the model's transform
     logits, _, per_source = rows_logits(head, rows, todo, store_sources(rows), info.adapt)
     probs = softmax(logits, info.temperature)  # (M, C) calibrated
-    ood = []  # out-of-distribution score (b,) per block of the store
-    for start, x in rows.blocks(todo):
-        xs = x[todo[start:start + len(x)]]  # (b, D) the unlabelled rows
-        ood.append(knn_distance(normalise(xs), ref) if ref is not None else
-                   np.full(len(xs), np.nan, np.float32))
-    ood = np.concatenate(ood)  # (M,)
+    ood = rows_distance(rows, todo, ref)  # (M,) how unlike the training images each unlabelled row is
     paths = [p for p, t in zip(rows.paths, todo) if t]
     where = np.flatnonzero(todo)  # (M,) store row of each unlabelled row
 
